@@ -1,0 +1,45 @@
+# pg_envelope — PGXS build.
+#
+#   make && make install        build and install into the PostgreSQL named by PG_CONFIG
+#   make unit                   pure-C unit tests (no server)
+#   make installcheck           pg_regress on a temporary, preloaded instance
+#                               (test/run_tests.sh prepares the key files it needs)
+
+EXTENSION = pg_envelope
+MODULE_big = pg_envelope
+
+SRCS = $(sort $(wildcard src/*.c))
+OBJS = $(SRCS:.c=.o)
+
+DATA = $(wildcard sql/$(EXTENSION)--*.sql)
+
+REGRESS = setup roles cipher errors keys
+TEST_TMP ?= $(CURDIR)/test/tmp
+REGRESS_OPTS = --inputdir=. --temp-instance=$(TEST_TMP)/regress_instance \
+	--temp-config=$(TEST_TMP)/regress.conf
+
+PG_CONFIG ?= pg_config
+PG_CPPFLAGS = -I$(srcdir)/src -Wall -Wextra -Werror -Wno-unused-parameter \
+	-Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = -lssl -lcrypto -lcurl -ljson-c
+
+EXTRA_CLEAN = test/unit/*.o $(UNIT_BINS) src/libenvelope_pure.a
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# ---------------------------------------------------------------------------
+# Pure-C unit tests.  A source file is "pure" when it does not include
+# postgres.h; those are linked into every unit test, which runs without a server.
+PURE_SRCS = $(shell grep -L '"postgres.h"\|"compat.h"' $(SRCS))
+UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
+UNIT_BINS = $(UNIT_SRCS:.c=)
+UNIT_CFLAGS = -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
+	-Wno-missing-field-initializers -Wno-sign-compare -Isrc -Itest/unit
+
+test/unit/%: test/unit/%.c $(PURE_SRCS) test/unit/unit.h
+	$(CC) $(UNIT_CFLAGS) -o $@ $< $(PURE_SRCS) $(SHLIB_LINK) -lm
+
+.PHONY: unit
+unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ./$$t; done

@@ -1,0 +1,29 @@
+/*
+ * compat.h — every difference between the PostgreSQL major versions pg_envelope
+ * supports (13 to 17) lives here, so supporting a new one is one file to read.
+ */
+#ifndef PG_ENVELOPE_COMPAT_H
+#define PG_ENVELOPE_COMPAT_H
+
+#include "postgres.h"
+
+#if PG_VERSION_NUM < 130000
+#error "pg_envelope requires PostgreSQL 13 or later"
+#endif
+
+/* PG15 added shmem_request_hook; before it, shared memory is requested in _PG_init. */
+#if PG_VERSION_NUM >= 150000
+#define ENVELOPE_HAS_SHMEM_REQUEST_HOOK 1
+#endif
+
+/* PG15 renamed EmitWarningsOnPlaceholders to MarkGUCPrefixReserved. */
+#if PG_VERSION_NUM < 150000
+#define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
+#endif
+
+/* PG16 moved the ACL helpers out of utils/acl.h into their own header for some uses. */
+#if PG_VERSION_NUM >= 160000
+#include "utils/guc_hooks.h"
+#endif
+
+#endif							/* PG_ENVELOPE_COMPAT_H */

@@ -1,0 +1,140 @@
+/*
+ * kms.h — the KMS provider interface.
+ *
+ * A provider makes, unwraps and re-wraps data keys (DEKs) under a master key that it
+ * never reveals.  Every call carries an encryption context (tenant, DEK version) that
+ * the provider binds to the wrapped key, so a wrapped DEK copied to another tenant or
+ * version fails to unwrap.
+ *
+ * This layer is plain C: no postgres.h, no ereport.  Providers return a KmsStatus and
+ * fill a KmsError; src/kms_glue.c turns that into exactly one ereport.  Buffers are the
+ * caller's, so a provider never allocates memory that outlives the call and every copy
+ * of a key is the caller's to wipe.
+ *
+ * Adding a provider means one new file that defines a `const KmsProvider` and one line
+ * in kms_registry.c.
+ */
+#ifndef PG_ENVELOPE_KMS_H
+#define PG_ENVELOPE_KMS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define KMS_PROVIDER_API_VERSION 1
+
+/* A DEK is an AES-256 key. */
+#define KMS_DEK_LEN 32
+
+/* AWS KMS ciphertext blobs are at most 6144 bytes; no provider may exceed it. */
+#define KMS_WRAPPED_MAX 6144
+
+/* Room for a KMS key ARN (AWS caps ARNs at 2048) in KmsError and outputs. */
+#define KMS_KEY_ID_MAX 2048
+
+typedef enum KmsStatus
+{
+	KMS_OK = 0,
+	KMS_ERR_CONFIG,				/* provider not usable as configured (file, region, key id) */
+	KMS_ERR_CREDENTIALS,		/* no credentials found, or they were refused/expired */
+	KMS_ERR_ACCESS_DENIED,		/* credentials fine, but not allowed to use this key */
+	KMS_ERR_NOT_FOUND,			/* master key does not exist */
+	KMS_ERR_DISABLED,			/* master key disabled or pending deletion */
+	KMS_ERR_INVALID_CIPHERTEXT, /* wrapped DEK does not unwrap under this key/context */
+	KMS_ERR_THROTTLED,			/* rate-limited, still after all retries */
+	KMS_ERR_UNAVAILABLE,		/* network failure or 5xx, still after all retries */
+	KMS_ERR_TIMEOUT,			/* no answer within the configured timeout */
+	KMS_ERR_CANCELED,			/* the interrupt callback asked to stop */
+	KMS_ERR_PROTOCOL,			/* the answer made no sense (garbage, wrong size, wrong key) */
+	KMS_ERR_INTERNAL			/* out of memory, library failure */
+} KmsStatus;
+
+/* What the KMS binds to every wrapped DEK, and logs in its audit trail. */
+typedef struct KmsEncryptionContext
+{
+	const char *tenant;			/* NUL-terminated, validated by the caller */
+	uint32_t	version;		/* DEK version, >= 1 */
+} KmsEncryptionContext;
+
+/*
+ * Settings the SQL layer hands down on each call (from the envelope.* GUCs).  Strings
+ * may be NULL or empty when unset.
+ */
+typedef struct KmsConfig
+{
+	const char *local_master_key_file;	/* local provider */
+	const char *data_directory; /* refuse key files inside it */
+	const char *aws_region;
+	const char *aws_endpoint;	/* e.g. http://127.0.0.1:5000 for tests, VPC endpoints */
+	const char *aws_profile;
+	int			timeout_ms;		/* per request */
+	int			retries;		/* extra attempts on throttling/5xx/network only */
+
+	/*
+	 * Polled during any blocking I/O; returns true when the caller wants the call
+	 * abandoned (query cancel, statement_timeout, shutdown).  May be NULL.
+	 */
+	bool		(*interrupted) (void);
+} KmsConfig;
+
+/*
+ * The error of a failed call.  Nothing here may ever contain key bytes, a response
+ * body, a header or a credential: `message` is a short human sentence built by the
+ * provider from known-safe parts.
+ */
+typedef struct KmsError
+{
+	KmsStatus	status;
+	char		error_type[64];	/* e.g. "AccessDeniedException"; "" if none */
+	char		message[256];
+	int			http_status;	/* 0 if none */
+	int			attempts;		/* requests actually sent */
+} KmsError;
+
+typedef struct KmsProvider
+{
+	int			api_version;	/* KMS_PROVIDER_API_VERSION */
+	const char *name;			/* value of envelope.kms_provider */
+
+	/*
+	 * Ask the KMS for a new DEK under master key `key_id`.  On success `dek` holds the
+	 * plaintext key (caller wipes it) and `wrapped`/`*wrapped_len` the wrapped form to
+	 * store.  `key_arn` (size KMS_KEY_ID_MAX) receives the canonical id of the master
+	 * key the KMS used, to be recorded with the DEK.
+	 */
+	KmsStatus	(*generate_data_key) (const KmsConfig *cfg, const char *key_id,
+									  const KmsEncryptionContext *ec,
+									  uint8_t dek[KMS_DEK_LEN],
+									  uint8_t *wrapped, size_t *wrapped_len,
+									  char *key_arn, KmsError *err);
+
+	/* Unwrap a stored DEK.  `key_id` is the master key recorded with it. */
+	KmsStatus	(*decrypt) (const KmsConfig *cfg, const char *key_id,
+							const KmsEncryptionContext *ec,
+							const uint8_t *wrapped, size_t wrapped_len,
+							uint8_t dek[KMS_DEK_LEN], KmsError *err);
+
+	/*
+	 * Re-wrap a stored DEK from `source_key_id` to `dest_key_id` without the plaintext
+	 * DEK ever leaving the KMS.  `new_wrapped` has room for KMS_WRAPPED_MAX bytes;
+	 * `dest_key_arn` (size KMS_KEY_ID_MAX) receives the canonical id used.
+	 */
+	KmsStatus	(*reencrypt) (const KmsConfig *cfg, const char *source_key_id,
+							  const char *dest_key_id,
+							  const KmsEncryptionContext *ec,
+							  const uint8_t *wrapped, size_t wrapped_len,
+							  uint8_t *new_wrapped, size_t *new_wrapped_len,
+							  char *dest_key_arn, KmsError *err);
+} KmsProvider;
+
+/* kms_registry.c */
+extern const KmsProvider *kms_find_provider(const char *name);
+extern const char *kms_provider_names(void);	/* "aws, local", for hints */
+extern const char *kms_status_name(KmsStatus status);
+
+/* Fill *err; `fmt` must never be given a secret. */
+extern KmsStatus kms_set_error(KmsError *err, KmsStatus status, const char *error_type,
+							   const char *fmt,...)
+			__attribute__((format(printf, 4, 5)));
+
+#endif							/* PG_ENVELOPE_KMS_H */

@@ -1,0 +1,100 @@
+/*
+ * kms_registry.c — the list of KMS providers, and helpers every provider shares.
+ *
+ * Plain C.  To add a provider: write kms_<name>.c defining a `const KmsProvider`,
+ * declare it below and add it to kms_providers[].
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kms.h"
+
+extern const KmsProvider kms_local_provider;
+
+static const KmsProvider *const kms_providers[] = {
+	&kms_local_provider,
+};
+
+#define KMS_NPROVIDERS (sizeof(kms_providers) / sizeof(kms_providers[0]))
+
+const KmsProvider *
+kms_find_provider(const char *name)
+{
+	if (name == NULL)
+		return NULL;
+	for (size_t i = 0; i < KMS_NPROVIDERS; i++)
+	{
+		if (kms_providers[i]->api_version == KMS_PROVIDER_API_VERSION &&
+			strcmp(kms_providers[i]->name, name) == 0)
+			return kms_providers[i];
+	}
+	return NULL;
+}
+
+const char *
+kms_provider_names(void)
+{
+	static char names[256];
+
+	if (names[0] == '\0')
+	{
+		for (size_t i = 0; i < KMS_NPROVIDERS; i++)
+		{
+			if (i > 0)
+				strncat(names, ", ", sizeof(names) - strlen(names) - 1);
+			strncat(names, kms_providers[i]->name, sizeof(names) - strlen(names) - 1);
+		}
+	}
+	return names;
+}
+
+const char *
+kms_status_name(KmsStatus status)
+{
+	switch (status)
+	{
+		case KMS_OK:
+			return "ok";
+		case KMS_ERR_CONFIG:
+			return "configuration error";
+		case KMS_ERR_CREDENTIALS:
+			return "credentials error";
+		case KMS_ERR_ACCESS_DENIED:
+			return "access denied";
+		case KMS_ERR_NOT_FOUND:
+			return "key not found";
+		case KMS_ERR_DISABLED:
+			return "key disabled";
+		case KMS_ERR_INVALID_CIPHERTEXT:
+			return "invalid wrapped key";
+		case KMS_ERR_THROTTLED:
+			return "throttled";
+		case KMS_ERR_UNAVAILABLE:
+			return "unavailable";
+		case KMS_ERR_TIMEOUT:
+			return "timeout";
+		case KMS_ERR_CANCELED:
+			return "canceled";
+		case KMS_ERR_PROTOCOL:
+			return "protocol error";
+		case KMS_ERR_INTERNAL:
+			return "internal error";
+	}
+	return "unknown status";
+}
+
+KmsStatus
+kms_set_error(KmsError *err, KmsStatus status, const char *error_type, const char *fmt,...)
+{
+	va_list		ap;
+
+	if (err == NULL)
+		return status;
+	err->status = status;
+	snprintf(err->error_type, sizeof(err->error_type), "%s", error_type ? error_type : "");
+	va_start(ap, fmt);
+	vsnprintf(err->message, sizeof(err->message), fmt, ap);
+	va_end(ap);
+	return status;
+}
