@@ -1,0 +1,66 @@
+/*
+ * http.h — a small, careful HTTP client on libcurl.
+ *
+ * Plain C: no postgres.h, no ereport.  One request at a time per process over one
+ * reused easy handle (keep-alive to the KMS).  TLS verification is always on, redirects
+ * are never followed, proxies from the environment are ignored, and the caller's
+ * `interrupted` callback is polled while a request is in flight so a query cancel
+ * stops it within a couple of hundred milliseconds.  Error texts never carry a header
+ * or a body: those may hold credentials or keys.
+ */
+#ifndef PG_ENVELOPE_HTTP_H
+#define PG_ENVELOPE_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef enum HttpStatus
+{
+	HTTP_OK = 0,
+	HTTP_ERR_CONNECT,			/* could not resolve or connect */
+	HTTP_ERR_TIMEOUT,			/* timeout_ms elapsed, or the server went silent */
+	HTTP_ERR_CANCELED,			/* interrupted() returned true */
+	HTTP_ERR_TOO_LARGE,			/* response body above max_response */
+	HTTP_ERR_TLS,				/* handshake or certificate verification failed */
+	HTTP_ERR_NETWORK,			/* connection reset, bad answer, other transfer error */
+	HTTP_ERR_INTERNAL			/* out of memory, libcurl misuse */
+} HttpStatus;
+
+typedef struct HttpRequest
+{
+	const char *method;			/* "GET", "PUT", "POST" */
+	const char *url;
+	const char *const *headers; /* "Name: value" lines */
+	int			nheaders;
+	const char *body;
+	size_t		body_len;
+	int			timeout_ms;		/* total; connect timeout = min(timeout, 10s); low-speed
+								 * limit too */
+	size_t		max_response;	/* body larger than this -> HTTP_ERR_TOO_LARGE */
+	bool		(*interrupted) (void);	/* polled about every 100 ms while in flight;
+										 * true -> HTTP_ERR_CANCELED */
+} HttpRequest;
+
+/* body is malloc'd and NUL-terminated (NULL only when body_len is 0 and nothing came). */
+typedef struct HttpResponse
+{
+	long		status;
+	char	   *body;
+	size_t		body_len;
+} HttpResponse;
+
+/* curl_global_init once per process; called from _PG_init in the postmaster. */
+extern int	http_global_init(void);
+
+/*
+ * Perform one request.  On HTTP_OK, *resp holds the status and body whatever the
+ * HTTP status code (4xx/5xx are the caller's to interpret); on any other status *resp
+ * is empty.  Always call http_response_free afterwards.
+ */
+extern HttpStatus http_perform(const HttpRequest *req, HttpResponse *resp,
+							   char *errbuf, size_t errlen);
+
+/* Wipes the body (OPENSSL_cleanse) before freeing: it may hold keys. */
+extern void http_response_free(HttpResponse *resp);
+
+#endif							/* PG_ENVELOPE_HTTP_H */
