@@ -79,6 +79,7 @@ unit_unhex(const char *hex, uint8_t **out)
 	size_t		n = strlen(hex);
 	uint8_t    *buf;
 
+	*out = NULL;
 	if (n % 2)
 		return -1;
 	buf = malloc(n / 2 + 1);

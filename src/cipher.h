@@ -1,0 +1,117 @@
+/*
+ * cipher.h — the value cipher: AES-256-GCM and pg_envelope's ciphertext format.
+ *
+ * Plain C over OpenSSL EVP; knows nothing of tenants' keys, SQL or KMSs.  Functions
+ * return a CipherStatus; the SQL layer turns it into an error.
+ *
+ * Ciphertext format, version 1 (33 bytes of overhead):
+ *
+ *     offset  size  field
+ *     0       1     format byte: 0x01 = AES-256-GCM with a random 96-bit nonce
+ *     1       4     DEK version, big-endian, >= 1
+ *     5       12    nonce
+ *     17      n     ciphertext (same length as the plaintext)
+ *     17+n    16    GCM tag
+ *
+ * The additional authenticated data is the 17-byte header followed by the tenant and
+ * the caller's context, each length-prefixed (4 bytes, big-endian), the context behind
+ * a presence byte so that "no context" and "empty context" differ:
+ *
+ *     header || len(tenant) || tenant || 0x00                          (no context)
+ *     header || len(tenant) || tenant || 0x01 || len(context) || context
+ *
+ * Any change to the header, the tenant or the context makes the tag check fail.
+ */
+#ifndef PG_ENVELOPE_CIPHER_H
+#define PG_ENVELOPE_CIPHER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CIPHER_KEY_LEN		32
+#define CIPHER_NONCE_LEN	12
+#define CIPHER_TAG_LEN		16
+#define CIPHER_HEADER_LEN	(1 + 4 + CIPHER_NONCE_LEN)
+#define CIPHER_OVERHEAD		(CIPHER_HEADER_LEN + CIPHER_TAG_LEN)
+
+#define CIPHER_FORMAT_GCM_V1	0x01
+
+typedef enum CipherStatus
+{
+	CIPHER_OK = 0,
+	CIPHER_ERR_FORMAT,			/* too short, or a format byte we do not know */
+	CIPHER_ERR_AUTH,			/* authentication failed: wrong key, tenant, context or tampered */
+	CIPHER_ERR_RANDOM,			/* the CSPRNG failed */
+	CIPHER_ERR_INTERNAL			/* OpenSSL failed or out of memory */
+} CipherStatus;
+
+/*
+ * A ready AES-256-GCM key: two EVP contexts whose key schedules are computed once, so
+ * each value costs only an IV reset.  The raw key is not kept.
+ */
+typedef struct CipherKey
+{
+	void	   *enc;			/* EVP_CIPHER_CTX * */
+	void	   *dec;			/* EVP_CIPHER_CTX * */
+} CipherKey;
+
+/* What a value is bound to besides its header. */
+typedef struct CipherBinding
+{
+	const char *tenant;
+	size_t		tenant_len;
+	const char *context;		/* NULL: no context */
+	size_t		context_len;
+} CipherBinding;
+
+extern CipherStatus cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN]);
+extern void cipher_key_free(CipherKey *key);
+
+/* Parse the header of a stored value without decrypting it. */
+extern CipherStatus cipher_peek_version(const uint8_t *in, size_t in_len, uint32_t *version);
+
+/*
+ * Encrypt `plain` into `out`, which has room for plain_len + CIPHER_OVERHEAD bytes.
+ * `nonce` must come from cipher_next_nonce() (or a test vector).
+ */
+extern CipherStatus cipher_encrypt(const CipherKey *key, uint32_t version,
+								   const uint8_t nonce[CIPHER_NONCE_LEN],
+								   const CipherBinding *binding,
+								   const uint8_t *plain, size_t plain_len,
+								   uint8_t *out);
+
+/*
+ * Decrypt a stored value into `out` (room for in_len - CIPHER_OVERHEAD bytes).  On any
+ * failure `out` is wiped: not a byte of unauthenticated plaintext is released.
+ */
+extern CipherStatus cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
+								   const uint8_t *in, size_t in_len, uint8_t *out);
+
+/*
+ * Plain AES-256-GCM with a 96-bit nonce and a 128-bit tag, for the key wrapping of the
+ * local provider and for published test vectors.
+ */
+extern CipherStatus cipher_gcm_seal(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
+									const uint8_t *aad, size_t aad_len,
+									const uint8_t *plain, size_t plain_len,
+									uint8_t *out, uint8_t tag[CIPHER_TAG_LEN]);
+extern CipherStatus cipher_gcm_open(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
+									const uint8_t *aad, size_t aad_len,
+									const uint8_t *in, size_t in_len,
+									const uint8_t tag[CIPHER_TAG_LEN], uint8_t *out);
+
+/*
+ * A fresh random nonce.  Drawn from a per-process buffer of CSPRNG output refilled in
+ * bulk (one RAND_bytes per few hundred values); the buffer is discarded when the
+ * process id changes, so a forked child never reuses its parent's nonces.
+ */
+extern CipherStatus cipher_next_nonce(uint8_t nonce[CIPHER_NONCE_LEN]);
+
+/* Fill with CSPRNG bytes. */
+extern CipherStatus cipher_random_bytes(uint8_t *buf, size_t len);
+
+/* Wipe memory in a way the compiler cannot optimise away. */
+extern void cipher_wipe(void *buf, size_t len);
+
+#endif							/* PG_ENVELOPE_CIPHER_H */

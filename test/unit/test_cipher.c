@@ -1,0 +1,268 @@
+/*
+ * test_cipher.c — the cipher layer without a server.
+ *
+ * 1. Wycheproof AES-GCM vectors (aes_gcm_test.json): every 256-bit key / 96-bit IV /
+ *    128-bit tag vector must behave as published (39 valid decrypt and re-encrypt to the
+ *    published ciphertext, 27 invalid are rejected).  Other parameter sets are counted
+ *    as refused parameters, not silently skipped.
+ * 2. The envelope format: round trip, binding to tenant, context and header, tamper and
+ *    truncation detection, no plaintext released on failure, nonce freshness.
+ */
+#define _GNU_SOURCE
+#include <json-c/json.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cipher.h"
+#include "unit.h"
+
+static void
+test_wycheproof(void)
+{
+	char		path[1024];
+	json_object *root;
+	json_object *groups;
+	int			valid_ok = 0,
+				invalid_ok = 0,
+				refused = 0,
+				total_valid = 0,
+				total_invalid = 0;
+
+	snprintf(path, sizeof(path), "%s/wycheproof/aes_gcm_test.json", unit_testdata_dir());
+	root = json_object_from_file(path);
+	CHECK(root != NULL, "Wycheproof vectors not found at %s (set TESTDATA_DIR)", path);
+	if (root == NULL)
+		return;
+	groups = json_object_object_get(root, "testGroups");
+	for (size_t g = 0; g < json_object_array_length(groups); g++)
+	{
+		json_object *group = json_object_array_get_idx(groups, g);
+		int			key_size = json_object_get_int(json_object_object_get(group, "keySize"));
+		int			iv_size = json_object_get_int(json_object_object_get(group, "ivSize"));
+		int			tag_size = json_object_get_int(json_object_object_get(group, "tagSize"));
+		json_object *tests = json_object_object_get(group, "tests");
+
+		for (size_t t = 0; t < json_object_array_length(tests); t++)
+		{
+			json_object *tc = json_object_array_get_idx(tests, t);
+			const char *result = json_object_get_string(json_object_object_get(tc, "result"));
+			int			tc_id = json_object_get_int(json_object_object_get(tc, "tcId"));
+			bool		valid = strcmp(result, "valid") == 0;
+			uint8_t    *key = NULL, *iv = NULL, *aad = NULL, *msg = NULL, *ct = NULL, *tag = NULL;
+			long		key_len, iv_len, aad_len, msg_len, ct_len, tag_len;
+			CipherKey	ck;
+			uint8_t    *out;
+			CipherStatus st;
+
+			if (key_size != 256 || iv_size != 96 || tag_size != 128)
+			{
+				refused++;
+				continue;
+			}
+			if (valid)
+				total_valid++;
+			else
+				total_invalid++;
+
+			key_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "key")), &key);
+			iv_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "iv")), &iv);
+			aad_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "aad")), &aad);
+			msg_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "msg")), &msg);
+			ct_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "ct")), &ct);
+			tag_len = unit_unhex(json_object_get_string(json_object_object_get(tc, "tag")), &tag);
+			CHECK(key_len == 32 && iv_len == 12 && tag_len == 16 && aad_len >= 0 &&
+				  msg_len >= 0 && ct_len == msg_len, "tcId %d: malformed vector", tc_id);
+
+			CHECK(cipher_key_init(&ck, key) == CIPHER_OK, "tcId %d: key init", tc_id);
+			out = malloc(ct_len + 1);
+			st = cipher_gcm_open(&ck, iv, aad, aad_len, ct, ct_len, tag, out);
+			if (valid)
+			{
+				uint8_t    *ct2 = malloc(msg_len + 1);
+				uint8_t		tag2[CIPHER_TAG_LEN];
+
+				if (st == CIPHER_OK && memcmp(out, msg, msg_len) == 0 &&
+					cipher_gcm_seal(&ck, iv, aad, aad_len, msg, msg_len, ct2, tag2) == CIPHER_OK &&
+					memcmp(ct2, ct, ct_len) == 0 && memcmp(tag2, tag, 16) == 0)
+					valid_ok++;
+				else
+					CHECK(false, "tcId %d: valid vector failed", tc_id);
+				free(ct2);
+			}
+			else
+			{
+				bool		wiped = true;
+
+				for (long i = 0; i < ct_len; i++)
+					wiped = wiped && out[i] == 0;
+				if (st == CIPHER_ERR_AUTH && wiped)
+					invalid_ok++;
+				else
+					CHECK(false, "tcId %d: invalid vector accepted or output not wiped", tc_id);
+			}
+			cipher_key_free(&ck);
+			free(out);
+			free(key);
+			free(iv);
+			free(aad);
+			free(msg);
+			free(ct);
+			free(tag);
+		}
+	}
+	json_object_put(root);
+	printf("wycheproof AES-256-GCM: %d/%d valid, %d/%d invalid rejected, %d vectors of other parameters refused\n",
+		   valid_ok, total_valid, invalid_ok, total_invalid, refused);
+	CHECK(total_valid == 39 && valid_ok == 39, "expected 39/39 valid, got %d/%d", valid_ok, total_valid);
+	CHECK(total_invalid == 27 && invalid_ok == 27, "expected 27/27 invalid, got %d/%d", invalid_ok, total_invalid);
+}
+
+static CipherBinding
+binding(const char *tenant, const char *context)
+{
+	CipherBinding b = {tenant, strlen(tenant), context, context ? strlen(context) : 0};
+
+	return b;
+}
+
+static void
+test_envelope_format(void)
+{
+	uint8_t		raw[CIPHER_KEY_LEN];
+	uint8_t		raw2[CIPHER_KEY_LEN];
+	CipherKey	key, key2;
+	const char *msg = "the quick brown fox";
+	size_t		len = strlen(msg);
+	uint8_t		ct[64], ct2[64], pt[64], nonce[CIPHER_NONCE_LEN];
+	CipherBinding acme = binding("acme", NULL);
+	CipherBinding acme_ctx = binding("acme", "users.email");
+	CipherBinding acme_empty = binding("acme", "");
+	CipherBinding globex = binding("globex", NULL);
+	uint32_t	version;
+
+	CHECK(CIPHER_OVERHEAD <= 40, "overhead %d exceeds 40 bytes", CIPHER_OVERHEAD);
+	CHECK(cipher_random_bytes(raw, sizeof(raw)) == CIPHER_OK, "random");
+	CHECK(cipher_random_bytes(raw2, sizeof(raw2)) == CIPHER_OK, "random");
+	CHECK(cipher_key_init(&key, raw) == CIPHER_OK, "key init");
+	CHECK(cipher_key_init(&key2, raw2) == CIPHER_OK, "key init");
+
+	CHECK(cipher_next_nonce(nonce) == CIPHER_OK, "nonce");
+	CHECK(cipher_encrypt(&key, 7, nonce, &acme, (const uint8_t *) msg, len, ct) == CIPHER_OK, "encrypt");
+	CHECK(ct[0] == CIPHER_FORMAT_GCM_V1, "format byte");
+	CHECK(cipher_peek_version(ct, len + CIPHER_OVERHEAD, &version) == CIPHER_OK && version == 7,
+		  "version in header");
+	CHECK(cipher_decrypt(&key, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+		  memcmp(pt, msg, len) == 0, "round trip");
+	CHECK(memmem(ct, len + CIPHER_OVERHEAD, "quick", 5) == NULL, "plaintext visible in ciphertext");
+
+	/* Bound to tenant, context, presence of a context, and key. */
+	CHECK(cipher_decrypt(&key, &globex, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH, "other tenant");
+	CHECK(cipher_decrypt(&key, &acme_ctx, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH, "added context");
+	CHECK(cipher_decrypt(&key, &acme_empty, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH,
+		  "empty context must differ from no context");
+	CHECK(cipher_decrypt(&key2, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH, "other key");
+
+	/* Length prefixes: ("ab", "c") and ("a", "bc") must not collide. */
+	{
+		CipherBinding ab_c = binding("ab", "c");
+		CipherBinding a_bc = binding("a", "bc");
+
+		CHECK(cipher_encrypt(&key, 1, nonce, &ab_c, (const uint8_t *) msg, len, ct2) == CIPHER_OK, "encrypt");
+		CHECK(cipher_decrypt(&key, &a_bc, ct2, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH,
+			  "tenant/context boundary is ambiguous");
+	}
+
+	/* Every single-bit flip anywhere is detected, and releases nothing. */
+	{
+		int			undetected = 0;
+
+		for (size_t i = 0; i < len + CIPHER_OVERHEAD; i++)
+			for (int bit = 0; bit < 8; bit++)
+			{
+				CipherStatus st;
+
+				memcpy(ct2, ct, len + CIPHER_OVERHEAD);
+				ct2[i] ^= (uint8_t) (1 << bit);
+				memset(pt, 0xAA, sizeof(pt));
+				st = cipher_decrypt(&key, &acme, ct2, len + CIPHER_OVERHEAD, pt);
+				if (st == CIPHER_OK)
+					undetected++;
+				else if (st == CIPHER_ERR_AUTH)
+				{
+					for (size_t j = 0; j < len; j++)
+						if (pt[j] != 0)
+						{
+							undetected++;
+							break;
+						}
+				}
+			}
+		CHECK(undetected == 0, "%d bit flips not detected or leaked plaintext", undetected);
+	}
+
+	/* Truncation and an unknown format are format errors, not crashes. */
+	for (size_t cut = 0; cut < CIPHER_OVERHEAD; cut++)
+		CHECK(cipher_decrypt(&key, &acme, ct, cut, pt) == CIPHER_ERR_FORMAT, "truncated to %zu", cut);
+	CHECK(cipher_decrypt(&key, &acme, ct, len + CIPHER_OVERHEAD - 1, pt) == CIPHER_ERR_AUTH, "short by one");
+	memcpy(ct2, ct, len + CIPHER_OVERHEAD);
+	ct2[0] = 0x7f;
+	CHECK(cipher_decrypt(&key, &acme, ct2, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_FORMAT, "unknown format");
+
+	/* Empty plaintext works. */
+	CHECK(cipher_encrypt(&key, 1, nonce, &acme, (const uint8_t *) "", 0, ct2) == CIPHER_OK &&
+		  cipher_decrypt(&key, &acme, ct2, CIPHER_OVERHEAD, pt) == CIPHER_OK, "empty plaintext");
+
+	cipher_key_free(&key);
+	cipher_key_free(&key2);
+}
+
+static int
+compare_nonces(const void *a, const void *b)
+{
+	return memcmp(a, b, CIPHER_NONCE_LEN);
+}
+
+/* Nonces never repeat, also across a fork (the child must not reuse the parent's pool). */
+static void
+test_nonces(void)
+{
+	enum {N = 20000};
+	static uint8_t seen[N][CIPHER_NONCE_LEN];
+	int			dup = 0;
+	int			pipefd[2];
+	uint8_t		parent_next[CIPHER_NONCE_LEN], child_next[CIPHER_NONCE_LEN];
+	pid_t		pid;
+
+	for (int i = 0; i < N; i++)
+		CHECK(cipher_next_nonce(seen[i]) == CIPHER_OK, "nonce %d", i);
+	qsort(seen, N, CIPHER_NONCE_LEN, compare_nonces);
+	for (int i = 1; i < N; i++)
+		if (memcmp(seen[i - 1], seen[i], CIPHER_NONCE_LEN) == 0)
+			dup++;
+	CHECK(dup == 0, "%d repeated nonces", dup);
+
+	CHECK(pipe(pipefd) == 0, "pipe");
+	pid = fork();
+	if (pid == 0)
+	{
+		cipher_next_nonce(child_next);
+		if (write(pipefd[1], child_next, sizeof(child_next)) != sizeof(child_next))
+			_exit(1);
+		_exit(0);
+	}
+	cipher_next_nonce(parent_next);
+	CHECK(read(pipefd[0], child_next, sizeof(child_next)) == sizeof(child_next), "read child nonce");
+	waitpid(pid, NULL, 0);
+	CHECK(memcmp(parent_next, child_next, CIPHER_NONCE_LEN) != 0, "child reused parent's nonce pool");
+	close(pipefd[0]);
+	close(pipefd[1]);
+}
+
+int
+main(void)
+{
+	test_wycheproof();
+	test_envelope_format();
+	test_nonces();
+	return unit_finish("test_cipher");
+}
