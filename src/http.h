@@ -35,13 +35,13 @@ typedef struct HttpRequest
 	const char *body;
 	size_t		body_len;
 	int			timeout_ms;		/* total; connect timeout = min(timeout, 10s); low-speed
-								 * limit too */
+								 * limit too; <= 0 means 30 s, never unbounded */
 	size_t		max_response;	/* body larger than this -> HTTP_ERR_TOO_LARGE */
 	bool		(*interrupted) (void);	/* polled about every 100 ms while in flight;
 										 * true -> HTTP_ERR_CANCELED */
 } HttpRequest;
 
-/* body is malloc'd and NUL-terminated (NULL only when body_len is 0 and nothing came). */
+/* After HTTP_OK, body is malloc'd and NUL-terminated, never NULL (possibly ""). */
 typedef struct HttpResponse
 {
 	long		status;

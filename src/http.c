@@ -1,0 +1,539 @@
+/*
+ * http.c — a small, careful HTTP client on libcurl.
+ *
+ * Plain C: no postgres.h, no ereport.  The transfer is driven through the multi
+ * interface in our own loop instead of curl_easy_perform, because libcurl calls its
+ * progress callback only about once a second while a server is silent; our loop wakes
+ * every HTTP_POLL_MS and asks the caller's `interrupted` callback, so a query cancel
+ * stops even a hung connect or a server that never answers within ~100 ms.  The
+ * XFERINFOFUNCTION callback asks too, which aborts inside an active transfer.
+ *
+ * Policy, the same for every request:
+ *   - TLS peer and host name verification always on;
+ *   - redirects never followed (a 3xx is returned as is: a KMS never redirects, and a
+ *     redirect could send a signed request or credentials somewhere else);
+ *   - proxies from the environment ignored (CURLOPT_PROXY ""): http_proxy/https_proxy
+ *     of the server process would otherwise route KMS traffic, which carries
+ *     credentials and plaintext data keys, through a host nobody configured for it;
+ *   - CURLOPT_NOSIGNAL, because a PostgreSQL backend owns its signal handlers;
+ *   - the response body lives in a malloc'd buffer bounded by max_response and is
+ *     wiped whenever it is discarded, since it may hold a data key or credentials.
+ *
+ * One easy handle and one multi handle per process, created lazily on first use and
+ * reset per request, keep connections (and TLS sessions) alive between KMS calls.  If
+ * the process has forked since they were created, they are abandoned unclosed: closing
+ * would shut down (and for TLS, send close_notify on) sockets the parent still uses.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <openssl/crypto.h>
+
+#include "http.h"
+
+/* How often the caller's interrupt callback is polled while a request is in flight. */
+#define HTTP_POLL_MS 100
+
+/* Used when a caller passes no timeout: a request must never wait forever. */
+#define HTTP_DEFAULT_TIMEOUT_MS 30000
+
+#define HTTP_MAX_CONNECT_TIMEOUT_MS 10000
+
+typedef struct HttpTransfer
+{
+	char	   *buf;			/* body so far, NUL-terminated when non-NULL */
+	size_t		len;
+	size_t		cap;
+	size_t		max;
+	bool		too_large;
+	bool		oom;
+	bool		canceled;
+	bool		(*interrupted) (void);
+} HttpTransfer;
+
+static bool http_global_done = false;
+static CURL *http_easy = NULL;
+static CURLM *http_multi = NULL;
+static pid_t http_owner_pid = 0;
+
+int
+http_global_init(void)
+{
+	if (http_global_done)
+		return 0;
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		return -1;
+	http_global_done = true;
+	return 0;
+}
+
+static void
+set_error(char *errbuf, size_t errlen, const char *what, const char *detail)
+{
+	if (errbuf == NULL || errlen == 0)
+		return;
+	if (detail && detail[0])
+		snprintf(errbuf, errlen, "%s: %s", what, detail);
+	else
+		snprintf(errbuf, errlen, "%s", what);
+}
+
+static void
+wipe_free(char *p, size_t len)
+{
+	if (p)
+	{
+		OPENSSL_cleanse(p, len);
+		free(p);
+	}
+}
+
+static void
+transfer_discard(HttpTransfer *t)
+{
+	wipe_free(t->buf, t->cap);
+	t->buf = NULL;
+	t->len = t->cap = 0;
+}
+
+/*
+ * Append received bytes.  Grows by allocate-copy-wipe rather than realloc so no
+ * partial copy of a key is left behind in freed memory; stops the transfer (returns a
+ * short count) as soon as the body would exceed max_response.
+ */
+static size_t
+write_cb(char *data, size_t size, size_t nmemb, void *arg)
+{
+	HttpTransfer *t = arg;
+	size_t		n = size * nmemb;
+	size_t		need;
+
+	if (n == 0)
+		return 0;
+	if (t->len + n > t->max || t->len + n < t->len)
+	{
+		t->too_large = true;
+		transfer_discard(t);
+		return 0;
+	}
+	need = t->len + n + 1;
+	if (need > t->cap)
+	{
+		size_t		newcap = t->cap ? t->cap * 2 : 4096;
+		char	   *p;
+
+		if (newcap < need)
+			newcap = need;
+		if (newcap > t->max + 1)
+			newcap = t->max + 1;
+		p = malloc(newcap);
+		if (p == NULL)
+		{
+			t->oom = true;
+			transfer_discard(t);
+			return 0;
+		}
+		if (t->buf)
+			memcpy(p, t->buf, t->len);
+		wipe_free(t->buf, t->cap);
+		t->buf = p;
+		t->cap = newcap;
+	}
+	memcpy(t->buf + t->len, data, n);
+	t->len += n;
+	t->buf[t->len] = '\0';
+	return n;
+}
+
+static int
+xferinfo_cb(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+			curl_off_t ulnow)
+{
+	HttpTransfer *t = arg;
+
+	if (t->canceled)
+		return 1;
+	if (t->interrupted && t->interrupted())
+	{
+		t->canceled = true;
+		return 1;
+	}
+	return 0;
+}
+
+/* Free a header list, wiping each line first: one is the Authorization header. */
+static void
+free_header_list(struct curl_slist *list)
+{
+	for (struct curl_slist *p = list; p; p = p->next)
+		if (p->data)
+			OPENSSL_cleanse(p->data, strlen(p->data));
+	curl_slist_free_all(list);
+}
+
+/* Lazily create the per-process handles; abandon ones inherited across fork. */
+static bool
+ensure_handles(void)
+{
+	pid_t		me = getpid();
+
+	if (http_easy && http_owner_pid != me)
+	{
+		http_easy = NULL;
+		http_multi = NULL;
+	}
+	if (http_easy && http_multi)
+		return true;
+	if (http_global_init() != 0)
+		return false;
+	if (http_easy == NULL)
+		http_easy = curl_easy_init();
+	if (http_multi == NULL)
+		http_multi = curl_multi_init();
+	if (http_easy == NULL || http_multi == NULL)
+	{
+		if (http_easy)
+			curl_easy_cleanup(http_easy);
+		if (http_multi)
+			curl_multi_cleanup(http_multi);
+		http_easy = NULL;
+		http_multi = NULL;
+		return false;
+	}
+	http_owner_pid = me;
+	return true;
+}
+
+static HttpStatus
+map_curl_error(CURLcode code)
+{
+	switch (code)
+	{
+		case CURLE_OK:
+			return HTTP_OK;
+		case CURLE_OPERATION_TIMEDOUT:
+			return HTTP_ERR_TIMEOUT;
+		case CURLE_ABORTED_BY_CALLBACK:
+			return HTTP_ERR_CANCELED;
+		case CURLE_FILESIZE_EXCEEDED:
+			return HTTP_ERR_TOO_LARGE;
+		case CURLE_COULDNT_RESOLVE_HOST:
+		case CURLE_COULDNT_RESOLVE_PROXY:
+		case CURLE_COULDNT_CONNECT:
+		case CURLE_URL_MALFORMAT:
+			return HTTP_ERR_CONNECT;
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_PEER_FAILED_VERIFICATION:
+		case CURLE_SSL_CERTPROBLEM:
+		case CURLE_SSL_CIPHER:
+		case CURLE_SSL_CACERT_BADFILE:
+		case CURLE_SSL_ENGINE_NOTFOUND:
+		case CURLE_SSL_ENGINE_SETFAILED:
+		case CURLE_SSL_ENGINE_INITFAILED:
+		case CURLE_SSL_SHUTDOWN_FAILED:
+		case CURLE_SSL_CRL_BADFILE:
+		case CURLE_SSL_ISSUER_ERROR:
+		case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+		case CURLE_SSL_INVALIDCERTSTATUS:
+		case CURLE_USE_SSL_FAILED:
+			return HTTP_ERR_TLS;
+		case CURLE_OUT_OF_MEMORY:
+		case CURLE_FAILED_INIT:
+		case CURLE_BAD_FUNCTION_ARGUMENT:
+		case CURLE_UNKNOWN_OPTION:
+		case CURLE_NOT_BUILT_IN:
+			return HTTP_ERR_INTERNAL;
+		default:
+			return HTTP_ERR_NETWORK;
+	}
+}
+
+static const char *
+status_text(HttpStatus st)
+{
+	switch (st)
+	{
+		case HTTP_OK:
+			return "ok";
+		case HTTP_ERR_CONNECT:
+			return "could not connect";
+		case HTTP_ERR_TIMEOUT:
+			return "request timed out";
+		case HTTP_ERR_CANCELED:
+			return "request canceled";
+		case HTTP_ERR_TOO_LARGE:
+			return "response too large";
+		case HTTP_ERR_TLS:
+			return "TLS failure";
+		case HTTP_ERR_NETWORK:
+			return "network error";
+		case HTTP_ERR_INTERNAL:
+			return "internal error";
+	}
+	return "unknown error";
+}
+
+/* A header line must be "Name: value" on one line: no CR/LF smuggling. */
+static bool
+valid_header_line(const char *h)
+{
+	const char *colon;
+
+	if (h == NULL || h[0] == ':' || strpbrk(h, "\r\n") != NULL)
+		return false;
+	colon = strchr(h, ':');
+	return colon != NULL;
+}
+
+#define SETOPT(opt, val) \
+	do { \
+		if (rc == CURLE_OK) \
+			rc = curl_easy_setopt(http_easy, (opt), (val)); \
+	} while (0)
+
+HttpStatus
+http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t errlen)
+{
+	HttpTransfer t;
+	struct curl_slist *headers = NULL;
+	char		curl_err[CURL_ERROR_SIZE];
+	CURLcode	rc = CURLE_OK;
+	CURLcode	result = CURLE_OK;
+	CURLMcode	mc;
+	HttpStatus	st;
+	bool		added = false;
+	bool		finished = false;
+	long		timeout_ms;
+	long		connect_ms;
+	long		code = 0;
+	int			running = 0;
+
+	if (errbuf && errlen > 0)
+		errbuf[0] = '\0';
+	if (resp)
+		memset(resp, 0, sizeof(*resp));
+	if (req == NULL || resp == NULL || req->url == NULL || req->method == NULL ||
+		req->nheaders < 0 || (req->nheaders > 0 && req->headers == NULL) ||
+		(req->body == NULL && req->body_len > 0))
+	{
+		set_error(errbuf, errlen, "http: invalid request", NULL);
+		return HTTP_ERR_INTERNAL;
+	}
+	if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "PUT") != 0 &&
+		strcmp(req->method, "POST") != 0)
+	{
+		set_error(errbuf, errlen, "http: unsupported method", NULL);
+		return HTTP_ERR_INTERNAL;
+	}
+	/*
+	 * Checked here because libcurl reports a bad scheme and an HTTP/0.9 answer with
+	 * the same code, and only the first is the caller's configuration.
+	 */
+	if (strncasecmp(req->url, "http://", 7) != 0 && strncasecmp(req->url, "https://", 8) != 0)
+	{
+		set_error(errbuf, errlen, "could not connect: URL scheme must be http or https", NULL);
+		return HTTP_ERR_CONNECT;
+	}
+	for (int i = 0; i < req->nheaders; i++)
+	{
+		if (!valid_header_line(req->headers[i]))
+		{
+			set_error(errbuf, errlen, "http: malformed request header", NULL);
+			return HTTP_ERR_INTERNAL;
+		}
+	}
+
+	memset(&t, 0, sizeof(t));
+	t.max = req->max_response;
+	t.interrupted = req->interrupted;
+
+	if (t.interrupted && t.interrupted())
+	{
+		set_error(errbuf, errlen, "http: request canceled", NULL);
+		return HTTP_ERR_CANCELED;
+	}
+	if (!ensure_handles())
+	{
+		set_error(errbuf, errlen, "http: could not initialize libcurl", NULL);
+		return HTTP_ERR_INTERNAL;
+	}
+
+	/* Build the header list; "Expect:" stops curl waiting for 100-continue on POST. */
+	for (int i = 0; i <= req->nheaders; i++)
+	{
+		struct curl_slist *next;
+
+		next = curl_slist_append(headers, i < req->nheaders ? req->headers[i] : "Expect:");
+		if (next == NULL)
+		{
+			free_header_list(headers);
+			set_error(errbuf, errlen, "http: out of memory", NULL);
+			return HTTP_ERR_INTERNAL;
+		}
+		headers = next;
+	}
+
+	timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : HTTP_DEFAULT_TIMEOUT_MS;
+	connect_ms = timeout_ms < HTTP_MAX_CONNECT_TIMEOUT_MS ? timeout_ms :
+		HTTP_MAX_CONNECT_TIMEOUT_MS;
+
+	/* Every option from scratch: nothing of the previous request carries over. */
+	curl_easy_reset(http_easy);
+	curl_err[0] = '\0';
+	SETOPT(CURLOPT_ERRORBUFFER, curl_err);
+	SETOPT(CURLOPT_URL, req->url);
+	SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+	SETOPT(CURLOPT_NOSIGNAL, 1L);
+	SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
+	SETOPT(CURLOPT_SSL_VERIFYHOST, 2L);
+	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+	SETOPT(CURLOPT_PROXY, "");
+	SETOPT(CURLOPT_TIMEOUT_MS, timeout_ms);
+	SETOPT(CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
+	/* A server trickling less than a byte a second is as good as silent. */
+	SETOPT(CURLOPT_LOW_SPEED_LIMIT, 1L);
+	SETOPT(CURLOPT_LOW_SPEED_TIME, (connect_ms + 999) / 1000);
+	SETOPT(CURLOPT_USERAGENT, "pg_envelope");
+	SETOPT(CURLOPT_HTTPHEADER, headers);
+	SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
+	SETOPT(CURLOPT_WRITEDATA, &t);
+	SETOPT(CURLOPT_NOPROGRESS, 0L);
+	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
+	SETOPT(CURLOPT_XFERINFODATA, &t);
+	/* Lets curl refuse a too-large body from its Content-Length before reading it. */
+	SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) req->max_response);
+	if (strcmp(req->method, "GET") == 0)
+		SETOPT(CURLOPT_HTTPGET, 1L);
+	else
+	{
+		/* POST and PUT both send the body from memory, without copying it. */
+		SETOPT(CURLOPT_POST, 1L);
+		SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
+		SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
+		if (strcmp(req->method, "PUT") == 0)
+			SETOPT(CURLOPT_CUSTOMREQUEST, "PUT");
+	}
+	if (rc != CURLE_OK)
+	{
+		result = rc;
+		goto finish;
+	}
+
+	mc = curl_multi_add_handle(http_multi, http_easy);
+	if (mc != CURLM_OK)
+	{
+		result = CURLE_FAILED_INIT;
+		goto finish;
+	}
+	added = true;
+
+	for (;;)
+	{
+		CURLMsg    *msg;
+		int			left;
+
+		mc = curl_multi_perform(http_multi, &running);
+		if (mc != CURLM_OK)
+		{
+			result = CURLE_FAILED_INIT;
+			break;
+		}
+		while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
+		{
+			if (msg->msg == CURLMSG_DONE && msg->easy_handle == http_easy)
+			{
+				result = msg->data.result;
+				finished = true;
+			}
+		}
+		if (finished || running == 0)
+			break;
+		if (t.canceled || (t.interrupted && t.interrupted()))
+		{
+			t.canceled = true;
+			break;
+		}
+		mc = curl_multi_poll(http_multi, NULL, 0, HTTP_POLL_MS, NULL);
+		if (mc != CURLM_OK)
+		{
+			result = CURLE_FAILED_INIT;
+			break;
+		}
+	}
+	if (!finished && result == CURLE_OK && !t.canceled)
+		result = CURLE_GOT_NOTHING;
+
+finish:
+	if (result == CURLE_OK && !t.canceled)
+		curl_easy_getinfo(http_easy, CURLINFO_RESPONSE_CODE, &code);
+
+	/* Removing an unfinished transfer closes its connection: no fd is left behind. */
+	if (added)
+		curl_multi_remove_handle(http_multi, http_easy);
+
+	if (t.canceled)
+		st = HTTP_ERR_CANCELED;
+	else if (t.too_large)
+		st = HTTP_ERR_TOO_LARGE;
+	else if (t.oom)
+		st = HTTP_ERR_INTERNAL;
+	else
+		st = map_curl_error(result);
+
+	/* Drop every pointer into this stack frame and the header list. */
+	curl_easy_reset(http_easy);
+	free_header_list(headers);
+
+	if (st != HTTP_OK)
+	{
+		transfer_discard(&t);
+
+		/*
+		 * curl's own message names the host and the failing step, never a header or
+		 * the body; our own statuses need no detail.
+		 */
+		if (st == HTTP_ERR_CANCELED || st == HTTP_ERR_TOO_LARGE || t.oom)
+			set_error(errbuf, errlen, status_text(st), NULL);
+		else
+			set_error(errbuf, errlen, status_text(st),
+					  curl_err[0] ? curl_err : curl_easy_strerror(result));
+		return st;
+	}
+
+	/* Always hand back a NUL-terminated body, even an empty one. */
+	if (t.buf == NULL)
+	{
+		t.buf = malloc(1);
+		if (t.buf == NULL)
+		{
+			set_error(errbuf, errlen, "http: out of memory", NULL);
+			return HTTP_ERR_INTERNAL;
+		}
+		t.buf[0] = '\0';
+		t.cap = 1;
+	}
+	resp->status = code;
+	resp->body = t.buf;
+	resp->body_len = t.len;
+	return HTTP_OK;
+}
+
+void
+http_response_free(HttpResponse *resp)
+{
+	if (resp == NULL)
+		return;
+	if (resp->body)
+	{
+		/* The allocation may be larger than body_len; the tail was never written. */
+		OPENSSL_cleanse(resp->body, resp->body_len + 1);
+		free(resp->body);
+	}
+	resp->body = NULL;
+	resp->body_len = 0;
+	resp->status = 0;
+}

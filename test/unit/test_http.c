@@ -1,0 +1,445 @@
+/*
+ * test_http.c — http.c against a local stub server (test/kms/http_test_server.py).
+ *
+ * The test starts the stub itself (python3, port 0, on 127.0.0.1) and stops it at the
+ * end.  It checks status and body, the response cap, that redirects are not followed,
+ * timeouts, that an interrupt callback stops a hung request well under a second, error
+ * mapping, that no header or body reaches an error message, that proxies from the
+ * environment are ignored, keep-alive, and that no file descriptor leaks.  A missing
+ * stub is a failure, never a skip.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "unit.h"
+
+#define STUB_SCRIPT "test/kms/http_test_server.py"
+
+static pid_t stub_pid = 0;
+static int	stub_port = 0;
+
+static void
+stop_stub(void)
+{
+	if (stub_pid > 0)
+	{
+		int			status;
+
+		kill(stub_pid, SIGTERM);
+		for (int i = 0; i < 50; i++)
+		{
+			if (waitpid(stub_pid, &status, WNOHANG) == stub_pid)
+			{
+				stub_pid = 0;
+				return;
+			}
+			usleep(100 * 1000);
+		}
+		kill(stub_pid, SIGKILL);
+		waitpid(stub_pid, &status, 0);
+		stub_pid = 0;
+	}
+}
+
+/* Start the stub and read its port from the first line of its stdout. */
+static bool
+start_stub(void)
+{
+	int			fds[2];
+	FILE	   *f;
+	char		line[64];
+
+	if (access(STUB_SCRIPT, R_OK) != 0 || pipe(fds) != 0)
+		return false;
+	stub_pid = fork();
+	if (stub_pid < 0)
+		return false;
+	if (stub_pid == 0)
+	{
+		dup2(fds[1], STDOUT_FILENO);
+		close(fds[0]);
+		close(fds[1]);
+		execlp("python3", "python3", STUB_SCRIPT, "--port", "0", "--lifetime", "120",
+			   (char *) NULL);
+		_exit(127);
+	}
+	close(fds[1]);
+	atexit(stop_stub);
+	f = fdopen(fds[0], "r");
+	if (f == NULL || fgets(line, sizeof(line), f) == NULL)
+	{
+		if (f)
+			fclose(f);
+		return false;
+	}
+	fclose(f);
+	stub_port = atoi(line);
+	return stub_port > 0;
+}
+
+static double
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static double cancel_start;
+static int	cancel_calls;
+
+static bool
+cancel_after_300ms(void)
+{
+	cancel_calls++;
+	return now_ms() - cancel_start >= 300;
+}
+
+static bool
+always_interrupted(void)
+{
+	return true;
+}
+
+static int
+count_fds(void)
+{
+	DIR		   *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int			n = 0;
+
+	if (d == NULL)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(d);
+	return n;
+}
+
+static HttpStatus
+do_request(const char *method, const char *path, const char *const *headers,
+		   int nheaders, const char *body, int timeout_ms, size_t max_response,
+		   bool (*interrupted) (void), HttpResponse *resp, char *err, size_t errlen)
+{
+	char		url[256];
+	HttpRequest req;
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", stub_port, path);
+	memset(&req, 0, sizeof(req));
+	req.method = method;
+	req.url = url;
+	req.headers = headers;
+	req.nheaders = nheaders;
+	req.body = body;
+	req.body_len = body ? strlen(body) : 0;
+	req.timeout_ms = timeout_ms;
+	req.max_response = max_response;
+	req.interrupted = interrupted;
+	return http_perform(&req, resp, err, errlen);
+}
+
+/* Number of TCP connections the stub has accepted so far. */
+static int
+stub_connections(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	int			n = -1;
+
+	if (do_request("GET", "/_connections", NULL, 0, NULL, 2000, 1024, NULL, &resp,
+				   err, sizeof(err)) == HTTP_OK && resp.status == 200)
+	{
+		const char *p = strstr(resp.body, "\"connections\":");
+
+		if (p)
+			n = atoi(p + strlen("\"connections\":"));
+	}
+	http_response_free(&resp);
+	return n;
+}
+
+static void
+test_basic(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	const char *hdrs[] = {"Content-Type: application/x-amz-json-1.1",
+	"X-Amz-Target: TrentService.Decrypt"};
+	HttpStatus st;
+
+	st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK, "GET /ok: %d %s", st, err);
+	CHECK(resp.status == 200, "GET /ok status %ld", resp.status);
+	CHECK(resp.body && resp.body_len == 5 && strcmp(resp.body, "hello") == 0,
+		  "GET /ok body");
+	http_response_free(&resp);
+	CHECK(resp.body == NULL && resp.body_len == 0, "response freed");
+
+	st = do_request("POST", "/echo", hdrs, 2, "{\"k\":1}", 2000, 65536, NULL, &resp,
+					err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "POST /echo: %d %s", st, err);
+	CHECK(resp.body && strstr(resp.body, "\"method\": \"POST\""), "POST method sent");
+	CHECK(resp.body && strstr(resp.body, "\"x-amz-target\": \"TrentService.Decrypt\""),
+		  "header sent");
+	CHECK(resp.body && strstr(resp.body, "\"content-type\": \"application/x-amz-json-1.1\""),
+		  "content type sent");
+	CHECK(resp.body && strstr(resp.body, "\"body\": \"{\\\"k\\\":1}\""), "body sent: %s",
+		  resp.body ? resp.body : "");
+	CHECK(resp.body && strstr(resp.body, "\"expect\"") == NULL, "no Expect header");
+	http_response_free(&resp);
+
+	st = do_request("PUT", "/echo", hdrs, 1, NULL, 2000, 65536, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.body && strstr(resp.body, "\"method\": \"PUT\"") &&
+		  strstr(resp.body, "\"content-length\": \"0\""), "PUT with empty body");
+	http_response_free(&resp);
+
+	st = do_request("GET", "/echo", NULL, 0, NULL, 2000, 65536, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.body && strstr(resp.body, "\"method\": \"GET\""),
+		  "GET after PUT is a GET again (options reset)");
+	http_response_free(&resp);
+
+	/* An HTTP error status is a successful transfer: the caller interprets it. */
+	st = do_request("POST", "/status/503", NULL, 0, "", 2000, 1024, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 503 && strcmp(resp.body, "status body") == 0,
+		  "503 returned as is");
+	http_response_free(&resp);
+
+	st = do_request("GET", "/status/204", NULL, 0, NULL, 2000, 1024, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 204 && resp.body && resp.body[0] == '\0' &&
+		  resp.body_len == 0, "empty body is \"\" not NULL");
+	http_response_free(&resp);
+
+	/* Never follow a redirect. */
+	st = do_request("GET", "/redirect", NULL, 0, NULL, 2000, 1024, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 302 && resp.body_len == 0,
+		  "redirect not followed: %d %ld %s", st, resp.status, err);
+	http_response_free(&resp);
+}
+
+static void
+test_cap(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	HttpStatus	st;
+
+	st = do_request("GET", "/bytes/5000", NULL, 0, NULL, 2000, 5000, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.body_len == 5000 && resp.body[5000] == '\0',
+		  "body exactly at cap accepted: %d %s", st, err);
+	http_response_free(&resp);
+
+	st = do_request("GET", "/bytes/5001", NULL, 0, NULL, 2000, 5000, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_ERR_TOO_LARGE && resp.body == NULL, "one byte over cap: %d %s", st, err);
+
+	st = do_request("GET", "/huge", NULL, 0, NULL, 5000, 65536, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_ERR_TOO_LARGE && resp.body == NULL, "huge with length: %d %s", st, err);
+
+	st = do_request("GET", "/huge-stream", NULL, 0, NULL, 5000, 65536, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_ERR_TOO_LARGE && resp.body == NULL, "huge stream: %d %s", st, err);
+
+	/* And the handle still works afterwards. */
+	st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "ok after too large: %d %s", st, err);
+	http_response_free(&resp);
+}
+
+static void
+test_timeouts_and_cancel(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	HttpStatus	st;
+	double		t0;
+	double		elapsed;
+
+	t0 = now_ms();
+	st = do_request("GET", "/hang", NULL, 0, NULL, 500, 1024, NULL, &resp, err, sizeof(err));
+	elapsed = now_ms() - t0;
+	CHECK(st == HTTP_ERR_TIMEOUT, "hang with 500 ms timeout: %d %s", st, err);
+	CHECK(elapsed >= 450 && elapsed < 1500, "timeout took %.0f ms", elapsed);
+
+	/* A hung server, a long timeout, and a cancel after 300 ms. */
+	cancel_calls = 0;
+	cancel_start = t0 = now_ms();
+	st = do_request("POST", "/hang", NULL, 0, "{}", 30000, 1024, cancel_after_300ms, &resp,
+					err, sizeof(err));
+	elapsed = now_ms() - t0;
+	CHECK(st == HTTP_ERR_CANCELED, "cancel: %d %s", st, err);
+	CHECK(elapsed >= 300 && elapsed < 1000, "cancel took %.0f ms", elapsed);
+	CHECK(elapsed < 600, "cancel latency %.0f ms exceeds 300 ms by more than 300 ms", elapsed);
+	/* Polled while the server was silent, not just once. */
+	CHECK(cancel_calls >= 3, "interrupt callback polled %d times while waiting", cancel_calls);
+	printf("cancel: stopped after %.0f ms, callback polled %d times\n", elapsed, cancel_calls);
+
+	/* Already interrupted: no request at all. */
+	t0 = now_ms();
+	st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, always_interrupted, &resp,
+					err, sizeof(err));
+	CHECK(st == HTTP_ERR_CANCELED && now_ms() - t0 < 100, "pre-canceled: %d", st);
+
+	/* A cancel during a large transfer (through the progress callback). */
+	cancel_calls = 0;
+	cancel_start = now_ms() - 300;
+	st = do_request("GET", "/huge", NULL, 0, NULL, 5000, 64 * 1024 * 1024, cancel_after_300ms,
+					&resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_CANCELED && resp.body == NULL, "cancel during body: %d", st);
+}
+
+static void
+test_errors(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	char		url[128];
+	HttpStatus	st;
+	HttpRequest req;
+	const char *secret_hdrs[] = {"Authorization: AWS4-HMAC-SHA256 topsecret-signature",
+	"X-Amz-Security-Token: topsecret-token"};
+	const char *bad_hdrs[] = {"X-Evil: a\r\nHost: elsewhere"};
+	int			s;
+	struct sockaddr_in sa;
+	socklen_t	salen = sizeof(sa);
+	int			closed_port;
+
+	st = do_request("POST", "/reset", secret_hdrs, 2, "{\"Plaintext\":\"topsecret-body\"}",
+					2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_NETWORK, "reset: %d %s", st, err);
+	CHECK(err[0] != '\0', "reset has a message");
+	CHECK(strstr(err, "topsecret") == NULL, "no header or body in error: %s", err);
+	printf("reset error text: %s\n", err);
+
+	st = do_request("POST", "/hang", secret_hdrs, 2, "{\"Plaintext\":\"topsecret-body\"}",
+					300, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_TIMEOUT && strstr(err, "topsecret") == NULL,
+		  "no secret in timeout error: %s", err);
+
+	/* A port nobody listens on. */
+	s = socket(AF_INET, SOCK_STREAM, 0);
+	memset(&sa, 0, sizeof(sa));
+	sa.sin_family = AF_INET;
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	bind(s, (struct sockaddr *) &sa, sizeof(sa));
+	getsockname(s, (struct sockaddr *) &sa, &salen);
+	closed_port = ntohs(sa.sin_port);
+	close(s);
+
+	memset(&req, 0, sizeof(req));
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/ok", closed_port);
+	req.method = "GET";
+	req.url = url;
+	req.timeout_ms = 2000;
+	req.max_response = 1024;
+	st = http_perform(&req, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_CONNECT, "connection refused: %d %s", st, err);
+
+	/* TLS spoken to a plain-HTTP server fails as a TLS error. */
+	snprintf(url, sizeof(url), "https://127.0.0.1:%d/ok", stub_port);
+	st = http_perform(&req, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_TLS, "https to plain http: %d %s", st, err);
+
+	/* Only http and https. */
+	req.url = "file:///etc/passwd";
+	st = http_perform(&req, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_CONNECT && resp.body == NULL, "file:// refused: %d %s", st, err);
+
+	st = do_request("GET", "/ok", bad_hdrs, 1, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_INTERNAL, "CR/LF in a header refused: %d", st);
+	st = do_request("DELETE", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_INTERNAL, "unsupported method refused: %d", st);
+
+	/* An environment proxy (pointing nowhere) must be ignored. */
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d", closed_port);
+	setenv("http_proxy", url, 1);
+	setenv("HTTP_PROXY", url, 1);
+	setenv("https_proxy", url, 1);
+	setenv("ALL_PROXY", url, 1);
+	setenv("all_proxy", url, 1);
+	st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "environment proxy ignored: %d %s", st, err);
+	http_response_free(&resp);
+	unsetenv("http_proxy");
+	unsetenv("HTTP_PROXY");
+	unsetenv("https_proxy");
+	unsetenv("ALL_PROXY");
+	unsetenv("all_proxy");
+}
+
+/* Keep-alive: many requests, one connection; and no descriptor leaks on any path. */
+static void
+test_reuse_and_leaks(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	int			before;
+	int			after;
+	int			fds0;
+	int			fds1;
+	HttpStatus	st;
+
+	st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	http_response_free(&resp);
+	before = stub_connections();
+	for (int i = 0; i < 20; i++)
+	{
+		st = do_request("POST", "/echo", NULL, 0, "{}", 2000, 65536, NULL, &resp, err,
+						sizeof(err));
+		CHECK(st == HTTP_OK && resp.status == 200, "keep-alive request %d: %d", i, st);
+		http_response_free(&resp);
+	}
+	after = stub_connections();
+	CHECK(before > 0 && after == before, "20 requests used %d new connections", after - before);
+
+	fds0 = count_fds();
+	for (int i = 0; i < 10; i++)
+	{
+		do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+		http_response_free(&resp);
+		do_request("GET", "/reset", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+		do_request("GET", "/bytes/3000", NULL, 0, NULL, 2000, 100, NULL, &resp, err,
+				   sizeof(err));
+		do_request("GET", "/hang", NULL, 0, NULL, 150, 100, NULL, &resp, err, sizeof(err));
+		do_request("GET", "/redirect", NULL, 0, NULL, 2000, 100, NULL, &resp, err, sizeof(err));
+		http_response_free(&resp);
+	}
+	do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err, sizeof(err));
+	http_response_free(&resp);
+	fds1 = count_fds();
+	CHECK(fds0 > 0 && fds1 <= fds0, "file descriptors %d -> %d after 50 requests", fds0, fds1);
+}
+
+int
+main(void)
+{
+	CHECK(http_global_init() == 0, "http_global_init");
+	CHECK(http_global_init() == 0, "http_global_init twice");
+	if (!start_stub())
+	{
+		CHECK(false, "could not start %s (run from the repository root)", STUB_SCRIPT);
+		return unit_finish("test_http");
+	}
+	test_basic();
+	test_cap();
+	test_timeouts_and_cancel();
+	test_errors();
+	test_reuse_and_leaks();
+	stop_stub();
+	return unit_finish("test_http");
+}
