@@ -1,0 +1,211 @@
+
+# EnvelopeKms.pm — moto and the fault proxy for pg_envelope's TAP tests.
+#
+# Test harness layer.  EnvelopeKms->new starts moto (test/kms/moto_server.py, i.e.
+# `python3 -m moto.server` with a parent watchdog) on a free loopback port, waits until
+# it answers, then starts test/kms/fault_proxy.py in front of it.  Keys, aliases, IAM
+# users and moto's authentication switch go through test/kms/kms_admin.py (boto3).
+# Everything started here is stopped by ->stop, by DESTROY and, whatever happens to
+# the test, by the END block; the child processes also watch this process and exit
+# when it is gone.
+#
+# $ENV{PYTHON} names an interpreter with moto and boto3 (default "python3").  Without
+# them the test BAIL_OUTs: it never passes by skipping.
+#
+#   my $kms = EnvelopeKms->new;
+#   my $key = $kms->create_key;               # { KeyId => ..., Arn => ... }
+#   $node->append_conf('postgresql.conf', $kms->server_conf(key => $key->{Arn}));
+#   $kms->fault(op => 'Decrypt', mode => 'throttle', count => 1);
+#   is($kms->count('Decrypt', 'forwarded'), 1);
+
+package EnvelopeKms;
+
+use strict;
+use warnings;
+
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use HTTP::Tiny;
+use IPC::Run;
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time sleep);
+
+my @live;    # instances to stop at END
+
+my $srcdir = abs_path(dirname(__FILE__) . '/../..');
+
+sub srcdir { return $srcdir; }
+
+sub python { return $ENV{PYTHON} || 'python3'; }
+
+sub new
+{
+	my ($class, %opts) = @_;
+	my $self = bless { region => $opts{region} // 'us-east-1' }, $class;
+
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ python(), '-c', 'import moto.server, boto3' ], '>', \$out, '2>', \$err)
+	  or BAIL_OUT("python interpreter '" . python()
+		  . "' cannot import moto and boto3 (set PYTHON): $err");
+
+	push @live, $self;
+	my $logdir = $PostgreSQL::Test::Utils::log_path // $PostgreSQL::Test::Utils::tmp_check;
+
+	# moto
+	my $port = PostgreSQL::Test::Cluster::get_free_port();
+	$self->{moto_url} = "http://127.0.0.1:$port";
+	$self->{moto_log} = "$logdir/moto_$port.log";
+	$self->{moto} = IPC::Run::start(
+		[
+			python(), "$srcdir/test/kms/moto_server.py",
+			'--port' => $port, '--parent-pid' => $$, '--lifetime' => 3600
+		],
+		'<', \undef, '>', $self->{moto_log}, '2>&1');
+	my $deadline = time() + 60;
+	until ($self->_http_answers($self->{moto_url} . '/moto-api/'))
+	{
+		BAIL_OUT("moto did not start on port $port; see $self->{moto_log}")
+		  if time() > $deadline || !$self->{moto}->pumpable;
+		sleep(0.2);
+	}
+
+	# fault proxy: prints its port on the first line of stdout
+	my $pout = '';
+	$self->{proxy_log} = "$logdir/fault_proxy_$port.log";
+	$self->{proxy} = IPC::Run::start(
+		[
+			python(), "$srcdir/test/kms/fault_proxy.py",
+			'--upstream' => $self->{moto_url},
+			'--parent-pid' => $$, '--lifetime' => 3600
+		],
+		'<', \undef, '>', \$pout, '2>', $self->{proxy_log});
+	$deadline = time() + 30;
+	while ($pout !~ /^(\d+)\n/)
+	{
+		BAIL_OUT("fault proxy did not start; see $self->{proxy_log}")
+		  if time() > $deadline;
+		$self->{proxy}->pump_nb;
+		sleep(0.05);
+	}
+	$pout =~ /^(\d+)\n/;
+	$self->{proxy_url} = "http://127.0.0.1:$1";
+	return $self;
+}
+
+sub moto_url  { return $_[0]->{moto_url}; }
+sub proxy_url { return $_[0]->{proxy_url}; }
+sub region    { return $_[0]->{region}; }
+
+sub _http_answers
+{
+	my ($self, $url) = @_;
+	my $r = HTTP::Tiny->new(timeout => 2)->get($url);
+	return $r->{status} != 599;
+}
+
+# Run kms_admin.py; returns its decoded JSON.  %env adds environment variables
+# (credentials once moto checks signatures); by default none are passed.
+sub admin
+{
+	my ($self, $args, %env) = @_;
+	my ($out, $err) = ('', '');
+	my @cmd = (
+		'env', '-u', 'AWS_ACCESS_KEY_ID', '-u', 'AWS_SECRET_ACCESS_KEY',
+		'-u', 'AWS_SESSION_TOKEN', '-u', 'AWS_PROFILE',
+		map({ "$_=$env{$_}" } sort keys %env),
+		python(), "$srcdir/test/kms/kms_admin.py",
+		'--endpoint' => $self->{moto_url}, '--region' => $self->{region},
+		@$args);
+	my $ok = IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err,
+		IPC::Run::timeout(60));
+	die "kms_admin.py @$args failed: $err" unless $ok;
+	return decode_json($out);
+}
+
+sub create_key   { my ($self) = @_; return $self->admin(['create-key']); }
+sub create_alias { my ($self, $alias, $key_id) = @_; return $self->admin([ 'create-alias', $alias, $key_id ]); }
+sub disable_key  { my ($self, $key_id) = @_; return $self->admin([ 'disable-key', $key_id ]); }
+sub enable_key   { my ($self, $key_id) = @_; return $self->admin([ 'enable-key', $key_id ]); }
+
+# An IAM user allowed kms:* and sts:*: { AccessKeyId, SecretAccessKey, Arn }.
+sub create_user { my ($self, $name) = @_; return $self->admin([ 'create-user', $name ]); }
+sub create_role { my ($self, $name) = @_; return $self->admin([ 'create-role', $name ]); }
+
+# Switch moto's SigV4/IAM checking.  Turning it off while on needs known credentials.
+sub auth
+{
+	my ($self, $on, %env) = @_;
+	return $self->admin([ 'auth', $on ? 'on' : 'off' ], %env);
+}
+
+# Settings for postgresql.conf that point the aws provider at the proxy (or, with
+# direct => 1, at moto itself).
+sub server_conf
+{
+	my ($self, %o) = @_;
+	my $endpoint = $o{direct} ? $self->{moto_url} : $self->{proxy_url};
+	my $conf = "envelope.kms_provider = 'aws'\n"
+	  . "envelope.aws_region = '$self->{region}'\n"
+	  . "envelope.aws_endpoint = '$endpoint'\n";
+	$conf .= "envelope.kms_key = '$o{key}'\n" if defined $o{key};
+	$conf .= "envelope.kms_timeout = $o{timeout}\n" if defined $o{timeout};
+	$conf .= "envelope.kms_retries = $o{retries}\n" if defined $o{retries};
+	return $conf;
+}
+
+sub _control
+{
+	my ($self, $method, $path, $body) = @_;
+	my $http = HTTP::Tiny->new(timeout => 10);
+	my $r = $http->request($method, $self->{proxy_url} . $path,
+		defined $body ? { content => encode_json($body), headers => { 'Content-Type' => 'application/json' } } : {});
+	die "fault proxy $method $path: $r->{status} $r->{content}" unless $r->{success};
+	return decode_json($r->{content});
+}
+
+# fault(op => 'Decrypt' | '*', mode => 'throttle' | ..., count => N (-1: always))
+sub fault
+{
+	my ($self, %rule) = @_;
+	$rule{op} //= '*';
+	$rule{count} //= 1;
+	return $self->_control('POST', '/_fault', \%rule);
+}
+
+sub reset_proxy { my ($self) = @_; return $self->_control('POST', '/_reset', {}); }
+sub counts      { my ($self) = @_; return $self->_control('GET', '/_counts'); }
+
+# Requests the proxy saw for an operation: what = requests | forwarded | faulted.
+sub count
+{
+	my ($self, $op, $what) = @_;
+	my $c = $self->counts->{ops}{$op};
+	return $c ? $c->{ $what // 'requests' } : 0;
+}
+
+sub stop
+{
+	my ($self) = @_;
+	for my $h (qw(proxy moto))
+	{
+		next unless $self->{$h};
+		# TERM, then KILL after the grace period; either way the child is reaped
+		eval { $self->{$h}->kill_kill(grace => 3) };
+		delete $self->{$h};
+	}
+	@live = grep { $_ != $self } @live;
+	return;
+}
+
+sub DESTROY { my ($self) = @_; local ($@, $?); $self->stop; }
+
+END
+{
+	local $?;
+	$_->stop for @live;
+}
+
+1;
