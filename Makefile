@@ -13,9 +13,9 @@ OBJS = $(SRCS:.c=.o)
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
-REGRESS = setup roles cipher errors keys
+REGRESS = setup cipher errors roles keys
 TEST_TMP ?= $(CURDIR)/test/tmp
-REGRESS_OPTS = --inputdir=. --temp-instance=$(TEST_TMP)/regress_instance \
+REGRESS_OPTS = --temp-instance=$(TEST_TMP)/regress_instance \
 	--temp-config=$(TEST_TMP)/regress.conf
 
 PG_CONFIG ?= pg_config
@@ -31,11 +31,14 @@ include $(PGXS)
 # ---------------------------------------------------------------------------
 # Pure-C unit tests.  A source file is "pure" when it does not include
 # postgres.h; those are linked into every unit test, which runs without a server.
-PURE_SRCS = $(shell grep -L '"postgres.h"\|"compat.h"' $(SRCS))
+PURE_SRCS = $(shell grep -L '"postgres.h"\|"compat.h"\|"pg_envelope.h"' $(SRCS))
 UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
 UNIT_BINS = $(UNIT_SRCS:.c=)
-UNIT_CFLAGS = -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter \
-	-Wno-missing-field-initializers -Wno-sign-compare -Isrc -Itest/unit
+# The same warnings the server build turns into errors (PGXS flags plus ours).
+UNIT_CFLAGS = -std=gnu11 -O2 -g -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter \
+	-Wno-missing-field-initializers -Wno-sign-compare -Wmissing-format-attribute \
+	-Wmissing-prototypes -Wdeclaration-after-statement -Wimplicit-fallthrough=3 \
+	-Isrc -Itest/unit
 
 test/unit/%: test/unit/%.c $(PURE_SRCS) test/unit/unit.h
 	$(CC) $(UNIT_CFLAGS) -o $@ $< $(PURE_SRCS) $(SHLIB_LINK) -lm

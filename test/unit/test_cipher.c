@@ -8,7 +8,7 @@
  * 2. The envelope format: round trip, binding to tenant, context and header, tamper and
  *    truncation detection, no plaintext released on failure, nonce freshness.
  */
-#define _GNU_SOURCE
+
 #include <json-c/json.h>
 #include <sys/wait.h>
 #include <unistd.h>

@@ -1,0 +1,73 @@
+-- Key lifecycle: rotate, retire, disable/enable, destroy; the cache and its counters.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT envelope.create_tenant('lifecycle');
+CREATE TEMP TABLE old AS SELECT envelope.encrypt('lifecycle', 'written under v1') AS v;
+
+-- Rotation: new values use version 2, old ones still decrypt.
+SELECT envelope.rotate_tenant_key('lifecycle');
+SELECT envelope.key_version(envelope.encrypt('lifecycle', 'new')) AS new_values_use;
+SELECT envelope.key_version(v) AS old_value_uses, envelope.decrypt_text('lifecycle', v) FROM old;
+SELECT version, state FROM envelope.tenant_keys WHERE tenant = 'lifecycle' ORDER BY version;
+
+-- A rotation that rolls back changes nothing.
+BEGIN;
+SELECT envelope.rotate_tenant_key('lifecycle');
+ROLLBACK;
+SELECT envelope.key_version(envelope.encrypt('lifecycle', 'new')) AS still_version;
+
+-- The active version cannot be retired; an old one can, and then no longer decrypts.
+SELECT envelope.retire_key_version('lifecycle', 2);
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.retire_key_version('lifecycle', 7);
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.retire_key_version('lifecycle', 1);
+SELECT envelope.decrypt_text('lifecycle', v) FROM old;
+\echo :LAST_ERROR_SQLSTATE
+SELECT version, state FROM envelope.tenant_keys WHERE tenant = 'lifecycle' ORDER BY version;
+
+-- Disable: every use fails at once; a disable that rolls back changes nothing.
+CREATE TEMP TABLE cur AS SELECT envelope.encrypt('lifecycle', 'written under v2') AS v;
+BEGIN;
+SELECT envelope.disable_tenant('lifecycle');
+ROLLBACK;
+SELECT envelope.decrypt_text('lifecycle', v) AS after_rolled_back_disable FROM cur;
+SELECT envelope.disable_tenant('lifecycle');
+SELECT envelope.decrypt_text('lifecycle', v) FROM cur;
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.encrypt('lifecycle', 'x');
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.rotate_tenant_key('lifecycle');
+\echo :LAST_ERROR_SQLSTATE
+SELECT DISTINCT state FROM envelope.tenant_keys WHERE tenant = 'lifecycle';
+SELECT envelope.enable_tenant('lifecycle');
+SELECT envelope.decrypt_text('lifecycle', v) AS after_enable FROM cur;
+
+-- Destroy: the wrapped keys are erased; nothing decrypts again.
+SELECT envelope.destroy_tenant('lifecycle');
+SELECT envelope.decrypt_text('lifecycle', v) FROM cur;
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.enable_tenant('lifecycle');
+\echo :LAST_ERROR_SQLSTATE
+SELECT version, state, wrapped_dek IS NULL AS erased FROM envelope.data_key
+ WHERE tenant = 'lifecycle' ORDER BY version;
+SELECT envelope.disable_tenant('nobody');
+\echo :LAST_ERROR_SQLSTATE
+
+-- The cache: after a flush the next decrypt asks the provider once, then hits.
+CREATE TABLE acme_rows AS
+SELECT envelope.encrypt('acme', 'row ' || i) AS v FROM generate_series(1, 100) i;
+SELECT envelope.cache_flush();
+SELECT kms_decrypt_calls AS before, hits AS hits_before, misses AS misses_before
+  FROM envelope.cache_stats \gset
+SELECT count(*) FROM acme_rows WHERE envelope.decrypt_text('acme', v) LIKE 'row %';
+SELECT kms_decrypt_calls - :before AS kms_decrypts, misses - :misses_before AS misses,
+       entries >= 1 AS cached, kms_errors, kms_max_latency_ms >= 0 AS latency_recorded
+  FROM envelope.cache_stats;
+-- A new backend finds the key in shared memory: no KMS call.
+\c
+SELECT kms_decrypt_calls AS before, hits AS hits_before FROM envelope.cache_stats \gset
+SELECT count(*) FROM acme_rows WHERE envelope.decrypt_text('acme', v) LIKE 'row %';
+SELECT kms_decrypt_calls - :before AS kms_decrypts, hits > :hits_before AS shared_hit
+  FROM envelope.cache_stats;
+DROP TABLE acme_rows;

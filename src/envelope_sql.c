@@ -1,0 +1,443 @@
+/*
+ * envelope_sql.c — the SQL surface: fmgr glue for envelope.* functions.
+ *
+ * Turns arguments into calls on the key cache, key store and cipher, and cipher
+ * statuses into errors.  Errors raised on behalf of encrypt/decrypt hide the statement
+ * (errhidestmt) because its text may hold a literal plaintext, and never include a
+ * value or a key byte.
+ */
+#include "pg_envelope.h"
+
+#include "access/htup_details.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+
+PG_FUNCTION_INFO_V1(envelope_encrypt_text);
+PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
+PG_FUNCTION_INFO_V1(envelope_decrypt);
+PG_FUNCTION_INFO_V1(envelope_decrypt_text);
+PG_FUNCTION_INFO_V1(envelope_key_version);
+PG_FUNCTION_INFO_V1(envelope_create_tenant);
+PG_FUNCTION_INFO_V1(envelope_rotate_tenant_key);
+PG_FUNCTION_INFO_V1(envelope_disable_tenant);
+PG_FUNCTION_INFO_V1(envelope_enable_tenant);
+PG_FUNCTION_INFO_V1(envelope_retire_key_version);
+PG_FUNCTION_INFO_V1(envelope_destroy_tenant);
+PG_FUNCTION_INFO_V1(envelope_cache_flush);
+PG_FUNCTION_INFO_V1(envelope_cache_stats);
+PG_FUNCTION_INFO_V1(envelope_key_store_changed);
+
+/*
+ * Tenant names are bound into every ciphertext and sent to the KMS as encryption
+ * context, and they appear in error messages: keep them printable and bounded.
+ */
+void
+envelope_check_tenant(const char *tenant, size_t len)
+{
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tenant name must not be empty"),
+				 errhidestmt(true)));
+	if (len > ENVELOPE_TENANT_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("tenant name is too long"),
+				 errdetail("Tenant names are at most %d bytes; this one has %zu.",
+						   ENVELOPE_TENANT_MAX, len),
+				 errhidestmt(true)));
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) tenant[i];
+
+		if (c < 0x20 || c == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("tenant name must not contain control characters"),
+					 errhidestmt(true)));
+	}
+}
+
+static CipherBinding
+make_binding(FunctionCallInfo fcinfo, text *tenant, int context_arg)
+{
+	CipherBinding b;
+
+	b.tenant = VARDATA_ANY(tenant);
+	b.tenant_len = VARSIZE_ANY_EXHDR(tenant);
+	if (PG_NARGS() > context_arg && !PG_ARGISNULL(context_arg))
+	{
+		text	   *context = PG_GETARG_TEXT_PP(context_arg);
+
+		b.context = VARDATA_ANY(context);
+		b.context_len = VARSIZE_ANY_EXHDR(context);
+	}
+	else
+	{
+		b.context = NULL;
+		b.context_len = 0;
+	}
+	return b;
+}
+
+static void
+raise_cipher_internal(CipherStatus status)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INTERNAL_ERROR),
+			 errmsg("%s", status == CIPHER_ERR_RANDOM ?
+					"could not generate a random nonce" :
+					"AES-256-GCM failed in OpenSSL"),
+			 errhidestmt(true)));
+}
+
+static bytea *
+encrypt_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
+{
+	text	   *tenant = PG_GETARG_TEXT_PP(0);
+	CipherBinding binding = make_binding(fcinfo, tenant, 2);
+	EnvelopeKeyRef ref;
+	uint8		nonce[CIPHER_NONCE_LEN];
+	bytea	   *result;
+	CipherStatus cs;
+
+	if (len > MaxAllocSize - VARHDRSZ - CIPHER_OVERHEAD)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("value is too large to encrypt"),
+				 errdetail("Encrypted values may be at most %zu bytes.",
+						   (size_t) (MaxAllocSize - VARHDRSZ - CIPHER_OVERHEAD)),
+				 errhidestmt(true)));
+
+	ref = keycache_key_for_encrypt(binding.tenant, binding.tenant_len);
+	result = palloc(VARHDRSZ + len + CIPHER_OVERHEAD);
+	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_OVERHEAD);
+	cs = cipher_next_nonce(nonce);
+	if (cs == CIPHER_OK)
+		cs = cipher_encrypt(ref.key, ref.version, nonce, &binding,
+							(const uint8 *) data, len, (uint8 *) VARDATA(result));
+	if (cs != CIPHER_OK)
+		raise_cipher_internal(cs);
+	return result;
+}
+
+Datum
+envelope_encrypt_text(PG_FUNCTION_ARGS)
+{
+	text	   *plaintext;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	plaintext = PG_GETARG_TEXT_PP(1);
+	PG_RETURN_BYTEA_P(encrypt_bytes(fcinfo, VARDATA_ANY(plaintext), VARSIZE_ANY_EXHDR(plaintext)));
+}
+
+Datum
+envelope_encrypt_bytea(PG_FUNCTION_ARGS)
+{
+	bytea	   *plaintext;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	plaintext = PG_GETARG_BYTEA_PP(1);
+	PG_RETURN_BYTEA_P(encrypt_bytes(fcinfo, VARDATA_ANY(plaintext), VARSIZE_ANY_EXHDR(plaintext)));
+}
+
+/* Decrypt into a varlena of the same layout as bytea/text. */
+static struct varlena *
+decrypt_bytes(FunctionCallInfo fcinfo)
+{
+	text	   *tenant = PG_GETARG_TEXT_PP(0);
+	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(1);
+	CipherBinding binding = make_binding(fcinfo, tenant, 2);
+	const uint8 *in = (const uint8 *) VARDATA_ANY(ciphertext);
+	size_t		in_len = VARSIZE_ANY_EXHDR(ciphertext);
+	uint32		version;
+	const CipherKey *key;
+	struct varlena *result;
+	CipherStatus cs;
+
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("It is too short or has an unknown format byte."),
+				 errhidestmt(true)));
+
+	key = keycache_key_for_decrypt(binding.tenant, binding.tenant_len, version);
+	result = palloc(VARHDRSZ + in_len - CIPHER_OVERHEAD);
+	SET_VARSIZE(result, VARHDRSZ + in_len - CIPHER_OVERHEAD);
+	cs = cipher_decrypt(key, &binding, in, in_len, (uint8 *) VARDATA(result));
+	if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
+	{
+		pfree(result);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("could not decrypt value for tenant \"%.*s\"",
+						(int) binding.tenant_len, binding.tenant),
+				 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
+				 errhidestmt(true)));
+	}
+	if (cs != CIPHER_OK)
+		raise_cipher_internal(cs);
+	return result;
+}
+
+Datum
+envelope_decrypt(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	PG_RETURN_BYTEA_P(decrypt_bytes(fcinfo));
+}
+
+Datum
+envelope_decrypt_text(PG_FUNCTION_ARGS)
+{
+	struct varlena *result;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	result = decrypt_bytes(fcinfo);
+	/* A value encrypted from bytea may not be text in this database's encoding. */
+	if (!pg_verifymbstr(VARDATA(result), VARSIZE(result) - VARHDRSZ, true))
+	{
+		explicit_bzero(VARDATA(result), VARSIZE(result) - VARHDRSZ);
+		ereport(ERROR,
+				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+				 errmsg("decrypted value is not valid text in encoding \"%s\"",
+						GetDatabaseEncodingName()),
+				 errhint("Use envelope.decrypt() to get the value as bytea."),
+				 errhidestmt(true)));
+	}
+	PG_RETURN_TEXT_P(result);
+}
+
+Datum
+envelope_key_version(PG_FUNCTION_ARGS)
+{
+	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(0);
+	uint32		version;
+
+	if (cipher_peek_version((const uint8 *) VARDATA_ANY(ciphertext),
+							VARSIZE_ANY_EXHDR(ciphertext), &version) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext")));
+	if (version > PG_INT32_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("Its key version is out of range.")));
+	PG_RETURN_INT32((int32) version);
+}
+
+/* ---------------------------------------------------------------------------
+ * Key management
+ */
+static char *
+tenant_arg(FunctionCallInfo fcinfo, int argno)
+{
+	text	   *t;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("tenant name must not be null")));
+	t = PG_GETARG_TEXT_PP(argno);
+	envelope_check_tenant(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+	return text_to_cstring(t);
+}
+
+/* The tenant's row, locked against concurrent key management; errors if absent. */
+static TenantRecord
+lock_tenant(const char *tenant)
+{
+	TenantRecord rec;
+
+	if (!keystore_get_tenant(tenant, true, &rec))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("tenant \"%s\" does not exist", tenant)));
+	if (rec.state == TENANT_DESTROYED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("tenant \"%s\" has been destroyed", tenant)));
+	return rec;
+}
+
+/* Ask the KMS for DEK `version` of `tenant`, and return it wrapped; the DEK is wiped. */
+static bytea *
+new_wrapped_dek(const char *tenant, int32 version, const char *provider,
+				const char *kms_key, char **key_arn)
+{
+	uint8		dek[KMS_DEK_LEN];
+	bytea	   *wrapped;
+
+	envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, key_arn);
+	explicit_bzero(dek, sizeof(dek));
+	return wrapped;
+}
+
+Datum
+envelope_create_tenant(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+	const char *provider = envelope_kms_provider;
+	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	TenantRecord existing;
+	bytea	   *wrapped;
+	char	   *key_arn;
+
+	if (envelope_find_provider(provider) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown KMS provider \"%s\"", provider)));
+	if (strcmp(provider, "local") != 0 && (kms_key == NULL || kms_key[0] == '\0'))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("no master key given for tenant \"%s\"", tenant),
+				 errhint("Pass kms_key to envelope.create_tenant() or set envelope.kms_key.")));
+	if (keystore_get_tenant(tenant, false, &existing))
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("tenant \"%s\" already exists", tenant)));
+
+	wrapped = new_wrapped_dek(tenant, 1, provider, kms_key, &key_arn);
+	/* A concurrent create of the same name fails here on the primary key. */
+	keystore_create_tenant(tenant, provider, key_arn, wrapped);
+	PG_RETURN_INT32(1);
+}
+
+Datum
+envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+	TenantRecord rec = lock_tenant(tenant);
+	int32		version;
+	bytea	   *wrapped;
+	char	   *key_arn;
+
+	if (rec.state != TENANT_ACTIVE)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("tenant \"%s\" is disabled", tenant),
+				 errhint("Enable it before rotating its key.")));
+	version = keystore_max_version(tenant) + 1;
+	wrapped = new_wrapped_dek(tenant, version, rec.kms_provider, rec.kms_key, &key_arn);
+	keystore_add_version(tenant, version, rec.kms_provider, key_arn, wrapped);
+	PG_RETURN_INT32(version);
+}
+
+Datum
+envelope_disable_tenant(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+
+	(void) lock_tenant(tenant);
+	keystore_set_tenant_state(tenant, TENANT_DISABLED);
+	PG_RETURN_VOID();
+}
+
+Datum
+envelope_enable_tenant(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+
+	(void) lock_tenant(tenant);
+	keystore_set_tenant_state(tenant, TENANT_ACTIVE);
+	PG_RETURN_VOID();
+}
+
+Datum
+envelope_retire_key_version(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+	int32		version = PG_GETARG_INT32(1);
+	TenantRecord rec = lock_tenant(tenant);
+	DataKeyRecord key;
+
+	if (!keystore_get_data_key(tenant, version, &key))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("key version %d of tenant \"%s\" does not exist", version, tenant)));
+	if (version == rec.active_version)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot retire key version %d of tenant \"%s\": it is the active version",
+						version, tenant),
+				 errhint("Rotate the key with envelope.rotate_tenant_key() first.")));
+	keystore_set_key_state(tenant, version, KEY_RETIRED);
+	keycache_schedule_purge(rec.tenant_id, (uint32) version);
+	PG_RETURN_VOID();
+}
+
+Datum
+envelope_destroy_tenant(PG_FUNCTION_ARGS)
+{
+	char	   *tenant = tenant_arg(fcinfo, 0);
+	TenantRecord rec = lock_tenant(tenant);
+
+	keystore_destroy_tenant(tenant);
+	keycache_schedule_purge(rec.tenant_id, 0);
+	PG_RETURN_VOID();
+}
+
+Datum
+envelope_cache_flush(PG_FUNCTION_ARGS)
+{
+	keycache_flush();
+	PG_RETURN_VOID();
+}
+
+Datum
+envelope_cache_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	KeyCacheStats s;
+	Datum		values[12];
+	bool		nulls[12] = {0};
+	int64		calls;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	keycache_get_stats(&s);
+	calls = s.kms_calls[ENVELOPE_KMS_GENERATE] + s.kms_calls[ENVELOPE_KMS_DECRYPT] +
+		s.kms_calls[ENVELOPE_KMS_REENCRYPT];
+	values[0] = Int64GetDatum(s.capacity);
+	values[1] = Int64GetDatum(s.entries);
+	values[2] = Int64GetDatum(s.hits);
+	values[3] = Int64GetDatum(s.misses);
+	values[4] = Int64GetDatum(s.evictions);
+	values[5] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_GENERATE]);
+	values[6] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_DECRYPT]);
+	values[7] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_REENCRYPT]);
+	values[8] = Int64GetDatum(s.kms_errors);
+	values[9] = Float8GetDatum(calls > 0 ? s.kms_total_ms / calls : 0.0);
+	values[10] = Float8GetDatum(s.kms_max_ms);
+	values[11] = BoolGetDatum(s.shared);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * Statement trigger on the key store tables: whatever changed, every backend must
+ * re-read states once this transaction commits.  The relcache invalidation is sent at
+ * commit and written to WAL, which is how hot standbys learn of it.
+ */
+Datum
+envelope_key_store_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "envelope_key_store_changed: not called by trigger manager");
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
+	keycache_note_key_store_change();
+	return PointerGetDatum(NULL);
+}

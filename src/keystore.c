@@ -1,0 +1,366 @@
+/*
+ * keystore.c — the key store: envelope.tenant and envelope.data_key, through SPI.
+ *
+ * Callers of encrypt/decrypt hold no privilege on these tables, so every access here
+ * runs as the tables' owner, in a restricted security context and with
+ * search_path = pg_catalog, pg_temp, and every query names its operators' schema: a
+ * caller cannot make the owner run an object of the caller's choosing.
+ *
+ * Rows are never updated in place for key material: a new DEK version is a new row.
+ * Only states change, and destroy_tenant erases wrapped keys.  A statement trigger on
+ * both tables (envelope_key_store_changed) tells every backend's key cache at commit.
+ */
+#include "pg_envelope.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
+
+typedef struct KeystoreSession
+{
+	Oid			saved_userid;
+	int			saved_sec_context;
+	int			guc_nest_level;
+} KeystoreSession;
+
+static Oid	key_store_owner = InvalidOid;
+
+/* Forget what we looked up about the tables (DROP/CREATE EXTENSION may change it). */
+void
+keystore_forget_relations(void)
+{
+	key_store_owner = InvalidOid;
+}
+
+static Oid
+lookup_key_store_owner(void)
+{
+	Oid			nsp;
+	Oid			relid;
+	HeapTuple	tuple;
+	Oid			owner;
+
+	nsp = get_namespace_oid("envelope", true);
+	relid = OidIsValid(nsp) ? get_relname_relid("data_key", nsp) : InvalidOid;
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"pg_envelope\" is not installed in this database"),
+				 errhint("Run CREATE EXTENSION pg_envelope.")));
+	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+	return owner;
+}
+
+static void
+keystore_enter(KeystoreSession *session)
+{
+	if (!OidIsValid(key_store_owner))
+		key_store_owner = lookup_key_store_owner();
+
+	GetUserIdAndSecContext(&session->saved_userid, &session->saved_sec_context);
+	SetUserIdAndSecContext(key_store_owner,
+						   session->saved_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	session->guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+/* On error the transaction (or subtransaction) abort restores all of this. */
+static void
+keystore_leave(KeystoreSession *session)
+{
+	SPI_finish();
+	AtEOXact_GUC(true, session->guc_nest_level);
+	SetUserIdAndSecContext(session->saved_userid, session->saved_sec_context);
+}
+
+static char *
+copy_text_column(HeapTuple tuple, TupleDesc desc, int col, MemoryContext cxt)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+	MemoryContext old;
+	char	   *s;
+
+	if (isnull)
+		return NULL;
+	old = MemoryContextSwitchTo(cxt);
+	s = TextDatumGetCString(d);
+	MemoryContextSwitchTo(old);
+	return s;
+}
+
+static int32
+int_column(HeapTuple tuple, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+
+	return isnull ? 0 : DatumGetInt32(d);
+}
+
+static TenantState
+tenant_state_from_text(const char *s)
+{
+	if (strcmp(s, "active") == 0)
+		return TENANT_ACTIVE;
+	if (strcmp(s, "disabled") == 0)
+		return TENANT_DISABLED;
+	return TENANT_DESTROYED;
+}
+
+static const char *
+tenant_state_text(TenantState state)
+{
+	switch (state)
+	{
+		case TENANT_ACTIVE:
+			return "active";
+		case TENANT_DISABLED:
+			return "disabled";
+		case TENANT_DESTROYED:
+			return "destroyed";
+	}
+	return "destroyed";
+}
+
+static KeyState
+key_state_from_text(const char *s)
+{
+	if (strcmp(s, "active") == 0)
+		return KEY_ACTIVE;
+	if (strcmp(s, "retired") == 0)
+		return KEY_RETIRED;
+	return KEY_DESTROYED;
+}
+
+static const char *
+key_state_text(KeyState state)
+{
+	switch (state)
+	{
+		case KEY_ACTIVE:
+			return "active";
+		case KEY_RETIRED:
+			return "retired";
+		case KEY_DESTROYED:
+			return "destroyed";
+	}
+	return "destroyed";
+}
+
+bool
+keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
+	bool		found = false;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args(for_update ?
+								"SELECT tenant_id, state, active_version, kms_provider, kms_key"
+								"  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1"
+								"  FOR UPDATE" :
+								"SELECT tenant_id, state, active_version, kms_provider, kms_key"
+								"  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1",
+								1, argtypes, values, NULL, !for_update, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *state = copy_text_column(tuple, desc, 2, caller_cxt);
+
+		out->tenant_id = int_column(tuple, desc, 1);
+		out->state = tenant_state_from_text(state);
+		out->active_version = int_column(tuple, desc, 3);
+		out->kms_provider = copy_text_column(tuple, desc, 4, caller_cxt);
+		out->kms_key = copy_text_column(tuple, desc, 5, caller_cxt);
+		found = true;
+	}
+	keystore_leave(&session);
+	return found;
+}
+
+bool
+keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	Datum		values[2] = {CStringGetTextDatum(tenant), Int32GetDatum(version)};
+	bool		found = false;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT state, kms_provider, kms_key, wrapped_dek"
+								"  FROM envelope.data_key"
+								" WHERE tenant OPERATOR(pg_catalog.=) $1"
+								"   AND version OPERATOR(pg_catalog.=) $2",
+								2, argtypes, values, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *state = copy_text_column(tuple, desc, 1, caller_cxt);
+		bool		isnull;
+		Datum		wrapped = SPI_getbinval(tuple, desc, 4, &isnull);
+
+		out->state = key_state_from_text(state);
+		out->kms_provider = copy_text_column(tuple, desc, 2, caller_cxt);
+		out->kms_key = copy_text_column(tuple, desc, 3, caller_cxt);
+		if (isnull)
+			out->wrapped = NULL;
+		else
+		{
+			MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+
+			out->wrapped = DatumGetByteaPCopy(wrapped);
+			MemoryContextSwitchTo(old);
+		}
+		found = true;
+	}
+	keystore_leave(&session);
+	return found;
+}
+
+/* Run a data-changing statement as the owner; returns rows affected. */
+static uint64
+keystore_modify(const char *sql, int nargs, Oid *argtypes, Datum *values, const char *nulls)
+{
+	KeystoreSession session;
+	uint64		processed;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args(sql, nargs, argtypes, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT && ret != SPI_OK_UPDATE && ret != SPI_OK_DELETE &&
+		ret != SPI_OK_INSERT_RETURNING && ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	processed = SPI_processed;
+	keystore_leave(&session);
+	return processed;
+}
+
+int32
+keystore_create_tenant(const char *tenant, const char *kms_provider, const char *kms_key,
+					   const bytea *wrapped)
+{
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum		values[4] = {
+		CStringGetTextDatum(tenant), CStringGetTextDatum(kms_provider),
+		CStringGetTextDatum(kms_key), PointerGetDatum(wrapped)
+	};
+
+	keystore_modify("INSERT INTO envelope.tenant (tenant, active_version, kms_provider, kms_key)"
+					" VALUES ($1, 1, $2, $3)",
+					3, argtypes, values, NULL);
+	keystore_modify("INSERT INTO envelope.data_key (tenant, version, kms_provider, kms_key, wrapped_dek)"
+					" VALUES ($1, 1, $2, $3, $4)",
+					4, argtypes, values, NULL);
+	return 1;
+}
+
+int32
+keystore_max_version(const char *tenant)
+{
+	KeystoreSession session;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
+	int32		version = 0;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT pg_catalog.max(version) FROM envelope.data_key"
+								" WHERE tenant OPERATOR(pg_catalog.=) $1",
+								1, argtypes, values, NULL, false, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+		version = int_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	keystore_leave(&session);
+	return version;
+}
+
+void
+keystore_add_version(const char *tenant, int32 version, const char *kms_provider,
+					 const char *kms_key, const bytea *wrapped)
+{
+	Oid			argtypes[5] = {TEXTOID, INT4OID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum		values[5] = {
+		CStringGetTextDatum(tenant), Int32GetDatum(version),
+		CStringGetTextDatum(kms_provider), CStringGetTextDatum(kms_key),
+		PointerGetDatum(wrapped)
+	};
+
+	keystore_modify("INSERT INTO envelope.data_key (tenant, version, kms_provider, kms_key, wrapped_dek)"
+					" VALUES ($1, $2, $3, $4, $5)",
+					5, argtypes, values, NULL);
+	keystore_modify("UPDATE envelope.tenant SET active_version = $2"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					2, argtypes, values, NULL);
+}
+
+void
+keystore_set_tenant_state(const char *tenant, TenantState state)
+{
+	Oid			argtypes[2] = {TEXTOID, TEXTOID};
+	Datum		values[2] = {CStringGetTextDatum(tenant),
+	CStringGetTextDatum(tenant_state_text(state))};
+
+	keystore_modify("UPDATE envelope.tenant SET state = $2"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					2, argtypes, values, NULL);
+}
+
+void
+keystore_set_key_state(const char *tenant, int32 version, KeyState state)
+{
+	Oid			argtypes[3] = {TEXTOID, INT4OID, TEXTOID};
+	Datum		values[3] = {CStringGetTextDatum(tenant), Int32GetDatum(version),
+	CStringGetTextDatum(key_state_text(state))};
+
+	keystore_modify("UPDATE envelope.data_key SET state = $3"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1 AND version OPERATOR(pg_catalog.=) $2",
+					3, argtypes, values, NULL);
+}
+
+/*
+ * Crypto-shredding: erase every wrapped DEK of the tenant.  The old row versions stay
+ * in the heap until VACUUM, and old backups keep them; the documentation says so.
+ */
+void
+keystore_destroy_tenant(const char *tenant)
+{
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
+
+	keystore_modify("UPDATE envelope.data_key SET state = 'destroyed', wrapped_dek = NULL"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					1, argtypes, values, NULL);
+	keystore_modify("UPDATE envelope.tenant SET state = 'destroyed'"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					1, argtypes, values, NULL);
+}

@@ -1,0 +1,207 @@
+/*
+ * kms_glue.c — calls into a KMS provider from a backend.
+ *
+ * The one place where a provider's KmsStatus becomes an ereport, where KMS calls are
+ * counted and timed for envelope.cache_stats, and where a cancel or statement_timeout
+ * reaches a provider blocked in I/O.  No LWLock is ever held here: callers release
+ * theirs before asking the KMS anything.
+ */
+#include "pg_envelope.h"
+
+#include "miscadmin.h"
+#include "portability/instr_time.h"
+#include "utils/builtins.h"
+
+static const char *const op_names[ENVELOPE_KMS_NOPS] = {
+	"GenerateDataKey", "Decrypt", "ReEncrypt"
+};
+
+/* Polled by providers during I/O: a pending cancel or termination stops the call. */
+static bool
+backend_interrupted(void)
+{
+	return InterruptPending && (QueryCancelPending || ProcDiePending);
+}
+
+const KmsProvider *
+envelope_find_provider(const char *name)
+{
+	return kms_find_provider(name);
+}
+
+static const KmsProvider *
+provider_or_error(const char *name)
+{
+	const KmsProvider *provider = kms_find_provider(name);
+
+	if (provider == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown KMS provider \"%s\"", name),
+				 errhint("Available providers: %s.", kms_provider_names())));
+	return provider;
+}
+
+static void
+fill_config(KmsConfig *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->local_master_key_file = envelope_local_master_key_file;
+	cfg->data_directory = DataDir;
+	cfg->aws_region = envelope_aws_region;
+	cfg->aws_endpoint = envelope_aws_endpoint;
+	cfg->aws_profile = envelope_aws_profile;
+	cfg->timeout_ms = envelope_kms_timeout;
+	cfg->retries = envelope_kms_retries;
+	cfg->interrupted = backend_interrupted;
+}
+
+static int
+status_errcode(KmsStatus status)
+{
+	switch (status)
+	{
+		case KMS_OK:
+			break;
+		case KMS_ERR_CONFIG:
+			return ERRCODE_CONFIG_FILE_ERROR;
+		case KMS_ERR_CREDENTIALS:
+			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+		case KMS_ERR_ACCESS_DENIED:
+			return ERRCODE_INSUFFICIENT_PRIVILEGE;
+		case KMS_ERR_NOT_FOUND:
+			return ERRCODE_UNDEFINED_OBJECT;
+		case KMS_ERR_DISABLED:
+			return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+		case KMS_ERR_INVALID_CIPHERTEXT:
+			return ERRCODE_DATA_CORRUPTED;
+		case KMS_ERR_THROTTLED:
+			return ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+		case KMS_ERR_UNAVAILABLE:
+		case KMS_ERR_TIMEOUT:
+			return ERRCODE_CONNECTION_FAILURE;
+		case KMS_ERR_CANCELED:
+			return ERRCODE_QUERY_CANCELED;
+		case KMS_ERR_PROTOCOL:
+			return ERRCODE_PROTOCOL_VIOLATION;
+		case KMS_ERR_INTERNAL:
+			return ERRCODE_INTERNAL_ERROR;
+	}
+	return ERRCODE_INTERNAL_ERROR;
+}
+
+static const char *
+status_hint(KmsStatus status)
+{
+	switch (status)
+	{
+		case KMS_ERR_CONFIG:
+			return "Check the envelope.* settings of the KMS provider.";
+		case KMS_ERR_CREDENTIALS:
+			return "Check the credentials available to the server process (environment, shared files, web identity, container or instance role).";
+		case KMS_ERR_ACCESS_DENIED:
+			return "Grant the server's identity the KMS permissions on this key.";
+		case KMS_ERR_DISABLED:
+			return "The master key is disabled or pending deletion in the KMS.";
+		case KMS_ERR_THROTTLED:
+			return "The KMS is rate-limiting requests; retry later or raise envelope.kms_retries.";
+		case KMS_ERR_UNAVAILABLE:
+		case KMS_ERR_TIMEOUT:
+			return "Check that the KMS endpoint is reachable; envelope.kms_timeout sets the time limit.";
+		default:
+			return NULL;
+	}
+}
+
+/*
+ * Raise the error of a failed provider call.  A cancel is served as PostgreSQL's own
+ * cancel or termination, so statement_timeout and pg_cancel_backend read as usual.
+ */
+static void
+report_kms_error(EnvelopeKmsOp op, const char *provider, const char *tenant,
+				 uint32 version, const KmsError *err)
+{
+	const char *hint = status_hint(err->status);
+
+	if (err->status == KMS_ERR_CANCELED)
+		CHECK_FOR_INTERRUPTS();
+
+	ereport(ERROR,
+			(errcode(status_errcode(err->status)),
+			 errmsg("KMS %s failed for key version %u of tenant \"%s\": %s",
+					op_names[op], version, tenant,
+					err->error_type[0] ? err->error_type : kms_status_name(err->status)),
+			 err->message[0] ? errdetail("%s provider: %s.", provider, err->message) : 0,
+			 hint ? errhint("%s", hint) : 0,
+			 errhidestmt(true)));
+}
+
+static double
+elapsed_ms(instr_time start)
+{
+	instr_time	now;
+
+	INSTR_TIME_SET_CURRENT(now);
+	INSTR_TIME_SUBTRACT(now, start);
+	return INSTR_TIME_GET_MILLISEC(now);
+}
+
+void
+envelope_kms_generate(const char *provider_name, const char *kms_key,
+					  const char *tenant, uint32 version,
+					  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn)
+{
+	const KmsProvider *provider = provider_or_error(provider_name);
+	KmsConfig	cfg;
+	KmsError	err;
+	KmsEncryptionContext ec = {tenant, version};
+	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
+	char	   *arn = palloc0(KMS_KEY_ID_MAX);
+	size_t		len = 0;
+	KmsStatus	status;
+	instr_time	start;
+
+	fill_config(&cfg);
+	memset(&err, 0, sizeof(err));
+	INSTR_TIME_SET_CURRENT(start);
+	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, &err);
+	keycache_record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
+	if (status != KMS_OK)
+	{
+		explicit_bzero(dek, KMS_DEK_LEN);
+		report_kms_error(ENVELOPE_KMS_GENERATE, provider_name, tenant, version, &err);
+	}
+	if (len == 0 || len > KMS_WRAPPED_MAX)
+		elog(ERROR, "KMS provider %s returned a wrapped key of %zu bytes", provider_name, len);
+
+	*wrapped = palloc(VARHDRSZ + len);
+	SET_VARSIZE(*wrapped, VARHDRSZ + len);
+	memcpy(VARDATA(*wrapped), buf, len);
+	pfree(buf);
+	*key_arn = arn;
+}
+
+void
+envelope_kms_decrypt(const char *provider_name, const char *kms_key,
+					 const char *tenant, uint32 version,
+					 const bytea *wrapped, uint8 dek[KMS_DEK_LEN])
+{
+	const KmsProvider *provider = provider_or_error(provider_name);
+	KmsConfig	cfg;
+	KmsError	err;
+	KmsEncryptionContext ec = {tenant, version};
+	KmsStatus	status;
+	instr_time	start;
+
+	fill_config(&cfg);
+	memset(&err, 0, sizeof(err));
+	INSTR_TIME_SET_CURRENT(start);
+	status = provider->decrypt(&cfg, kms_key, &ec, (const uint8 *) VARDATA_ANY(wrapped),
+							   VARSIZE_ANY_EXHDR(wrapped), dek, &err);
+	keycache_record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
+	if (status != KMS_OK)
+	{
+		explicit_bzero(dek, KMS_DEK_LEN);
+		report_kms_error(ENVELOPE_KMS_DECRYPT, provider_name, tenant, version, &err);
+	}
+}

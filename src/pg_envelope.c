@@ -1,0 +1,172 @@
+/*
+ * pg_envelope.c — module initialisation: settings and hooks.
+ *
+ * The library is meant to be loaded with shared_preload_libraries, which lets it
+ * reserve the shared key cache.  Loaded on demand instead, it still works with a cache
+ * private to each backend, and says so once.
+ */
+#include "pg_envelope.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/guc.h"
+
+#include "http.h"
+
+PG_MODULE_MAGIC;
+
+char	   *envelope_kms_provider = NULL;
+char	   *envelope_kms_key = NULL;
+char	   *envelope_aws_region = NULL;
+char	   *envelope_aws_endpoint = NULL;
+char	   *envelope_aws_profile = NULL;
+char	   *envelope_local_master_key_file = NULL;
+int			envelope_cache_size = 1024;
+int			envelope_cache_ttl = 3600;
+int			envelope_kms_timeout = 5000;
+int			envelope_kms_retries = 3;
+bool		envelope_preloaded = false;
+
+#ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+#endif
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+
+static bool
+check_kms_provider(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || envelope_find_provider(*newval) == NULL)
+	{
+		GUC_check_errdetail("Available providers: %s.", kms_provider_names());
+		return false;
+	}
+	return true;
+}
+
+#ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
+static void
+envelope_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	keycache_shmem_request();
+}
+#endif
+
+static void
+envelope_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	keycache_shmem_startup();
+}
+
+static void
+define_settings(void)
+{
+	DefineCustomStringVariable("envelope.kms_provider",
+							   "KMS provider that makes and unwraps data keys (aws or local).",
+							   NULL,
+							   &envelope_kms_provider,
+							   "local",
+							   PGC_SUSET, 0,
+							   check_kms_provider, NULL, NULL);
+	DefineCustomStringVariable("envelope.kms_key",
+							   "Default master key for new tenants: a KMS key id, ARN or alias.",
+							   "Empty means the local provider's file key.",
+							   &envelope_kms_key,
+							   "",
+							   PGC_SUSET, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.aws_region",
+							   "AWS region of the KMS.",
+							   NULL,
+							   &envelope_aws_region,
+							   "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.aws_endpoint",
+							   "KMS endpoint URL, overriding the region's public one.",
+							   "For VPC endpoints and tests.",
+							   &envelope_aws_endpoint,
+							   "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.aws_profile",
+							   "Profile of the AWS shared credentials and config files.",
+							   NULL,
+							   &envelope_aws_profile,
+							   "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.local_master_key_file",
+							   "File holding the local provider's 32-byte master key.",
+							   "Must be outside the data directory and readable only by its owner.",
+							   &envelope_local_master_key_file,
+							   "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.cache_size",
+							"Number of data keys the shared key cache holds.",
+							NULL,
+							&envelope_cache_size,
+							1024, 16, 1024 * 1024,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.cache_ttl",
+							"How long a data key stays cached after it was unwrapped.",
+							NULL,
+							&envelope_cache_ttl,
+							3600, 1, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_timeout",
+							"Time limit for one KMS request.",
+							NULL,
+							&envelope_kms_timeout,
+							5000, 100, 600000,
+							PGC_SUSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_retries",
+							"Extra attempts for a KMS request that was throttled or met a transient failure.",
+							NULL,
+							&envelope_kms_retries,
+							3, 0, 10,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+	MarkGUCPrefixReserved("envelope");
+}
+
+void
+_PG_init(void)
+{
+	define_settings();
+
+	if (http_global_init() != 0)
+		ereport(WARNING,
+				(errmsg("pg_envelope could not initialize libcurl"),
+				 errdetail("The aws KMS provider will fail until the server is restarted.")));
+
+	if (process_shared_preload_libraries_in_progress)
+	{
+		envelope_preloaded = true;
+#ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
+		prev_shmem_request_hook = shmem_request_hook;
+		shmem_request_hook = envelope_shmem_request;
+#else
+		keycache_shmem_request();
+#endif
+		prev_shmem_startup_hook = shmem_startup_hook;
+		shmem_startup_hook = envelope_shmem_startup;
+	}
+	else
+		ereport(WARNING,
+				(errmsg("pg_envelope is not in shared_preload_libraries"),
+				 errdetail("Data keys are cached in each backend separately, so every backend unwraps each key with the KMS again."),
+				 errhint("Add pg_envelope to shared_preload_libraries and restart the server to share one key cache.")));
+
+	keycache_init_backend();
+}

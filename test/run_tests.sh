@@ -1,0 +1,102 @@
+#!/bin/bash
+# Run every pg_envelope test: pure-C unit tests, pg_regress, isolation and TAP.
+#
+#   bash test/run_tests.sh            all of them
+#   bash test/run_tests.sh unit       one level: unit | regress | isolation | tap
+#
+# Installs missing Debian packages, builds and installs the extension (as root, or
+# with sudo), then runs the server-side tests as the `postgres` OS user in a private
+# copy of the tree: PostgreSQL never runs as root.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LEVELS="${*:-unit regress isolation tap}"
+PG_BINDIR="$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+bash "$ROOT/test/install_deps.sh"
+PG_BINDIR="$(pg_config --bindir)"
+PGXS_DIR="$(dirname "$(pg_config --pgxs)")/.."
+
+# Shared test vectors: ../shared/testdata beside the repository, or TESTDATA_DIR.
+if [ -z "${TESTDATA_DIR:-}" ]; then
+    for d in "$ROOT/../shared/testdata" "$ROOT/../../shared/testdata"; do
+        if [ -d "$d" ]; then TESTDATA_DIR="$(cd "$d" && pwd)"; break; fi
+    done
+fi
+export TESTDATA_DIR="${TESTDATA_DIR:-$ROOT/../shared/testdata}"
+
+echo "== build and install"
+make -C "$ROOT" -s -j2
+$SUDO make -C "$ROOT" -s install
+
+# A private copy, owned by whoever runs the server.
+if [ "$(id -u)" -eq 0 ]; then
+    RUN_AS=(runuser -u postgres --)
+    WORK="$(mktemp -d /tmp/pg_envelope_test.XXXXXX)"
+else
+    RUN_AS=()
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/pg_envelope_test.XXXXXX")"
+fi
+cleanup() { rm -rf "$WORK"; }
+trap cleanup EXIT
+cp -a "$ROOT/." "$WORK/"
+rm -rf "$WORK/test/tmp" "$WORK/results" "$WORK/tmp_check"
+mkdir -p "$WORK/test/tmp"
+[ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK"
+chmod 0755 "$WORK"
+
+as_server_user() { "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" TESTDATA_DIR="$TESTDATA_DIR" "$@"; }
+
+failed=()
+
+show_failure() {
+    local f
+    for f in "$WORK/regression.diffs" "$WORK/output_iso/regression.diffs"; do
+        [ -f "$f" ] && { echo "---- $f"; head -c 20000 "$f"; }
+    done
+    for f in "$WORK"/tmp_check/log/*; do
+        [ -f "$f" ] && { echo "---- $f (tail)"; tail -n 40 "$f"; }
+    done
+    return 0
+}
+
+for level in $LEVELS; do
+    echo "== $level"
+    case "$level" in
+        unit)
+            as_server_user make -C "$WORK" -s unit || failed+=(unit)
+            ;;
+        regress)
+            as_server_user bash "$WORK/test/prepare_keys.sh" "$WORK/test/tmp"
+            as_server_user env ENVELOPE_TEST_DIR="$WORK/test/tmp" make -C "$WORK" -s installcheck TEST_TMP="$WORK/test/tmp" \
+                || { failed+=(regress); show_failure; }
+            ;;
+        isolation)
+            as_server_user bash "$WORK/test/prepare_keys.sh" "$WORK/test/tmp"
+            as_server_user "$PGXS_DIR/test/isolation/pg_isolation_regress" \
+                --bindir="$PG_BINDIR" \
+                --inputdir="$WORK/test/isolation" --outputdir="$WORK/output_iso" \
+                --temp-instance="$WORK/test/tmp/isolation_instance" \
+                --temp-config="$WORK/test/tmp/regress.conf" \
+                $(cd "$WORK/test/isolation/specs" && ls *.spec | sed 's/\.spec$//') \
+                || { failed+=(isolation); show_failure; }
+            ;;
+        tap)
+            (cd "$WORK" && as_server_user env TESTDIR="$WORK" PG_REGRESS="$PGXS_DIR/test/regress/pg_regress" \
+                prove -I "$PGXS_DIR/test/perl" -I "$WORK/test/perl" test/tap/) \
+                || { failed+=(tap); show_failure; }
+            ;;
+        *)
+            echo "unknown test level: $level" >&2
+            exit 2
+            ;;
+    esac
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all test levels passed: $LEVELS"
