@@ -48,6 +48,7 @@
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
+#include "common/hashfn.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
@@ -56,11 +57,17 @@
 /* ---------------------------------------------------------------------------
  * Shared level (L2)
  */
+/*
+ * A DEK is named by its database, tenant id and version, and by a hash of its wrapped
+ * form: tenant ids restart when the extension is re-created or a dump is restored, and
+ * the hash keeps such a re-used id from ever finding another key's bytes.
+ */
 typedef struct SharedKeyTag
 {
 	Oid			dbid;
 	int32		tenant_id;
 	uint32		version;
+	uint64		wrapped_hash;
 } SharedKeyTag;
 
 typedef enum SharedKeyState
@@ -522,6 +529,8 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	tag.dbid = MyDatabaseId;
 	tag.tenant_id = lt->tenant_id;
 	tag.version = version;
+	tag.wrapped_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(rec->wrapped),
+														VARSIZE_ANY_EXHDR(rec->wrapped), 0));
 
 	lr = shared_lookup(&tag, dek, &seq);
 	load_seq = seq;
@@ -777,18 +786,19 @@ l1_key(LocalTenant *lt, uint32 version)
 		memset(lv, 0, sizeof(*lv));
 		lv->version = version;
 	}
-	if (!lv->has_key)
+	/* Always from the key just obtained: a re-created tenant may reuse a version. */
+	if (lv->has_key)
 	{
-		cs = cipher_key_init(&lv->key, dek);
-		explicit_bzero(dek, sizeof(dek));
-		if (cs != CIPHER_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("could not initialize AES-256-GCM")));
-		lv->has_key = true;
+		cipher_key_free(&lv->key);
+		lv->has_key = false;
 	}
-	else
-		explicit_bzero(dek, sizeof(dek));
+	cs = cipher_key_init(&lv->key, dek);
+	explicit_bzero(dek, sizeof(dek));
+	if (cs != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not initialize AES-256-GCM")));
+	lv->has_key = true;
 	lv->state = KEY_ACTIVE;
 	lv->expires_at = GetCurrentTimestamp() + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
 	last_tenant = lt;

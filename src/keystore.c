@@ -21,6 +21,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 
 typedef struct KeystoreSession
@@ -88,6 +89,26 @@ keystore_leave(KeystoreSession *session)
 	SPI_finish();
 	AtEOXact_GUC(true, session->guc_nest_level);
 	SetUserIdAndSecContext(session->saved_userid, session->saved_sec_context);
+}
+
+/*
+ * Run a read-only query against the latest committed state, not the caller's
+ * transaction snapshot: a disable or retire committed a moment ago must stop a
+ * REPEATABLE READ transaction that was already running too.
+ */
+static void
+execute_latest(const char *sql, int nargs, Oid *argtypes, Datum *values)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	int			ret;
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	ret = SPI_execute_snapshot(plan, values, NULL, GetLatestSnapshot(), InvalidSnapshot,
+							   true, false, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_snapshot failed: %s", SPI_result_code_string(ret));
+	SPI_freeplan(plan);
 }
 
 static char *
@@ -176,15 +197,19 @@ keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out)
 	int			ret;
 
 	keystore_enter(&session);
-	ret = SPI_execute_with_args(for_update ?
-								"SELECT tenant_id, state, active_version, kms_provider, kms_key"
-								"  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1"
-								"  FOR UPDATE" :
-								"SELECT tenant_id, state, active_version, kms_provider, kms_key"
-								"  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1",
-								1, argtypes, values, NULL, !for_update, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	if (for_update)
+	{
+		ret = SPI_execute_with_args("SELECT tenant_id, state, active_version, kms_provider, kms_key"
+									"  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1"
+									"  FOR UPDATE",
+									1, argtypes, values, NULL, false, 1);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	}
+	else
+		execute_latest("SELECT tenant_id, state, active_version, kms_provider, kms_key"
+					   "  FROM envelope.tenant WHERE tenant OPERATOR(pg_catalog.=) $1",
+					   1, argtypes, values);
 	if (SPI_processed == 1)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[0];
@@ -210,16 +235,13 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 	Oid			argtypes[2] = {TEXTOID, INT4OID};
 	Datum		values[2] = {CStringGetTextDatum(tenant), Int32GetDatum(version)};
 	bool		found = false;
-	int			ret;
 
 	keystore_enter(&session);
-	ret = SPI_execute_with_args("SELECT state, kms_provider, kms_key, wrapped_dek"
-								"  FROM envelope.data_key"
-								" WHERE tenant OPERATOR(pg_catalog.=) $1"
-								"   AND version OPERATOR(pg_catalog.=) $2",
-								2, argtypes, values, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	execute_latest("SELECT state, kms_provider, kms_key, wrapped_dek"
+				   "  FROM envelope.data_key"
+				   " WHERE tenant OPERATOR(pg_catalog.=) $1"
+				   "   AND version OPERATOR(pg_catalog.=) $2",
+				   2, argtypes, values);
 	if (SPI_processed == 1)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[0];
