@@ -8,7 +8,9 @@
  * environment are ignored, keep-alive, and that no file descriptor leaks.  A missing
  * stub is a failure, never a skip.
  */
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE			/* the Makefile defines it too */
+#endif
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>

@@ -6,7 +6,9 @@
  * the canonical request, string to sign, signature and Authorization header are
  * compared with the suite's header-*.txt files.  A missing directory is a failure.
  */
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE			/* strptime, timegm */
+#endif
 #include <dirent.h>
 #include <stdbool.h>
 #include <time.h>
