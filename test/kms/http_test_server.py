@@ -16,11 +16,15 @@ Endpoints:
   /hang            read the request, then never answer (until shutdown)
   /reset           read the request, then reset the connection (RST)
   /_connections    200, JSON {"connections": number of TCP connections accepted}
+
+With --tls-cert and --tls-key it speaks HTTPS instead (the test uses a self-signed
+certificate to check that the client refuses an untrusted peer).
 """
 import argparse
 import json
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -121,14 +125,33 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = handle_any
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients that abort (refused certificate, reset, cancel) are what the tests
+        # provoke on purpose: no traceback for those.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--lifetime", type=float, default=300.0)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", args.port), Handler)
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        # Handshake in the handler thread, so a client that aborts it cannot stall
+        # the accept loop.
+        server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
 
     def stop(*_):
         stopping.set()

@@ -26,66 +26,86 @@
 
 #define STUB_SCRIPT "test/kms/http_test_server.py"
 
-static pid_t stub_pid = 0;
-static int	stub_port = 0;
+#define MAX_STUBS 2
+
+static pid_t stub_pids[MAX_STUBS];
+static int	nstubs = 0;
+static int	stub_port = 0;		/* the plain-HTTP stub every test talks to */
+static char tls_dir[64] = "";
 
 static void
-stop_stub(void)
+stop_stubs(void)
 {
-	if (stub_pid > 0)
+	for (int s = 0; s < nstubs; s++)
 	{
 		int			status;
+		pid_t		pid = stub_pids[s];
 
-		kill(stub_pid, SIGTERM);
+		if (pid <= 0)
+			continue;
+		kill(pid, SIGTERM);
 		for (int i = 0; i < 50; i++)
 		{
-			if (waitpid(stub_pid, &status, WNOHANG) == stub_pid)
+			if (waitpid(pid, &status, WNOHANG) == pid)
 			{
-				stub_pid = 0;
-				return;
+				pid = 0;
+				break;
 			}
 			usleep(100 * 1000);
 		}
-		kill(stub_pid, SIGKILL);
-		waitpid(stub_pid, &status, 0);
-		stub_pid = 0;
+		if (pid > 0)
+		{
+			kill(pid, SIGKILL);
+			waitpid(pid, &status, 0);
+		}
+		stub_pids[s] = 0;
 	}
+	nstubs = 0;
 }
 
-/* Start the stub and read its port from the first line of its stdout. */
-static bool
-start_stub(void)
+/*
+ * Start a stub (extra arguments appended) and read its port from the first line of
+ * its stdout.  Returns the port, or 0.
+ */
+static int
+start_stub(const char *cert, const char *key)
 {
 	int			fds[2];
 	FILE	   *f;
 	char		line[64];
+	pid_t		pid;
 
-	if (access(STUB_SCRIPT, R_OK) != 0 || pipe(fds) != 0)
-		return false;
-	stub_pid = fork();
-	if (stub_pid < 0)
-		return false;
-	if (stub_pid == 0)
+	if (nstubs >= MAX_STUBS || access(STUB_SCRIPT, R_OK) != 0 || pipe(fds) != 0)
+		return 0;
+	pid = fork();
+	if (pid < 0)
+		return 0;
+	if (pid == 0)
 	{
 		dup2(fds[1], STDOUT_FILENO);
 		close(fds[0]);
 		close(fds[1]);
-		execlp("python3", "python3", STUB_SCRIPT, "--port", "0", "--lifetime", "120",
-			   (char *) NULL);
+		if (cert)
+			execlp("python3", "python3", STUB_SCRIPT, "--port", "0", "--lifetime", "120",
+				   "--tls-cert", cert, "--tls-key", key, (char *) NULL);
+		else
+			execlp("python3", "python3", STUB_SCRIPT, "--port", "0", "--lifetime", "120",
+				   (char *) NULL);
 		_exit(127);
 	}
 	close(fds[1]);
-	atexit(stop_stub);
+	if (nstubs == 0)
+		atexit(stop_stubs);
+	stub_pids[nstubs++] = pid;
 	f = fdopen(fds[0], "r");
 	if (f == NULL || fgets(line, sizeof(line), f) == NULL)
 	{
 		if (f)
 			fclose(f);
-		return false;
+		return 0;
 	}
 	fclose(f);
-	stub_port = atoi(line);
-	return stub_port > 0;
+	return atoi(line);
 }
 
 static double
@@ -427,12 +447,61 @@ test_reuse_and_leaks(void)
 	CHECK(fds0 > 0 && fds1 <= fds0, "file descriptors %d -> %d after 50 requests", fds0, fds1);
 }
 
+/*
+ * TLS verification is always on: a server with a self-signed certificate (made here
+ * with the openssl command) is refused, for all that it is the right host.
+ */
+static void
+test_tls_verification(void)
+{
+	char		cmd[512];
+	char		cert[128];
+	char		key[128];
+	char		url[128];
+	int			port;
+	HttpRequest req;
+	HttpResponse resp;
+	char		err[256];
+	HttpStatus	st;
+
+	snprintf(tls_dir, sizeof(tls_dir), "/tmp/pg_envelope_tls_XXXXXX");
+	if (mkdtemp(tls_dir) == NULL)
+	{
+		CHECK(false, "mkdtemp for TLS test");
+		tls_dir[0] = '\0';
+		return;
+	}
+	snprintf(cert, sizeof(cert), "%s/cert.pem", tls_dir);
+	snprintf(key, sizeof(key), "%s/key.pem", tls_dir);
+	snprintf(cmd, sizeof(cmd),
+			 "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+			 "-days 1 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 "
+			 "-keyout %s -out %s >/dev/null 2>&1", key, cert);
+	CHECK(system(cmd) == 0, "could not make a self-signed certificate with openssl");
+	port = start_stub(cert, key);
+	CHECK(port > 0, "could not start the TLS stub");
+	if (port <= 0)
+		return;
+
+	memset(&req, 0, sizeof(req));
+	snprintf(url, sizeof(url), "https://127.0.0.1:%d/ok", port);
+	req.method = "GET";
+	req.url = url;
+	req.timeout_ms = 3000;
+	req.max_response = 1024;
+	st = http_perform(&req, &resp, err, sizeof(err));
+	CHECK(st == HTTP_ERR_TLS && resp.body == NULL, "self-signed certificate refused: %d %s",
+		  st, err);
+	printf("self-signed peer: %s\n", err);
+}
+
 int
 main(void)
 {
 	CHECK(http_global_init() == 0, "http_global_init");
 	CHECK(http_global_init() == 0, "http_global_init twice");
-	if (!start_stub())
+	stub_port = start_stub(NULL, NULL);
+	if (stub_port <= 0)
 	{
 		CHECK(false, "could not start %s (run from the repository root)", STUB_SCRIPT);
 		return unit_finish("test_http");
@@ -442,6 +511,15 @@ main(void)
 	test_timeouts_and_cancel();
 	test_errors();
 	test_reuse_and_leaks();
-	stop_stub();
+	test_tls_verification();
+	stop_stubs();
+	if (tls_dir[0])
+	{
+		char		cmd[128];
+
+		snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tls_dir);
+		if (system(cmd) != 0)
+			fprintf(stderr, "could not remove %s\n", tls_dir);
+	}
 	return unit_finish("test_http");
 }
