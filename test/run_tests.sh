@@ -85,7 +85,7 @@ for level in $LEVELS; do
             ;;
         tap)
             (cd "$WORK" && as_server_user env TESTDIR="$WORK" PG_REGRESS="$PGXS_DIR/test/regress/pg_regress" \
-                prove -I "$PGXS_DIR/test/perl" -I "$WORK/test/perl" test/tap/) \
+                prove -I "$PGXS_DIR/test/perl" -I "$WORK/test/perl" test/tap/*.pl) \
                 || { failed+=(tap); show_failure; }
             ;;
         *)
