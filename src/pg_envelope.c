@@ -114,7 +114,9 @@ define_settings(void)
 							NULL,
 							&envelope_cache_size,
 							1024, 16, 1024 * 1024,
-							PGC_POSTMASTER, 0,
+							/* Only the postmaster may create a postmaster-context setting. */
+							process_shared_preload_libraries_in_progress ? PGC_POSTMASTER : PGC_SUSET,
+							0,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.cache_ttl",
 							"How long a data key stays cached after it was unwrapped.",

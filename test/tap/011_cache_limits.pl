@@ -1,0 +1,101 @@
+# Cache limits: LRU eviction at envelope.cache_size, expiry after envelope.cache_ttl,
+# and the backend-local fallback (with its one WARNING) when the library is not
+# preloaded.  Also: pg_dump carries the key store, and a restore decrypts.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $keydir = PostgreSQL::Test::Utils::tempdir;
+my $keyfile = "$keydir/master.key";
+open(my $fh, '>', $keyfile) or die;
+print $fh join('', map { sprintf('%02x', int(rand(256))) } 1 .. 32), "\n";
+close($fh);
+chmod(0600, $keyfile) or die;
+
+my $node = PostgreSQL::Test::Cluster->new('limits');
+$node->init;
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'pg_envelope'
+envelope.local_master_key_file = '$keyfile'
+envelope.cache_size = 16
+envelope.cache_ttl = 2
+});
+$node->start;
+$node->safe_psql('postgres', q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('t' || i) FROM generate_series(1, 40) i;
+CREATE TABLE data AS
+SELECT 't' || i AS tenant, envelope.encrypt('t' || i, 'value ' || i) AS v
+  FROM generate_series(1, 40) i;
+SELECT envelope.cache_flush();
+});
+
+sub stats
+{
+	my ($node) = @_;
+	my @v = split /\|/, $node->safe_psql('postgres',
+		'SELECT capacity, entries, evictions, kms_decrypt_calls FROM envelope.cache_stats');
+	return { capacity => $v[0], entries => $v[1], evictions => $v[2], decrypts => $v[3] };
+}
+
+# ---- Eviction: 40 keys through a 16-entry cache.
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM data WHERE envelope.decrypt_text(tenant, v) = 'value ' || substr(tenant, 2)"),
+	'40', 'all 40 tenants decrypt through a 16-entry cache');
+my $s = stats($node);
+is($s->{capacity}, 16, 'capacity is envelope.cache_size');
+ok($s->{entries} <= 16, "never more entries than the capacity ($s->{entries})");
+ok($s->{evictions} >= 24, "least recently used keys were evicted ($s->{evictions})");
+
+# The most recently used key is still cached; the first one was evicted.
+my $before = stats($node)->{decrypts};
+$node->safe_psql('postgres', "SELECT envelope.decrypt_text('t40', v) FROM data WHERE tenant = 't40'");
+is(stats($node)->{decrypts} - $before, 0, 'the most recently used key is still cached');
+$node->safe_psql('postgres', "SELECT envelope.decrypt_text('t1', v) FROM data WHERE tenant = 't1'");
+is(stats($node)->{decrypts} - $before, 1, 'an evicted key is unwrapped again');
+
+# ---- Expiry: after envelope.cache_ttl a key is unwrapped again.
+$before = stats($node)->{decrypts};
+sleep(3);
+$node->safe_psql('postgres', "SELECT envelope.decrypt_text('t40', v) FROM data WHERE tenant = 't40'");
+is(stats($node)->{decrypts} - $before, 1, 'an expired key is unwrapped again');
+
+# ---- pg_dump carries tenants and wrapped keys; a restore into another database decrypts.
+my $dump = "$keydir/dump.sql";
+$node->command_ok([ 'pg_dump', '-d', $node->connstr('postgres'), '-f', $dump ], 'pg_dump');
+my $dumped = slurp_file($dump);
+unlike($dumped, qr/value 1\b/, 'the dump holds no plaintext');
+$node->safe_psql('postgres', 'CREATE DATABASE restored');
+$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('restored'), '-f', $dump ],
+	'restore');
+is($node->safe_psql('restored',
+	"SELECT count(*) FROM data WHERE envelope.decrypt_text(tenant, v) = 'value ' || substr(tenant, 2)"),
+	'40', 'the restored database decrypts every row');
+is($node->safe_psql('restored', "SELECT envelope.create_tenant('after-restore')"), '1',
+	'new tenants can be created after a restore');
+$node->stop;
+
+# ---- Not preloaded: works with a per-backend cache and says so once.
+my $lone = PostgreSQL::Test::Cluster->new('not_preloaded');
+$lone->init;
+$lone->append_conf('postgresql.conf', qq{
+envelope.local_master_key_file = '$keyfile'
+});
+$lone->start;
+my ($ret, $out, $err) = $lone->psql('postgres', q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('solo');
+SELECT envelope.decrypt_text('solo', envelope.encrypt('solo', 'works'));
+SELECT envelope.decrypt_text('solo', envelope.encrypt('solo', 'still works'));
+SELECT shared FROM envelope.cache_stats;
+});
+is($ret, 0, 'without preload the extension works');
+like($out, qr/works\nstill works\nf/, 'round trips use a cache that is not shared');
+my @warnings = ($err =~ /WARNING:  pg_envelope is not in shared_preload_libraries/g);
+is(scalar(@warnings), 1, 'one WARNING per backend says the cache is not shared');
+like($err, qr/HINT:  Add pg_envelope to shared_preload_libraries/, 'and says how to share it');
+$lone->stop;
+
+done_testing();
