@@ -10,9 +10,11 @@
 
 #include "kms.h"
 
+extern const KmsProvider kms_aws_provider;
 extern const KmsProvider kms_local_provider;
 
 static const KmsProvider *const kms_providers[] = {
+	&kms_aws_provider,
 	&kms_local_provider,
 };
 

@@ -1,0 +1,1122 @@
+/*
+ * kms_aws.c — the `aws` KMS provider: AWS KMS over its JSON 1.1 protocol.
+ *
+ * Layer: KMS provider (plain C, no postgres.h, no ereport).  It speaks to AWS KMS
+ * with `POST /`, `Content-Type: application/x-amz-json-1.1` and
+ * `X-Amz-Target: TrentService.<Op>`, signs every request with SigV4 (sigv4.c), takes
+ * credentials from the AWS chain (aws_credentials.c) and sends them over http.c.
+ * Operations: GenerateDataKey (KeySpec AES_256), Decrypt (always with KeyId, so KMS
+ * refuses a blob wrapped under another key) and ReEncrypt (the DEK never leaves KMS).
+ *
+ * Encryption context.  Every call binds the DEK to
+ *
+ *     {"tenant": "<tenant name>", "dek_version": "<decimal version>"}
+ *
+ * These two keys are part of the stored-data format: a wrapped DEK only unwraps with
+ * exactly this context, they appear verbatim in CloudTrail (the KMS audit log), and IAM
+ * policies may test them (kms:EncryptionContext:tenant).  Never rename them.
+ *
+ * Secrets.  The plaintext DEK exists, outside KMS, in: the HTTP response body (wiped by
+ * http_response_free), json-c's tokenizer buffer and the json-c string object (both
+ * wiped here before they are freed), the base64-decoded stack buffer, and the caller's
+ * `dek`.  Each is wiped with OPENSSL_cleanse on every path, errors included.  Credentials
+ * live in an AwsCredentials and a header line, both wiped after each attempt.  Messages
+ * are built only from the operation name, AWS's error type, the HTTP status and http.c's
+ * error text, never from a body, a header or a key.
+ *
+ * Retries.  At most cfg->retries extra attempts, with full-jitter exponential backoff
+ * (base 50 ms, cap 2 s, slept in 10 ms slices that poll cfg->interrupted), and only for
+ * errors that a second attempt can cure: throttling (ThrottlingException,
+ * LimitExceededException, HTTP 429), KMS-side failures (HTTP 5xx, KMSInternalException,
+ * DependencyTimeoutException) and transient network errors — connect failure, reset,
+ * and a single attempt that ran out of time (a hung connection to one KMS front end
+ * says little about the next one, and it is what the AWS SDKs do; the worst case is
+ * therefore (retries + 1) × kms_timeout plus backoff, and statement_timeout still cuts
+ * it short).  Every KMS operation used here is safe to repeat: a repeated
+ * GenerateDataKey only wastes a DEK.  Never retried: access denied, not found,
+ * disabled/invalid state, invalid ciphertext, validation errors, garbage answers and
+ * TLS failures.  ExpiredTokenException drops the cached credentials and is retried once,
+ * outside the retry budget, with freshly fetched ones.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <json-c/json.h>
+#include <json-c/printbuf.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "aws_credentials.h"
+#include "http.h"
+#include "kms.h"
+#include "sigv4.h"
+
+/* KMS answers are a few hundred bytes; anything near this is not KMS. */
+#define AWS_KMS_MAX_RESPONSE	(64 * 1024)
+
+#define AWS_KMS_DEFAULT_TIMEOUT_MS	10000
+#define AWS_KMS_MAX_RETRIES		10
+#define AWS_KMS_BACKOFF_BASE_MS	50
+#define AWS_KMS_BACKOFF_CAP_MS	2000
+#define AWS_KMS_SLEEP_SLICE_MS	10
+
+/* Base64 of KMS_WRAPPED_MAX bytes. */
+#define AWS_B64_WRAPPED_MAX		(4 * ((KMS_WRAPPED_MAX + 2) / 3))
+
+/* The keys of the encryption context: see the header comment before changing. */
+#define AWS_EC_TENANT			"tenant"
+#define AWS_EC_VERSION			"dek_version"
+
+typedef struct AwsEndpoint
+{
+	char		url[1024];		/* what http.c connects to */
+	char		host[512];		/* Host header, as signed */
+	char		path[512];		/* canonical URI, "/" for KMS */
+} AwsEndpoint;
+
+/* The outcome of one attempt, before it becomes a KmsError. */
+typedef struct AwsAttempt
+{
+	KmsStatus	status;
+	bool		retryable;
+	int			http_status;
+	char		error_type[64];
+	char		detail[256];	/* http.c's text or our own; never a body */
+} AwsAttempt;
+
+/* ---------------------------------------------------------------------------
+ * Small helpers
+ */
+
+static void
+aws_attempt_set(AwsAttempt *a, KmsStatus status, bool retryable, const char *fmt,...)
+			__attribute__((format(printf, 4, 5)));
+
+static void
+aws_attempt_set(AwsAttempt *a, KmsStatus status, bool retryable, const char *fmt,...)
+{
+	va_list		ap;
+
+	a->status = status;
+	a->retryable = retryable;
+	va_start(ap, fmt);
+	vsnprintf(a->detail, sizeof(a->detail), fmt, ap);
+	va_end(ap);
+}
+
+/*
+ * Strict base64 (RFC 4648, standard alphabet, padded, no whitespace).  EVP_DecodeBlock
+ * alone would accept surrounding whitespace and count padding as zero bytes, so the
+ * text is checked first and the padding subtracted here.  Returns the decoded length,
+ * or -1 when the text is not canonical base64 or does not fit in `outlen`.
+ */
+static long
+aws_b64_decode(const char *in, size_t inlen, uint8_t *out, size_t outlen)
+{
+	size_t		pad = 0;
+	int			n;
+
+	if (inlen == 0 || inlen % 4 != 0 || inlen / 4 * 3 > outlen || inlen > INT32_MAX)
+		return -1;
+	while (pad < 2 && in[inlen - 1 - pad] == '=')
+		pad++;
+	for (size_t i = 0; i < inlen - pad; i++)
+	{
+		char		c = in[i];
+
+		if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+			  (c >= '0' && c <= '9') || c == '+' || c == '/'))
+			return -1;
+	}
+	n = EVP_DecodeBlock(out, (const unsigned char *) in, (int) inlen);
+	if (n < 0 || (size_t) n != inlen / 4 * 3)
+	{
+		OPENSSL_cleanse(out, outlen);
+		return -1;
+	}
+	/* the bytes that stood for padding are zeros; they are not part of the value */
+	return (long) ((size_t) n - pad);
+}
+
+/* out must hold 4 * ceil(len / 3) + 1 bytes. */
+static void
+aws_b64_encode(const uint8_t *in, size_t len, char *out)
+{
+	EVP_EncodeBlock((unsigned char *) out, in, (int) len);
+}
+
+/* A region is used in a host name: allow only what AWS region names contain. */
+static bool
+aws_region_valid(const char *region)
+{
+	size_t		len = strlen(region);
+
+	if (len == 0 || len > 64)
+		return false;
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) region[i];
+
+		if (!(islower(c) || isdigit(c) || c == '-'))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Work out URL, Host header and canonical path.  The Host header is sent explicitly
+ * (curl then uses ours) so that what is signed is exactly what is sent; a port is kept
+ * unless it is the scheme's default, as the AWS SDKs do.
+ */
+static KmsStatus
+aws_endpoint_parse(const KmsConfig *cfg, AwsEndpoint *ep, KmsError *err)
+{
+	const char *endpoint = cfg->aws_endpoint;
+	const char *authority;
+	const char *path;
+	size_t		alen;
+	bool		https;
+
+	if (cfg->aws_region == NULL || cfg->aws_region[0] == '\0')
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "the aws KMS provider needs a region (envelope.aws_region)");
+	if (!aws_region_valid(cfg->aws_region))
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "invalid AWS region name in envelope.aws_region");
+
+	if (endpoint == NULL || endpoint[0] == '\0')
+	{
+		const char *suffix = strncmp(cfg->aws_region, "cn-", 3) == 0 ?
+			"amazonaws.com.cn" : "amazonaws.com";
+
+		snprintf(ep->host, sizeof(ep->host), "kms.%s.%s", cfg->aws_region, suffix);
+		snprintf(ep->url, sizeof(ep->url), "https://%s/", ep->host);
+		strcpy(ep->path, "/");
+		return KMS_OK;
+	}
+
+	if (strncasecmp(endpoint, "https://", 8) == 0)
+	{
+		https = true;
+		authority = endpoint + 8;
+	}
+	else if (strncasecmp(endpoint, "http://", 7) == 0)
+	{
+		https = false;
+		authority = endpoint + 7;
+	}
+	else
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "envelope.aws_endpoint must start with https:// or http://");
+
+	alen = strcspn(authority, "/?#");
+	path = authority + alen;
+	if (alen == 0 || alen >= sizeof(ep->host) ||
+		memchr(authority, '@', alen) != NULL ||
+		strpbrk(path, "?#") != NULL ||
+		strlen(path) >= sizeof(ep->path) ||
+		strlen(endpoint) + 2 > sizeof(ep->url))
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "envelope.aws_endpoint is not a valid endpoint URL (scheme://host[:port][/path])");
+	for (size_t i = 0; i < alen; i++)
+	{
+		unsigned char c = (unsigned char) authority[i];
+
+		if (c <= ' ' || c >= 127)
+			return kms_set_error(err, KMS_ERR_CONFIG, "",
+								 "envelope.aws_endpoint is not a valid endpoint URL (scheme://host[:port][/path])");
+	}
+
+	memcpy(ep->host, authority, alen);
+	ep->host[alen] = '\0';
+	/* drop a default port: the Host header (and so the signature) omits it */
+	{
+		const char *defport = https ? ":443" : ":80";
+		size_t		dlen = strlen(defport);
+		char	   *bracket = strrchr(ep->host, ']');
+		char	   *colon = strrchr(ep->host, ':');
+
+		if (colon != NULL && (bracket == NULL || colon > bracket) &&
+			alen > dlen && strcmp(ep->host + alen - dlen, defport) == 0)
+			ep->host[alen - dlen] = '\0';
+	}
+
+	if (*path == '\0')
+	{
+		strcpy(ep->path, "/");
+		snprintf(ep->url, sizeof(ep->url), "%s/", endpoint);
+	}
+	else
+	{
+		snprintf(ep->path, sizeof(ep->path), "%s", path);
+		snprintf(ep->url, sizeof(ep->url), "%s", endpoint);
+	}
+	return KMS_OK;
+}
+
+/* Sleep ms milliseconds in small slices; false when interrupted. */
+static bool
+aws_sleep_interruptible(const KmsConfig *cfg, int ms)
+{
+	while (ms > 0)
+	{
+		int			slice = ms < AWS_KMS_SLEEP_SLICE_MS ? ms : AWS_KMS_SLEEP_SLICE_MS;
+		struct timespec ts = {0, (long) slice * 1000000L};
+
+		if (cfg->interrupted && cfg->interrupted())
+			return false;
+		/* EINTR (a signal, e.g. the cancel itself) just ends the slice early */
+		(void) nanosleep(&ts, NULL);
+		ms -= slice;
+	}
+	return !(cfg->interrupted && cfg->interrupted());
+}
+
+/* Full jitter: uniform in [0, min(cap, base * 2^retry)]. */
+static int
+aws_backoff_ms(int retry)
+{
+	long		ceiling = AWS_KMS_BACKOFF_BASE_MS;
+	uint32_t	r;
+
+	for (int i = 0; i < retry && ceiling < AWS_KMS_BACKOFF_CAP_MS; i++)
+		ceiling *= 2;
+	if (ceiling > AWS_KMS_BACKOFF_CAP_MS)
+		ceiling = AWS_KMS_BACKOFF_CAP_MS;
+	if (RAND_bytes((unsigned char *) &r, sizeof(r)) != 1)
+		return (int) (ceiling / 2);
+	return (int) (r % (uint32_t) (ceiling + 1));
+}
+
+/* ---------------------------------------------------------------------------
+ * JSON
+ */
+
+/*
+ * Parse a response body.  json-c copies every string it reads into its tokenizer
+ * buffer before making the string object, so that buffer may hold the plaintext DEK:
+ * it is grown to the body's size before parsing (so no realloc leaves a copy in freed
+ * memory) and wiped before it is freed.  Returns an object, or NULL.
+ */
+static json_object *
+aws_json_parse(const char *body, size_t len)
+{
+	struct json_tokener *tok;
+	json_object *obj;
+	bool		ok;
+
+	if (body == NULL || len == 0 || len > AWS_KMS_MAX_RESPONSE)
+		return NULL;
+	tok = json_tokener_new_ex(16);
+	if (tok == NULL)
+		return NULL;
+	if (printbuf_memset(tok->pb, 0, 0, (int) len + 1) < 0)
+	{
+		json_tokener_free(tok);
+		return NULL;
+	}
+	printbuf_reset(tok->pb);
+
+	obj = json_tokener_parse_ex(tok, body, (int) len);
+	ok = obj != NULL && json_tokener_get_error(tok) == json_tokener_success &&
+		json_object_is_type(obj, json_type_object);
+	if (ok)
+	{
+		/* nothing but whitespace may follow the object */
+		for (size_t i = json_tokener_get_parse_end(tok); i < len; i++)
+			if (!isspace((unsigned char) body[i]))
+				ok = false;
+	}
+	OPENSSL_cleanse(tok->pb->buf, tok->pb->size);
+	json_tokener_free(tok);
+	if (!ok && obj != NULL)
+	{
+		json_object_put(obj);
+		obj = NULL;
+	}
+	return obj;
+}
+
+/* The string member `key` of obj, with its length; NULL when absent or not a string. */
+static const char *
+aws_json_string(json_object *obj, const char *key, size_t *len)
+{
+	json_object *v;
+
+	if (obj == NULL || !json_object_object_get_ex(obj, key, &v) ||
+		!json_object_is_type(v, json_type_string))
+		return NULL;
+	if (len)
+		*len = (size_t) json_object_get_string_len(v);
+	return json_object_get_string(v);
+}
+
+/* Wipe the string that may hold a DEK, then free the whole response object. */
+static void
+aws_json_free(json_object *obj)
+{
+	size_t		len;
+	const char *s;
+
+	if (obj == NULL)
+		return;
+	s = aws_json_string(obj, "Plaintext", &len);
+	if (s != NULL)
+		OPENSSL_cleanse((char *) s, len);
+	json_object_put(obj);
+}
+
+static json_object *
+aws_json_context(const KmsEncryptionContext *ec)
+{
+	json_object *ctx = json_object_new_object();
+	char		version[16];
+
+	snprintf(version, sizeof(version), "%u", (unsigned) ec->version);
+	json_object_object_add(ctx, AWS_EC_TENANT, json_object_new_string(ec->tenant));
+	json_object_object_add(ctx, AWS_EC_VERSION, json_object_new_string(version));
+	return ctx;
+}
+
+/* ---------------------------------------------------------------------------
+ * Errors
+ */
+
+static const struct
+{
+	const char *type;
+	KmsStatus	status;
+}			aws_error_map[] =
+{
+	{"AccessDeniedException", KMS_ERR_ACCESS_DENIED},
+	{"AccessDenied", KMS_ERR_ACCESS_DENIED},
+	{"NotFoundException", KMS_ERR_NOT_FOUND},
+	{"DisabledException", KMS_ERR_DISABLED},
+	{"KMSInvalidStateException", KMS_ERR_DISABLED},
+	{"KeyUnavailableException", KMS_ERR_DISABLED},
+	{"InvalidCiphertextException", KMS_ERR_INVALID_CIPHERTEXT},
+	{"IncorrectKeyException", KMS_ERR_INVALID_CIPHERTEXT},
+	{"ThrottlingException", KMS_ERR_THROTTLED},
+	{"Throttling", KMS_ERR_THROTTLED},
+	{"ThrottledException", KMS_ERR_THROTTLED},
+	{"TooManyRequestsException", KMS_ERR_THROTTLED},
+	{"RequestLimitExceeded", KMS_ERR_THROTTLED},
+	{"LimitExceededException", KMS_ERR_THROTTLED},
+	{"KMSInternalException", KMS_ERR_UNAVAILABLE},
+	{"DependencyTimeoutException", KMS_ERR_UNAVAILABLE},
+	{"InternalFailure", KMS_ERR_UNAVAILABLE},
+	{"InternalError", KMS_ERR_UNAVAILABLE},
+	{"ServiceUnavailable", KMS_ERR_UNAVAILABLE},
+	{"ServiceUnavailableException", KMS_ERR_UNAVAILABLE},
+	{"UnrecognizedClientException", KMS_ERR_CREDENTIALS},
+	{"InvalidSignatureException", KMS_ERR_CREDENTIALS},
+	{"ExpiredTokenException", KMS_ERR_CREDENTIALS},
+	{"ExpiredToken", KMS_ERR_CREDENTIALS},
+	{"IncompleteSignature", KMS_ERR_CREDENTIALS},
+	{"IncompleteSignatureException", KMS_ERR_CREDENTIALS},
+	{"MissingAuthenticationToken", KMS_ERR_CREDENTIALS},
+	{"MissingAuthenticationTokenException", KMS_ERR_CREDENTIALS},
+	{"SignatureDoesNotMatch", KMS_ERR_CREDENTIALS},
+	{"InvalidClientTokenId", KMS_ERR_CREDENTIALS},
+	{"InvalidAccessKeyId", KMS_ERR_CREDENTIALS},
+	{"RequestExpired", KMS_ERR_CREDENTIALS},
+	{"ValidationException", KMS_ERR_CONFIG},
+	{"InvalidArnException", KMS_ERR_CONFIG},
+	{"InvalidKeyUsageException", KMS_ERR_CONFIG},
+	{"InvalidGrantTokenException", KMS_ERR_CONFIG},
+	{"UnsupportedOperationException", KMS_ERR_CONFIG},
+};
+
+/*
+ * Copy an AWS error code into out, dropping any "namespace#" prefix and ":detail"
+ * suffix.  Only identifier characters pass, so nothing but a type name can reach a
+ * message; false when nothing usable is left.
+ */
+static bool
+aws_error_type_copy(const char *in, size_t inlen, char *out, size_t outlen)
+{
+	const char *hash = memchr(in, '#', inlen);
+	size_t		n = 0;
+
+	if (hash != NULL)
+	{
+		inlen -= (size_t) (hash + 1 - in);
+		in = hash + 1;
+	}
+	while (inlen > 0 && isspace((unsigned char) *in))
+		in++, inlen--;
+	for (size_t i = 0; i < inlen && in[i] != ':'; i++)
+	{
+		unsigned char c = (unsigned char) in[i];
+
+		if (isspace(c))
+			break;
+		if (!(isalnum(c) || c == '.' || c == '_' || c == '-') || c > 127 || n + 1 >= outlen)
+			return false;
+		out[n++] = (char) c;
+	}
+	out[n] = '\0';
+	return n > 0;
+}
+
+/* <Code>X</Code> in an XML error document (moto answers some auth failures so). */
+static bool
+aws_xml_error_code(const char *body, size_t len, char *out, size_t outlen)
+{
+	const char *start = NULL;
+	const char *end;
+
+	for (size_t i = 0; i + 6 <= len; i++)
+		if (memcmp(body + i, "<Code>", 6) == 0)
+		{
+			start = body + i + 6;
+			break;
+		}
+	if (start == NULL)
+		return false;
+	end = NULL;
+	for (const char *p = start; p + 7 <= body + len; p++)
+		if (memcmp(p, "</Code>", 7) == 0)
+		{
+			end = p;
+			break;
+		}
+	if (end == NULL || end == start)
+		return false;
+	return aws_error_type_copy(start, (size_t) (end - start), out, outlen);
+}
+
+/* Classify a non-2xx answer. */
+static void
+aws_classify_http_error(AwsAttempt *a, long http_status, const char *body, size_t len)
+{
+	json_object *obj = aws_json_parse(body, len);
+	bool		have_type = false;
+
+	a->http_status = (int) http_status;
+	a->error_type[0] = '\0';
+	if (obj != NULL)
+	{
+		size_t		tlen;
+		const char *type = aws_json_string(obj, "__type", &tlen);
+
+		if (type == NULL)
+			type = aws_json_string(obj, "code", &tlen);
+		if (type != NULL)
+			have_type = aws_error_type_copy(type, tlen, a->error_type, sizeof(a->error_type));
+		aws_json_free(obj);
+	}
+	else if (body != NULL)
+		have_type = aws_xml_error_code(body, len, a->error_type, sizeof(a->error_type));
+
+	if (have_type)
+	{
+		for (size_t i = 0; i < sizeof(aws_error_map) / sizeof(aws_error_map[0]); i++)
+		{
+			if (strcmp(aws_error_map[i].type, a->error_type) == 0)
+			{
+				KmsStatus	st = aws_error_map[i].status;
+
+				aws_attempt_set(a, st,
+								st == KMS_ERR_THROTTLED || st == KMS_ERR_UNAVAILABLE,
+								"%s (HTTP %ld)", a->error_type, http_status);
+				return;
+			}
+		}
+	}
+
+	/* unknown or missing type: the HTTP status decides */
+	if (http_status == 429)
+		aws_attempt_set(a, KMS_ERR_THROTTLED, true, "%s (HTTP %ld)",
+						have_type ? a->error_type : "throttled", http_status);
+	else if (http_status >= 500 && http_status <= 599)
+		aws_attempt_set(a, KMS_ERR_UNAVAILABLE, true, "%s (HTTP %ld)",
+						have_type ? a->error_type : "server error", http_status);
+	else if (have_type)
+		aws_attempt_set(a, KMS_ERR_PROTOCOL, false, "%s (HTTP %ld)",
+						a->error_type, http_status);
+	else
+		aws_attempt_set(a, KMS_ERR_PROTOCOL, false,
+						"unexpected answer without an error type (HTTP %ld)", http_status);
+}
+
+static void
+aws_classify_transport_error(AwsAttempt *a, HttpStatus hs, const char *errbuf)
+{
+	a->http_status = 0;
+	a->error_type[0] = '\0';
+	switch (hs)
+	{
+		case HTTP_ERR_CONNECT:
+			aws_attempt_set(a, KMS_ERR_UNAVAILABLE, true, "could not connect: %s", errbuf);
+			break;
+		case HTTP_ERR_NETWORK:
+			aws_attempt_set(a, KMS_ERR_UNAVAILABLE, true, "network error: %s", errbuf);
+			break;
+		case HTTP_ERR_TIMEOUT:
+			aws_attempt_set(a, KMS_ERR_TIMEOUT, true, "no answer in time: %s", errbuf);
+			break;
+		case HTTP_ERR_CANCELED:
+			aws_attempt_set(a, KMS_ERR_CANCELED, false, "request canceled");
+			break;
+		case HTTP_ERR_TOO_LARGE:
+			aws_attempt_set(a, KMS_ERR_PROTOCOL, false, "answer larger than %d bytes",
+							AWS_KMS_MAX_RESPONSE);
+			break;
+		case HTTP_ERR_TLS:
+			aws_attempt_set(a, KMS_ERR_UNAVAILABLE, false, "TLS error: %s", errbuf);
+			break;
+		case HTTP_ERR_INTERNAL:
+		default:
+			aws_attempt_set(a, KMS_ERR_INTERNAL, false, "HTTP client error: %s", errbuf);
+			break;
+	}
+}
+
+/* ---------------------------------------------------------------------------
+ * One KMS operation, with signing, retries and error mapping
+ */
+
+/*
+ * Send one signed request.  On KMS_OK with a 2xx answer, *result is the parsed
+ * response (free it with aws_json_free).  Otherwise `a` says what went wrong.
+ */
+static void
+aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
+				const char *body, size_t body_len, json_object **result,
+				AwsAttempt *a, int *attempts)
+{
+	AwsCredentials creds;
+	Sigv4Credentials sc;
+	char		amz_date[17];
+	char		target[64];
+	char		authorization[1024];
+	char		h_host[600];
+	char		h_date[64];
+	char		h_target[96];
+	char		h_auth[1100];
+	char		h_token[4200];
+	const char *lines[6];
+	int			nlines = 0;
+	Sigv4Header sh[4];
+	Sigv4Request sreq;
+	HttpRequest hreq;
+	HttpResponse resp;
+	HttpStatus	hs;
+	char		errbuf[128];
+	char		sigerr[128];
+	KmsStatus	cst;
+	KmsError	cerr;
+
+	*result = NULL;
+	memset(&cerr, 0, sizeof(cerr));
+	memset(&resp, 0, sizeof(resp));
+	memset(&creds, 0, sizeof(creds));
+	h_token[0] = '\0';
+
+	cst = aws_credentials_get(cfg, &creds, &cerr);
+	if (cst != KMS_OK)
+	{
+		/* keep the credential chain's status and text; it fetched, KMS was not asked */
+		a->status = cst;
+		a->retryable = false;
+		a->http_status = cerr.http_status;
+		snprintf(a->error_type, sizeof(a->error_type), "%s", cerr.error_type);
+		snprintf(a->detail, sizeof(a->detail), "%s",
+				 cerr.message[0] ? cerr.message : kms_status_name(cst));
+		aws_credentials_wipe(&creds);
+		return;
+	}
+
+	sigv4_format_amz_date(time(NULL), amz_date);
+	snprintf(target, sizeof(target), "TrentService.%s", op);
+
+	/* sigv4 wants every signed header; names in lower case, sorted by it */
+	sh[0].name = "content-type";
+	sh[0].value = "application/x-amz-json-1.1";
+	sh[1].name = "host";
+	sh[1].value = ep->host;
+	sh[2].name = "x-amz-date";
+	sh[2].value = amz_date;
+	sh[3].name = "x-amz-target";
+	sh[3].value = target;
+	sreq.method = "POST";
+	sreq.uri = ep->path;
+	sreq.headers = sh;
+	sreq.nheaders = 4;
+	sreq.payload = (const unsigned char *) body;
+	sreq.payload_len = body_len;
+	sc.access_key_id = creds.access_key_id;
+	sc.secret_access_key = creds.secret_access_key;
+	sc.session_token = creds.session_token[0] ? creds.session_token : NULL;
+
+	if (sigv4_sign(&sreq, &sc, cfg->aws_region, "kms", amz_date, true, true,
+				   authorization, sizeof(authorization), NULL,
+				   sigerr, sizeof(sigerr)) != 0)
+	{
+		aws_attempt_set(a, KMS_ERR_INTERNAL, false, "could not sign the request: %s", sigerr);
+		a->http_status = 0;
+		a->error_type[0] = '\0';
+		goto done;
+	}
+
+	snprintf(h_host, sizeof(h_host), "Host: %s", ep->host);
+	snprintf(h_date, sizeof(h_date), "X-Amz-Date: %s", amz_date);
+	snprintf(h_target, sizeof(h_target), "X-Amz-Target: %s", target);
+	snprintf(h_auth, sizeof(h_auth), "Authorization: %s", authorization);
+	lines[nlines++] = h_host;
+	lines[nlines++] = "Content-Type: application/x-amz-json-1.1";
+	lines[nlines++] = h_date;
+	lines[nlines++] = h_target;
+	lines[nlines++] = h_auth;
+	if (sc.session_token != NULL)
+	{
+		snprintf(h_token, sizeof(h_token), "X-Amz-Security-Token: %s", creds.session_token);
+		lines[nlines++] = h_token;
+	}
+
+	memset(&hreq, 0, sizeof(hreq));
+	hreq.method = "POST";
+	hreq.url = ep->url;
+	hreq.headers = lines;
+	hreq.nheaders = nlines;
+	hreq.body = body;
+	hreq.body_len = body_len;
+	hreq.timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : AWS_KMS_DEFAULT_TIMEOUT_MS;
+	hreq.max_response = AWS_KMS_MAX_RESPONSE;
+	hreq.interrupted = cfg->interrupted;
+
+	errbuf[0] = '\0';
+	(*attempts)++;
+	hs = http_perform(&hreq, &resp, errbuf, sizeof(errbuf));
+	if (hs != HTTP_OK)
+		aws_classify_transport_error(a, hs, errbuf);
+	else if (resp.status >= 200 && resp.status <= 299)
+	{
+		*result = aws_json_parse(resp.body, resp.body_len);
+		a->http_status = (int) resp.status;
+		a->error_type[0] = '\0';
+		if (*result == NULL)
+			aws_attempt_set(a, KMS_ERR_PROTOCOL, false,
+							"answer is not a JSON object (HTTP %ld)", resp.status);
+		else
+			aws_attempt_set(a, KMS_OK, false, "ok");
+	}
+	else
+		aws_classify_http_error(a, resp.status, resp.body, resp.body_len);
+
+done:
+	http_response_free(&resp);
+	aws_credentials_wipe(&creds);
+	OPENSSL_cleanse(authorization, sizeof(authorization));
+	OPENSSL_cleanse(h_auth, sizeof(h_auth));
+	OPENSSL_cleanse(h_token, sizeof(h_token));
+}
+
+/*
+ * Run operation `op` with request `reqobj` (consumed).  Returns KMS_OK with *result
+ * set, or an error status with err filled.
+ */
+static KmsStatus
+aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
+			 json_object **result, KmsError *err)
+{
+	AwsEndpoint ep;
+	AwsAttempt	a;
+	const char *body;
+	size_t		body_len;
+	char	   *body_copy;
+	int			retries;
+	int			retries_used = 0;
+	int			attempts = 0;
+	bool		refreshed = false;
+	KmsStatus	st;
+
+	*result = NULL;
+	memset(&a, 0, sizeof(a));
+	st = aws_endpoint_parse(cfg, &ep, err);
+	if (st != KMS_OK)
+	{
+		json_object_put(reqobj);
+		return st;
+	}
+
+	body = json_object_to_json_string_length(reqobj,
+											 JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
+											 &body_len);
+	body_copy = body ? malloc(body_len + 1) : NULL;
+	if (body_copy == NULL)
+	{
+		json_object_put(reqobj);
+		return kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+	}
+	memcpy(body_copy, body, body_len + 1);
+	json_object_put(reqobj);
+
+	retries = cfg->retries < 0 ? 0 :
+		cfg->retries > AWS_KMS_MAX_RETRIES ? AWS_KMS_MAX_RETRIES : cfg->retries;
+
+	for (;;)
+	{
+		if (cfg->interrupted && cfg->interrupted())
+		{
+			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
+			a.http_status = 0;
+			a.error_type[0] = '\0';
+			break;
+		}
+
+		aws_kms_attempt(cfg, &ep, op, body_copy, body_len, result, &a, &attempts);
+		if (a.status == KMS_OK)
+			break;
+
+		if (a.status == KMS_ERR_CREDENTIALS && a.http_status != 0)
+		{
+			/*
+			 * KMS refused the credentials: drop the cached set so the next call
+			 * fetches fresh ones (rotated keys, a renewed role session).  An expired
+			 * session token is worth one immediate retry with the refreshed set.
+			 */
+			aws_credentials_invalidate();
+			if (!refreshed && (strcmp(a.error_type, "ExpiredTokenException") == 0 ||
+							   strcmp(a.error_type, "ExpiredToken") == 0))
+			{
+				refreshed = true;
+				continue;
+			}
+		}
+
+		if (!a.retryable || retries_used >= retries)
+			break;
+		if (!aws_sleep_interruptible(cfg, aws_backoff_ms(retries_used)))
+		{
+			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
+			a.http_status = 0;
+			a.error_type[0] = '\0';
+			break;
+		}
+		retries_used++;
+	}
+	free(body_copy);
+
+	err->attempts = attempts;
+	if (a.status == KMS_OK)
+		return KMS_OK;
+
+	err->http_status = a.http_status;
+	if (a.http_status == 0 && a.error_type[0] == '\0' && a.status == KMS_ERR_CREDENTIALS)
+		kms_set_error(err, a.status, "", "KMS %s failed: %s", op, a.detail);
+	else if (attempts > 1)
+		kms_set_error(err, a.status, a.error_type, "KMS %s failed: %s, after %d attempts",
+					  op, a.detail, attempts);
+	else
+		kms_set_error(err, a.status, a.error_type, "KMS %s failed: %s", op, a.detail);
+	return a.status;
+}
+
+/* ---------------------------------------------------------------------------
+ * Response checks
+ */
+
+/* A key ARN: arn:<partition>:kms:<region>:<account>:key/<id>. */
+static bool
+aws_is_key_arn(const char *s)
+{
+	const char *p = s;
+	int			colons = 0;
+
+	if (strncmp(s, "arn:", 4) != 0 || strstr(s, ":kms:") == NULL)
+		return false;
+	for (; *p && colons < 5; p++)
+		if (*p == ':')
+			colons++;
+	return colons == 5 && strncmp(p, "key/", 4) == 0 && p[4] != '\0';
+}
+
+/*
+ * Does the KeyId KMS answered with name the key we asked for?  KMS always answers
+ * with the key ARN, but the configured key may be written four ways:
+ *   - a key ARN: the answer must be that ARN, byte for byte;
+ *   - a bare key id (UUID or mrk-…): the answer must be a key ARN ending in
+ *     ":key/<id>";
+ *   - an alias ARN (arn:…:alias/name): which key an alias points at is known only to
+ *     KMS and may change, so the answer must be a key ARN in the same partition,
+ *     region and account;
+ *   - an alias name (alias/name): likewise, only that the answer is a key ARN.
+ * In every case the answer must be a well-formed key ARN that fits KMS_KEY_ID_MAX.
+ */
+static bool
+aws_key_matches(const char *requested, const char *answered, size_t answered_len)
+{
+	const char *alias;
+
+	if (answered == NULL || answered_len == 0 || answered_len >= KMS_KEY_ID_MAX ||
+		strlen(answered) != answered_len)
+		return false;
+	for (size_t i = 0; i < answered_len; i++)
+		if ((unsigned char) answered[i] <= ' ' || (unsigned char) answered[i] >= 127)
+			return false;
+	if (!aws_is_key_arn(answered))
+		return false;
+
+	if (strncmp(requested, "arn:", 4) == 0)
+	{
+		alias = strstr(requested, ":alias/");
+		if (alias == NULL)
+			return strcmp(requested, answered) == 0;
+		/* same "arn:partition:kms:region:account:" prefix */
+		return strncmp(requested, answered, (size_t) (alias - requested) + 1) == 0;
+	}
+	if (strncmp(requested, "alias/", 6) == 0)
+		return true;
+
+	/* bare key id */
+	{
+		size_t		rlen = strlen(requested);
+
+		return answered_len > rlen + 5 &&
+			strcmp(answered + answered_len - rlen, requested) == 0 &&
+			strncmp(answered + answered_len - rlen - 5, ":key/", 5) == 0;
+	}
+}
+
+static KmsStatus
+aws_check_key_id(json_object *resp, const char *field, const char *requested,
+				 const char *op, char *arn_out, KmsError *err)
+{
+	size_t		len;
+	const char *keyid = aws_json_string(resp, field, &len);
+
+	if (keyid == NULL)
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: the answer names no %s", op, field);
+	if (!aws_key_matches(requested, keyid, len))
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: the answer's %s is not the requested master key",
+							 op, field);
+	if (arn_out != NULL)
+		memcpy(arn_out, keyid, len + 1);
+	return KMS_OK;
+}
+
+/* Decode CiphertextBlob into out (room for KMS_WRAPPED_MAX). */
+static KmsStatus
+aws_take_ciphertext(json_object *resp, const char *op, uint8_t *out, size_t *out_len,
+					KmsError *err)
+{
+	size_t		len;
+	const char *b64 = aws_json_string(resp, "CiphertextBlob", &len);
+	uint8_t		buf[KMS_WRAPPED_MAX + 3];
+	long		n;
+
+	if (b64 == NULL)
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: the answer has no CiphertextBlob", op);
+	if (len > AWS_B64_WRAPPED_MAX)
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: CiphertextBlob is larger than %d bytes",
+							 op, KMS_WRAPPED_MAX);
+	n = aws_b64_decode(b64, len, buf, sizeof(buf));
+	if (n <= 0 || n > KMS_WRAPPED_MAX)
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: CiphertextBlob is not valid base64 of 1 to %d bytes",
+							 op, KMS_WRAPPED_MAX);
+	memcpy(out, buf, (size_t) n);
+	*out_len = (size_t) n;
+	return KMS_OK;
+}
+
+/* Decode Plaintext into dek; exactly KMS_DEK_LEN bytes or an error. */
+static KmsStatus
+aws_take_plaintext(json_object *resp, const char *op, uint8_t dek[KMS_DEK_LEN],
+				   KmsError *err)
+{
+	size_t		len;
+	const char *b64 = aws_json_string(resp, "Plaintext", &len);
+	uint8_t		buf[48];
+	long		n;
+
+	if (b64 == NULL)
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: the answer has no Plaintext", op);
+	n = len <= 4 * ((KMS_DEK_LEN + 2) / 3) ?
+		aws_b64_decode(b64, len, buf, sizeof(buf)) : -1;
+	if (n != KMS_DEK_LEN)
+	{
+		OPENSSL_cleanse(buf, sizeof(buf));
+		return kms_set_error(err, KMS_ERR_PROTOCOL, "",
+							 "KMS %s failed: Plaintext is not valid base64 of exactly %d bytes",
+							 op, KMS_DEK_LEN);
+	}
+	memcpy(dek, buf, KMS_DEK_LEN);
+	OPENSSL_cleanse(buf, sizeof(buf));
+	return KMS_OK;
+}
+
+static KmsStatus
+aws_check_args(const char *op, const char *key_id, const KmsEncryptionContext *ec,
+			   KmsError *err)
+{
+	if (key_id == NULL || key_id[0] == '\0')
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "KMS %s failed: no master key given (envelope.kms_key)", op);
+	if (strlen(key_id) >= KMS_KEY_ID_MAX)
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "KMS %s failed: master key id is too long", op);
+	if (ec == NULL || ec->tenant == NULL || ec->tenant[0] == '\0' || ec->version < 1)
+		return kms_set_error(err, KMS_ERR_INTERNAL, "",
+							 "KMS %s failed: incomplete encryption context", op);
+	return KMS_OK;
+}
+
+static void
+aws_reset_error(KmsError *err)
+{
+	memset(err, 0, sizeof(*err));
+	err->status = KMS_OK;
+}
+
+/* ---------------------------------------------------------------------------
+ * The provider
+ */
+
+static KmsStatus
+aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
+					  const KmsEncryptionContext *ec,
+					  uint8_t dek[KMS_DEK_LEN],
+					  uint8_t *wrapped, size_t *wrapped_len,
+					  char *key_arn, KmsError *err)
+{
+	const char *op = "GenerateDataKey";
+	json_object *req;
+	json_object *resp;
+	KmsStatus	st;
+
+	aws_reset_error(err);
+	st = aws_check_args(op, key_id, ec, err);
+	if (st != KMS_OK)
+		return st;
+
+	req = json_object_new_object();
+	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
+	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
+
+	st = aws_kms_call(cfg, op, req, &resp, err);
+	if (st != KMS_OK)
+		return st;
+
+	st = aws_check_key_id(resp, "KeyId", key_id, op, key_arn, err);
+	if (st == KMS_OK)
+		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
+	if (st == KMS_OK)
+		st = aws_take_plaintext(resp, op, dek, err);
+	if (st != KMS_OK)
+		OPENSSL_cleanse(dek, KMS_DEK_LEN);
+	aws_json_free(resp);
+	return st;
+}
+
+static KmsStatus
+aws_decrypt(const KmsConfig *cfg, const char *key_id,
+			const KmsEncryptionContext *ec,
+			const uint8_t *wrapped, size_t wrapped_len,
+			uint8_t dek[KMS_DEK_LEN], KmsError *err)
+{
+	const char *op = "Decrypt";
+	char		b64[AWS_B64_WRAPPED_MAX + 1];
+	json_object *req;
+	json_object *resp;
+	KmsStatus	st;
+
+	aws_reset_error(err);
+	st = aws_check_args(op, key_id, ec, err);
+	if (st != KMS_OK)
+		return st;
+	if (wrapped == NULL || wrapped_len == 0 || wrapped_len > KMS_WRAPPED_MAX)
+		return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, "",
+							 "KMS %s failed: stored wrapped key has an impossible length", op);
+
+	aws_b64_encode(wrapped, wrapped_len, b64);
+	req = json_object_new_object();
+	json_object_object_add(req, "CiphertextBlob", json_object_new_string(b64));
+	/* KeyId makes KMS refuse a blob wrapped under any other key */
+	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
+
+	st = aws_kms_call(cfg, op, req, &resp, err);
+	if (st != KMS_OK)
+		return st;
+
+	st = aws_check_key_id(resp, "KeyId", key_id, op, NULL, err);
+	if (st == KMS_OK)
+		st = aws_take_plaintext(resp, op, dek, err);
+	if (st != KMS_OK)
+		OPENSSL_cleanse(dek, KMS_DEK_LEN);
+	aws_json_free(resp);
+	return st;
+}
+
+static KmsStatus
+aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
+			  const char *dest_key_id,
+			  const KmsEncryptionContext *ec,
+			  const uint8_t *wrapped, size_t wrapped_len,
+			  uint8_t *new_wrapped, size_t *new_wrapped_len,
+			  char *dest_key_arn, KmsError *err)
+{
+	const char *op = "ReEncrypt";
+	char		b64[AWS_B64_WRAPPED_MAX + 1];
+	json_object *req;
+	json_object *resp;
+	KmsStatus	st;
+
+	aws_reset_error(err);
+	st = aws_check_args(op, source_key_id, ec, err);
+	if (st == KMS_OK)
+		st = aws_check_args(op, dest_key_id, ec, err);
+	if (st != KMS_OK)
+		return st;
+	if (wrapped == NULL || wrapped_len == 0 || wrapped_len > KMS_WRAPPED_MAX)
+		return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, "",
+							 "KMS %s failed: stored wrapped key has an impossible length", op);
+
+	aws_b64_encode(wrapped, wrapped_len, b64);
+	req = json_object_new_object();
+	json_object_object_add(req, "CiphertextBlob", json_object_new_string(b64));
+	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
+	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
+	/* same tenant and version: the DEK moves keys, not owners */
+	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
+	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
+
+	st = aws_kms_call(cfg, op, req, &resp, err);
+	if (st != KMS_OK)
+		return st;
+
+	st = aws_check_key_id(resp, "KeyId", dest_key_id, op, dest_key_arn, err);
+	/* SourceKeyId is documented but optional in practice; check it when present */
+	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
+		st = aws_check_key_id(resp, "SourceKeyId", source_key_id, op, NULL, err);
+	if (st == KMS_OK)
+		st = aws_take_ciphertext(resp, op, new_wrapped, new_wrapped_len, err);
+	aws_json_free(resp);
+	return st;
+}
+
+const KmsProvider kms_aws_provider = {
+	.api_version = KMS_PROVIDER_API_VERSION,
+	.name = "aws",
+	.generate_data_key = aws_generate_data_key,
+	.decrypt = aws_decrypt,
+	.reencrypt = aws_reencrypt,
+};
