@@ -156,6 +156,34 @@ sub server_conf
 	return $conf;
 }
 
+# A started cluster with pg_envelope preloaded, configured for the aws provider
+# (server_conf's options), and the extension created in database postgres.
+sub init_node
+{
+	my ($self, $name, %o) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf',
+		"shared_preload_libraries = 'pg_envelope'\n" . $self->server_conf(%o)
+		  . ($o{extra_conf} // ''));
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION pg_envelope');
+	return $node;
+}
+
+# Run SQL that should fail; returns (SQLSTATE, stderr).  psql prints the SQLSTATE
+# with VERBOSITY verbose.
+sub psql_error
+{
+	my ($node, $sql, %o) = @_;
+	my ($out, $err) = ('', '');
+	my $ret = $node->psql('postgres', "\\set VERBOSITY verbose\n$sql",
+		stdout => \$out, stderr => \$err, %o);
+	return ('00000', $err) if $ret == 0;
+	my ($state) = $err =~ /ERROR:\s+([0-9A-Z]{5}):/;
+	return ($state // '', $err);
+}
+
 sub _control
 {
 	my ($self, $method, $path, $body) = @_;
