@@ -1,0 +1,129 @@
+
+# 022_aws_cancel.pl — a backend blocked on a hung KMS request can be stopped.
+#
+# The fault proxy accepts KMS requests and never answers.  pg_cancel_backend and
+# statement_timeout must stop the waiting backend within a second or two (SQLSTATE
+# 57014), long before envelope.kms_timeout, and pg_terminate_backend must end it.
+
+use strict;
+use warnings;
+
+use IPC::Run;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time sleep);
+use EnvelopeKms;
+
+my $kms = EnvelopeKms->new;
+my $key = $kms->create_key;
+
+$ENV{AWS_ACCESS_KEY_ID}     = 'testing';
+$ENV{AWS_SECRET_ACCESS_KEY} = 'testing';
+delete $ENV{AWS_SESSION_TOKEN};
+$ENV{AWS_EC2_METADATA_DISABLED} = 'true';
+
+# a long KMS timeout and retries, so only the cancel can end the wait quickly
+my $node = $kms->init_node('aws_cancel', key => $key->{Arn}, retries => 3,
+	timeout => 60000);
+
+$node->safe_psql('postgres', "SELECT envelope.create_tenant('acme')");
+$node->safe_psql('postgres', "CREATE TABLE t AS SELECT envelope.encrypt('acme', 'x') AS c");
+$node->safe_psql('postgres', "SELECT envelope.cache_flush()");
+
+my $slow_sql = "SELECT envelope.decrypt_text('acme', c) FROM t";
+
+# Start psql on a query that will hang in KMS; wait until the proxy holds it.
+sub start_hung_query
+{
+	my ($sql) = @_;
+	my ($out, $err) = ('', '');
+	$node->safe_psql('postgres', "SELECT envelope.cache_flush()");
+	my $h = IPC::Run::start(
+		[
+			'psql', '-X', '-v', 'VERBOSITY=verbose', '-d', $node->connstr('postgres'),
+			'-c', $sql
+		],
+		'<', \undef, '>', \$out, '2>', \$err);
+	my $deadline = time() + 30;
+	until ($kms->count('Decrypt', 'faulted') >= 1)
+	{
+		die "query never reached the KMS" if time() > $deadline;
+		sleep(0.05);
+	}
+	return ($h, \$out, \$err);
+}
+
+# Wait (bounded) for psql to end; returns seconds waited.
+sub wait_done
+{
+	my ($h, $limit) = @_;
+	my $t0 = time();
+	while ($h->pumpable && time() - $t0 < $limit)
+	{
+		$h->pump_nb;
+		sleep(0.02);
+	}
+	my $done = !$h->pumpable;
+	eval { $h->finish; 1 } if $done;
+	$h->kill_kill unless $done;
+	return time() - $t0;
+}
+
+# After a cancel, the next query must get the key: nothing may stay "being loaded".
+# Bounded by statement_timeout, so a leak fails the test instead of hanging it.
+sub decrypts_again
+{
+	my ($what) = @_;
+	$kms->reset_proxy;
+	my ($out, $err) = ('', '');
+	$node->psql('postgres', "SET statement_timeout = '20s'; $slow_sql",
+		stdout => \$out, stderr => \$err, timeout => 60);
+	is($out, 'x', "after $what, the next query decrypts") or diag($err);
+}
+
+# pg_cancel_backend
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'hang', count => -1, seconds => 60);
+my ($h, $out, $err) = start_hung_query($slow_sql);
+my $pid = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE query LIKE '%decrypt_text%' AND state = 'active' AND pid <> pg_backend_pid()");
+like($pid, qr/^\d+$/, 'the hung backend is visible');
+my $t_cancel = time();
+$node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)");
+my $waited = wait_done($h, 10);
+cmp_ok($waited, '<', 2.0, sprintf('pg_cancel_backend ended the KMS wait in %.2fs', time() - $t_cancel));
+like($$err, qr/ERROR:\s+57014: canceling statement due to user request/, 'SQLSTATE 57014');
+is($kms->count('Decrypt', 'requests'), 1, 'no retry after a cancel');
+decrypts_again('pg_cancel_backend');
+
+# statement_timeout
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'hang', count => -1, seconds => 60);
+$node->safe_psql('postgres', "SELECT envelope.cache_flush()");
+my $t0 = time();
+my ($state, $e) = EnvelopeKms::psql_error($node,
+	"SET statement_timeout = '1s'; $slow_sql", timeout => 30);
+my $elapsed = time() - $t0;
+is($state, '57014', 'statement_timeout: SQLSTATE 57014');
+like($e, qr/canceling statement due to statement timeout/, 'statement_timeout message');
+cmp_ok($elapsed, '<', 3.0, sprintf('statement_timeout of 1s returned in %.2fs', $elapsed));
+decrypts_again('statement_timeout');
+
+# pg_terminate_backend
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'hang', count => -1, seconds => 60);
+($h, $out, $err) = start_hung_query($slow_sql);
+$pid = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE query LIKE '%decrypt_text%' AND state = 'active' AND pid <> pg_backend_pid()");
+$t0 = time();
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+$waited = wait_done($h, 10);
+cmp_ok($waited, '<', 2.0, sprintf('pg_terminate_backend ended it in %.2fs', $waited));
+like($$err, qr/57P01|terminating connection/, 'terminated');
+
+decrypts_again('pg_terminate_backend');
+
+$node->stop;
+$kms->stop;
+done_testing();
