@@ -17,7 +17,12 @@ Control API (requests without X-Amz-Target, never counted):
                  (the default is 1) never runs out.  Optional "seconds" bounds a hang
                  or a slow body (default 30, at most 120).
   GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n}},
-                  "total": {...}}  — ops named after X-Amz-Target's operation.
+                  "total": {...}, "access_keys": {"AKIA...": n}, "session_tokens": n}
+                 — ops named after X-Amz-Target's operation ("other" without one);
+                 access_keys counts the access key ids that signed requests (from
+                 the Authorization header's Credential=, never the signature) and
+                 session_tokens the requests that carried X-Amz-Security-Token, so a
+                 test can tell which credential source the client used.
   POST /_reset   forget rules and counts, release hung requests.
 
 MODE is one of
@@ -49,6 +54,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -62,6 +68,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MAX_IN_FLIGHT = 64
 MAX_BODY = 1 << 20
 UPSTREAM_TIMEOUT = 30
+
+CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
               "te", "trailer", "upgrade", "content-length"}
@@ -85,6 +93,8 @@ class State:
         self.lock = threading.Lock()
         self.rules = []
         self.counts = {}
+        self.access_keys = {}
+        self.session_tokens = 0
         self.release = threading.Event()    # set to free hung requests
         self.stop = threading.Event()
 
@@ -92,6 +102,8 @@ class State:
         with self.lock:
             self.rules = []
             self.counts = {}
+            self.access_keys = {}
+            self.session_tokens = 0
             old = self.release
             self.release = threading.Event()
         old.set()
@@ -123,14 +135,23 @@ class State:
             c = self.counts.setdefault(op, {"requests": 0, "forwarded": 0, "faulted": 0})
             c[what] += 1
 
+    def signer(self, akid, token):
+        with self.lock:
+            if akid:
+                self.access_keys[akid] = self.access_keys.get(akid, 0) + 1
+            if token:
+                self.session_tokens += 1
+
     def snapshot(self):
         with self.lock:
             ops = {k: dict(v) for k, v in self.counts.items()}
+            keys = dict(self.access_keys)
+            tokens = self.session_tokens
         total = {"requests": 0, "forwarded": 0, "faulted": 0}
         for v in ops.values():
             for k in total:
                 total[k] += v[k]
-        return {"ops": ops, "total": total}
+        return {"ops": ops, "total": total, "access_keys": keys, "session_tokens": tokens}
 
 
 STATE = State()
@@ -218,6 +239,9 @@ class Handler(BaseHTTPRequestHandler):
 
         op = target.split(".", 1)[-1] if target else "other"
         STATE.count(op, "requests")
+        m = CREDENTIAL_RE.search(self.headers.get("Authorization") or "")
+        STATE.signer(m.group(1) if m else None,
+                     bool(self.headers.get("X-Amz-Security-Token")))
         rule, release = STATE.take_rule(op) if target else (None, STATE.release)
         if rule is None:
             STATE.count(op, "forwarded")

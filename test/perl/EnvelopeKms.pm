@@ -214,10 +214,49 @@ sub count
 	return $c ? $c->{ $what // 'requests' } : 0;
 }
 
+# Requests signed with an access key id (any op), and requests with a session token.
+sub signed_by { my ($self, $akid) = @_; return $self->counts->{access_keys}{$akid} // 0; }
+sub session_tokens { my ($self) = @_; return $self->counts->{session_tokens}; }
+
+# Access key ids that signed requests since the last reset.
+sub signers { my ($self) = @_; return sort keys %{ $self->counts->{access_keys} }; }
+
+# Start test/kms/credential_stub.py (IMDSv2, ECS and STS stand-ins); returns its URL.
+# Stopped with the rest.
+sub start_credential_stub
+{
+	my ($self, %o) = @_;
+	my $out = '';
+	$self->{stub} = IPC::Run::start(
+		[
+			python(), "$srcdir/test/kms/credential_stub.py", '--lifetime' => 900,
+			map { ("--$_" => $o{$_}) } sort keys %o
+		],
+		'<', \undef, '>', \$out, '2>', "$self->{proxy_log}.stub");
+	my $deadline = time() + 30;
+	while ($out !~ /^(\d+)\n/)
+	{
+		BAIL_OUT("credential stub did not start") if time() > $deadline;
+		$self->{stub}->pump_nb;
+		sleep(0.05);
+	}
+	$out =~ /^(\d+)\n/;
+	$self->{stub_url} = "http://127.0.0.1:$1";
+	return $self->{stub_url};
+}
+
+sub stub_counts
+{
+	my ($self) = @_;
+	my $r = HTTP::Tiny->new(timeout => 10)->get("$self->{stub_url}/_counts");
+	die "credential stub: $r->{status}" unless $r->{success};
+	return decode_json($r->{content});
+}
+
 sub stop
 {
 	my ($self) = @_;
-	for my $h (qw(proxy moto))
+	for my $h (qw(stub proxy moto))
 	{
 		next unless $self->{$h};
 		# TERM, then KILL after the grace period; either way the child is reaped
