@@ -159,6 +159,15 @@ static List *pending_purges = NIL;
 
 static uint32 my_load_seq = 0;
 
+/*
+ * The load this backend has in flight, if any.  A FATAL error (pg_terminate_backend,
+ * shutdown) during the KMS call exits without unwinding through PG_CATCH, so an exit
+ * callback must publish the failure, or waiters would sleep on a LOADING entry forever.
+ */
+static bool inflight_active = false;
+static SharedKeyTag inflight_tag;
+static uint32 inflight_seq = 0;
+
 static inline uint64
 current_generation(void)
 {
@@ -508,6 +517,18 @@ record_lookup(bool hit)
 	stats_end();
 }
 
+static bool exit_callback_registered = false;
+
+static void
+keycache_backend_exit(int code, Datum arg)
+{
+	if (inflight_active && shared != NULL)
+	{
+		inflight_active = false;
+		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN);
+	}
+}
+
 static void
 obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 		   uint8 dek[KMS_DEK_LEN])
@@ -545,6 +566,14 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 		return;
 	}
 
+	if (!exit_callback_registered)
+	{
+		before_shmem_exit(keycache_backend_exit, (Datum) 0);
+		exit_callback_registered = true;
+	}
+	inflight_tag = tag;
+	inflight_seq = seq;
+	inflight_active = true;
 	PG_TRY();
 	{
 		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, lt->name, version,
@@ -557,11 +586,13 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 
 		edata = CopyErrorData();
 		MemoryContextSwitchTo(ecxt);
+		inflight_active = false;
 		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode);
 		FreeErrorData(edata);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	inflight_active = false;
 	shared_finish_load(&tag, load_seq, dek, 0);
 }
 
