@@ -9,7 +9,7 @@
 # the test, by the END block; the child processes also watch this process and exit
 # when it is gone.
 #
-# $ENV{PYTHON} names an interpreter with moto and boto3 (default "python3").  Without
+# $ENV{ENVELOPE_PYTHON} names an interpreter with moto and boto3 (default "python3").  Without
 # them the test BAIL_OUTs: it never passes by skipping.
 #
 #   my $kms = EnvelopeKms->new;
@@ -39,7 +39,7 @@ my $srcdir = abs_path(dirname(__FILE__) . '/../..');
 
 sub srcdir { return $srcdir; }
 
-sub python { return $ENV{PYTHON} || 'python3'; }
+sub python { return $ENV{ENVELOPE_PYTHON} || 'python3'; }
 
 sub new
 {
@@ -49,7 +49,7 @@ sub new
 	my ($out, $err) = ('', '');
 	IPC::Run::run([ python(), '-c', 'import moto.server, boto3' ], '>', \$out, '2>', \$err)
 	  or BAIL_OUT("python interpreter '" . python()
-		  . "' cannot import moto and boto3 (set PYTHON): $err");
+		  . "' cannot import moto and boto3 (set ENVELOPE_PYTHON): $err");
 
 	push @live, $self;
 	my $logdir = $PostgreSQL::Test::Utils::log_path // $PostgreSQL::Test::Utils::tmp_check;

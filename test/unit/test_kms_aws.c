@@ -10,7 +10,8 @@
  * authentication switched on.  Credentials come from the environment, through the
  * real credential chain.
  *
- * PYTHON names the interpreter that has moto and boto3 (default python3); without
+ * ENVELOPE_PYTHON names the interpreter that has moto and boto3 (default python3; not
+ * PYTHON, which PGXS sets to its own interpreter for everything make runs); without
  * them this test fails: it never passes by skipping.  ENVELOPE_SRCDIR is the source
  * root (default ".", which is where `make unit` runs).
  */
@@ -126,7 +127,8 @@ spawn(char *const argv[], int *outfd)
 		/* die with the test, even if it crashes */
 		prctl(PR_SET_PDEATHSIG, SIGTERM);
 		dup2(outfd ? p[1] : devnull, 1);
-		dup2(devnull, 2);
+		if (getenv("ENVELOPE_TEST_VERBOSE") == NULL)
+			dup2(devnull, 2);
 		close(p[0]);
 		close(p[1]);
 		execvp(argv[0], argv);
@@ -177,7 +179,7 @@ start_services(void)
 	while (!http_get_ok(moto_url))
 	{
 		if (now_s() > deadline || waitpid(moto_pid, NULL, WNOHANG) != 0)
-			die("moto did not start (is moto installed for $PYTHON?)");
+			die("moto did not start (does $ENVELOPE_PYTHON have moto?)");
 		usleep(200000);
 	}
 
@@ -817,7 +819,8 @@ main(void)
 			   *arn2,
 			   *key_id;
 
-	python = getenv("PYTHON") && *getenv("PYTHON") ? getenv("PYTHON") : "python3";
+	python = getenv("ENVELOPE_PYTHON") && *getenv("ENVELOPE_PYTHON") ?
+		getenv("ENVELOPE_PYTHON") : "python3";
 	srcdir = getenv("ENVELOPE_SRCDIR") && *getenv("ENVELOPE_SRCDIR") ?
 		getenv("ENVELOPE_SRCDIR") : ".";
 	signal(SIGPIPE, SIG_IGN);
