@@ -13,6 +13,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(time);
 use EnvelopeKms;
 
 my $kms = EnvelopeKms->new;
@@ -90,6 +91,24 @@ for my $case (
 		ok($n >= 3 && $n <= 6, "$mode: 3 attempts ($n requests)");
 	}
 }
+
+# a KMS that never answers: each attempt times out (and is retried), then 08006
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'hang', count => -1, seconds => 30);
+my $t0 = time();
+my ($st, $e) = EnvelopeKms::psql_error($node, "SET envelope.kms_timeout = '300ms'; $decrypt");
+my $took = time() - $t0;
+is($st, '08006', 'hung KMS: connection_failure after the timeouts');
+like($e, qr/KMS Decrypt failed for key version 1 of tenant "acme": timeout/, 'says timeout');
+is($kms->count('Decrypt', 'requests'), 3, 'hung KMS: 3 attempts of 300 ms');
+cmp_ok($took, '<', 5, sprintf('and gave up in %.1fs', $took));
+
+# a body that trickles in is cut off by the same limit
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'slow_body', count => -1, seconds => 30);
+($st) = EnvelopeKms::psql_error($node,
+	"SET envelope.kms_timeout = '500ms'; SET envelope.kms_retries = 0; $decrypt");
+is($st, '08006', 'slow body: cut off by kms_timeout');
 
 # throttled GenerateDataKey: the retry count holds for every operation
 $kms->reset_proxy;
