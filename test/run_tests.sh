@@ -47,7 +47,25 @@ mkdir -p "$WORK/test/tmp"
 [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK"
 chmod 0755 "$WORK"
 
-as_server_user() { "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" TESTDATA_DIR="$TESTDATA_DIR" "$@"; }
+# The KMS tests run moto with the interpreter that has it (python3 of whoever runs
+# this script).  When that interpreter lives under root's home (pyenv), the server user
+# must be able to reach it: grant traverse-only (o+x) on the directories leading to it,
+# nothing more.  ENVELOPE_PYTHON, not PYTHON: PGXS sets PYTHON for everything make runs.
+ENVELOPE_PYTHON="${ENVELOPE_PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}"
+export ENVELOPE_PYTHON
+if [ "$(id -u)" -eq 0 ]; then
+    d="$(dirname "$ENVELOPE_PYTHON")"
+    while [ "$d" != / ]; do chmod o+x "$d"; d="$(dirname "$d")"; done
+    if ! runuser -u postgres -- "$ENVELOPE_PYTHON" -c 'import moto.server, boto3' 2>/dev/null; then
+        echo "the postgres user cannot import moto and boto3 with $ENVELOPE_PYTHON" >&2
+        exit 1
+    fi
+fi
+
+as_server_user() {
+    "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" TESTDATA_DIR="$TESTDATA_DIR" \
+        ENVELOPE_PYTHON="$ENVELOPE_PYTHON" "$@"
+}
 
 failed=()
 
