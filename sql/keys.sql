@@ -71,3 +71,17 @@ SELECT count(*) FROM acme_rows WHERE envelope.decrypt_text('acme', v) LIKE 'row 
 SELECT kms_decrypt_calls - :before AS kms_decrypts, hits > :hits_before AS shared_hit
   FROM envelope.cache_stats;
 DROP TABLE acme_rows;
+
+-- Rewrap with the local provider: it holds one master key, so moving to it again moves
+-- nothing (each wrapped DEK gets a fresh nonce), and any other key is unknown to it.
+SELECT envelope.rewrap('local', 'acme') AS moved;
+SELECT envelope.decrypt_text('acme', envelope.encrypt('acme', 'after rewrap'));
+\set VERBOSITY terse
+SELECT envelope.rewrap('local:0000000000000000', 'acme');
+\set VERBOSITY default
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.rewrap('', 'acme');
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.rewrap('local', 'nobody');
+\echo :LAST_ERROR_SQLSTATE
+SELECT kms_reencrypt_calls > 0 AS reencrypt_counted FROM envelope.cache_stats;

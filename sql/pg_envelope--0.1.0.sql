@@ -144,6 +144,11 @@ CREATE FUNCTION envelope.destroy_tenant(tenant text)
     AS 'MODULE_PATHNAME', 'envelope_destroy_tenant'
     LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 
+CREATE FUNCTION envelope.rewrap(new_kms_key text, tenant text DEFAULT NULL)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'envelope_rewrap'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
 CREATE FUNCTION envelope.cache_flush()
     RETURNS void
     AS 'MODULE_PATHNAME', 'envelope_cache_flush'
@@ -192,6 +197,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.enable_tenant(text),
     envelope.retire_key_version(text, integer),
     envelope.destroy_tenant(text),
+    envelope.rewrap(text, text),
     envelope.cache_flush(),
     envelope.cache_stats()
     TO envelope_admin;

@@ -29,6 +29,7 @@ PG_FUNCTION_INFO_V1(envelope_disable_tenant);
 PG_FUNCTION_INFO_V1(envelope_enable_tenant);
 PG_FUNCTION_INFO_V1(envelope_retire_key_version);
 PG_FUNCTION_INFO_V1(envelope_destroy_tenant);
+PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
@@ -311,7 +312,7 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 
 	wrapped = new_wrapped_dek(tenant, 1, provider, kms_key, &key_arn);
 	/* A concurrent create of the same name fails here on the primary key. */
-	keystore_create_tenant(tenant, provider, key_arn, wrapped);
+	keystore_create_tenant(tenant, provider, kms_key[0] ? kms_key : key_arn, key_arn, wrapped);
 	PG_RETURN_INT32(1);
 }
 
@@ -387,6 +388,67 @@ envelope_destroy_tenant(PG_FUNCTION_ARGS)
 	keystore_destroy_tenant(tenant);
 	keycache_schedule_purge(rec.tenant_id, 0);
 	PG_RETURN_VOID();
+}
+
+/*
+ * Move stored DEKs under another master key with the KMS's ReEncrypt: the DEKs (and so
+ * every stored value) stay the same, only their wrapping changes, and the plaintext DEK
+ * never leaves the KMS.  The tenants' master key for new DEKs becomes `new_kms_key` too.
+ * Returns how many DEKs changed master key; running it again moves nothing more, so an
+ * interrupted run is simply run again (per tenant, for large estates).
+ */
+Datum
+envelope_rewrap(PG_FUNCTION_ARGS)
+{
+	char	   *new_kms_key;
+	char	   *only_tenant = NULL;
+	char	   *dest_arn = NULL;
+	List	   *keys;
+	ListCell   *lc;
+	int64		moved = 0;
+	char	   *last_tenant = NULL;
+
+	if (PG_ARGISNULL(0) || VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(0)) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("new master key must not be empty")));
+	new_kms_key = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	if (!PG_ARGISNULL(1))
+	{
+		only_tenant = tenant_arg(fcinfo, 1);
+		(void) lock_tenant(only_tenant);
+	}
+
+	keys = keystore_lock_keys_for_rewrap(only_tenant);
+	foreach(lc, keys)
+	{
+		StoredKey  *key = lfirst(lc);
+		bytea	   *new_wrapped;
+		char	   *arn;
+
+		CHECK_FOR_INTERRUPTS();
+		/* Already there: nothing to do (an alias is only known after one call). */
+		if (strcmp(key->kms_key, new_kms_key) == 0 ||
+			(dest_arn != NULL && strcmp(key->kms_key, dest_arn) == 0))
+			continue;
+		new_wrapped = envelope_kms_reencrypt(key->kms_provider, key->kms_key, new_kms_key,
+											 key->tenant, (uint32) key->version,
+											 key->wrapped, &arn);
+		dest_arn = arn;
+		if (strcmp(arn, key->kms_key) != 0)
+		{
+			keystore_set_wrapping(key->tenant, key->version, arn, new_wrapped);
+			moved++;
+		}
+		if (last_tenant == NULL || strcmp(last_tenant, key->tenant) != 0)
+		{
+			keystore_set_tenant_kms_key(key->tenant, new_kms_key);
+			last_tenant = key->tenant;
+		}
+	}
+	if (only_tenant != NULL)
+		keystore_set_tenant_kms_key(only_tenant, new_kms_key);
+	PG_RETURN_INT64(moved);
 }
 
 Datum

@@ -16,6 +16,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
+#include "nodes/pg_list.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -286,22 +287,27 @@ keystore_modify(const char *sql, int nargs, Oid *argtypes, Datum *values, const 
 	return processed;
 }
 
+/*
+ * The tenant records the master key as it was given (an alias keeps following its
+ * target for new DEKs); each DEK records the canonical key id the KMS actually used.
+ */
 int32
-keystore_create_tenant(const char *tenant, const char *kms_provider, const char *kms_key,
-					   const bytea *wrapped)
+keystore_create_tenant(const char *tenant, const char *kms_provider,
+					   const char *tenant_kms_key, const char *key_arn, const bytea *wrapped)
 {
-	Oid			argtypes[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
-	Datum		values[4] = {
+	Oid			argtypes[5] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID, TEXTOID};
+	Datum		values[5] = {
 		CStringGetTextDatum(tenant), CStringGetTextDatum(kms_provider),
-		CStringGetTextDatum(kms_key), PointerGetDatum(wrapped)
+		CStringGetTextDatum(key_arn), PointerGetDatum(wrapped),
+		CStringGetTextDatum(tenant_kms_key)
 	};
 
 	keystore_modify("INSERT INTO envelope.tenant (tenant, active_version, kms_provider, kms_key)"
-					" VALUES ($1, 1, $2, $3)",
-					3, argtypes, values, NULL);
+					" VALUES ($1, 1, $2, $5)",
+					5, argtypes, values, NULL);
 	keystore_modify("INSERT INTO envelope.data_key (tenant, version, kms_provider, kms_key, wrapped_dek)"
 					" VALUES ($1, 1, $2, $3, $4)",
-					4, argtypes, values, NULL);
+					5, argtypes, values, NULL);
 	return 1;
 }
 
@@ -385,4 +391,83 @@ keystore_destroy_tenant(const char *tenant)
 	keystore_modify("UPDATE envelope.tenant SET state = 'destroyed'"
 					" WHERE tenant OPERATOR(pg_catalog.=) $1",
 					1, argtypes, values, NULL);
+}
+
+/*
+ * Every stored (not destroyed) DEK of one tenant, or of all tenants when `tenant` is
+ * NULL, locked against concurrent key management until the transaction ends.
+ */
+List *
+keystore_lock_keys_for_rewrap(const char *tenant)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+	char		nulls[1] = {tenant ? ' ' : 'n'};
+	List	   *keys = NIL;
+	int			ret;
+
+	values[0] = tenant ? CStringGetTextDatum(tenant) : (Datum) 0;
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT d.tenant, d.version, d.kms_provider, d.kms_key, d.wrapped_dek"
+								"  FROM envelope.data_key d"
+								" WHERE d.wrapped_dek IS NOT NULL"
+								"   AND ($1 IS NULL OR d.tenant OPERATOR(pg_catalog.=) $1)"
+								" ORDER BY d.tenant, d.version"
+								"   FOR UPDATE",
+								1, argtypes, values, nulls, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext old;
+		StoredKey  *key;
+		bool		isnull;
+		Datum		wrapped;
+
+		old = MemoryContextSwitchTo(caller_cxt);
+		key = palloc0(sizeof(StoredKey));
+		MemoryContextSwitchTo(old);
+		key->tenant = copy_text_column(tuple, desc, 1, caller_cxt);
+		key->version = int_column(tuple, desc, 2);
+		key->kms_provider = copy_text_column(tuple, desc, 3, caller_cxt);
+		key->kms_key = copy_text_column(tuple, desc, 4, caller_cxt);
+		wrapped = SPI_getbinval(tuple, desc, 5, &isnull);
+		old = MemoryContextSwitchTo(caller_cxt);
+		key->wrapped = DatumGetByteaPCopy(wrapped);
+		keys = lappend(keys, key);
+		MemoryContextSwitchTo(old);
+	}
+	keystore_leave(&session);
+	return keys;
+}
+
+/* Record a new wrapping of the same DEK: the key material itself does not change. */
+void
+keystore_set_wrapping(const char *tenant, int32 version, const char *kms_key,
+					  const bytea *wrapped)
+{
+	Oid			argtypes[4] = {TEXTOID, INT4OID, TEXTOID, BYTEAOID};
+	Datum		values[4] = {
+		CStringGetTextDatum(tenant), Int32GetDatum(version),
+		CStringGetTextDatum(kms_key), PointerGetDatum(wrapped)
+	};
+
+	keystore_modify("UPDATE envelope.data_key SET kms_key = $3, wrapped_dek = $4"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1 AND version OPERATOR(pg_catalog.=) $2",
+					4, argtypes, values, NULL);
+}
+
+void
+keystore_set_tenant_kms_key(const char *tenant, const char *kms_key)
+{
+	Oid			argtypes[2] = {TEXTOID, TEXTOID};
+	Datum		values[2] = {CStringGetTextDatum(tenant), CStringGetTextDatum(kms_key)};
+
+	keystore_modify("UPDATE envelope.tenant SET kms_key = $2"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					2, argtypes, values, NULL);
 }

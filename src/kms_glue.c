@@ -205,3 +205,44 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 		report_kms_error(ENVELOPE_KMS_DECRYPT, provider_name, tenant, version, &err);
 	}
 }
+
+/*
+ * Re-wrap a stored DEK under another master key inside the KMS; the plaintext DEK never
+ * reaches this process.  Returns the new wrapped DEK; *dest_key_arn receives the
+ * canonical id of the master key that now wraps it.
+ */
+bytea *
+envelope_kms_reencrypt(const char *provider_name, const char *source_key,
+					   const char *dest_key, const char *tenant, uint32 version,
+					   const bytea *wrapped, char **dest_key_arn)
+{
+	const KmsProvider *provider = provider_or_error(provider_name);
+	KmsConfig	cfg;
+	KmsError	err;
+	KmsEncryptionContext ec = {tenant, version};
+	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
+	char	   *arn = palloc0(KMS_KEY_ID_MAX);
+	size_t		len = 0;
+	KmsStatus	status;
+	instr_time	start;
+	bytea	   *result;
+
+	fill_config(&cfg);
+	memset(&err, 0, sizeof(err));
+	INSTR_TIME_SET_CURRENT(start);
+	status = provider->reencrypt(&cfg, source_key, dest_key, &ec,
+								 (const uint8 *) VARDATA_ANY(wrapped),
+								 VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn, &err);
+	keycache_record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
+	if (status != KMS_OK)
+		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
+	if (len == 0 || len > KMS_WRAPPED_MAX)
+		elog(ERROR, "KMS provider %s returned a wrapped key of %zu bytes", provider_name, len);
+
+	result = palloc(VARHDRSZ + len);
+	SET_VARSIZE(result, VARHDRSZ + len);
+	memcpy(VARDATA(result), buf, len);
+	pfree(buf);
+	*dest_key_arn = arn;
+	return result;
+}

@@ -7,6 +7,8 @@
 
 #include "compat.h"
 
+#include "nodes/pg_list.h"
+
 #include "cipher.h"
 #include "kms.h"
 
@@ -42,6 +44,10 @@ extern void envelope_kms_generate(const char *provider, const char *kms_key,
 extern void envelope_kms_decrypt(const char *provider, const char *kms_key,
 								 const char *tenant, uint32 version,
 								 const bytea *wrapped, uint8 dek[KMS_DEK_LEN]);
+extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_key,
+									 const char *dest_key, const char *tenant,
+									 uint32 version, const bytea *wrapped,
+									 char **dest_key_arn);
 
 /* ---- key store (keystore.c): the tables, read and written as their owner ---- */
 typedef enum TenantState
@@ -78,7 +84,22 @@ typedef struct DataKeyRecord
 extern bool keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out);
 extern bool keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out);
 extern int32 keystore_create_tenant(const char *tenant, const char *kms_provider,
-									const char *kms_key, const bytea *wrapped);
+									const char *tenant_kms_key, const char *key_arn,
+									const bytea *wrapped);
+/* One stored DEK, as rewrap walks them. */
+typedef struct StoredKey
+{
+	char	   *tenant;
+	int32		version;
+	char	   *kms_provider;
+	char	   *kms_key;
+	bytea	   *wrapped;
+} StoredKey;
+
+extern List *keystore_lock_keys_for_rewrap(const char *tenant);
+extern void keystore_set_wrapping(const char *tenant, int32 version, const char *kms_key,
+								  const bytea *wrapped);
+extern void keystore_set_tenant_kms_key(const char *tenant, const char *kms_key);
 extern int32 keystore_max_version(const char *tenant);
 extern void keystore_add_version(const char *tenant, int32 version, const char *kms_provider,
 								 const char *kms_key, const bytea *wrapped);

@@ -39,7 +39,8 @@ else
     RUN_AS=()
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/pg_envelope_test.XXXXXX")"
 fi
-cleanup() { rm -rf "$WORK"; }
+# KEEP_WORK=1 keeps the copy (results/, logs) for a look after a failure.
+cleanup() { [ -n "${KEEP_WORK:-}" ] && echo "kept $WORK" || rm -rf "$WORK"; }
 trap cleanup EXIT
 cp -a "$ROOT/." "$WORK/"
 rm -rf "$WORK/test/tmp" "$WORK/results" "$WORK/tmp_check"
