@@ -65,19 +65,34 @@ envelope_check_tenant(const char *tenant, size_t len)
 	}
 }
 
+/*
+ * Bind to the logical names in UTF-8, whatever the database encoding, so a value
+ * restored into a database of another encoding still authenticates.  In a UTF-8 (or
+ * SQL_ASCII) database this is a pointer comparison per row.
+ */
+static const char *
+binding_bytes(const char *s, size_t *len)
+{
+	const char *utf8 = pg_server_to_any(s, (int) *len, PG_UTF8);
+
+	if (utf8 != s)
+		*len = strlen(utf8);
+	return utf8;
+}
+
 static CipherBinding
 make_binding(FunctionCallInfo fcinfo, text *tenant, int context_arg)
 {
 	CipherBinding b;
 
-	b.tenant = VARDATA_ANY(tenant);
 	b.tenant_len = VARSIZE_ANY_EXHDR(tenant);
+	b.tenant = binding_bytes(VARDATA_ANY(tenant), &b.tenant_len);
 	if (PG_NARGS() > context_arg && !PG_ARGISNULL(context_arg))
 	{
 		text	   *context = PG_GETARG_TEXT_PP(context_arg);
 
-		b.context = VARDATA_ANY(context);
 		b.context_len = VARSIZE_ANY_EXHDR(context);
+		b.context = binding_bytes(VARDATA_ANY(context), &b.context_len);
 	}
 	else
 	{
@@ -116,7 +131,7 @@ encrypt_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
 						   (size_t) (MaxAllocSize - VARHDRSZ - CIPHER_OVERHEAD)),
 				 errhidestmt(true)));
 
-	ref = keycache_key_for_encrypt(binding.tenant, binding.tenant_len);
+	ref = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
 	result = palloc(VARHDRSZ + len + CIPHER_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_OVERHEAD);
 	cs = cipher_next_nonce(nonce);
@@ -171,7 +186,7 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 				 errdetail("It is too short or has an unknown format byte."),
 				 errhidestmt(true)));
 
-	key = keycache_key_for_decrypt(binding.tenant, binding.tenant_len, version);
+	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version);
 	result = palloc(VARHDRSZ + in_len - CIPHER_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + in_len - CIPHER_OVERHEAD);
 	cs = cipher_decrypt(key, &binding, in, in_len, (uint8 *) VARDATA(result));
@@ -181,7 +196,7 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("could not decrypt value for tenant \"%.*s\"",
-						(int) binding.tenant_len, binding.tenant),
+						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
 				 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
 				 errhidestmt(true)));
 	}

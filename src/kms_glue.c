@@ -10,6 +10,7 @@
 
 #include "miscadmin.h"
 #include "portability/instr_time.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 
 static const char *const op_names[ENVELOPE_KMS_NOPS] = {
@@ -54,6 +55,20 @@ fill_config(KmsConfig *cfg)
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;
 	cfg->interrupted = backend_interrupted;
+}
+
+/*
+ * The encryption context a KMS binds and logs is JSON, so always UTF-8: convert the
+ * tenant from the database encoding (a no-op in UTF-8 databases and for ASCII).
+ */
+static KmsEncryptionContext
+context_for(const char *tenant, uint32 version)
+{
+	KmsEncryptionContext ec;
+
+	ec.tenant = pg_server_to_any(tenant, strlen(tenant), PG_UTF8);
+	ec.version = version;
+	return ec;
 }
 
 static int
@@ -154,7 +169,7 @@ envelope_kms_generate(const char *provider_name, const char *kms_key,
 	const KmsProvider *provider = provider_or_error(provider_name);
 	KmsConfig	cfg;
 	KmsError	err;
-	KmsEncryptionContext ec = {tenant, version};
+	KmsEncryptionContext ec = context_for(tenant, version);
 	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
 	char	   *arn = palloc0(KMS_KEY_ID_MAX);
 	size_t		len = 0;
@@ -189,7 +204,7 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 	const KmsProvider *provider = provider_or_error(provider_name);
 	KmsConfig	cfg;
 	KmsError	err;
-	KmsEncryptionContext ec = {tenant, version};
+	KmsEncryptionContext ec = context_for(tenant, version);
 	KmsStatus	status;
 	instr_time	start;
 
@@ -219,7 +234,7 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 	const KmsProvider *provider = provider_or_error(provider_name);
 	KmsConfig	cfg;
 	KmsError	err;
-	KmsEncryptionContext ec = {tenant, version};
+	KmsEncryptionContext ec = context_for(tenant, version);
 	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
 	char	   *arn = palloc0(KMS_KEY_ID_MAX);
 	size_t		len = 0;

@@ -75,6 +75,26 @@ is($node->safe_psql('restored',
 	'40', 'the restored database decrypts every row');
 is($node->safe_psql('restored', "SELECT envelope.create_tenant('after-restore')"), '1',
 	'new tenants can be created after a restore');
+
+# ---- A non-ASCII tenant in a LATIN1 database: the KMS context and the binding are UTF-8,
+# so the dump restores into a UTF-8 database and still decrypts.
+$node->safe_psql('postgres',
+	"CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+$node->safe_psql('latin1', q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('café');
+CREATE TABLE data AS SELECT 'café'::text AS tenant, envelope.encrypt('café', 'crème', 'ctx') AS v;
+});
+is($node->safe_psql('latin1', "SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM data"),
+	'crème', 'a LATIN1 database encrypts for a non-ASCII tenant');
+my $dump1 = "$keydir/latin1.sql";
+$node->command_ok([ 'pg_dump', '-d', $node->connstr('latin1'), '-f', $dump1 ], 'pg_dump of the LATIN1 database');
+$node->safe_psql('postgres', "CREATE DATABASE utf8copy ENCODING 'UTF8' TEMPLATE template0");
+$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('utf8copy'), '-f', $dump1 ],
+	'restore into a UTF-8 database');
+$node->safe_psql('utf8copy', 'SELECT envelope.cache_flush()');
+is($node->safe_psql('utf8copy', "SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM data"),
+	'crème', 'and decrypts there');
 $node->stop;
 
 # ---- Not preloaded: works with a per-backend cache and says so once.
