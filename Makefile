@@ -13,7 +13,7 @@ OBJS = $(SRCS:.c=.o)
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
-REGRESS = setup cipher errors roles keys
+REGRESS = setup cipher deterministic errors roles keys
 TEST_TMP ?= $(CURDIR)/test/tmp
 REGRESS_OPTS = --temp-instance=$(TEST_TMP)/regress_instance \
 	--temp-config=$(TEST_TMP)/regress.conf
@@ -46,3 +46,7 @@ test/unit/%: test/unit/%.c $(PURE_SRCS) test/unit/unit.h
 .PHONY: unit
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ./$$t; done
+
+# PGXS does not track header dependencies: rebuild every object when a header changes
+# (structures such as CipherKey are embedded by value across files).
+$(OBJS): $(wildcard src/*.h)

@@ -53,7 +53,7 @@ SELECT envelope.decrypt_text('acme', substr(v, 1, 20)) FROM ct;
 \echo :LAST_ERROR_SQLSTATE
 SELECT envelope.decrypt_text('acme', '\x');
 \echo :LAST_ERROR_SQLSTATE
-SELECT envelope.decrypt_text('acme', '\x02000000010102030405060708090a0b0c0d0e0f101112131415161718191a1b1c');
+SELECT envelope.decrypt_text('acme', '\x7f000000010102030405060708090a0b0c0d0e0f101112131415161718191a1b1c');
 \echo :LAST_ERROR_SQLSTATE
 SELECT envelope.key_version('\x0001');
 \echo :LAST_ERROR_SQLSTATE

@@ -105,6 +105,26 @@ CREATE FUNCTION envelope.decrypt_text(tenant text, ciphertext bytea, context tex
     AS 'MODULE_PATHNAME', 'envelope_decrypt_text'
     LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
 
+-- Deterministic encryption (AES-256-SIV): equal plaintexts give equal ciphertexts, for
+-- equality lookups and unique indexes, at the price of revealing which values are
+-- equal.  decrypt/decrypt_text read these values too.  STABLE: the result depends on
+-- the key store.
+CREATE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext text, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_text'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_bytea'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- A keyed hash (HMAC-SHA256) of a value, per tenant: index it, look it up, never read it.
+CREATE FUNCTION envelope.blind_index(tenant text, value text)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_blind_index'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
 CREATE FUNCTION envelope.key_version(ciphertext bytea)
     RETURNS integer
     AS 'MODULE_PATHNAME', 'envelope_key_version'
@@ -187,6 +207,9 @@ GRANT EXECUTE ON FUNCTION
     envelope.encrypt(text, bytea, text),
     envelope.decrypt(text, bytea, text),
     envelope.decrypt_text(text, bytea, text),
+    envelope.encrypt_deterministic(text, text, text),
+    envelope.encrypt_deterministic(text, bytea, text),
+    envelope.blind_index(text, text),
     envelope.key_version(bytea)
     TO envelope_user;
 

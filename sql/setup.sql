@@ -10,7 +10,7 @@ SELECT capacity, entries, shared FROM envelope.cache_stats;
 
 -- Volatility, strictness, parallel safety, security: decrypt is never immutable.
 SELECT p.oid::regprocedure AS function, provolatile, proisstrict, proparallel, prosecdef
-  FROM pg_proc p WHERE pronamespace = 'envelope'::regnamespace ORDER BY 1::text;
+  FROM pg_proc p WHERE pronamespace = 'envelope'::regnamespace ORDER BY p.oid::regprocedure::text;
 
 -- PUBLIC holds nothing.
 SELECT p.oid::regprocedure AS public_can_execute

@@ -8,8 +8,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <stdlib.h>
+
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/kdf.h>
 #include <openssl/rand.h>
 
 #include "cipher.h"
@@ -62,14 +66,49 @@ cipher_next_nonce(uint8_t nonce[CIPHER_NONCE_LEN])
 	return CIPHER_OK;
 }
 
+static const char siv_label[] = "pg_envelope deterministic v1";
+static const char index_label[] = "pg_envelope blind index v1";
+
+/* HKDF-SHA256 of the DEK with a label: independent subkeys for each use of one DEK. */
+static int
+derive_subkey(const uint8_t raw[CIPHER_KEY_LEN], const char *label,
+			  uint8_t *out, size_t out_len)
+{
+	EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, NULL);
+	size_t		len = out_len;
+	int			ok;
+
+	ok = pctx != NULL &&
+		EVP_PKEY_derive_init(pctx) == 1 &&
+		EVP_PKEY_CTX_set_hkdf_md(pctx, EVP_sha256()) == 1 &&
+		EVP_PKEY_CTX_set1_hkdf_key(pctx, raw, CIPHER_KEY_LEN) == 1 &&
+		EVP_PKEY_CTX_add1_hkdf_info(pctx, (const unsigned char *) label, (int) strlen(label)) == 1 &&
+		EVP_PKEY_derive(pctx, out, &len) == 1 && len == out_len;
+	EVP_PKEY_CTX_free(pctx);
+	return ok;
+}
+
+/* AES-256-SIV comes from OpenSSL 3's default provider; fetched once per process. */
+static const EVP_CIPHER *
+aes_siv(void)
+{
+	static EVP_CIPHER *cipher = NULL;
+
+	if (cipher == NULL)
+		cipher = EVP_CIPHER_fetch(NULL, "AES-256-SIV", NULL);
+	return cipher;
+}
+
 CipherStatus
 cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
 {
 	EVP_CIPHER_CTX *enc = EVP_CIPHER_CTX_new();
 	EVP_CIPHER_CTX *dec = EVP_CIPHER_CTX_new();
+	EVP_CIPHER_CTX *siv = EVP_CIPHER_CTX_new();
+	uint8_t		siv_key[CIPHER_SIV_KEY_LEN];
 
-	key->enc = key->dec = NULL;
-	if (enc == NULL || dec == NULL)
+	memset(key, 0, sizeof(*key));
+	if (enc == NULL || dec == NULL || siv == NULL || aes_siv() == NULL)
 		goto fail;
 
 	/* Set the cipher and IV length first, then the key: the schedule is kept. */
@@ -82,14 +121,25 @@ cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
 		EVP_DecryptInit_ex(dec, NULL, NULL, raw, NULL) != 1)
 		goto fail;
 
+	/* A keyed SIV template, copied per value; the blind index's HMAC key. */
+	if (!derive_subkey(raw, siv_label, siv_key, sizeof(siv_key)) ||
+		EVP_CipherInit_ex(siv, aes_siv(), NULL, siv_key, NULL, 1) != 1 ||
+		!derive_subkey(raw, index_label, key->index_key, sizeof(key->index_key)))
+		goto fail;
+	cipher_wipe(siv_key, sizeof(siv_key));
+
 	key->enc = enc;
 	key->dec = dec;
+	key->siv = siv;
 	return CIPHER_OK;
 
 fail:
-	/* EVP_CIPHER_CTX_free cleanses the key schedule. */
+	/* EVP_CIPHER_CTX_free cleanses the key schedules. */
+	cipher_wipe(siv_key, sizeof(siv_key));
+	cipher_wipe(key->index_key, sizeof(key->index_key));
 	EVP_CIPHER_CTX_free(enc);
 	EVP_CIPHER_CTX_free(dec);
+	EVP_CIPHER_CTX_free(siv);
 	return CIPHER_ERR_INTERNAL;
 }
 
@@ -100,7 +150,9 @@ cipher_key_free(CipherKey *key)
 		return;
 	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->enc);
 	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->dec);
-	key->enc = key->dec = NULL;
+	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->siv);
+	cipher_wipe(key->index_key, sizeof(key->index_key));
+	key->enc = key->dec = key->siv = NULL;
 }
 
 static inline void
@@ -202,11 +254,25 @@ fail:
 CipherStatus
 cipher_peek_version(const uint8_t *in, size_t in_len, uint32_t *version)
 {
-	if (in_len < CIPHER_OVERHEAD || in[0] != CIPHER_FORMAT_GCM_V1)
+	if (in_len < 1 ||
+		(in[0] == CIPHER_FORMAT_GCM_V1 && in_len < CIPHER_OVERHEAD) ||
+		(in[0] == CIPHER_FORMAT_SIV_V1 && in_len < CIPHER_SIV_OVERHEAD) ||
+		(in[0] != CIPHER_FORMAT_GCM_V1 && in[0] != CIPHER_FORMAT_SIV_V1))
 		return CIPHER_ERR_FORMAT;
 	*version = get_be32(in + 1);
 	if (*version == 0)
 		return CIPHER_ERR_FORMAT;
+	return CIPHER_OK;
+}
+
+CipherStatus
+cipher_plaintext_len(const uint8_t *in, size_t in_len, size_t *len)
+{
+	uint32_t	version;
+
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK)
+		return CIPHER_ERR_FORMAT;
+	*len = in_len - (in[0] == CIPHER_FORMAT_GCM_V1 ? CIPHER_OVERHEAD : CIPHER_SIV_OVERHEAD);
 	return CIPHER_OK;
 }
 
@@ -231,6 +297,9 @@ cipher_encrypt(const CipherKey *key, uint32_t version,
 						 out + CIPHER_HEADER_LEN + plain_len);
 }
 
+static CipherStatus siv_decrypt_envelope(const CipherKey *key, const CipherBinding *binding,
+										 const uint8_t *in, size_t in_len, uint8_t *out);
+
 CipherStatus
 cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 			   const uint8_t *in, size_t in_len, uint8_t *out)
@@ -241,6 +310,8 @@ cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 
 	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK)
 		return CIPHER_ERR_FORMAT;
+	if (in[0] == CIPHER_FORMAT_SIV_V1)
+		return siv_decrypt_envelope(key, binding, in, in_len, out);
 	body_len = in_len - CIPHER_OVERHEAD;
 
 	if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, in + 5) != 1 ||
@@ -276,4 +347,222 @@ cipher_gcm_open(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
 		!aad_update(ctx, false, aad, aad_len))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_open_body(ctx, in, in_len, tag, out);
+}
+
+/* ---------------------------------------------------------------------------
+ * Deterministic encryption (AES-256-SIV) and the blind index.
+ */
+
+/*
+ * The deterministic format's AAD, as one contiguous S2V component:
+ * header(5) || len(tenant) || tenant || presence [|| len(context) || context].
+ */
+static uint8_t *
+build_siv_aad(const uint8_t *header, const CipherBinding *binding, size_t *aad_len)
+{
+	size_t		len = CIPHER_SIV_HEADER_LEN + 4 + binding->tenant_len + 1 +
+		(binding->context ? 4 + binding->context_len : 0);
+	uint8_t    *aad = malloc(len);
+	size_t		pos = 0;
+
+	if (aad == NULL)
+		return NULL;
+	memcpy(aad, header, CIPHER_SIV_HEADER_LEN);
+	pos = CIPHER_SIV_HEADER_LEN;
+	put_be32(aad + pos, (uint32_t) binding->tenant_len);
+	pos += 4;
+	memcpy(aad + pos, binding->tenant, binding->tenant_len);
+	pos += binding->tenant_len;
+	aad[pos++] = binding->context ? 1 : 0;
+	if (binding->context)
+	{
+		put_be32(aad + pos, (uint32_t) binding->context_len);
+		pos += 4;
+		memcpy(aad + pos, binding->context, binding->context_len);
+		pos += binding->context_len;
+	}
+	*aad_len = pos;
+	return aad;
+}
+
+/*
+ * One AES-SIV operation on a context copied from a keyed template (SIV has no IV to
+ * reset).  `in` goes in as a single update, as SIV's two passes require.
+ */
+static CipherStatus
+siv_run(EVP_CIPHER_CTX *work, bool encrypting, const uint8_t *aad, size_t aad_len,
+		const uint8_t *in, size_t in_len, uint8_t *out, uint8_t *tag)
+{
+	int			outl = 0;
+	int			finl = 0;
+
+	if (!encrypting &&
+		EVP_CIPHER_CTX_ctrl(work, EVP_CTRL_AEAD_SET_TAG, CIPHER_SIV_TAG_LEN, tag) != 1)
+		return CIPHER_ERR_INTERNAL;
+	/* Exactly one AAD component, even an empty one (RFC 5297's S2V counts them). */
+	if (EVP_CipherUpdate(work, NULL, &outl, aad, (int) aad_len) != 1)
+		return CIPHER_ERR_INTERNAL;
+	if (EVP_CipherUpdate(work, out, &outl, in, (int) in_len) != 1 ||
+		EVP_CipherFinal_ex(work, out + outl, &finl) != 1)
+		return encrypting ? CIPHER_ERR_INTERNAL : CIPHER_ERR_AUTH;
+	if (encrypting &&
+		EVP_CIPHER_CTX_ctrl(work, EVP_CTRL_AEAD_GET_TAG, CIPHER_SIV_TAG_LEN, tag) != 1)
+		return CIPHER_ERR_INTERNAL;
+	return CIPHER_OK;
+}
+
+static EVP_CIPHER_CTX *
+siv_work_context(const CipherKey *key, bool encrypting)
+{
+	EVP_CIPHER_CTX *work = EVP_CIPHER_CTX_new();
+
+	if (work == NULL)
+		return NULL;
+	if (key->siv == NULL ||
+		EVP_CIPHER_CTX_copy(work, (EVP_CIPHER_CTX *) key->siv) != 1 ||
+		EVP_CipherInit_ex(work, NULL, NULL, NULL, NULL, encrypting ? 1 : 0) != 1)
+	{
+		EVP_CIPHER_CTX_free(work);
+		return NULL;
+	}
+	return work;
+}
+
+CipherStatus
+cipher_encrypt_deterministic(const CipherKey *key, uint32_t version,
+							 const CipherBinding *binding,
+							 const uint8_t *plain, size_t plain_len, uint8_t *out)
+{
+	EVP_CIPHER_CTX *work;
+	uint8_t    *aad;
+	uint8_t    *input;
+	size_t		aad_len;
+	CipherStatus status;
+
+	out[0] = CIPHER_FORMAT_SIV_V1;
+	put_be32(out + 1, version);
+	aad = build_siv_aad(out, binding, &aad_len);
+	input = malloc(plain_len + 1);
+	work = siv_work_context(key, true);
+	if (aad == NULL || input == NULL || work == NULL)
+		status = CIPHER_ERR_INTERNAL;
+	else
+	{
+		input[0] = 0x00;
+		memcpy(input + 1, plain, plain_len);
+		status = siv_run(work, true, aad, aad_len, input, plain_len + 1,
+						 out + CIPHER_SIV_HEADER_LEN + CIPHER_SIV_TAG_LEN,
+						 out + CIPHER_SIV_HEADER_LEN);
+	}
+	if (input != NULL)
+		cipher_wipe(input, plain_len + 1);
+	free(input);
+	free(aad);
+	EVP_CIPHER_CTX_free(work);
+	return status;
+}
+
+static CipherStatus
+siv_decrypt_envelope(const CipherKey *key, const CipherBinding *binding,
+					 const uint8_t *in, size_t in_len, uint8_t *out)
+{
+	size_t		body_len = in_len - CIPHER_SIV_HEADER_LEN - CIPHER_SIV_TAG_LEN;
+	EVP_CIPHER_CTX *work;
+	uint8_t    *aad;
+	uint8_t    *buf;
+	uint8_t		tag[CIPHER_SIV_TAG_LEN];
+	size_t		aad_len;
+	CipherStatus status;
+
+	memcpy(tag, in + CIPHER_SIV_HEADER_LEN, CIPHER_SIV_TAG_LEN);
+	aad = build_siv_aad(in, binding, &aad_len);
+	buf = malloc(body_len);
+	work = siv_work_context(key, false);
+	if (aad == NULL || buf == NULL || work == NULL)
+		status = CIPHER_ERR_INTERNAL;
+	else
+	{
+		status = siv_run(work, false, aad, aad_len,
+						 in + CIPHER_SIV_HEADER_LEN + CIPHER_SIV_TAG_LEN, body_len, buf, tag);
+		if (status == CIPHER_OK && buf[0] != 0x00)
+			status = CIPHER_ERR_AUTH;
+		if (status == CIPHER_OK)
+			memcpy(out, buf + 1, body_len - 1);
+		else
+			cipher_wipe(out, body_len - 1);
+	}
+	if (buf != NULL)
+		cipher_wipe(buf, body_len);
+	free(buf);
+	free(aad);
+	EVP_CIPHER_CTX_free(work);
+	return status;
+}
+
+CipherStatus
+cipher_blind_index(const CipherKey *key, const CipherBinding *binding,
+				   const uint8_t *value, size_t value_len, uint8_t out[CIPHER_INDEX_LEN])
+{
+	static EVP_MAC *hmac = NULL;
+	EVP_MAC_CTX *ctx;
+	OSSL_PARAM	params[2];
+	uint8_t		len[4];
+	size_t		outl = 0;
+	int			ok;
+
+	if (hmac == NULL)
+		hmac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+	if (hmac == NULL || (ctx = EVP_MAC_CTX_new(hmac)) == NULL)
+		return CIPHER_ERR_INTERNAL;
+	params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *) "SHA256", 0);
+	params[1] = OSSL_PARAM_construct_end();
+	put_be32(len, (uint32_t) binding->tenant_len);
+	ok = EVP_MAC_init(ctx, key->index_key, sizeof(key->index_key), params) == 1 &&
+		EVP_MAC_update(ctx, len, 4) == 1 &&
+		EVP_MAC_update(ctx, (const uint8_t *) binding->tenant, binding->tenant_len) == 1 &&
+		EVP_MAC_update(ctx, value, value_len) == 1 &&
+		EVP_MAC_final(ctx, out, &outl, CIPHER_INDEX_LEN) == 1 && outl == CIPHER_INDEX_LEN;
+	EVP_MAC_CTX_free(ctx);
+	return ok ? CIPHER_OK : CIPHER_ERR_INTERNAL;
+}
+
+static CipherStatus
+siv_raw(const uint8_t key[CIPHER_SIV_KEY_LEN], bool encrypting,
+		const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t in_len,
+		uint8_t *out, uint8_t *tag)
+{
+	EVP_CIPHER_CTX *work = EVP_CIPHER_CTX_new();
+	CipherStatus status;
+
+	if (work == NULL || aes_siv() == NULL ||
+		EVP_CipherInit_ex(work, aes_siv(), NULL, key, NULL, encrypting ? 1 : 0) != 1)
+		status = CIPHER_ERR_INTERNAL;
+	else
+		status = siv_run(work, encrypting, aad, aad_len, in, in_len, out, tag);
+	EVP_CIPHER_CTX_free(work);
+	return status;
+}
+
+CipherStatus
+cipher_siv_seal(const uint8_t key[CIPHER_SIV_KEY_LEN], const uint8_t *aad, size_t aad_len,
+				const uint8_t *plain, size_t plain_len, uint8_t *out)
+{
+	return siv_raw(key, true, aad, aad_len, plain, plain_len, out + CIPHER_SIV_TAG_LEN, out);
+}
+
+CipherStatus
+cipher_siv_open(const uint8_t key[CIPHER_SIV_KEY_LEN], const uint8_t *aad, size_t aad_len,
+				const uint8_t *in, size_t in_len, uint8_t *out)
+{
+	uint8_t		tag[CIPHER_SIV_TAG_LEN];
+	CipherStatus status;
+
+	if (in_len < CIPHER_SIV_TAG_LEN)
+		return CIPHER_ERR_FORMAT;
+	memcpy(tag, in, CIPHER_SIV_TAG_LEN);
+	status = siv_raw(key, false, aad, aad_len, in + CIPHER_SIV_TAG_LEN,
+					 in_len - CIPHER_SIV_TAG_LEN, out, tag);
+	if (status != CIPHER_OK)
+		cipher_wipe(out, in_len - CIPHER_SIV_TAG_LEN);
+	return status;
 }

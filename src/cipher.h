@@ -21,6 +21,22 @@
  *     header || len(tenant) || tenant || 0x01 || len(context) || context
  *
  * Any change to the header, the tenant or the context makes the tag check fail.
+ *
+ * Deterministic format (format byte 0x02, 22 bytes of overhead), for equality lookups
+ * and unique indexes: the same plaintext, tenant, context and key give the same bytes.
+ *
+ *     0       1     format byte: 0x02 = AES-256-SIV (RFC 5297)
+ *     1       4     DEK version, big-endian
+ *     5       16    synthetic IV
+ *     21      n+1   ciphertext of 0x00 || plaintext
+ *
+ * The SIV key is derived from the DEK with HKDF-SHA256; the AAD is one S2V component
+ * laid out as above with the 5-byte header.  The leading 0x00 keeps the SIV input
+ * non-empty: OpenSSL 3.0 mishandles empty AES-SIV plaintexts.
+ *
+ * Blind index: HMAC-SHA256 under another HKDF-derived key over len(tenant) || tenant
+ * || value; equal values give equal indexes, and nothing else can be learnt from them
+ * without the key.
  */
 #ifndef PG_ENVELOPE_CIPHER_H
 #define PG_ENVELOPE_CIPHER_H
@@ -36,6 +52,13 @@
 #define CIPHER_OVERHEAD		(CIPHER_HEADER_LEN + CIPHER_TAG_LEN)
 
 #define CIPHER_FORMAT_GCM_V1	0x01
+#define CIPHER_FORMAT_SIV_V1	0x02
+
+#define CIPHER_SIV_KEY_LEN		64
+#define CIPHER_SIV_TAG_LEN		16
+#define CIPHER_SIV_HEADER_LEN	(1 + 4)
+#define CIPHER_SIV_OVERHEAD		(CIPHER_SIV_HEADER_LEN + CIPHER_SIV_TAG_LEN + 1)
+#define CIPHER_INDEX_LEN		32
 
 typedef enum CipherStatus
 {
@@ -54,6 +77,8 @@ typedef struct CipherKey
 {
 	void	   *enc;			/* EVP_CIPHER_CTX * */
 	void	   *dec;			/* EVP_CIPHER_CTX * */
+	void	   *siv;			/* EVP_CIPHER_CTX *, keyed template for AES-SIV */
+	uint8_t		index_key[32];	/* HMAC key of the blind index */
 } CipherKey;
 
 /* What a value is bound to besides its header. */
@@ -68,8 +93,33 @@ typedef struct CipherBinding
 extern CipherStatus cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN]);
 extern void cipher_key_free(CipherKey *key);
 
-/* Parse the header of a stored value without decrypting it. */
+/* Parse the header of a stored value (either format) without decrypting it. */
 extern CipherStatus cipher_peek_version(const uint8_t *in, size_t in_len, uint32_t *version);
+
+/* Length of the plaintext inside a stored value of either format. */
+extern CipherStatus cipher_plaintext_len(const uint8_t *in, size_t in_len, size_t *len);
+
+/* Deterministic encryption into `out` (room for plain_len + CIPHER_SIV_OVERHEAD). */
+extern CipherStatus cipher_encrypt_deterministic(const CipherKey *key, uint32_t version,
+												 const CipherBinding *binding,
+												 const uint8_t *plain, size_t plain_len,
+												 uint8_t *out);
+
+/* Blind index of `value` for `tenant` (binding->context is ignored). */
+extern CipherStatus cipher_blind_index(const CipherKey *key, const CipherBinding *binding,
+									   const uint8_t *value, size_t value_len,
+									   uint8_t out[CIPHER_INDEX_LEN]);
+
+/*
+ * Plain AES-256-SIV with one AAD component, for published test vectors.  `out` of seal
+ * receives SIV || ciphertext.
+ */
+extern CipherStatus cipher_siv_seal(const uint8_t key[CIPHER_SIV_KEY_LEN],
+									const uint8_t *aad, size_t aad_len,
+									const uint8_t *plain, size_t plain_len, uint8_t *out);
+extern CipherStatus cipher_siv_open(const uint8_t key[CIPHER_SIV_KEY_LEN],
+									const uint8_t *aad, size_t aad_len,
+									const uint8_t *in, size_t in_len, uint8_t *out);
 
 /*
  * Encrypt `plain` into `out`, which has room for plain_len + CIPHER_OVERHEAD bytes.
@@ -82,8 +132,9 @@ extern CipherStatus cipher_encrypt(const CipherKey *key, uint32_t version,
 								   uint8_t *out);
 
 /*
- * Decrypt a stored value into `out` (room for in_len - CIPHER_OVERHEAD bytes).  On any
- * failure `out` is wiped: not a byte of unauthenticated plaintext is released.
+ * Decrypt a stored value of either format into `out` (room for the length given by
+ * cipher_plaintext_len).  On any failure `out` is wiped: not a byte of unauthenticated
+ * plaintext is released.
  */
 extern CipherStatus cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 								   const uint8_t *in, size_t in_len, uint8_t *out);

@@ -21,6 +21,9 @@
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
 PG_FUNCTION_INFO_V1(envelope_decrypt);
+PG_FUNCTION_INFO_V1(envelope_encrypt_deterministic_text);
+PG_FUNCTION_INFO_V1(envelope_encrypt_deterministic_bytea);
+PG_FUNCTION_INFO_V1(envelope_blind_index);
 PG_FUNCTION_INFO_V1(envelope_decrypt_text);
 PG_FUNCTION_INFO_V1(envelope_key_version);
 PG_FUNCTION_INFO_V1(envelope_create_tenant);
@@ -165,7 +168,87 @@ envelope_encrypt_bytea(PG_FUNCTION_ARGS)
 	PG_RETURN_BYTEA_P(encrypt_bytes(fcinfo, VARDATA_ANY(plaintext), VARSIZE_ANY_EXHDR(plaintext)));
 }
 
-/* Decrypt into a varlena of the same layout as bytea/text. */
+/*
+ * Deterministic values and blind indexes use the tenant's first DEK version, so that
+ * they stay equal across rotations: equality lookups and unique indexes keep working.
+ * Retiring or destroying version 1 ends them.
+ */
+#define ENVELOPE_EQUALITY_VERSION 1
+
+static bytea *
+encrypt_deterministic_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
+{
+	text	   *tenant = PG_GETARG_TEXT_PP(0);
+	CipherBinding binding = make_binding(fcinfo, tenant, 2);
+	const CipherKey *key;
+	bytea	   *result;
+	CipherStatus cs;
+
+	if (len > MaxAllocSize - VARHDRSZ - CIPHER_SIV_OVERHEAD)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("value is too large to encrypt"),
+				 errhidestmt(true)));
+	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
+								   ENVELOPE_EQUALITY_VERSION);
+	result = palloc(VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
+	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
+	cs = cipher_encrypt_deterministic(key, ENVELOPE_EQUALITY_VERSION, &binding,
+									  (const uint8 *) data, len, (uint8 *) VARDATA(result));
+	if (cs != CIPHER_OK)
+		raise_cipher_internal(cs);
+	return result;
+}
+
+Datum
+envelope_encrypt_deterministic_text(PG_FUNCTION_ARGS)
+{
+	text	   *plaintext;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	plaintext = PG_GETARG_TEXT_PP(1);
+	PG_RETURN_BYTEA_P(encrypt_deterministic_bytes(fcinfo, VARDATA_ANY(plaintext),
+												  VARSIZE_ANY_EXHDR(plaintext)));
+}
+
+Datum
+envelope_encrypt_deterministic_bytea(PG_FUNCTION_ARGS)
+{
+	bytea	   *plaintext;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	plaintext = PG_GETARG_BYTEA_PP(1);
+	PG_RETURN_BYTEA_P(encrypt_deterministic_bytes(fcinfo, VARDATA_ANY(plaintext),
+												  VARSIZE_ANY_EXHDR(plaintext)));
+}
+
+Datum
+envelope_blind_index(PG_FUNCTION_ARGS)
+{
+	text	   *tenant;
+	text	   *value;
+	CipherBinding binding;
+	const CipherKey *key;
+	bytea	   *result;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	tenant = PG_GETARG_TEXT_PP(0);
+	value = PG_GETARG_TEXT_PP(1);
+	binding = make_binding(fcinfo, tenant, 2);
+	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
+								   ENVELOPE_EQUALITY_VERSION);
+	result = palloc(VARHDRSZ + CIPHER_INDEX_LEN);
+	SET_VARSIZE(result, VARHDRSZ + CIPHER_INDEX_LEN);
+	if (cipher_blind_index(key, &binding, (const uint8 *) VARDATA_ANY(value),
+						   VARSIZE_ANY_EXHDR(value), (uint8 *) VARDATA(result)) != CIPHER_OK)
+		raise_cipher_internal(CIPHER_ERR_INTERNAL);
+	PG_RETURN_BYTEA_P(result);
+}
+
+/* Decrypt a value of either format into a varlena of the same layout as bytea/text. */
 static struct varlena *
 decrypt_bytes(FunctionCallInfo fcinfo)
 {
@@ -174,12 +257,14 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 	CipherBinding binding = make_binding(fcinfo, tenant, 2);
 	const uint8 *in = (const uint8 *) VARDATA_ANY(ciphertext);
 	size_t		in_len = VARSIZE_ANY_EXHDR(ciphertext);
+	size_t		out_len;
 	uint32		version;
 	const CipherKey *key;
 	struct varlena *result;
 	CipherStatus cs;
 
-	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK)
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
+		cipher_plaintext_len(in, in_len, &out_len) != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("value is not a pg_envelope ciphertext"),
@@ -187,8 +272,8 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 				 errhidestmt(true)));
 
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version);
-	result = palloc(VARHDRSZ + in_len - CIPHER_OVERHEAD);
-	SET_VARSIZE(result, VARHDRSZ + in_len - CIPHER_OVERHEAD);
+	result = palloc(VARHDRSZ + out_len);
+	SET_VARSIZE(result, VARHDRSZ + out_len);
 	cs = cipher_decrypt(key, &binding, in, in_len, (uint8 *) VARDATA(result));
 	if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
 	{
