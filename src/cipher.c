@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <pthread.h>
 #include <stdlib.h>
 
 #include <openssl/core_names.h>
@@ -23,7 +24,19 @@
 
 static uint8_t nonce_pool[NONCE_POOL_SIZE];
 static size_t nonce_pool_used = NONCE_POOL_SIZE;
-static pid_t nonce_pool_pid = 0;
+static bool nonce_pool_fork_handler = false;
+
+/*
+ * A child of fork() inherits the pool: empty it there, or parent and child would hand
+ * out the same nonces under the same keys.  An atfork handler does this without a
+ * getpid() system call per value.
+ */
+static void
+nonce_pool_after_fork(void)
+{
+	memset(nonce_pool, 0, sizeof(nonce_pool));
+	nonce_pool_used = NONCE_POOL_SIZE;
+}
 
 void
 cipher_wipe(void *buf, size_t len)
@@ -43,13 +56,13 @@ cipher_random_bytes(uint8_t *buf, size_t len)
 CipherStatus
 cipher_next_nonce(uint8_t nonce[CIPHER_NONCE_LEN])
 {
-	pid_t		pid = getpid();
-
-	/*
-	 * A child of fork() inherits the pool: discard it there, or parent and child would
-	 * hand out the same nonces under the same keys.
-	 */
-	if (pid != nonce_pool_pid || nonce_pool_used + CIPHER_NONCE_LEN > NONCE_POOL_SIZE)
+	if (!nonce_pool_fork_handler)
+	{
+		if (pthread_atfork(NULL, NULL, nonce_pool_after_fork) != 0)
+			return CIPHER_ERR_RANDOM;
+		nonce_pool_fork_handler = true;
+	}
+	if (nonce_pool_used + CIPHER_NONCE_LEN > NONCE_POOL_SIZE)
 	{
 		if (RAND_bytes(nonce_pool, NONCE_POOL_SIZE) != 1)
 		{
@@ -57,7 +70,6 @@ cipher_next_nonce(uint8_t nonce[CIPHER_NONCE_LEN])
 			return CIPHER_ERR_RANDOM;
 		}
 		nonce_pool_used = 0;
-		nonce_pool_pid = pid;
 	}
 	memcpy(nonce, nonce_pool + nonce_pool_used, CIPHER_NONCE_LEN);
 	/* A nonce is public, but the pool must never hand the same bytes out twice. */
@@ -183,13 +195,40 @@ aad_update(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *data, size_t len
 		: EVP_DecryptUpdate(ctx, NULL, &outl, data, (int) len);
 }
 
-/* The AAD described in cipher.h: header, then tenant and context, length-prefixed. */
+/*
+ * The AAD described in cipher.h: header, then tenant and context, length-prefixed.
+ * Laid out in one buffer and fed in one update when it fits (the usual case): each
+ * GCM AAD update has a fixed cost that shows per row.
+ */
 static int
 feed_envelope_aad(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *header,
 				  const CipherBinding *binding)
 {
+	uint8_t		buf[512];
+	size_t		need = CIPHER_HEADER_LEN + 4 + binding->tenant_len + 1 +
+		(binding->context ? 4 + binding->context_len : 0);
 	uint8_t		len[4];
-	uint8_t		present;
+	uint8_t		present = binding->context != NULL ? 1 : 0;
+
+	if (need <= sizeof(buf))
+	{
+		size_t		pos = CIPHER_HEADER_LEN;
+
+		memcpy(buf, header, CIPHER_HEADER_LEN);
+		put_be32(buf + pos, (uint32_t) binding->tenant_len);
+		pos += 4;
+		memcpy(buf + pos, binding->tenant, binding->tenant_len);
+		pos += binding->tenant_len;
+		buf[pos++] = present;
+		if (present)
+		{
+			put_be32(buf + pos, (uint32_t) binding->context_len);
+			pos += 4;
+			memcpy(buf + pos, binding->context, binding->context_len);
+			pos += binding->context_len;
+		}
+		return aad_update(ctx, encrypting, buf, pos);
+	}
 
 	if (!aad_update(ctx, encrypting, header, CIPHER_HEADER_LEN))
 		return 0;
@@ -197,7 +236,6 @@ feed_envelope_aad(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *header,
 	if (!aad_update(ctx, encrypting, len, 4) ||
 		!aad_update(ctx, encrypting, (const uint8_t *) binding->tenant, binding->tenant_len))
 		return 0;
-	present = binding->context != NULL ? 1 : 0;
 	if (!aad_update(ctx, encrypting, &present, 1))
 		return 0;
 	if (present)
