@@ -373,17 +373,52 @@ lock_tenant(const char *tenant)
 	return rec;
 }
 
-/* Ask the KMS for DEK `version` of `tenant`, and return it wrapped; the DEK is wiped. */
-static bytea *
-new_wrapped_dek(const char *tenant, int32 version, const char *provider,
-				const char *kms_key, char **key_arn)
+/*
+ * Ask the KMS for DEK `version` of `tenant`, store it with `store` (which returns the
+ * tenant id), and put the plaintext DEK in the shared cache; it is wiped on every path.
+ */
+typedef int32 (*StoreNewKey) (const char *tenant, int32 version, const char *provider,
+							  const char *tenant_kms_key, const char *key_arn,
+							  const bytea *wrapped, int32 tenant_id);
+
+static void
+new_data_key(const char *tenant, int32 version, const char *provider, const char *kms_key,
+			 int32 tenant_id, StoreNewKey store)
 {
 	uint8		dek[KMS_DEK_LEN];
 	bytea	   *wrapped;
+	char	   *key_arn;
 
-	envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, key_arn);
-	explicit_bzero(dek, sizeof(dek));
-	return wrapped;
+	PG_TRY();
+	{
+		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
+		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
+		keycache_prime(tenant_id, (uint32) version, wrapped, dek);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(dek, sizeof(dek));
+	}
+	PG_END_TRY();
+}
+
+static int32
+store_first_key(const char *tenant, int32 version, const char *provider,
+				const char *tenant_kms_key, const char *key_arn, const bytea *wrapped,
+				int32 tenant_id)
+{
+	return keystore_create_tenant(tenant, provider,
+								  tenant_kms_key[0] ? tenant_kms_key : key_arn,
+								  key_arn, wrapped);
+}
+
+static int32
+store_next_key(const char *tenant, int32 version, const char *provider,
+			   const char *tenant_kms_key, const char *key_arn, const bytea *wrapped,
+			   int32 tenant_id)
+{
+	keystore_add_version(tenant, version, provider, key_arn, wrapped);
+	return tenant_id;
 }
 
 Datum
@@ -393,8 +428,6 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 	const char *provider = envelope_kms_provider;
 	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TenantRecord existing;
-	bytea	   *wrapped;
-	char	   *key_arn;
 
 	if (envelope_find_provider(provider) == NULL)
 		ereport(ERROR,
@@ -410,9 +443,8 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("tenant \"%s\" already exists", tenant)));
 
-	wrapped = new_wrapped_dek(tenant, 1, provider, kms_key, &key_arn);
-	/* A concurrent create of the same name fails here on the primary key. */
-	keystore_create_tenant(tenant, provider, kms_key[0] ? kms_key : key_arn, key_arn, wrapped);
+	/* A concurrent create of the same name fails on the primary key when storing. */
+	new_data_key(tenant, 1, provider, kms_key, 0, store_first_key);
 	PG_RETURN_INT32(1);
 }
 
@@ -422,8 +454,6 @@ envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 	char	   *tenant = tenant_arg(fcinfo, 0);
 	TenantRecord rec = lock_tenant(tenant);
 	int32		version;
-	bytea	   *wrapped;
-	char	   *key_arn;
 
 	if (rec.state != TENANT_ACTIVE)
 		ereport(ERROR,
@@ -431,8 +461,7 @@ envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 				 errmsg("tenant \"%s\" is disabled", tenant),
 				 errhint("Enable it before rotating its key.")));
 	version = keystore_max_version(tenant) + 1;
-	wrapped = new_wrapped_dek(tenant, version, rec.kms_provider, rec.kms_key, &key_arn);
-	keystore_add_version(tenant, version, rec.kms_provider, key_arn, wrapped);
+	new_data_key(tenant, version, rec.kms_provider, rec.kms_key, rec.tenant_id, store_next_key);
 	PG_RETURN_INT32(version);
 }
 

@@ -434,6 +434,15 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
 			LWLockRelease(shared->lock);
 			continue;			/* someone beat us to it */
 		}
+		if (entry != NULL && entry->state == SKEY_READY && !entry_expired(entry, now))
+		{
+			/* Loaded by another backend between our two looks. */
+			memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+			pg_atomic_write_u64(&entry->last_used,
+								pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
+			LWLockRelease(shared->lock);
+			return LOOKUP_HIT;
+		}
 		if (entry != NULL)
 			shared_remove_entry(entry);
 		if (!shared_make_room(now))
@@ -502,6 +511,49 @@ shared_purge(int32 tenant_id, uint32 version)
 	LWLockRelease(shared->lock);
 }
 
+static void
+make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, const bytea *wrapped)
+{
+	memset(tag, 0, sizeof(*tag));
+	tag->dbid = MyDatabaseId;
+	tag->tenant_id = tenant_id;
+	tag->version = version;
+	tag->wrapped_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(wrapped),
+														 VARSIZE_ANY_EXHDR(wrapped), 0));
+}
+
+/*
+ * A DEK the KMS just generated goes straight into the shared cache, saving the first
+ * Decrypt.  Should the creating transaction roll back, the entry names a tenant id
+ * that is never used again and simply ages out.
+ */
+void
+keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
+			   const uint8 dek[KMS_DEK_LEN])
+{
+	SharedKeyTag tag;
+	SharedKeyEntry *entry;
+	bool		found;
+
+	if (shared == NULL)
+		return;
+	make_tag(&tag, tenant_id, version, wrapped);
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
+	{
+		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
+		entry->slot = shared_free_slots[--shared->nfree_slots];
+		memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
+		entry->state = SKEY_READY;
+		entry->load_seq = 0;
+		entry->failed_sqlstate = 0;
+		entry->loaded_at = GetCurrentTimestamp();
+		pg_atomic_init_u64(&entry->last_used, pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
+	}
+	LWLockRelease(shared->lock);
+}
+
 /* ---------------------------------------------------------------------------
  * Loading a DEK: L2, else the key store and the KMS.
  */
@@ -546,12 +598,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 		return;
 	}
 
-	memset(&tag, 0, sizeof(tag));
-	tag.dbid = MyDatabaseId;
-	tag.tenant_id = lt->tenant_id;
-	tag.version = version;
-	tag.wrapped_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(rec->wrapped),
-														VARSIZE_ANY_EXHDR(rec->wrapped), 0));
+	make_tag(&tag, lt->tenant_id, version, rec->wrapped);
 
 	lr = shared_lookup(&tag, dek, &seq);
 	load_seq = seq;

@@ -302,13 +302,22 @@ keystore_create_tenant(const char *tenant, const char *kms_provider,
 		CStringGetTextDatum(tenant_kms_key)
 	};
 
-	keystore_modify("INSERT INTO envelope.tenant (tenant, active_version, kms_provider, kms_key)"
-					" VALUES ($1, 1, $2, $5)",
-					5, argtypes, values, NULL);
+	KeystoreSession session;
+	int32		tenant_id;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("INSERT INTO envelope.tenant (tenant, active_version, kms_provider, kms_key)"
+								" VALUES ($1, 1, $2, $5) RETURNING tenant_id",
+								5, argtypes, values, NULL, false, 1);
+	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	tenant_id = int_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	keystore_leave(&session);
 	keystore_modify("INSERT INTO envelope.data_key (tenant, version, kms_provider, kms_key, wrapped_dek)"
 					" VALUES ($1, 1, $2, $3, $4)",
 					5, argtypes, values, NULL);
-	return 1;
+	return tenant_id;
 }
 
 int32

@@ -124,6 +124,8 @@ extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tena
 extern void keycache_note_key_store_change(void);
 extern void keycache_schedule_purge(int32 tenant_id, uint32 version);
 extern void keycache_flush(void);
+extern void keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
+						   const uint8 dek[KMS_DEK_LEN]);
 extern void keycache_record_kms_call(EnvelopeKmsOp op, bool ok, double elapsed_ms);
 
 typedef struct KeyCacheStats
