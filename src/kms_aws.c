@@ -173,6 +173,62 @@ aws_region_valid(const char *region)
 }
 
 /*
+ * Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF.
+ * The encryption context travels as JSON, which must be UTF-8.  json-c escapes quotes,
+ * backslashes and control characters but copies other bytes as they are, so a tenant
+ * name in another encoding would reach KMS as malformed JSON; worse, a parser that
+ * replaces each bad sequence with U+FFFD would give two different tenants one context
+ * and let one tenant's wrapped DEK unwrap as the other's.
+ */
+static bool
+aws_utf8_valid(const char *s)
+{
+	const unsigned char *p = (const unsigned char *) s;
+
+	while (*p)
+	{
+		unsigned char c = *p;
+		int			n;
+		uint32_t	cp;
+		uint32_t	min;
+
+		if (c < 0x80)
+		{
+			p++;
+			continue;
+		}
+		if ((c & 0xE0) == 0xC0)
+			n = 1, cp = c & 0x1F, min = 0x80;
+		else if ((c & 0xF0) == 0xE0)
+			n = 2, cp = c & 0x0F, min = 0x800;
+		else if ((c & 0xF8) == 0xF0)
+			n = 3, cp = c & 0x07, min = 0x10000;
+		else
+			return false;
+		for (int i = 1; i <= n; i++)
+		{
+			if ((p[i] & 0xC0) != 0x80)
+				return false;	/* also stops at the terminating NUL */
+			cp = (cp << 6) | (p[i] & 0x3F);
+		}
+		if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+			return false;
+		p += n + 1;
+	}
+	return true;
+}
+
+/* Key ids, ARNs and aliases are printable ASCII; anything else is a typo or worse. */
+static bool
+aws_key_id_valid(const char *key_id)
+{
+	for (const unsigned char *p = (const unsigned char *) key_id; *p; p++)
+		if (*p <= ' ' || *p >= 0x7f)
+			return false;
+	return true;
+}
+
+/*
  * Work out URL, Host header and canonical path.  The Host header is sent explicitly
  * (curl then uses ours) so that what is signed is exactly what is sent; a port is kept
  * unless it is the scheme's default, as the AWS SDKs do.
@@ -302,6 +358,38 @@ aws_backoff_ms(int retry)
  */
 
 /*
+ * Wipe every string of a parsed answer in place.  Not only "Plaintext": an answer
+ * that is not what we expect (a misbehaving endpoint, a proxy) may carry the DEK
+ * under any name or nesting, and json-c's strings are the only copies left.
+ */
+static void
+aws_json_wipe_strings(json_object *obj)
+{
+	switch (json_object_get_type(obj))
+	{
+		case json_type_string:
+			OPENSSL_cleanse((char *) json_object_get_string(obj),
+							(size_t) json_object_get_string_len(obj));
+			break;
+		case json_type_object:
+			{
+				json_object_object_foreach(obj, key, val)
+				{
+					(void) key;
+					aws_json_wipe_strings(val);
+				}
+				break;
+			}
+		case json_type_array:
+			for (size_t i = 0; i < json_object_array_length(obj); i++)
+				aws_json_wipe_strings(json_object_array_get_idx(obj, i));
+			break;
+		default:
+			break;
+	}
+}
+
+/*
  * Parse a response body.  json-c copies every string it reads into its tokenizer
  * buffer before making the string object, so that buffer may hold the plaintext DEK:
  * it is grown to the body's size before parsing (so no realloc leaves a copy in freed
@@ -340,6 +428,7 @@ aws_json_parse(const char *body, size_t len)
 	json_tokener_free(tok);
 	if (!ok && obj != NULL)
 	{
+		aws_json_wipe_strings(obj);
 		json_object_put(obj);
 		obj = NULL;
 	}
@@ -360,18 +449,13 @@ aws_json_string(json_object *obj, const char *key, size_t *len)
 	return json_object_get_string(v);
 }
 
-/* Wipe the string that may hold a DEK, then free the whole response object. */
+/* Free a response object, wiping first whatever string may hold a DEK. */
 static void
 aws_json_free(json_object *obj)
 {
-	size_t		len;
-	const char *s;
-
 	if (obj == NULL)
 		return;
-	s = aws_json_string(obj, "Plaintext", &len);
-	if (s != NULL)
-		OPENSSL_cleanse((char *) s, len);
+	aws_json_wipe_strings(obj);
 	json_object_put(obj);
 }
 
@@ -972,10 +1056,42 @@ aws_check_args(const char *op, const char *key_id, const KmsEncryptionContext *e
 	if (strlen(key_id) >= KMS_KEY_ID_MAX)
 		return kms_set_error(err, KMS_ERR_CONFIG, "",
 							 "KMS %s failed: master key id is too long", op);
+	if (!aws_key_id_valid(key_id))
+		return kms_set_error(err, KMS_ERR_CONFIG, "",
+							 "KMS %s failed: master key id contains spaces, control or non-ASCII characters",
+							 op);
 	if (ec == NULL || ec->tenant == NULL || ec->tenant[0] == '\0' || ec->version < 1)
 		return kms_set_error(err, KMS_ERR_INTERNAL, "",
 							 "KMS %s failed: incomplete encryption context", op);
+	/* the caller converts tenant names to UTF-8; anything else must not reach KMS */
+	if (!aws_utf8_valid(ec->tenant))
+		return kms_set_error(err, KMS_ERR_INTERNAL, "",
+							 "KMS %s failed: tenant name is not valid UTF-8", op);
 	return KMS_OK;
+}
+
+/* A request object holding a stored wrapped DEK as CiphertextBlob; NULL with err set. */
+static json_object *
+aws_blob_request(const char *op, const uint8_t *wrapped, size_t wrapped_len, KmsError *err)
+{
+	char		b64[AWS_B64_WRAPPED_MAX + 1];
+	json_object *req;
+
+	if (wrapped == NULL || wrapped_len == 0 || wrapped_len > KMS_WRAPPED_MAX)
+	{
+		kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, "",
+					  "KMS %s failed: stored wrapped key has an impossible length", op);
+		return NULL;
+	}
+	aws_b64_encode(wrapped, wrapped_len, b64);
+	req = json_object_new_object();
+	if (req == NULL)
+	{
+		kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+		return NULL;
+	}
+	json_object_object_add(req, "CiphertextBlob", json_object_new_string(b64));
+	return req;
 }
 
 static void
@@ -1033,7 +1149,6 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 			uint8_t dek[KMS_DEK_LEN], KmsError *err)
 {
 	const char *op = "Decrypt";
-	char		b64[AWS_B64_WRAPPED_MAX + 1];
 	json_object *req;
 	json_object *resp;
 	KmsStatus	st;
@@ -1042,13 +1157,9 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 	st = aws_check_args(op, key_id, ec, err);
 	if (st != KMS_OK)
 		return st;
-	if (wrapped == NULL || wrapped_len == 0 || wrapped_len > KMS_WRAPPED_MAX)
-		return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, "",
-							 "KMS %s failed: stored wrapped key has an impossible length", op);
-
-	aws_b64_encode(wrapped, wrapped_len, b64);
-	req = json_object_new_object();
-	json_object_object_add(req, "CiphertextBlob", json_object_new_string(b64));
+	req = aws_blob_request(op, wrapped, wrapped_len, err);
+	if (req == NULL)
+		return err->status;
 	/* KeyId makes KMS refuse a blob wrapped under any other key */
 	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
@@ -1075,7 +1186,6 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 			  char *dest_key_arn, KmsError *err)
 {
 	const char *op = "ReEncrypt";
-	char		b64[AWS_B64_WRAPPED_MAX + 1];
 	json_object *req;
 	json_object *resp;
 	KmsStatus	st;
@@ -1086,13 +1196,9 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 		st = aws_check_args(op, dest_key_id, ec, err);
 	if (st != KMS_OK)
 		return st;
-	if (wrapped == NULL || wrapped_len == 0 || wrapped_len > KMS_WRAPPED_MAX)
-		return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, "",
-							 "KMS %s failed: stored wrapped key has an impossible length", op);
-
-	aws_b64_encode(wrapped, wrapped_len, b64);
-	req = json_object_new_object();
-	json_object_object_add(req, "CiphertextBlob", json_object_new_string(b64));
+	req = aws_blob_request(op, wrapped, wrapped_len, err);
+	if (req == NULL)
+		return err->status;
 	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
 	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
 	/* same tenant and version: the DEK moves keys, not owners */

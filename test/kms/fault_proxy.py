@@ -43,6 +43,8 @@ MODE is one of
                   answers some authentication failures
   short_plaintext forward, then replace Plaintext with 16 random bytes
   wrong_keyid     forward, then replace KeyId with another key's ARN
+  bad_base64      forward, then put a non-base64 character into Plaintext (or, when
+                  there is none, CiphertextBlob)
 
 Bounded: at most 64 requests in flight, every wait has a deadline, and the process
 exits on SIGTERM/SIGINT, when its parent dies (--parent-pid), or after --lifetime
@@ -76,7 +78,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding
 
 MODES = {"throttle", "429", "500", "503", "reset", "hang", "slow_body", "garbage", "big",
          "disabled", "invalid_state", "access_denied", "expired_token",
-         "xml_auth_error", "short_plaintext", "wrong_keyid"}
+         "xml_auth_error", "short_plaintext", "wrong_keyid", "bad_base64"}
 
 JSON_ERRORS = {
     "throttle": (400, "ThrottlingException", "Rate exceeded"),
@@ -358,7 +360,7 @@ class Handler(BaseHTTPRequestHandler):
                         return
             except OSError:
                 return
-        elif mode in ("short_plaintext", "wrong_keyid"):
+        elif mode in ("short_plaintext", "wrong_keyid", "bad_base64"):
             try:
                 status, headers, data = self.upstream(body)
             except (OSError, http.client.HTTPException):
@@ -368,6 +370,11 @@ class Handler(BaseHTTPRequestHandler):
                 obj = json.loads(data)
                 if mode == "short_plaintext" and "Plaintext" in obj:
                     obj["Plaintext"] = base64.b64encode(os.urandom(16)).decode()
+                if mode == "bad_base64":
+                    # one character outside the alphabet, length and padding intact
+                    field = "Plaintext" if "Plaintext" in obj else "CiphertextBlob"
+                    if field in obj:
+                        obj[field] = obj[field][:4] + "*" + obj[field][5:]
                 if mode == "wrong_keyid" and "KeyId" in obj:
                     obj["KeyId"] = ("arn:aws:kms:us-east-1:123456789012:key/"
                                     "00000000-1111-2222-3333-444444444444")

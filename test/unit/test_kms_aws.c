@@ -18,7 +18,9 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -435,6 +437,51 @@ test_config_errors(void)
 		  "userinfo: %s", err.message);
 	cfg = cfg_for(moto_url, 0, 2000);
 	CHECK(gen(&cfg, "", "acme", 1, &d, &err) == KMS_ERR_CONFIG, "empty key: %s", err.message);
+	CHECK(gen(&cfg, "alias/x\ny", "acme", 1, &d, &err) == KMS_ERR_CONFIG &&
+		  err.attempts == 0, "key id with a line break: %s", err.message);
+	CHECK(gen(&cfg, "alias/caf\xc3\xa9", "acme", 1, &d, &err) == KMS_ERR_CONFIG &&
+		  err.attempts == 0, "non-ASCII key id: %s", err.message);
+
+	/*
+	 * The encryption context is JSON, so UTF-8: a tenant name in any other encoding is
+	 * refused before a request is made, by every operation, rather than sent as bytes
+	 * a KMS might read as U+FFFD (and so confuse with another tenant).
+	 */
+	{
+		const char *const bad[] = {
+			"\xff",				/* never in UTF-8 */
+			"caf\xe9",			/* Latin-1 */
+			"\xc3",				/* truncated sequence */
+			"\xc0\xaf",			/* overlong "/" */
+			"\xe0\x80\xaf",		/* overlong "/" */
+			"\xed\xa0\x80",		/* surrogate U+D800 */
+			"\xf4\x90\x80\x80",	/* above U+10FFFF */
+			"\x80" "abc",			/* continuation byte first */
+		};
+		uint8_t		out[KMS_DEK_LEN];
+		uint8_t		blob[64] = {1};
+		uint8_t		nw[KMS_WRAPPED_MAX];
+		size_t		nwlen;
+		char		arn[KMS_KEY_ID_MAX];
+
+		for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		{
+			KmsEncryptionContext ec = {bad[i], 1};
+
+			CHECK(gen(&cfg, "alias/x", bad[i], 1, &d, &err) == KMS_ERR_INTERNAL &&
+				  err.attempts == 0 && strstr(err.message, "UTF-8") != NULL &&
+				  all_zero(d.dek, KMS_DEK_LEN),
+				  "GenerateDataKey, bad tenant %zu: %s", i, err.message);
+			memset(out, 0, sizeof(out));
+			CHECK(aws->decrypt(&cfg, "alias/x", &ec, blob, sizeof(blob), out, &err) ==
+				  KMS_ERR_INTERNAL && err.attempts == 0,
+				  "Decrypt, bad tenant %zu: %s", i, err.message);
+			CHECK(aws->reencrypt(&cfg, "alias/x", "alias/y", &ec, blob, sizeof(blob),
+								 nw, &nwlen, arn, &err) == KMS_ERR_INTERNAL &&
+				  err.attempts == 0,
+				  "ReEncrypt, bad tenant %zu: %s", i, err.message);
+		}
+	}
 }
 
 static void
@@ -511,7 +558,8 @@ test_round_trips(const char *arn, const char *key_id, const char *alias,
 
 	/* tenant names that need JSON escaping survive exactly */
 	{
-		const char *tenant = "o'brien \"quoted\" \\ back/slash \xc3\xa9t\xc3\xa9 \xe4\xb8\xad\t";
+		const char *tenant = "o'brien \"quoted\" \\ back/slash \xc3\xa9t\xc3\xa9 \xe4\xb8\xad\t"
+			"\xf0\x9f\x94\x91 \x7f\x01";
 		KmsEncryptionContext ec2 = {tenant, 3};
 
 		CHECK(gen(&cfg, arn, tenant, 3, &d, &err) == KMS_OK, "odd tenant: %s", err.message);
@@ -650,6 +698,33 @@ test_faults(const char *arn)
 	proxy_fault("Decrypt", "wrong_keyid", -1);
 	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_PROTOCOL, 1);
 	proxy_reset();
+	proxy_fault("Decrypt", "bad_base64", -1);
+	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_PROTOCOL, 1);
+	dec(&cfg, arn, "acme", 1, &d, out, &err);
+	CHECK(strstr(err.message, "Plaintext is not valid base64") != NULL, "message: %s",
+		  err.message);
+	proxy_reset();
+	proxy_fault("GenerateDataKey", "bad_base64", -1);
+	{
+		Dek			bad;
+
+		CHECK(gen(&cfg, arn, "acme", 1, &bad, &err) == KMS_ERR_PROTOCOL &&
+			  all_zero(bad.dek, KMS_DEK_LEN), "GenerateDataKey bad base64: %s", err.message);
+	}
+	proxy_reset();
+	proxy_fault("ReEncrypt", "bad_base64", -1);
+	{
+		KmsEncryptionContext ec = {"acme", 1};
+		uint8_t		nw[KMS_WRAPPED_MAX];
+		size_t		nwlen = 0;
+		char		dest[KMS_KEY_ID_MAX];
+
+		CHECK(aws->reencrypt(&cfg, arn, arn, &ec, d.wrapped, d.wrapped_len, nw, &nwlen,
+							 dest, &err) == KMS_ERR_PROTOCOL &&
+			  strstr(err.message, "CiphertextBlob is not valid base64") != NULL,
+			  "ReEncrypt bad base64: %s", err.message);
+	}
+	proxy_reset();
 	proxy_fault("GenerateDataKey", "wrong_keyid", -1);
 	CHECK(gen(&cfg, arn, "acme", 1, &d, &err) == KMS_ERR_PROTOCOL && all_zero(d.dek, KMS_DEK_LEN),
 		  "GenerateDataKey wrong KeyId: %s", err.message);
@@ -741,6 +816,71 @@ test_timeouts(const char *arn)
 		CHECK(st == KMS_ERR_UNAVAILABLE && err.attempts == 3, "refused: %s, %d (%s)",
 			  kms_status_name(st), err.attempts, err.message);
 		CHECK(strstr(err.message, "KMS Decrypt failed") != NULL, "message %s", err.message);
+	}
+}
+
+static int
+count_fds(void)
+{
+	DIR		   *dir = opendir("/proc/self/fd");
+	struct dirent *e;
+	int			n = 0;
+
+	if (dir == NULL)
+		return -1;
+	while ((e = readdir(dir)) != NULL)
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(dir);
+	return n;
+}
+
+/*
+ * No memory and no descriptor is left behind per request, on success or on any error
+ * path (retried, refused, garbage, too large, timed out): a backend makes KMS calls for
+ * as long as it lives.  The first rounds warm up what is allocated once per process
+ * (curl's handles and connection cache, OpenSSL's tables).
+ */
+static void
+test_no_leaks(const char *arn)
+{
+	KmsConfig	cfg = cfg_for(proxy_url, 1, 300);
+	const char *const modes[] = {NULL, "throttle", "500", "garbage", "big", "access_denied",
+	"bad_base64", "reset", "hang"};
+	Dek			d;
+	KmsError	err;
+	uint8_t		out[KMS_DEK_LEN];
+	size_t		mem0 = 0;
+	int			fds0 = 0;
+
+	proxy_reset();
+	CHECK(gen(&cfg, arn, "acme", 1, &d, &err) == KMS_OK, "gen: %s", err.message);
+	for (int round = 0; round < 6; round++)
+	{
+		if (round == 2)
+		{
+			mem0 = mallinfo2().uordblks;
+			fds0 = count_fds();
+		}
+		for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
+		{
+			proxy_reset();
+			if (modes[m])
+				proxy_fault("Decrypt", modes[m], 1);
+			for (int i = 0; i < 3; i++)
+				dec(&cfg, arn, "acme", 1, &d, out, &err);
+			gen(&cfg, arn, "acme", 1, &d, &err);
+		}
+	}
+	proxy_reset();
+	{
+		size_t		mem1 = mallinfo2().uordblks;
+		int			fds1 = count_fds();
+
+		/* 4 rounds x 9 modes x 4 calls; a leak of 64 bytes per call would show */
+		CHECK(mem1 <= mem0 + 8192, "heap in use grew by %zd bytes over 144 calls",
+			  (ssize_t) (mem1 - mem0));
+		CHECK(fds0 > 0 && fds1 <= fds0, "file descriptors %d -> %d", fds0, fds1);
 	}
 }
 
@@ -855,6 +995,7 @@ main(void)
 	}
 	test_faults(arn);
 	test_timeouts(arn);
+	test_no_leaks(arn);
 	test_signatures(arn);
 
 	json_object_put(al);
