@@ -123,8 +123,28 @@ my ($state) = EnvelopeKms::psql_error($node, "SET envelope.kms_retries = 0; $dec
 is($state, '53400', 'kms_retries = 0: throttled at once');
 is($kms->count('Decrypt', 'requests'), 1, 'kms_retries = 0: one request');
 
-# KMS unreachable: a KMS outage does not stop the server from starting
+# A KMS outage never stops the server from starting.  First a KMS that accepts
+# connections and never answers, with a KMS timeout far longer than any start: the
+# restart must not wait for it, and only statements that need a DEK not yet cached
+# fail.  When the KMS answers again, the same server recovers without a restart.
 $kms->reset_proxy;
+$kms->fault(op => '*', mode => 'hang', count => -1, seconds => 120);
+$node->append_conf('postgresql.conf', "envelope.kms_timeout = '60s'\n");
+$t0 = time();
+$node->restart;
+$took = time() - $t0;
+cmp_ok($took, '<', 10, sprintf('hung KMS: the server restarted in %.1fs', $took));
+is(sql("SELECT 1"), '1', 'hung KMS: the server serves queries');
+is(sql("SELECT count(*) FROM envelope.tenant_keys"), '2', 'hung KMS: the key store reads');
+is($kms->counts->{total}{requests}, 0, 'hung KMS: nothing asked the KMS during start');
+($state) = EnvelopeKms::psql_error($node,
+	"SET envelope.kms_timeout = '300ms'; SET envelope.kms_retries = 0; $decrypt");
+is($state, '08006', 'hung KMS: a statement that needs a DEK fails cleanly');
+$kms->reset_proxy;
+like($node->safe_psql('postgres', $decrypt), qr/top secret$/,
+	'KMS back: the same server decrypts again, no restart needed');
+
+# Then an endpoint that refuses connections.
 $node->append_conf('postgresql.conf', "envelope.aws_endpoint = 'http://127.0.0.1:1'\n");
 $node->restart;
 ($state, my $err) = EnvelopeKms::psql_error($node, $decrypt);
