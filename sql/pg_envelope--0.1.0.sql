@@ -169,6 +169,59 @@ CREATE FUNCTION envelope.rewrap(new_kms_key text, tenant text DEFAULT NULL)
     AS 'MODULE_PATHNAME', 'envelope_rewrap'
     LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
 
+-- The DEK version new values of a tenant use (an error if the tenant is not active).
+CREATE FUNCTION envelope.active_key_version(tenant text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'envelope_active_key_version'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- Re-encrypt stored values under each tenant's active DEK version, online: the table
+-- is walked in block ranges, each batch is its own transaction (so row locks are held
+-- briefly and an interrupted run loses at most one batch), and running it again picks
+-- up what is left.  Deterministic values stay under version 1 and are left alone.
+-- CALL it outside an explicit transaction block so that the batches can commit.
+CREATE PROCEDURE envelope.reencrypt(rel regclass, ciphertext_column name, tenant_column name,
+                                    batch_size integer DEFAULT 1000, context text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $reencrypt$
+DECLARE
+    total_blocks bigint;
+    rows_per_block numeric;
+    step bigint;
+    first_block bigint := 0;
+    done bigint := 0;
+    n bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    total_blocks := pg_catalog.pg_relation_size(rel)
+                    / pg_catalog.current_setting('block_size')::bigint;
+    SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+      INTO rows_per_block FROM pg_catalog.pg_class c WHERE c.oid = rel;
+    step := GREATEST(1, pg_catalog.ceil(batch_size / rows_per_block))::bigint;
+
+    WHILE first_block < total_blocks LOOP
+        EXECUTE pg_catalog.format(
+            'UPDATE %s SET %I = envelope.encrypt(%I, envelope.decrypt(%I, %I, $1), $1)'
+            ' WHERE ctid >= pg_catalog.format(''(%%s,0)'', $2::bigint)::pg_catalog.tid'
+            '   AND ctid < pg_catalog.format(''(%%s,0)'', $3::bigint)::pg_catalog.tid'
+            '   AND %I IS NOT NULL AND %I IS NOT NULL'
+            '   AND pg_catalog.get_byte(%I, 0) = 1'
+            '   AND envelope.key_version(%I) OPERATOR(pg_catalog.<>) envelope.active_key_version(%I)',
+            rel, ciphertext_column, tenant_column, tenant_column, ciphertext_column,
+            ciphertext_column, tenant_column, ciphertext_column, ciphertext_column, tenant_column)
+          USING context, first_block, first_block + step;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        done := done + n;
+        first_block := first_block + step;
+        COMMIT;
+        RAISE NOTICE 're-encrypted % values; % of % blocks done', done,
+            LEAST(first_block, total_blocks), total_blocks;
+    END LOOP;
+END
+$reencrypt$;
+
 CREATE FUNCTION envelope.cache_flush()
     RETURNS void
     AS 'MODULE_PATHNAME', 'envelope_cache_flush'
@@ -210,8 +263,12 @@ GRANT EXECUTE ON FUNCTION
     envelope.encrypt_deterministic(text, text, text),
     envelope.encrypt_deterministic(text, bytea, text),
     envelope.blind_index(text, text),
-    envelope.key_version(bytea)
+    envelope.key_version(bytea),
+    envelope.active_key_version(text)
     TO envelope_user;
+
+REVOKE ALL ON PROCEDURE envelope.reencrypt(regclass, name, name, integer, text) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE envelope.reencrypt(regclass, name, name, integer, text) TO envelope_admin;
 
 GRANT EXECUTE ON FUNCTION
     envelope.create_tenant(text, text),

@@ -26,6 +26,7 @@ PG_FUNCTION_INFO_V1(envelope_encrypt_deterministic_bytea);
 PG_FUNCTION_INFO_V1(envelope_blind_index);
 PG_FUNCTION_INFO_V1(envelope_decrypt_text);
 PG_FUNCTION_INFO_V1(envelope_key_version);
+PG_FUNCTION_INFO_V1(envelope_active_key_version);
 PG_FUNCTION_INFO_V1(envelope_create_tenant);
 PG_FUNCTION_INFO_V1(envelope_rotate_tenant_key);
 PG_FUNCTION_INFO_V1(envelope_disable_tenant);
@@ -337,6 +338,14 @@ envelope_key_version(PG_FUNCTION_ARGS)
 				 errmsg("value is not a pg_envelope ciphertext"),
 				 errdetail("Its key version is out of range.")));
 	PG_RETURN_INT32((int32) version);
+}
+
+Datum
+envelope_active_key_version(PG_FUNCTION_ARGS)
+{
+	text	   *tenant = PG_GETARG_TEXT_PP(0);
+
+	PG_RETURN_INT32((int32) keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)));
 }
 
 /* ---------------------------------------------------------------------------

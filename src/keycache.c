@@ -894,6 +894,12 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	return ref;
 }
 
+uint32
+keycache_active_version(const char *tenant, size_t tenant_len)
+{
+	return l1_tenant(tenant, tenant_len)->active_version;
+}
+
 const CipherKey *
 keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version)
 {

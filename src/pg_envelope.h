@@ -121,6 +121,7 @@ extern void keycache_init_backend(void);
 extern EnvelopeKeyRef keycache_key_for_encrypt(const char *tenant, size_t tenant_len);
 extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tenant_len,
 												 uint32 version);
+extern uint32 keycache_active_version(const char *tenant, size_t tenant_len);
 extern void keycache_note_key_store_change(void);
 extern void keycache_schedule_purge(int32 tenant_id, uint32 version);
 extern void keycache_flush(void);
