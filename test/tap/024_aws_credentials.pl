@@ -48,8 +48,11 @@ sub server_env
 }
 
 server_env();
+# verbose logging, so the check at the end that no secret reached the log means more
 my $node = $kms->init_node('aws_credentials', key => $key->{Arn}, retries => 0,
-	timeout => 5000);
+	timeout => 5000,
+	extra_conf => "log_min_messages = debug1\nlog_error_verbosity = verbose\n"
+	  . "log_statement = 'all'\n");
 
 sub stub_get
 {
@@ -163,6 +166,48 @@ my $c = $kms->stub_counts;
 cmp_ok($c->{'PUT /latest/api/token'} // 0, '>=', 1, 'IMDSv2 token PUT first');
 ok(!$c->{imds_v1_refused}, 'never an IMDSv1 request');
 
+# Temporary credentials within five minutes of expiry are refreshed before use: one
+# backend, credentials issued for 60 s, two KMS calls, two fetches, two signing keys.
+my $creds_path = qr{^GET /latest/meta-data/iam/security-credentials/.+};
+sub imds_fetches
+{
+	my $c = $kms->stub_counts;
+	my $n = 0;
+	$n += $c->{$_} for grep { $_ =~ $creds_path } keys %$c;
+	return $n;
+}
+stub_get('/_set?expiry=60');
+$bg = $node->background_psql('postgres');
+$kms->reset_proxy;
+stub_get('/_reset');
+$bg->query_safe("SELECT envelope.create_tenant('imds_refresh')");
+$bg->query_safe("CREATE TABLE imds_refresh AS SELECT envelope.encrypt('imds_refresh', 'ok') AS c");
+$bg->query_safe("SELECT envelope.cache_flush()");
+is($bg->query_safe("SELECT envelope.decrypt_text('imds_refresh', c) FROM imds_refresh"),
+	'ok', 'credentials near expiry: the KMS calls succeed');
+is(imds_fetches(), 2, 'credentials near expiry: fetched again before the second call');
+@signers = $kms->signers;
+is(scalar(@signers), 2, "and the second call signed with the new key (@signers)");
+stub_get('/_set?expiry=3600');
+$bg->quit;
+
+# ExpiredTokenException: the backend drops its credentials, fetches new ones and
+# retries once, signed with the new key; KMS is asked twice, IMDS once more.
+$bg = $node->background_psql('postgres');
+$bg->query_safe("SELECT envelope.create_tenant('imds_expired')");
+$bg->query_safe("CREATE TABLE imds_expired AS SELECT envelope.encrypt('imds_expired', 'ok') AS c");
+$bg->query_safe("SELECT envelope.cache_flush()");
+$kms->reset_proxy;
+stub_get('/_reset');
+$kms->fault(op => 'Decrypt', mode => 'expired_token', count => 1);
+is($bg->query_safe("SELECT envelope.decrypt_text('imds_expired', c) FROM imds_expired"),
+	'ok', 'ExpiredTokenException: decrypts after one refresh and retry');
+is($kms->count('Decrypt', 'requests'), 2, 'ExpiredTokenException: two Decrypt requests');
+is(imds_fetches(), 1, 'ExpiredTokenException: credentials fetched again');
+@signers = $kms->signers;
+is(scalar(@signers), 2, "ExpiredTokenException: the retry signed with the new key (@signers)");
+$bg->quit;
+
 # an IMDSv1-only host: the token PUT fails, and no credentials are fetched without one
 stub_get('/_set?imds_token_status=403');
 stub_get('/_reset');
@@ -190,6 +235,17 @@ is_deeply([ $kms->signers ], ['AKIAENVIRONMENT00001'], 'signed with the environm
 is($kms->session_tokens, 0, 'no session token');
 is_deeply($kms->stub_counts, {}, 'neither ECS nor IMDS was asked');
 
+# No credential of any source reached the server log, debug messages included.
 $node->stop;
+my $log = slurp_file($node->logfile);
+for my $secret (
+	$user->{SecretAccessKey}, 'wrongwrongwrongwrong', 'environment-secret',
+	'secret-imds-', 'token-imds-', 'secret-ecs-', 'token-ecs-', 'ecs-auth-token',
+	'pg-envelope-test.signature', 'X-Amz-Security-Token', 'Authorization: ', 'AWS4-HMAC-SHA256')
+{
+	unlike($log, qr/\Q$secret\E/i, "server log holds no \"$secret\"");
+}
+cmp_ok(length($log), '>', 1000, 'the log was written');
+
 $kms->stop;
 done_testing();
