@@ -1,0 +1,94 @@
+# Where a plaintext DEK lives: only in the shared key cache, in pages excluded from core
+# dumps and locked in memory, and nowhere in it once flushed, evicted or destroyed.
+# The DEK is recomputed from the local provider's key file and searched for in the
+# postmaster's mapping of shared memory through /proc/PID/mem.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use File::Basename qw(dirname);
+use Cwd qw(abs_path);
+
+my $python = $ENV{ENVELOPE_PYTHON} || 'python3';
+my $probe = abs_path(dirname(__FILE__) . '/../kms/memory_probe.py');
+system($python, '-c', 'import cryptography') == 0
+  or BAIL_OUT("$python cannot import cryptography: this test cannot run");
+
+my $keydir = PostgreSQL::Test::Utils::tempdir;
+my $keyfile = "$keydir/master.key";
+open(my $fh, '>', $keyfile) or die;
+print $fh join('', map { sprintf('%02x', int(rand(256))) } 1 .. 32), "\n";
+close($fh);
+chmod(0600, $keyfile) or die;
+
+my $node = PostgreSQL::Test::Cluster->new('memory');
+$node->init;
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'pg_envelope'
+envelope.local_master_key_file = '$keyfile'
+envelope.cache_size = 16
+});
+$node->start;
+my $postmaster_pid = (split /\n/, slurp_file($node->data_dir . '/postmaster.pid'))[0];
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+sql(q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('t' || i) FROM generate_series(1, 20) i;
+CREATE TABLE data AS SELECT 't' || i AS tenant, envelope.encrypt('t' || i, 'v') AS v
+  FROM generate_series(1, 20) i;
+SELECT envelope.cache_flush();
+});
+
+sub dek_of
+{
+	my ($tenant) = @_;
+	my ($key_id, $wrapped) = split /\|/, sql(
+		"SELECT kms_key, encode(wrapped_dek, 'hex') FROM envelope.data_key WHERE tenant = '$tenant' AND version = 1");
+	my $dek = `$python $probe unwrap $keyfile $key_id $tenant 1 $wrapped`;
+	chomp $dek;
+	die "could not unwrap the DEK of $tenant" unless $dek =~ /^[0-9a-f]{64}$/;
+	return $dek;
+}
+
+sub hits
+{
+	my ($dek) = @_;
+	my $out = `$python $probe find $postmaster_pid $dek`;
+	my ($n) = $out =~ /^hits (\d+)$/m;
+	die "memory probe failed: $out" unless defined $n;
+	return ($n, $out);
+}
+
+my $dek1 = dek_of('t1');
+my ($n, $out) = hits($dek1);
+is($n, 0, 'a DEK is in no shared memory before it is used');
+
+sql("SELECT envelope.decrypt(tenant, v) FROM data WHERE tenant = 't1'");
+($n, $out) = hits($dek1);
+is($n, 1, 'once used, the DEK is in shared memory exactly once');
+like($out, qr/flags=.*\bdd\b/, 'its pages are excluded from core dumps (MADV_DONTDUMP)');
+like($out, qr/flags=.*\blo\b/, 'and locked in memory');
+
+sql('SELECT envelope.cache_flush()');
+($n) = hits($dek1);
+is($n, 0, 'cache_flush zeroes it');
+
+# Eviction: 17 more keys through a 16-entry cache push t1 out.
+sql("SELECT envelope.decrypt(tenant, v) FROM data WHERE tenant = 't1'");
+is((hits($dek1))[0], 1, 't1 is cached again');
+sql("SELECT count(envelope.decrypt(tenant, v)) FROM data WHERE tenant <> 't1'");
+ok(sql('SELECT evictions FROM envelope.cache_stats') > 0, 'keys were evicted');
+is((hits($dek1))[0], 0, 'the evicted DEK was zeroed');
+
+# Destroy: the DEK leaves shared memory when the destroy commits.
+my $dek5 = dek_of('t5');
+sql('SELECT envelope.cache_flush()');
+sql("SELECT envelope.decrypt(tenant, v) FROM data WHERE tenant = 't5'");
+is((hits($dek5))[0], 1, 't5 is cached');
+sql("SELECT envelope.destroy_tenant('t5')");
+is((hits($dek5))[0], 0, 'destroy_tenant wipes its DEK from shared memory at commit');
+
+$node->stop;
+done_testing();
