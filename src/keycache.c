@@ -32,7 +32,10 @@
  * which is WAL-logged with the commit: on a hot standby the callback below marks each
  * backend's L1 stale when the commit is replayed.
  *
- * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  After a
+ * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
+ * keys are zeroed by the next lookup that meets them, and at the latest by the
+ * "pg_envelope key cache sweeper" background worker, which wakes at least once per
+ * tenth of envelope.cache_ttl: a key nobody uses any more does not linger.  After a
  * crash-restart shared memory is re-created, so the cache starts empty.
  */
 #include "pg_envelope.h"
@@ -484,6 +487,7 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 			explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
 			entry->state = SKEY_FAILED;
 			entry->failed_sqlstate = sqlstate;
+			entry->loaded_at = GetCurrentTimestamp();
 		}
 	}
 	LWLockRelease(shared->lock);
@@ -1001,6 +1005,42 @@ keycache_flush(void)
 			shared_remove_entry(entry);
 	LWLockRelease(shared->lock);
 	pg_atomic_fetch_add_u64(&shared->generation, 1);
+}
+
+/*
+ * Zero every expired key, and forget loads that failed.  Exclusive lock, no I/O.
+ * Returns how many entries were removed.
+ */
+int
+keycache_sweep(void)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+	TimestampTz now = GetCurrentTimestamp();
+	int			removed = 0;
+
+	if (shared == NULL)
+		return 0;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry_expired(entry, now) ||
+			(entry->state == SKEY_FAILED && now - entry->loaded_at > USECS_PER_SEC))
+		{
+			shared_remove_entry(entry);
+			removed++;
+		}
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evictions += removed;
+		stats_end();
+	}
+	return removed;
 }
 
 /* ---------------------------------------------------------------------------

@@ -163,6 +163,7 @@ _PG_init(void)
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;
+		envelope_register_sweeper();
 	}
 	else
 		ereport(WARNING,

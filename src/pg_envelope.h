@@ -125,6 +125,7 @@ extern uint32 keycache_active_version(const char *tenant, size_t tenant_len);
 extern void keycache_note_key_store_change(void);
 extern void keycache_schedule_purge(int32 tenant_id, uint32 version);
 extern void keycache_flush(void);
+extern int	keycache_sweep(void);
 extern void keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
 						   const uint8 dek[KMS_DEK_LEN]);
 extern void keycache_record_kms_call(EnvelopeKmsOp op, bool ok, double elapsed_ms);
@@ -144,6 +145,9 @@ typedef struct KeyCacheStats
 } KeyCacheStats;
 
 extern void keycache_get_stats(KeyCacheStats *stats);
+
+/* ---- sweeper.c ---- */
+extern void envelope_register_sweeper(void);
 
 /* ---- SQL surface (envelope_sql.c) ---- */
 extern void envelope_check_tenant(const char *tenant, size_t len);

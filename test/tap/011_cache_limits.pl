@@ -20,7 +20,7 @@ $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'pg_envelope'
 envelope.local_master_key_file = '$keyfile'
 envelope.cache_size = 16
-envelope.cache_ttl = 2
+envelope.cache_ttl = 6
 });
 $node->start;
 $node->safe_psql('postgres', q{
@@ -58,7 +58,7 @@ is(stats($node)->{decrypts} - $before, 1, 'an evicted key is unwrapped again');
 
 # ---- Expiry: after envelope.cache_ttl a key is unwrapped again.
 $before = stats($node)->{decrypts};
-sleep(3);
+sleep(7);
 $node->safe_psql('postgres', "SELECT envelope.decrypt_text('t40', v) FROM data WHERE tenant = 't40'");
 is(stats($node)->{decrypts} - $before, 1, 'an expired key is unwrapped again');
 

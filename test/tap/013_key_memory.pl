@@ -90,5 +90,21 @@ is((hits($dek5))[0], 1, 't5 is cached');
 sql("SELECT envelope.destroy_tenant('t5')");
 is((hits($dek5))[0], 0, 'destroy_tenant wipes its DEK from shared memory at commit');
 
+# Expiry: with a short TTL the sweeper zeroes a key nobody touches again.
+sql("ALTER SYSTEM SET envelope.cache_ttl = 2");
+sql('SELECT pg_reload_conf()');
+my $dek3 = dek_of('t3');
+sql('SELECT envelope.cache_flush()');
+sql("SELECT envelope.decrypt(tenant, v) FROM data WHERE tenant = 't3'");
+is((hits($dek3))[0], 1, 't3 is cached');
+my $gone = 0;
+for (1 .. 40)
+{
+	if ((hits($dek3))[0] == 0) { $gone = 1; last; }
+	select(undef, undef, undef, 0.25);
+}
+ok($gone, 'an expired DEK nobody asks for again is zeroed by the sweeper');
+is(sql('SELECT entries FROM envelope.cache_stats'), 0, 'and leaves the cache');
+
 $node->stop;
 done_testing();
