@@ -11,8 +11,10 @@ connection reuse is exercised too.
 
 Control API (requests without X-Amz-Target, never counted):
 
-  POST /_fault   {"op": "Decrypt" | "*", "mode": MODE, "count": N}
-                 or a list of such rules.  The first rule whose op matches and whose
+  POST /_fault   {"op": "Decrypt" | "*" | "other", "mode": MODE, "count": N}
+                 or a list of such rules ("*" is every KMS operation; "other", a
+                 request without X-Amz-Target such as STS, is matched only by name).
+                 The first rule whose op matches and whose
                  count is not used up answers the request instead of moto; count -1
                  (the default is 1) never runs out.  Optional "seconds" bounds a hang
                  or a slow body (default 30, at most 120).
@@ -124,9 +126,11 @@ class State:
                 })
 
     def take_rule(self, op):
+        # "*" means every KMS operation; other requests (STS) only match "other"
+        ops = (op,) if op == "other" else ("*", op)
         with self.lock:
             for r in self.rules:
-                if r["count"] != 0 and r["op"] in ("*", op):
+                if r["count"] != 0 and r["op"] in ops:
                     if r["count"] > 0:
                         r["count"] -= 1
                     return dict(r), self.release
@@ -244,7 +248,7 @@ class Handler(BaseHTTPRequestHandler):
         m = CREDENTIAL_RE.search(self.headers.get("Authorization") or "")
         STATE.signer(m.group(1) if m else None,
                      bool(self.headers.get("X-Amz-Security-Token")))
-        rule, release = STATE.take_rule(op) if target else (None, STATE.release)
+        rule, release = STATE.take_rule(op)
         if rule is None:
             STATE.count(op, "forwarded")
             self.forward(body)
