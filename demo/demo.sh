@@ -72,14 +72,7 @@ SELECT id, tenant, encode(substr(email, 1, 24), 'hex') || '…' AS stored, octet
 SELECT id, tenant, envelope.decrypt_text(tenant, email, 'customer.email') AS email
   FROM customer ORDER BY id;
 
--- Rotate acme's key: new values use version 2, old ones still decrypt.
-SELECT envelope.rotate_tenant_key('acme');
-SELECT envelope.key_version(envelope.encrypt('acme', 'new value')) AS new_values_use_version;
-
--- The cache: one unwrap per key, then every row is a hit.
-SELECT capacity, entries, kms_generate_calls, kms_decrypt_calls FROM envelope.cache_stats;
 SQL
-
 echo
 echo "== tenant globex tries to read acme's row 1 (must fail):"
 if psql_demo -c "SELECT envelope.decrypt_text('globex', email, 'customer.email') FROM customer WHERE id = 1" 2>&1; then
@@ -92,6 +85,27 @@ if psql_demo -c "SELECT envelope.decrypt_text('acme', email, 'customer.phone') F
     echo "demo failed: a value moved to another column decrypted" >&2
     exit 1
 fi
+
+psql_demo <<'SQL'
+-- Lookups without decrypting: a blind index beside the randomized column.
+ALTER TABLE customer ADD COLUMN email_index bytea;
+UPDATE customer SET email_index = envelope.blind_index(tenant, envelope.decrypt_text(tenant, email, 'customer.email'));
+SELECT id FROM customer
+ WHERE tenant = 'acme' AND email_index = envelope.blind_index('acme', 'bob@acme.example');
+
+-- Rotate acme's key: new values use version 2, old ones still decrypt; re-encrypt the
+-- stored values online, then retire version 1.
+SELECT envelope.rotate_tenant_key('acme');
+SELECT envelope.key_version(envelope.encrypt('acme', 'new value')) AS new_values_use_version;
+CALL envelope.reencrypt('customer', 'email', 'tenant', 1000, 'customer.email');
+SELECT id, tenant, envelope.key_version(email) AS version FROM customer ORDER BY id;
+SELECT envelope.retire_key_version('acme', 1);
+SELECT tenant, version, state FROM envelope.tenant_keys ORDER BY tenant, version;
+
+-- The cache: one unwrap per key, then every row is a hit.
+SELECT capacity, entries, kms_generate_calls, kms_decrypt_calls FROM envelope.cache_stats;
+SQL
+
 echo
 echo "== disabling acme takes effect at commit, for every session:"
 psql_demo -c "SELECT envelope.disable_tenant('acme')"
