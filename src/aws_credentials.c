@@ -47,6 +47,7 @@
 #include <unistd.h>
 
 #include <json-c/json.h>
+#include <json-c/printbuf.h>
 #include <openssl/crypto.h>
 
 #include "aws_credentials.h"
@@ -273,6 +274,32 @@ request_timeout(const KmsConfig *cfg, int cap)
 	return cap;
 }
 
+/*
+ * One request to a credential endpoint (STS, ECS, IMDS): no retries here, since a
+ * source that does not answer either falls through to the next one or fails the chain.
+ * Counts the attempt in err.  The caller frees *resp.
+ */
+static HttpStatus
+cred_request(const KmsConfig *cfg, const char *method, const char *url,
+			 const char *const *headers, int nheaders, const char *body, size_t body_len,
+			 int timeout_ms, HttpResponse *resp, char *herr, size_t herrlen, KmsError *err)
+{
+	HttpRequest req;
+
+	memset(&req, 0, sizeof(req));
+	req.method = method;
+	req.url = url;
+	req.headers = headers;
+	req.nheaders = nheaders;
+	req.body = body;
+	req.body_len = body_len;
+	req.timeout_ms = timeout_ms;
+	req.max_response = CRED_MAX_RESPONSE;
+	req.interrupted = cfg->interrupted;
+	err->attempts++;
+	return http_perform(&req, resp, herr, herrlen);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Parsing answers                                                           */
 /* ------------------------------------------------------------------------ */
@@ -312,17 +339,27 @@ json_wipe_strings(json_object *obj)
 
 /*
  * Parse a JSON body, wiping the tokener's scratch buffer (which held each string as
- * it was scanned) before freeing it.  The tokener grows that buffer with realloc, so
- * earlier, shorter fragments may survive in freed memory; bodies here are small.
+ * it was scanned) before freeing it.  The tokener would grow that buffer with
+ * realloc, leaving shorter fragments of a secret key or token in freed memory, so it
+ * is sized for the whole body before parsing and never grows.
  */
 static json_object *
 json_parse_wiping(const char *body, size_t len)
 {
-	json_tokener *tok = json_tokener_new();
+	json_tokener *tok;
 	json_object *obj;
 
+	if (body == NULL || len == 0 || len > CRED_MAX_RESPONSE)
+		return NULL;
+	tok = json_tokener_new();
 	if (tok == NULL)
 		return NULL;
+	if (printbuf_memset(tok->pb, 0, 0, (int) len + 1) < 0)
+	{
+		json_tokener_free(tok);
+		return NULL;
+	}
+	printbuf_reset(tok->pb);
 	obj = json_tokener_parse_ex(tok, body, (int) len);
 	if (obj && json_tokener_get_error(tok) != json_tokener_success)
 	{
@@ -901,7 +938,6 @@ source_web_identity(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, Kms
 		"Content-Type: application/x-www-form-urlencoded; charset=utf-8",
 		"Accept: application/xml",
 	};
-	HttpRequest req;
 	HttpResponse resp;
 	HttpStatus	hst;
 	char		herr[256];
@@ -961,18 +997,9 @@ source_web_identity(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, Kms
 	}
 
 	sts_endpoint(cfg, url, sizeof(url));
-	memset(&req, 0, sizeof(req));
-	req.method = "POST";
-	req.url = url;
-	req.headers = headers;
-	req.nheaders = 2;
-	req.body = body;
-	req.body_len = pos;
-	req.timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : STS_DEFAULT_TIMEOUT_MS;
-	req.max_response = CRED_MAX_RESPONSE;
-	req.interrupted = cfg->interrupted;
-	err->attempts++;
-	hst = http_perform(&req, &resp, herr, sizeof(herr));
+	hst = cred_request(cfg, "POST", url, headers, 2, body, pos,
+					   cfg->timeout_ms > 0 ? cfg->timeout_ms : STS_DEFAULT_TIMEOUT_MS,
+					   &resp, herr, sizeof(herr), err);
 	if (hst != HTTP_OK)
 	{
 		kms_set_error(err, http_failure_status(hst), NULL,
@@ -1086,7 +1113,6 @@ source_ecs(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, KmsError *er
 	size_t		auth_len = 0;
 	const char *headers[2];
 	int			nheaders = 0;
-	HttpRequest req;
 	HttpResponse resp;
 	HttpStatus	hst;
 	char		herr[256];
@@ -1154,16 +1180,8 @@ source_ecs(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, KmsError *er
 	}
 	headers[nheaders++] = "Accept: application/json";
 
-	memset(&req, 0, sizeof(req));
-	req.method = "GET";
-	req.url = url;
-	req.headers = headers;
-	req.nheaders = nheaders;
-	req.timeout_ms = request_timeout(cfg, ECS_TIMEOUT_MS);
-	req.max_response = CRED_MAX_RESPONSE;
-	req.interrupted = cfg->interrupted;
-	err->attempts++;
-	hst = http_perform(&req, &resp, herr, sizeof(herr));
+	hst = cred_request(cfg, "GET", url, headers, nheaders, NULL, 0,
+					   request_timeout(cfg, ECS_TIMEOUT_MS), &resp, herr, sizeof(herr), err);
 	if (hst != HTTP_OK)
 	{
 		kms_set_error(err, http_failure_status(hst), NULL,
@@ -1204,24 +1222,14 @@ imds_request(const KmsConfig *cfg, const char *method, const char *base, const c
 			 KmsError *err)
 {
 	char		url[1024];
-	HttpRequest req;
 
 	if (snprintf(url, sizeof(url), "%s%s", base, path) >= (int) sizeof(url))
 	{
 		snprintf(herr, herrlen, "metadata URL too long");
 		return HTTP_ERR_INTERNAL;
 	}
-	memset(&req, 0, sizeof(req));
-	req.method = method;
-	req.url = url;
-	req.headers = &header;
-	req.nheaders = 1;
-	req.body = "";
-	req.timeout_ms = request_timeout(cfg, METADATA_TIMEOUT_MS);
-	req.max_response = CRED_MAX_RESPONSE;
-	req.interrupted = cfg->interrupted;
-	err->attempts++;
-	return http_perform(&req, resp, herr, herrlen);
+	return cred_request(cfg, method, url, &header, 1, "", 0,
+						request_timeout(cfg, METADATA_TIMEOUT_MS), resp, herr, herrlen, err);
 }
 
 static SourceResult
