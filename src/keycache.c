@@ -138,8 +138,8 @@ typedef struct LocalTenant
 	LocalVersion *versions;
 } LocalTenant;
 
-/* More tenants than this in one backend: start the L1 afresh rather than grow. */
-#define L1_MAX_TENANTS 4096
+/* At most this many tenants in one backend's L1; beyond it, one entry makes room. */
+#define L1_MAX_TENANTS 8192
 
 static HTAB *local_tenants = NULL;
 static MemoryContext local_cxt = NULL;
@@ -682,6 +682,33 @@ l1_reset(void)
 	last_tenant_len = 0;
 }
 
+/*
+ * Drop one tenant other than `keep` from a full L1.  Not LRU: a cheap victim is enough
+ * to avoid the cliff of emptying the whole level when a scan cycles through more
+ * tenants than it holds.
+ */
+static void
+l1_evict_one(const char *keep)
+{
+	HASH_SEQ_STATUS scan;
+	LocalTenant *victim;
+
+	hash_seq_init(&scan, local_tenants);
+	while ((victim = hash_seq_search(&scan)) != NULL)
+	{
+		if (strcmp(victim->name, keep) != 0)
+		{
+			hash_seq_term(&scan);
+			l1_free_tenant(victim);
+			if (victim->versions)
+				pfree(victim->versions);
+			hash_search(local_tenants, victim->name, HASH_REMOVE, NULL);
+			break;
+		}
+	}
+	last_tenant = NULL;
+}
+
 static void
 l1_ensure(void)
 {
@@ -768,9 +795,9 @@ l1_tenant(const char *tenant, size_t tenant_len)
 					 errhint("An envelope_admin can create it with envelope.create_tenant()."),
 					 errhidestmt(true)));
 
-		if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
-			l1_reset();
 		l1_ensure();
+		if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
+			l1_evict_one(key);
 		lt = hash_search(local_tenants, key, HASH_ENTER, &found);
 		if (!found)
 		{
@@ -965,13 +992,25 @@ keycache_xact_callback(XactEvent event, void *arg)
 	l1_pending_bump = false;
 }
 
-/* A relcache invalidation of anything (the key tables among it): mark L1 stale. */
+/*
+ * A relcache invalidation of a key table (sent at commit by the key store trigger, and
+ * replayed from WAL on a standby), or of everything: mark L1 stale.  Other relations'
+ * invalidations, frequent under DDL, are ignored.
+ */
 static void
 keycache_relcache_callback(Datum arg, Oid relid)
 {
-	l1_local_generation++;
 	if (relid == InvalidOid)
+	{
+		l1_local_generation++;
 		keystore_forget_relations();
+	}
+	else if (keystore_is_key_table(relid))
+	{
+		l1_local_generation++;
+		/* A dropped and re-created extension has new tables: look them up again. */
+		keystore_forget_relations();
+	}
 }
 
 void

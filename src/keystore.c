@@ -33,12 +33,28 @@ typedef struct KeystoreSession
 } KeystoreSession;
 
 static Oid	key_store_owner = InvalidOid;
+static Oid	tenant_relid = InvalidOid;
+static Oid	data_key_relid = InvalidOid;
 
 /* Forget what we looked up about the tables (DROP/CREATE EXTENSION may change it). */
 void
 keystore_forget_relations(void)
 {
 	key_store_owner = InvalidOid;
+	tenant_relid = InvalidOid;
+	data_key_relid = InvalidOid;
+}
+
+/*
+ * Could an invalidation of `relid` concern the key store?  Until the tables have been
+ * looked up in this backend, any relation might be one of them.
+ */
+bool
+keystore_is_key_table(Oid relid)
+{
+	if (!OidIsValid(tenant_relid) || !OidIsValid(data_key_relid))
+		return true;
+	return relid == tenant_relid || relid == data_key_relid;
 }
 
 static Oid
@@ -51,6 +67,8 @@ lookup_key_store_owner(void)
 
 	nsp = get_namespace_oid("envelope", true);
 	relid = OidIsValid(nsp) ? get_relname_relid("data_key", nsp) : InvalidOid;
+	tenant_relid = OidIsValid(nsp) ? get_relname_relid("tenant", nsp) : InvalidOid;
+	data_key_relid = relid;
 	if (!OidIsValid(relid))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

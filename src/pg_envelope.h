@@ -107,6 +107,7 @@ extern void keystore_set_tenant_state(const char *tenant, TenantState state);
 extern void keystore_set_key_state(const char *tenant, int32 version, KeyState state);
 extern void keystore_destroy_tenant(const char *tenant);
 extern void keystore_forget_relations(void);
+extern bool keystore_is_key_table(Oid relid);
 
 /* ---- key cache (keycache.c) ---- */
 typedef struct EnvelopeKeyRef

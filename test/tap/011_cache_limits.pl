@@ -76,6 +76,18 @@ is($node->safe_psql('restored',
 is($node->safe_psql('restored', "SELECT envelope.create_tenant('after-restore')"), '1',
 	'new tenants can be created after a restore');
 
+# ---- One backend cycling through more tenants than its first-level cache holds (8192)
+# keeps working, one eviction at a time.
+$node->safe_psql('postgres', q{
+SELECT count(envelope.create_tenant('many' || i)) FROM generate_series(1, 8300) i;
+CREATE TABLE many AS SELECT 'many' || i AS tenant, envelope.encrypt('many' || i, 'm' || i) AS v
+  FROM generate_series(1, 8300) i;
+});
+is($node->safe_psql('postgres', q{
+SELECT count(*) FROM (SELECT * FROM many UNION ALL SELECT * FROM many) m
+ WHERE envelope.decrypt_text(tenant, v) = 'm' || substr(tenant, 5)}),
+	'16600', 'a backend decrypts for 8,300 tenants twice over');
+
 # ---- A non-ASCII tenant in a LATIN1 database: the KMS context and the binding are UTF-8,
 # so the dump restores into a UTF-8 database and still decrypts.
 $node->safe_psql('postgres',
