@@ -161,6 +161,21 @@ elapsed_ms(instr_time start)
 	return INSTR_TIME_GET_MILLISEC(now);
 }
 
+/* A provider's wrapped key, from its buffer into a bytea; the length is checked. */
+static bytea *
+wrapped_to_bytea(const char *provider_name, uint8 *buf, size_t len)
+{
+	bytea	   *result;
+
+	if (len == 0 || len > KMS_WRAPPED_MAX)
+		elog(ERROR, "KMS provider %s returned a wrapped key of %zu bytes", provider_name, len);
+	result = palloc(VARHDRSZ + len);
+	SET_VARSIZE(result, VARHDRSZ + len);
+	memcpy(VARDATA(result), buf, len);
+	pfree(buf);
+	return result;
+}
+
 void
 envelope_kms_generate(const char *provider_name, const char *kms_key,
 					  const char *tenant, uint32 version,
@@ -186,13 +201,7 @@ envelope_kms_generate(const char *provider_name, const char *kms_key,
 		explicit_bzero(dek, KMS_DEK_LEN);
 		report_kms_error(ENVELOPE_KMS_GENERATE, provider_name, tenant, version, &err);
 	}
-	if (len == 0 || len > KMS_WRAPPED_MAX)
-		elog(ERROR, "KMS provider %s returned a wrapped key of %zu bytes", provider_name, len);
-
-	*wrapped = palloc(VARHDRSZ + len);
-	SET_VARSIZE(*wrapped, VARHDRSZ + len);
-	memcpy(VARDATA(*wrapped), buf, len);
-	pfree(buf);
+	*wrapped = wrapped_to_bytea(provider_name, buf, len);
 	*key_arn = arn;
 }
 
@@ -240,7 +249,6 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 	size_t		len = 0;
 	KmsStatus	status;
 	instr_time	start;
-	bytea	   *result;
 
 	fill_config(&cfg);
 	memset(&err, 0, sizeof(err));
@@ -251,13 +259,6 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 	keycache_record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
 	if (status != KMS_OK)
 		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
-	if (len == 0 || len > KMS_WRAPPED_MAX)
-		elog(ERROR, "KMS provider %s returned a wrapped key of %zu bytes", provider_name, len);
-
-	result = palloc(VARHDRSZ + len);
-	SET_VARSIZE(result, VARHDRSZ + len);
-	memcpy(VARDATA(result), buf, len);
-	pfree(buf);
 	*dest_key_arn = arn;
-	return result;
+	return wrapped_to_bytea(provider_name, buf, len);
 }

@@ -7,30 +7,20 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use IPC::Run;
 use Test::More;
+use EnvelopeLocal qw(new_master_key local_node);
 
 my $ntenants = 200;
 my $nbackends = 8;
 
-my $keydir = PostgreSQL::Test::Utils::tempdir;
-my $keyfile = "$keydir/master.key";
-my $keyhex = join('', map { sprintf('%02x', int(rand(256))) } 1 .. 32);
-open(my $fh, '>', $keyfile) or die "cannot write $keyfile: $!";
-print $fh "$keyhex\n";
-close($fh);
-chmod(0600, $keyfile) or die;
-
-my $primary = PostgreSQL::Test::Cluster->new('primary');
-$primary->init(allows_streaming => 1);
-$primary->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'pg_envelope'
-envelope.local_master_key_file = '$keyfile'
+my ($keyfile, $keyhex) = new_master_key();
+my $primary = local_node('primary', $keyfile, q{
 envelope.cache_size = 1024
 max_connections = 40
 restart_after_crash = on
 log_statement = none
 log_min_messages = debug1
 log_min_error_statement = error
-});
+}, allows_streaming => 1);
 $primary->start;
 
 $primary->safe_psql('postgres', qq{

@@ -6,19 +6,11 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use EnvelopeLocal qw(new_master_key local_node);
 
 my $keydir = PostgreSQL::Test::Utils::tempdir;
-my $keyfile = "$keydir/master.key";
-open(my $fh, '>', $keyfile) or die;
-print $fh join('', map { sprintf('%02x', int(rand(256))) } 1 .. 32), "\n";
-close($fh);
-chmod(0600, $keyfile) or die;
-
-my $node = PostgreSQL::Test::Cluster->new('limits');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'pg_envelope'
-envelope.local_master_key_file = '$keyfile'
+my ($keyfile) = new_master_key();
+my $node = local_node('limits', $keyfile, q{
 envelope.cache_size = 16
 envelope.cache_ttl = 6
 });

@@ -7,6 +7,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use EnvelopeLocal qw(new_master_key local_node);
 use File::Basename qw(dirname);
 use Cwd qw(abs_path);
 
@@ -15,20 +16,8 @@ my $probe = abs_path(dirname(__FILE__) . '/../kms/memory_probe.py');
 system($python, '-c', 'import cryptography') == 0
   or BAIL_OUT("$python cannot import cryptography: this test cannot run");
 
-my $keydir = PostgreSQL::Test::Utils::tempdir;
-my $keyfile = "$keydir/master.key";
-open(my $fh, '>', $keyfile) or die;
-print $fh join('', map { sprintf('%02x', int(rand(256))) } 1 .. 32), "\n";
-close($fh);
-chmod(0600, $keyfile) or die;
-
-my $node = PostgreSQL::Test::Cluster->new('memory');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'pg_envelope'
-envelope.local_master_key_file = '$keyfile'
-envelope.cache_size = 16
-});
+my ($keyfile) = new_master_key();
+my $node = local_node('memory', $keyfile, "envelope.cache_size = 16\n");
 $node->start;
 my $postmaster_pid = (split /\n/, slurp_file($node->data_dir . '/postmaster.pid'))[0];
 sub sql { return $node->safe_psql('postgres', $_[0]); }
