@@ -306,10 +306,11 @@ cred_request(const KmsConfig *cfg, const char *method, const char *url,
 
 /*
  * Wipe the string values of a parsed JSON tree in place.  json-c keeps its own copies
- * of every string; the pointers it returns are to those copies.
+ * of every string; the pointers it returns are to those copies.  Shared with
+ * kms_aws.c, whose answers carry data keys.
  */
-static void
-json_wipe_strings(json_object *obj)
+void
+aws_json_wipe_strings(json_object *obj)
 {
 	if (obj == NULL)
 		return;
@@ -324,13 +325,13 @@ json_wipe_strings(json_object *obj)
 				json_object_object_foreach(obj, key, val)
 				{
 					(void) key;
-					json_wipe_strings(val);
+					aws_json_wipe_strings(val);
 				}
 				break;
 			}
 		case json_type_array:
 			for (size_t i = 0; i < json_object_array_length(obj); i++)
-				json_wipe_strings(json_object_array_get_idx(obj, i));
+				aws_json_wipe_strings(json_object_array_get_idx(obj, i));
 			break;
 		default:
 			break;
@@ -363,7 +364,7 @@ json_parse_wiping(const char *body, size_t len)
 	obj = json_tokener_parse_ex(tok, body, (int) len);
 	if (obj && json_tokener_get_error(tok) != json_tokener_success)
 	{
-		json_wipe_strings(obj);
+		aws_json_wipe_strings(obj);
 		json_object_put(obj);
 		obj = NULL;
 	}
@@ -428,7 +429,7 @@ parse_json_credentials(const char *body, size_t len, AwsCredentials *out, const 
 done:
 	if (obj)
 	{
-		json_wipe_strings(obj);
+		aws_json_wipe_strings(obj);
 		json_object_put(obj);
 	}
 	return ok;

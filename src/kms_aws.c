@@ -358,38 +358,6 @@ aws_backoff_ms(int retry)
  */
 
 /*
- * Wipe every string of a parsed answer in place.  Not only "Plaintext": an answer
- * that is not what we expect (a misbehaving endpoint, a proxy) may carry the DEK
- * under any name or nesting, and json-c's strings are the only copies left.
- */
-static void
-aws_json_wipe_strings(json_object *obj)
-{
-	switch (json_object_get_type(obj))
-	{
-		case json_type_string:
-			OPENSSL_cleanse((char *) json_object_get_string(obj),
-							(size_t) json_object_get_string_len(obj));
-			break;
-		case json_type_object:
-			{
-				json_object_object_foreach(obj, key, val)
-				{
-					(void) key;
-					aws_json_wipe_strings(val);
-				}
-				break;
-			}
-		case json_type_array:
-			for (size_t i = 0; i < json_object_array_length(obj); i++)
-				aws_json_wipe_strings(json_object_array_get_idx(obj, i));
-			break;
-		default:
-			break;
-	}
-}
-
-/*
  * Parse a response body.  json-c copies every string it reads into its tokenizer
  * buffer before making the string object, so that buffer may hold the plaintext DEK:
  * it is grown to the body's size before parsing (so no realloc leaves a copy in freed
@@ -449,7 +417,10 @@ aws_json_string(json_object *obj, const char *key, size_t *len)
 	return json_object_get_string(v);
 }
 
-/* Free a response object, wiping first whatever string may hold a DEK. */
+/*
+ * Free a response object, wiping every string first: not only "Plaintext", since an
+ * answer that is not what we expect may carry the DEK under any name or nesting.
+ */
 static void
 aws_json_free(json_object *obj)
 {
