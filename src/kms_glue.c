@@ -17,7 +17,10 @@ static const char *const op_names[ENVELOPE_KMS_NOPS] = {
 	"GenerateDataKey", "Decrypt", "ReEncrypt"
 };
 
-/* Polled by providers during I/O: a pending cancel or termination stops the call. */
+/*
+ * Polled by providers during I/O: a pending cancel or termination stops the call.
+ * statement_timeout arrives as a query cancel (QueryCancelPending), so it is covered.
+ */
 static bool
 backend_interrupted(void)
 {
