@@ -95,7 +95,7 @@ def main():
                    "runs_ms": v} for k, v in times.items()}
     res["sql_per_row"] = per_row
     floors = {"md5": "floor", "encrypt": "floor", "decrypt": "decrypt_floor",
-              "decrypt_sorted": "sorted_floor", "pgcrypto_encrypt": "floor",
+              "decrypt_sorted": "sorted_floor", "encrypt_sorted": "psorted_floor", "pgcrypto_encrypt": "floor",
               "pgcrypto_decrypt": "pgc_floor", "pgp_sym_encrypt": "pgp_floor",
               "pgp_sym_decrypt": "pgp_dec_floor", "kb_md5": "kb_floor",
               "kb_encrypt": "kb_floor", "kb_decrypt": "kb_decrypt_floor",
@@ -110,9 +110,10 @@ def main():
                  % (a.rows, a.kb_rows, a.runs))
     fl = lambda op, size: floor[(op, size)]["min_us"]
     lines.append("raw AES-256-GCM floor (C, cipher_encrypt incl. nonce / cipher_decrypt, fixed key, cached context): "
-                 "32 B %.3f / %.3f µs, 1 KB %.3f / %.3f µs; nonce draw alone %.3f µs"
+                 "32 B %.3f / %.3f µs, 1 KB %.3f / %.3f µs; nonce draw alone %.3f µs; "
+                 "1,000 keys in turn: 32 B %.3f / %.3f µs"
                  % (fl("encrypt", 32), fl("decrypt", 32), fl("encrypt", 1024), fl("decrypt", 1024),
-                    fl("nonce", 32)))
+                    fl("nonce", 32), fl("encrypt_1000keys", 32), fl("decrypt_1000keys", 32)))
     for k, op, size in (("encrypt", "encrypt", 32), ("decrypt", "decrypt", 32),
                         ("kb_encrypt", "encrypt", 1024), ("kb_decrypt", "decrypt", 1024)):
         if k not in net:
@@ -124,13 +125,16 @@ def main():
             "%-28s %-5s %7.3f µs/row   %5.2fx the raw AES-GCM floor (%.3f)"
             % (name, "1 KB" if size == 1024 else "32 B", v, r, fl(op, size)),
             target="<= 1.3x", met=r <= 1.3, ratio=r, floor_us=fl(op, size))
-    if "decrypt_sorted" in net and "decrypt" in net:
-        v = net["decrypt_sorted"]["min_us"]
-        fig("decrypt_sorted", v, "us/row",
-            "%-28s %-5s %7.3f µs/row   %5.2fx the raw floor; rows sorted by tenant "
-            "(per-row tenant switch costs %.3f µs)"
-            % ("envelope.decrypt_text", "32 B", v, v / fl("decrypt", 32), net["decrypt"]["min_us"] - v),
-            ratio=v / fl("decrypt", 32))
+    for k, op in (("encrypt_sorted", "encrypt"), ("decrypt_sorted", "decrypt")):
+        if k in net and op in net:
+            v = net[k]["min_us"]
+            r = v / fl(op, 32)
+            name = {"encrypt": "envelope.encrypt", "decrypt": "envelope.decrypt_text"}[op]
+            fig(k, v, "us/row",
+                "%-28s %-5s %7.3f µs/row   %5.2fx the raw floor with rows sorted by tenant; switching tenant "
+                "every row costs %.3f µs (C floor over 1,000 keys in turn: +%.3f)"
+                % (name, "32 B", v, r, net[op]["min_us"] - v, fl(op + "_1000keys", 32) - fl(op, 32)),
+                ratio=r, diagnostic="same tenant as the previous row")
     enc = net["encrypt"]["min_us"]
     dec = net["decrypt"]["min_us"]
     if "md5" in net:
@@ -183,21 +187,32 @@ def main():
         if len(p) == 2:
             tps[p[0]].append(float(p[1]))
     if tps["plain"] and tps["decrypt"]:
-        r = max(tps["decrypt"]) / max(tps["plain"])
-        fig("pgbench_point_decrypt", max(tps["decrypt"]), "tps",
-            "pgbench 2 clients, point lookup by id: decrypt %.0f tps vs plain %.0f tps = %.1f%%"
-            % (max(tps["decrypt"]), max(tps["plain"]), 100 * r),
-            target=">= 90%", met=r >= 0.9, ratio=r, plain_tps=tps["plain"], decrypt_tps=tps["decrypt"])
+        # each round runs plain then decrypt back to back: the median of the rounds'
+        # ratios resists the machine's drift better than best against best
+        rounds = [dd / pp for pp, dd in zip(tps["plain"], tps["decrypt"])]
+        r = statistics.median(rounds)
+        fig("pgbench_point_decrypt", statistics.median(tps["decrypt"]), "tps",
+            "pgbench 2 clients, point lookup by id: decrypt %.0f tps vs plain %.0f tps (medians of %d rounds) = "
+            "%.1f%% (median of round ratios %s; best vs best %.1f%%)"
+            % (statistics.median(tps["decrypt"]), statistics.median(tps["plain"]), len(rounds), 100 * r,
+               "/".join("%.0f" % (100 * x) for x in rounds), 100 * max(tps["decrypt"]) / max(tps["plain"])),
+            target=">= 90%", met=r >= 0.9, ratio=r, plain_tps=tps["plain"], decrypt_tps=tps["decrypt"],
+            round_ratios=rounds)
     else:
         lines.append("!!!!! pgbench gave no TPS figure !!!!!")
 
     # --- scaling --------------------------------------------------------------
-    single = [int(x) for x in a.single.split()]
-    pair = [int(x) for x in a.pair.split()]
+    single = [float(x) for x in a.single.split()]
+    pair = [float(x) for x in a.pair.split()]
     s = 2 * min(single) / min(pair)
+    ms = [float(x) for x in read(os.path.join(d, "md5scan_single")).split()]
+    mp = [float(x) for x in read(os.path.join(d, "md5scan_pair")).split()]
+    ctl = 2 * min(ms) / min(mp) if ms and mp else float("nan")
     fig("scaling_2_clients", s, "x",
-        "2 clients full-scan decrypt: %.2fx the throughput of 1 (1 client %d ms, pair %d ms)"
-        % (s, min(single), min(pair)), target=">= 1.8x", met=s >= 1.8, single_ms=single, pair_ms=pair)
+        "2 clients full-scan decrypt: %.2fx the throughput of 1 (warmed sessions, best of %d: 1 client %.0f ms, "
+        "pair %.0f ms); control md5(c) scan on this machine: %.2fx"
+        % (s, len(single), min(single), min(pair), ctl), target=">= 1.8x", met=s >= 1.8,
+        single_ms=single, pair_ms=pair, control_md5=ctl, control_single_ms=ms, control_pair_ms=mp)
 
     # --- backend memory ---------------------------------------------------------
     mem = [list(map(lambda x: int(x) if x else 0, l.split()[1:])) for l in
