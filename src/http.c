@@ -23,15 +23,35 @@
  * reset per request, keep connections (and TLS sessions) alive between KMS calls.  If
  * the process has forked since they were created, they are abandoned unclosed: closing
  * would shut down (and for TLS, send close_notify on) sockets the parent still uses.
+ *
+ * Secrets in memory that is not ours:
+ *   - libcurl allocates through curl_global_init_mem with a free that wipes the whole
+ *     block (malloc_usable_size bytes) and a realloc that never leaves an unwiped old
+ *     block behind.  libcurl copies the request (Authorization, X-Amz-Security-Token)
+ *     into its own buffers and reads every answer (data keys, credentials) into a
+ *     receive buffer; those are freed without wiping otherwise.
+ *   - what libcurl keeps between requests (buffers of the easy handle, depending on
+ *     the libcurl version) is wiped only when it is freed.
+ *   - OpenSSL keeps decrypted records in its own read buffer, allocated outside
+ *     libcurl.  When libcurl's TLS backend is OpenSSL, every SSL_CTX gets
+ *     SSL_OP_CLEANSE_PLAINTEXT (OpenSSL 3.0+: plaintext is wiped once the application
+ *     has read it) and SSL_MODE_RELEASE_BUFFERS (idle record buffers are freed, and
+ *     with the option above wiped first, instead of kept for the life of the
+ *     connection).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <malloc.h>				/* malloc_usable_size, in glibc and musl */
+#define HTTP_WIPING_ALLOCATOR 1
+#endif
 
 #include <curl/curl.h>
 #include <openssl/crypto.h>
+#include <openssl/ssl.h>
 
 #include "http.h"
 
@@ -60,15 +80,125 @@ static CURL *http_easy = NULL;
 static CURLM *http_multi = NULL;
 static pid_t http_owner_pid = 0;
 
+/* -1 not yet known, 0 no, 1 yes: libcurl does TLS with the OpenSSL we link. */
+static int	http_tls_openssl = -1;
+static uint64_t http_tls_last_options = 0;
+static long http_tls_last_mode = 0;
+
+static void (*http_free_hook) (const void *p, size_t len, bool wiped) = NULL;
+
+#ifdef HTTP_WIPING_ALLOCATOR
+/*
+ * libcurl's free: wipe the whole block, not just what was asked for, since libcurl
+ * asks for no size when it frees and a block may have been written to its end.
+ */
+static void
+wiping_free(void *p)
+{
+	size_t		n;
+
+	if (p == NULL)
+		return;
+	n = malloc_usable_size(p);
+	if (http_free_hook)
+		http_free_hook(p, n, false);
+	OPENSSL_cleanse(p, n);
+	if (http_free_hook)
+		http_free_hook(p, n, true);
+	free(p);
+}
+
+/*
+ * libcurl's realloc: libc's realloc may move a block and free the old one unwiped,
+ * so always allocate, copy and wipe.  libcurl grows its buffers geometrically, so the
+ * copies cost little.
+ */
+static void *
+wiping_realloc(void *old, size_t size)
+{
+	void	   *p;
+	size_t		oldn;
+
+	if (old == NULL)
+		return malloc(size);
+	p = malloc(size > 0 ? size : 1);
+	if (p == NULL)
+		return NULL;			/* the old block stays valid, as realloc promises */
+	oldn = malloc_usable_size(old);
+	memcpy(p, old, oldn < size ? oldn : size);
+	wiping_free(old);
+	return p;
+}
+#endif
+
+/*
+ * With no wiping allocator (no malloc_usable_size on this platform) libcurl uses
+ * libc's and its freed buffers are not wiped; the OpenSSL options still apply.  If something else in the process initialised libcurl first,
+ * curl_global_init_mem only counts one more user and keeps that allocator.
+ */
 int
 http_global_init(void)
 {
+	CURLcode	rc;
+
 	if (http_global_done)
 		return 0;
-	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+#ifdef HTTP_WIPING_ALLOCATOR
+	rc = curl_global_init_mem(CURL_GLOBAL_DEFAULT, malloc, wiping_free, wiping_realloc,
+							  strdup, calloc);
+#else
+	rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+#endif
+	if (rc != CURLE_OK)
 		return -1;
 	http_global_done = true;
 	return 0;
+}
+
+void
+http_test_set_free_hook(void (*hook) (const void *p, size_t len, bool wiped))
+{
+	http_free_hook = hook;
+}
+
+void
+http_test_tls_hardening(uint64_t *options, long *mode)
+{
+	*options = http_tls_last_options;
+	*mode = http_tls_last_mode;
+}
+
+/*
+ * SSL_CTX_* may only be called on libcurl's SSL_CTX when libcurl's TLS backend is
+ * OpenSSL, and the same major version as ours (the same libssl in the process).
+ */
+static bool
+tls_backend_is_our_openssl(void)
+{
+	if (http_tls_openssl < 0)
+	{
+		const curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+
+		http_tls_openssl = vi != NULL && vi->ssl_version != NULL &&
+			strncmp(vi->ssl_version, "OpenSSL/", 8) == 0 &&
+			strtoul(vi->ssl_version + 8, NULL, 10) == (OpenSSL_version_num() >> 28);
+	}
+	return http_tls_openssl == 1;
+}
+
+/* Called by libcurl for each new TLS connection, before its SSL object is made. */
+static CURLcode
+tls_ctx_cb(CURL *curl, void *sslctx, void *arg)
+{
+	SSL_CTX    *ctx = sslctx;
+
+#ifdef SSL_OP_CLEANSE_PLAINTEXT
+	SSL_CTX_set_options(ctx, SSL_OP_CLEANSE_PLAINTEXT);
+#endif
+	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+	http_tls_last_options = SSL_CTX_get_options(ctx);
+	http_tls_last_mode = SSL_CTX_get_mode(ctx);
+	return CURLE_OK;
 }
 
 static void
@@ -181,7 +311,7 @@ ensure_handles(void)
 {
 	pid_t		me = getpid();
 
-	if (http_easy && http_owner_pid != me)
+	if ((http_easy || http_multi) && http_owner_pid != me)
 	{
 		http_easy = NULL;
 		http_multi = NULL;
@@ -390,6 +520,8 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 	SETOPT(CURLOPT_NOSIGNAL, 1L);
 	SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
 	SETOPT(CURLOPT_SSL_VERIFYHOST, 2L);
+	if (tls_backend_is_our_openssl())
+		SETOPT(CURLOPT_SSL_CTX_FUNCTION, tls_ctx_cb);
 	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
 	SETOPT(CURLOPT_PROXY, "");
 	SETOPT(CURLOPT_TIMEOUT_MS, timeout_ms);

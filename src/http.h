@@ -13,6 +13,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef enum HttpStatus
 {
@@ -49,7 +50,10 @@ typedef struct HttpResponse
 	size_t		body_len;
 } HttpResponse;
 
-/* curl_global_init once per process; called from _PG_init in the postmaster. */
+/*
+ * curl_global_init_mem once per process, with an allocator that wipes what libcurl
+ * frees; called from _PG_init in the postmaster, before any other use of libcurl.
+ */
 extern int	http_global_init(void);
 
 /*
@@ -62,5 +66,15 @@ extern HttpStatus http_perform(const HttpRequest *req, HttpResponse *resp,
 
 /* Wipes the body (OPENSSL_cleanse) before freeing: it may hold keys. */
 extern void http_response_free(HttpResponse *resp);
+
+/*
+ * For the unit tests only.  The hook sees every block libcurl releases through the
+ * wiping allocator twice: before the wipe (wiped = false) and after it, just before
+ * it goes back to libc.  http_test_tls_hardening reports the SSL_CTX options and mode the last TLS
+ * connection was given (both 0 until one was made, or when libcurl's TLS backend is
+ * not OpenSSL).
+ */
+extern void http_test_set_free_hook(void (*hook) (const void *p, size_t len, bool wiped));
+extern void http_test_tls_hardening(uint64_t *options, long *mode);
 
 #endif							/* PG_ENVELOPE_HTTP_H */

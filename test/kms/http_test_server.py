@@ -15,6 +15,8 @@ Endpoints:
   /redirect        302 to /ok
   /hang            read the request, then never answer (until shutdown)
   /reset           read the request, then reset the connection (RST)
+  /secret          200, JSON with a secret-looking value that appears in no request
+                   (the test looks for it in the memory libcurl frees)
   /_connections    200, JSON {"connections": number of TCP connections accepted}
 
 With --tls-cert and --tls-key it speaks HTTPS instead (the test uses a self-signed
@@ -32,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HUGE = 10 * 1024 * 1024
 HANG_MAX_SECONDS = 120
+SECRET_MARKER = "answer-only-secret-4f1c9a7e"
 
 stopping = threading.Event()
 lock = threading.Lock()
@@ -102,6 +105,9 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                        struct.pack("ii", 1, 0))
             self.close_connection = True
+        elif path == "/secret":
+            self.send_body(200, json.dumps({"SecretAccessKey": SECRET_MARKER}).encode(),
+                           "application/json")
         elif path == "/_connections":
             with lock:
                 n = connections

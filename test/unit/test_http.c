@@ -7,6 +7,13 @@
  * mapping, that no header or body reaches an error message, that proxies from the
  * environment are ignored, keep-alive, and that no file descriptor leaks.  A missing
  * stub is a failure, never a skip.
+ *
+ * Secrets in libcurl's and OpenSSL's memory: every block libcurl frees (or moves on
+ * realloc) is wiped whole; an answer leaves libcurl's memory, wiped, before
+ * http_perform returns; every TLS context
+ * gets SSL_OP_CLEANSE_PLAINTEXT and SSL_MODE_RELEASE_BUFFERS; CURLOPT_NOSIGNAL stays
+ * set (libcurl would otherwise ignore SIGPIPE while it works, which the interrupt
+ * callback, called from inside libcurl, can see).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE			/* the Makefile defines it too */
@@ -21,10 +28,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <curl/curl.h>
+#include <openssl/ssl.h>
+
 #include "http.h"
 #include "unit.h"
 
 #define STUB_SCRIPT "test/kms/http_test_server.py"
+
+/* What /secret answers with; it appears in no request. */
+#define SECRET_MARKER "answer-only-secret-4f1c9a7e"
 
 #define MAX_STUBS 2
 
@@ -447,6 +460,168 @@ test_reuse_and_leaks(void)
 	CHECK(fds0 > 0 && fds1 <= fds0, "file descriptors %d -> %d after 50 requests", fds0, fds1);
 }
 
+/* ------------------------------------------------------------------------ */
+/* What libcurl frees                                                        */
+/* ------------------------------------------------------------------------ */
+
+static const char *free_marker;		/* looked for in blocks before they are wiped */
+static int	freed_blocks;
+static int	freed_with_marker;
+static int	freed_unwiped;
+
+static bool
+contains(const void *p, size_t len, const char *needle)
+{
+	return memmem(p, len, needle, strlen(needle)) != NULL;
+}
+
+static void
+free_hook(const void *p, size_t len, bool wiped)
+{
+	const unsigned char *b = p;
+
+	if (!wiped)
+	{
+		freed_blocks++;
+		if (free_marker && contains(p, len, free_marker))
+			freed_with_marker++;
+		return;
+	}
+	for (size_t i = 0; i < len; i++)
+	{
+		if (b[i] != 0)
+		{
+			freed_unwiped++;
+			break;
+		}
+	}
+}
+
+static void
+free_hook_arm(const char *marker)
+{
+	free_marker = marker;
+	freed_blocks = freed_with_marker = freed_unwiped = 0;
+	http_test_set_free_hook(free_hook);
+}
+
+/*
+ * The allocator, through libcurl's own public functions: curl_easy_escape grows its
+ * result with realloc, curl_free and curl_slist_free_all free.  Each old block of the
+ * growing result must reach the wiping free (a plain realloc would move it without
+ * freeing through us, or grow it in place), and every block must be all zeros after.
+ */
+static void
+test_wiping_allocator(void)
+{
+	char		input[3000];
+	char	   *escaped;
+	struct curl_slist *list;
+	int			during_escape;
+
+	for (size_t i = 0; i < sizeof(input); i += 10)
+		memcpy(input + i, "WIPEME pq ", 10);
+
+	free_hook_arm("WIPEME");
+	escaped = curl_easy_escape(NULL, input, (int) sizeof(input));
+	CHECK(escaped != NULL && strstr(escaped, "WIPEME%20pq%20") != NULL, "curl_easy_escape");
+	during_escape = freed_with_marker;
+	CHECK(during_escape >= 4,
+		  "realloc: %d old blocks holding the text went through the wiping free",
+		  during_escape);
+	curl_free(escaped);
+	CHECK(freed_with_marker == during_escape + 1, "curl_free went through the wiping free");
+
+	list = curl_slist_append(NULL, "X-Amz-Security-Token: WIPEME-token");
+	CHECK(list != NULL, "curl_slist_append");
+	curl_slist_free_all(list);
+	CHECK(freed_with_marker == during_escape + 2, "curl_slist_free_all wiped the line");
+
+	CHECK(freed_blocks >= 6 && freed_unwiped == 0,
+		  "%d of %d freed blocks not all zeros", freed_unwiped, freed_blocks);
+	printf("wiping allocator: %d blocks freed, %d held the text, all wiped\n",
+		   freed_blocks, freed_with_marker);
+	http_test_set_free_hook(NULL);
+}
+
+/*
+ * An answer leaves libcurl's memory wiped, before http_perform returns: libcurl 7.88
+ * frees its receive buffer when a transfer is done.  A libcurl that kept the answer
+ * past http_perform would fail here.  And the request's secret header is wiped too,
+ * once libcurl is done with it.
+ */
+static void
+test_answer_wiped(void)
+{
+	HttpResponse resp;
+	char		err[256];
+	HttpStatus	st;
+	const char *token_hdr[] = {"X-Amz-Security-Token: request-only-token-77d2"};
+
+	free_hook_arm(SECRET_MARKER);
+	st = do_request("GET", "/secret", token_hdr, 1, NULL, 2000, 4096, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200 && strstr(resp.body, SECRET_MARKER),
+		  "GET /secret: %d %s", st, err);
+	CHECK(freed_with_marker >= 1,
+		  "the answer left libcurl's memory before http_perform returned");
+	CHECK(freed_unwiped == 0, "%d freed blocks not wiped", freed_unwiped);
+	http_response_free(&resp);
+
+	free_hook_arm("request-only-token-77d2");
+	st = do_request("GET", "/echo", token_hdr, 1, NULL, 2000, 4096, NULL, &resp, err,
+					sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "GET /echo: %d %s", st, err);
+	CHECK(freed_with_marker >= 1 && freed_unwiped == 0,
+		  "request header: %d freed copies, %d not wiped", freed_with_marker, freed_unwiped);
+	http_response_free(&resp);
+	http_test_set_free_hook(NULL);
+}
+
+static int	sigpipe_polls;
+static int	sigpipe_ignored;
+
+static bool
+check_sigpipe(void)
+{
+	struct sigaction sa;
+
+	sigaction(SIGPIPE, NULL, &sa);
+	sigpipe_polls++;
+	if (sa.sa_handler == SIG_IGN)
+		sigpipe_ignored++;
+	return false;
+}
+
+/*
+ * Without CURLOPT_NOSIGNAL, libcurl (built with OpenSSL) sets SIGPIPE to SIG_IGN
+ * around its work in curl_multi_perform and puts it back afterwards; the interrupt
+ * callback, called from the progress callback inside that, would see SIG_IGN.
+ */
+static void
+test_nosignal(void)
+{
+	struct sigaction dfl;
+	struct sigaction old;
+	HttpResponse resp;
+	char		err[256];
+	HttpStatus	st;
+
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	sigaction(SIGPIPE, &dfl, &old);
+	sigpipe_polls = sigpipe_ignored = 0;
+	st = do_request("GET", "/bytes/200000", NULL, 0, NULL, 2000, 300000, check_sigpipe,
+					&resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "GET /bytes/200000: %d %s", st, err);
+	http_response_free(&resp);
+	CHECK(sigpipe_polls >= 2, "interrupt callback polled %d times", sigpipe_polls);
+	CHECK(sigpipe_ignored == 0,
+		  "libcurl touched SIGPIPE during %d of %d polls: CURLOPT_NOSIGNAL is off",
+		  sigpipe_ignored, sigpipe_polls);
+	sigaction(SIGPIPE, &old, NULL);
+}
+
 /*
  * TLS verification is always on: a server with a self-signed certificate (made here
  * with the openssl command) is refused, for all that it is the right host.
@@ -493,6 +668,32 @@ test_tls_verification(void)
 	CHECK(st == HTTP_ERR_TLS && resp.body == NULL, "self-signed certificate refused: %d %s",
 		  st, err);
 	printf("self-signed peer: %s\n", err);
+
+	/* The handshake was refused, but the TLS context was made, and hardened. */
+	{
+		const curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+		bool		openssl = vi->ssl_version && strncmp(vi->ssl_version, "OpenSSL/", 8) == 0;
+		uint64_t	options;
+		long		mode;
+
+		http_test_tls_hardening(&options, &mode);
+		if (openssl)
+		{
+#ifdef SSL_OP_CLEANSE_PLAINTEXT
+			CHECK((options & SSL_OP_CLEANSE_PLAINTEXT) != 0,
+				  "SSL_OP_CLEANSE_PLAINTEXT set on the TLS context");
+#endif
+			CHECK((mode & SSL_MODE_RELEASE_BUFFERS) != 0,
+				  "SSL_MODE_RELEASE_BUFFERS set on the TLS context");
+		}
+		else
+		{
+			CHECK(options == 0 && mode == 0, "TLS context left alone for %s",
+				  vi->ssl_version ? vi->ssl_version : "no TLS");
+			printf("libcurl's TLS backend is %s: OpenSSL options not applicable\n",
+				   vi->ssl_version ? vi->ssl_version : "none");
+		}
+	}
 }
 
 int
@@ -506,11 +707,14 @@ main(void)
 		CHECK(false, "could not start %s (run from the repository root)", STUB_SCRIPT);
 		return unit_finish("test_http");
 	}
+	test_wiping_allocator();
 	test_basic();
 	test_cap();
 	test_timeouts_and_cancel();
 	test_errors();
 	test_reuse_and_leaks();
+	test_answer_wiped();
+	test_nosignal();
 	test_tls_verification();
 	stop_stubs();
 	if (tls_dir[0])
