@@ -115,3 +115,45 @@ CALL envelope.reencrypt('reenc', 'secret', 'tenant', 0);
 CALL envelope.reencrypt('reenc', 'no_such_column', 'tenant');
 \echo :LAST_ERROR_SQLSTATE
 DROP TABLE reenc;
+
+-- A prepared transaction cannot carry a key store change (its revocation would take
+-- effect in no backend); the session goes on normally.
+BEGIN;
+SELECT envelope.disable_tenant('acme');
+PREPARE TRANSACTION 'envelope_2pc';
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.decrypt_text('acme', envelope.encrypt('acme', 'after a refused prepare'));
+BEGIN;
+SELECT envelope.encrypt('acme', 'x') IS NOT NULL AS unrelated_prepare_works;
+PREPARE TRANSACTION 'envelope_2pc_ok';
+COMMIT PREPARED 'envelope_2pc_ok';
+
+-- Parallel plans: workers and leader decrypt, also from a cold cache.
+CREATE TABLE par AS SELECT i, envelope.encrypt('acme', 'p' || i) AS v FROM generate_series(1, 5000) i;
+ANALYZE par;
+SET max_parallel_workers_per_gather = 2;
+SET parallel_setup_cost = 0;
+SET parallel_tuple_cost = 0;
+SET min_parallel_table_scan_size = 0;
+EXPLAIN (COSTS OFF) SELECT count(*) FROM par WHERE envelope.decrypt_text('acme', v) = 'p' || i;
+SELECT envelope.cache_flush();
+SELECT count(*) FROM par WHERE envelope.decrypt_text('acme', v) = 'p' || i;
+RESET max_parallel_workers_per_gather;
+RESET parallel_setup_cost;
+RESET parallel_tuple_cost;
+RESET min_parallel_table_scan_size;
+DROP TABLE par;
+
+-- reencrypt leaves disabled tenants' values alone and refuses partitioned tables.
+CREATE TABLE reenc2 (tenant text, secret bytea);
+INSERT INTO reenc2 VALUES ('acme', envelope.encrypt('acme', 'a')), ('globex', envelope.encrypt('globex', 'g'));
+SELECT envelope.rotate_tenant_key('acme'), envelope.rotate_tenant_key('globex');
+SELECT envelope.disable_tenant('globex');
+SELECT envelope.active_key_version('globex') IS NULL AS disabled_has_no_active_version;
+CALL envelope.reencrypt('reenc2', 'secret', 'tenant');
+SELECT envelope.enable_tenant('globex');
+SELECT tenant, envelope.key_version(secret) FROM reenc2 ORDER BY 1;
+CREATE TABLE reenc_part (tenant text, secret bytea) PARTITION BY LIST (tenant);
+CALL envelope.reencrypt('reenc_part', 'secret', 'tenant');
+\echo :LAST_ERROR_SQLSTATE
+DROP TABLE reenc2, reenc_part;

@@ -169,7 +169,8 @@ CREATE FUNCTION envelope.rewrap(new_kms_key text, tenant text DEFAULT NULL)
     AS 'MODULE_PATHNAME', 'envelope_rewrap'
     LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
 
--- The DEK version new values of a tenant use (an error if the tenant is not active).
+-- The DEK version new values of a tenant use; NULL while the tenant is disabled or
+-- destroyed, an error if it does not exist.
 CREATE FUNCTION envelope.active_key_version(tenant text)
     RETURNS integer
     AS 'MODULE_PATHNAME', 'envelope_active_key_version'
@@ -178,7 +179,8 @@ CREATE FUNCTION envelope.active_key_version(tenant text)
 -- Re-encrypt stored values under each tenant's active DEK version, online: the table
 -- is walked in block ranges, each batch is its own transaction (so row locks are held
 -- briefly and an interrupted run loses at most one batch), and running it again picks
--- up what is left.  Deterministic values stay under version 1 and are left alone.
+-- up what is left.  Deterministic values stay under version 1 and are left alone, and
+-- so are the values of disabled and destroyed tenants.
 -- CALL it outside an explicit transaction block so that the batches can commit.
 CREATE PROCEDURE envelope.reencrypt(rel regclass, ciphertext_column name, tenant_column name,
                                     batch_size integer DEFAULT 1000, context text DEFAULT NULL)
@@ -194,6 +196,11 @@ DECLARE
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = rel) = 'p' THEN
+        RAISE EXCEPTION 'cannot re-encrypt partitioned table %', rel
+            USING ERRCODE = '42809',
+                  HINT = 'Call envelope.reencrypt() for each partition.';
     END IF;
     total_blocks := pg_catalog.pg_relation_size(rel)
                     / pg_catalog.current_setting('block_size')::bigint;

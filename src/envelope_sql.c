@@ -345,7 +345,11 @@ envelope_active_key_version(PG_FUNCTION_ARGS)
 {
 	text	   *tenant = PG_GETARG_TEXT_PP(0);
 
-	PG_RETURN_INT32((int32) keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)));
+	uint32		version = keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+
+	if (version == 0)
+		PG_RETURN_NULL();		/* disabled or destroyed: no version for new values */
+	PG_RETURN_INT32((int32) version);
 }
 
 /* ---------------------------------------------------------------------------

@@ -85,6 +85,7 @@ typedef struct SharedKeyEntry
 	SharedKeyTag tag;			/* hash key: must be first */
 	int32		slot;			/* index into the DEK array */
 	SharedKeyState state;
+	bool		doomed;			/* purged or flushed while loading: drop on arrival */
 	uint32		load_seq;		/* which load attempt this state belongs to */
 	int			failed_sqlstate;
 	TimestampTz loaded_at;
@@ -456,6 +457,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
 		entry = hash_search(shared_hash, tag, HASH_ENTER, &found);
 		entry->slot = shared_free_slots[--shared->nfree_slots];
 		entry->state = SKEY_LOADING;
+		entry->doomed = false;
 		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
 		entry->failed_sqlstate = 0;
 		entry->loaded_at = 0;
@@ -466,7 +468,12 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
 	}
 }
 
-/* Publish the outcome of our load: the DEK, or the SQLSTATE of the failure. */
+/*
+ * Publish the outcome of our load: the DEK, or the SQLSTATE of the failure.  A load
+ * that was purged or flushed meanwhile is dropped instead of published, and so is one
+ * that ended because *this* backend was canceled or terminated: that is no answer about
+ * the key, so a waiter takes over the load rather than inherit our cancel.
+ */
 static void
 shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate)
 {
@@ -476,7 +483,12 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 	entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
 	if (entry != NULL && entry->load_seq == load_seq && entry->state == SKEY_LOADING)
 	{
-		if (dek != NULL)
+		bool		not_an_answer = dek == NULL &&
+			(sqlstate == ERRCODE_QUERY_CANCELED || sqlstate == ERRCODE_ADMIN_SHUTDOWN);
+
+		if (entry->doomed || not_an_answer)
+			shared_remove_entry(entry);
+		else if (dek != NULL)
 		{
 			memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
 			entry->state = SKEY_READY;
@@ -508,9 +520,13 @@ shared_purge(int32 tenant_id, uint32 version)
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
 		if (entry->tag.dbid == MyDatabaseId && entry->tag.tenant_id == tenant_id &&
-			(version == 0 || entry->tag.version == version) &&
-			entry->state != SKEY_LOADING)
-			shared_remove_entry(entry);
+			(version == 0 || entry->tag.version == version))
+		{
+			if (entry->state == SKEY_LOADING)
+				entry->doomed = true;
+			else
+				shared_remove_entry(entry);
+		}
 	}
 	LWLockRelease(shared->lock);
 }
@@ -550,6 +566,7 @@ keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
 		entry->slot = shared_free_slots[--shared->nfree_slots];
 		memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
 		entry->state = SKEY_READY;
+		entry->doomed = false;
 		entry->load_seq = 0;
 		entry->failed_sqlstate = 0;
 		entry->loaded_at = GetCurrentTimestamp();
@@ -592,6 +609,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	SharedKeyTag tag;
 	volatile uint32 load_seq = 0;
 	uint32		seq = 0;
+	MemoryContext volatile caller_cxt = CurrentMemoryContext;
 	LookupResult lr;
 
 	if (shared == NULL)
@@ -625,6 +643,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	inflight_tag = tag;
 	inflight_seq = seq;
 	inflight_active = true;
+	caller_cxt = CurrentMemoryContext;
 	PG_TRY();
 	{
 		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, lt->name, version,
@@ -633,10 +652,10 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	PG_CATCH();
 	{
 		ErrorData  *edata;
-		MemoryContext ecxt = MemoryContextSwitchTo(ErrorContext);
 
+		/* CopyErrorData must not run in ErrorContext. */
+		MemoryContextSwitchTo(caller_cxt);
 		edata = CopyErrorData();
-		MemoryContextSwitchTo(ecxt);
 		inflight_active = false;
 		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode);
 		FreeErrorData(edata);
@@ -748,7 +767,7 @@ raise_tenant_unusable(const LocalTenant *lt)
  * does not exist or is not active.
  */
 static LocalTenant *
-l1_tenant(const char *tenant, size_t tenant_len)
+l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active)
 {
 	uint64		generation = current_generation();
 	char		key[ENVELOPE_TENANT_MAX + 1];
@@ -815,8 +834,16 @@ l1_tenant(const char *tenant, size_t tenant_len)
 		lt->valid = true;
 	}
 
-	if (lt->state != TENANT_ACTIVE)
+	if (lt->state != TENANT_ACTIVE && must_be_active)
+	{
+		/*
+		 * The committing backend wiped a destroyed tenant's keys from L2; a standby, or
+		 * a key store edited by hand, has no such backend, so the first to notice wipes.
+		 */
+		if (lt->state == TENANT_DESTROYED)
+			shared_purge(lt->tenant_id, 0);
 		raise_tenant_unusable(lt);
+	}
 
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
@@ -859,6 +886,8 @@ l1_key(LocalTenant *lt, uint32 version)
 				 errmsg("key version %u of tenant \"%s\" does not exist", version, tenant),
 				 errdetail("The value was encrypted with a key this database does not hold."),
 				 errhidestmt(true)));
+	if (rec.state != KEY_ACTIVE || rec.wrapped == NULL)
+		shared_purge(tenant_id, version);	/* as for destroyed tenants above */
 	if (rec.state == KEY_RETIRED)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -917,7 +946,7 @@ l1_key(LocalTenant *lt, uint32 version)
 EnvelopeKeyRef
 keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 {
-	LocalTenant *lt = l1_tenant(tenant, tenant_len);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true);
 	EnvelopeKeyRef ref;
 
 	ref.version = lt->active_version;
@@ -925,16 +954,19 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	return ref;
 }
 
+/* The version new values use; 0 when the tenant is disabled or destroyed. */
 uint32
 keycache_active_version(const char *tenant, size_t tenant_len)
 {
-	return l1_tenant(tenant, tenant_len)->active_version;
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false);
+
+	return lt->state == TENANT_ACTIVE ? lt->active_version : 0;
 }
 
 const CipherKey *
 keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version)
 {
-	return l1_key(l1_tenant(tenant, tenant_len), version);
+	return l1_key(l1_tenant_entry(tenant, tenant_len, true), version);
 }
 
 /* ---------------------------------------------------------------------------
@@ -981,8 +1013,21 @@ keycache_xact_callback(XactEvent event, void *arg)
 					local_generation++;
 			}
 			break;
+		case XACT_EVENT_PRE_PREPARE:
+
+			/*
+			 * The purge and the generation bump belong to this backend's commit; a
+			 * prepared transaction commits elsewhere, later.  Refuse rather than let
+			 * a revocation take effect late or not at all.
+			 */
+			if (pending_purges != NIL || l1_pending_bump)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot PREPARE a transaction that has changed the pg_envelope key store")));
+			return;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
 			break;
 		default:
 			return;
@@ -1040,8 +1085,14 @@ keycache_flush(void)
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
-		if (entry->state != SKEY_LOADING)
+	{
+		if (entry->tag.dbid != MyDatabaseId)
+			continue;
+		if (entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else
 			shared_remove_entry(entry);
+	}
 	LWLockRelease(shared->lock);
 	pg_atomic_fetch_add_u64(&shared->generation, 1);
 }

@@ -12,6 +12,7 @@
  */
 #include "pg_envelope.h"
 
+#include "access/parallel.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
@@ -93,10 +94,19 @@ keystore_enter(KeystoreSession *session)
 						   session->saved_sec_context |
 						   SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
-	session->guc_nest_level = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	/*
+	 * Pin search_path.  Settings cannot change in parallel mode; there the
+	 * schema-qualified names of every query (tables, operators, functions) are the
+	 * whole defence, and they suffice on their own.
+	 */
+	session->guc_nest_level = -1;
+	if (!IsInParallelMode())
+	{
+		session->guc_nest_level = NewGUCNestLevel();
+		(void) set_config_option("search_path", "pg_catalog, pg_temp",
+								 PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	}
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 }
@@ -106,24 +116,28 @@ static void
 keystore_leave(KeystoreSession *session)
 {
 	SPI_finish();
-	AtEOXact_GUC(true, session->guc_nest_level);
+	if (session->guc_nest_level >= 0)
+		AtEOXact_GUC(true, session->guc_nest_level);
 	SetUserIdAndSecContext(session->saved_userid, session->saved_sec_context);
 }
 
 /*
  * Run a read-only query against the latest committed state, not the caller's
  * transaction snapshot: a disable or retire committed a moment ago must stop a
- * REPEATABLE READ transaction that was already running too.
+ * REPEATABLE READ transaction that was already running too.  A parallel query may not
+ * take new snapshots (leader and workers alike); there the statement's snapshot is
+ * used, so revocation takes effect from the next statement.
  */
 static void
 execute_latest(const char *sql, int nargs, Oid *argtypes, Datum *values)
 {
 	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	Snapshot	snapshot = IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot();
 	int			ret;
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	ret = SPI_execute_snapshot(plan, values, NULL, GetLatestSnapshot(), InvalidSnapshot,
+	ret = SPI_execute_snapshot(plan, values, NULL, snapshot, InvalidSnapshot,
 							   true, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "SPI_execute_snapshot failed: %s", SPI_result_code_string(ret));

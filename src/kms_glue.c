@@ -95,13 +95,16 @@ status_errcode(KmsStatus status)
 			return ERRCODE_DATA_CORRUPTED;
 		case KMS_ERR_THROTTLED:
 			return ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+			/*
+			 * Class 58, errors outside PostgreSQL: class 08 would tell clients and
+			 * drivers that their own database connection broke.
+			 */
 		case KMS_ERR_UNAVAILABLE:
 		case KMS_ERR_TIMEOUT:
-			return ERRCODE_CONNECTION_FAILURE;
+		case KMS_ERR_PROTOCOL:
+			return ERRCODE_SYSTEM_ERROR;
 		case KMS_ERR_CANCELED:
 			return ERRCODE_QUERY_CANCELED;
-		case KMS_ERR_PROTOCOL:
-			return ERRCODE_PROTOCOL_VIOLATION;
 		case KMS_ERR_INTERNAL:
 			return ERRCODE_INTERNAL_ERROR;
 	}

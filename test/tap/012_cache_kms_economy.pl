@@ -68,7 +68,7 @@ $kms->fault(op => 'Decrypt', mode => 'hang', count => 1, seconds => 5);
 @results = concurrently(4, '\set VERBOSITY verbose',
 	"SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 't1'");
 is($kms->count('Decrypt', 'requests'), 1, 'one KMS request for 4 backends missing the same key');
-is(scalar(grep { $_->[1] =~ /ERROR:\s+08006:/ } @results), 4, 'all 4 backends failed with 08006')
+is(scalar(grep { $_->[1] =~ /ERROR:\s+58000:/ } @results), 4, 'all 4 backends failed with 58000')
   or diag(join("\n", map { $_->[1] } @results));
 ok(scalar(grep { $_->[1] =~ /the KMS call of another backend failed/ } @results) >= 1,
 	'the waiters say the failure came from another backend\'s call');
@@ -78,6 +78,25 @@ $kms->reset_proxy;
 is(sql("SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 't1'"), 'value 1',
 	'after the failure, the next caller loads the key');
 is($kms->count('Decrypt', 'forwarded'), 1, 'with one new KMS call');
+
+# A loader canceled by its own statement_timeout is no answer about the key: the
+# backends waiting on it take over the load and succeed.
+sql('SELECT envelope.cache_flush()');
+$kms->reset_proxy;
+$kms->fault(op => 'Decrypt', mode => 'hang', count => 1, seconds => 5);
+my ($lout, $lerr) = ('', '');
+my $loader = IPC::Run::start(
+	[ 'psql', '-X', '-A', '-t', '-d', $node->connstr('postgres'),
+	  '-c', "SET statement_timeout = '400ms'",
+	  '-c', "SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 't2'" ],
+	'>', \$lout, '2>', \$lerr, IPC::Run::timeout(60));
+select(undef, undef, undef, 0.2);
+@results = concurrently(3, "SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 't2'");
+$loader->finish;
+like($lerr, qr/canceling statement due to statement timeout/, 'the loader was canceled');
+is(scalar(grep { $_->[0] =~ /^value 2$/m } @results), 3, 'the 3 waiters still got the key')
+  or diag(join("\n", map { "$_->[0] $_->[1]" } @results));
+is($kms->count('Decrypt', 'requests'), 2, 'one of them asked the KMS again, once');
 
 $node->stop;
 $kms->stop;

@@ -58,17 +58,17 @@ for my $case (
 for my $case (
 	[ 'throttle',       '53400', 'ThrottlingException',       3 ],
 	[ '429',            '53400', 'throttled',                 3 ],
-	[ '500',            '08006', 'KMSInternalException',      3 ],
-	[ '503',            '08006', 'unavailable',               3 ],
-	[ 'reset',          '08006', 'unavailable',               undef ],
+	[ '500',            '58000', 'KMSInternalException',      3 ],
+	[ '503',            '58000', 'unavailable',               3 ],
+	[ 'reset',          '58000', 'unavailable',               undef ],
 	[ 'disabled',       '55000', 'DisabledException',         1 ],
 	[ 'invalid_state',  '55000', 'KMSInvalidStateException',  1 ],
 	[ 'access_denied',  '42501', 'AccessDeniedException',     1 ],
 	[ 'xml_auth_error', '28000', 'InvalidClientTokenId',      1 ],
-	[ 'garbage',        '08P01', 'protocol error',            1 ],
-	[ 'big',            '08P01', 'protocol error',            1 ],
-	[ 'short_plaintext', '08P01', 'protocol error',           1 ],
-	[ 'wrong_keyid',    '08P01', 'protocol error',            1 ],
+	[ 'garbage',        '58000', 'protocol error',            1 ],
+	[ 'big',            '58000', 'protocol error',            1 ],
+	[ 'short_plaintext', '58000', 'protocol error',           1 ],
+	[ 'wrong_keyid',    '58000', 'protocol error',            1 ],
 	[ 'expired_token',  '28000', 'ExpiredTokenException',     2 ])
 {
 	my ($mode, $sqlstate, $type, $requests) = @$case;
@@ -92,13 +92,13 @@ for my $case (
 	}
 }
 
-# a KMS that never answers: each attempt times out (and is retried), then 08006
+# a KMS that never answers: each attempt times out (and is retried), then 58000
 $kms->reset_proxy;
 $kms->fault(op => 'Decrypt', mode => 'hang', count => -1, seconds => 30);
 my $t0 = time();
 my ($st, $e) = EnvelopeKms::psql_error($node, "SET envelope.kms_timeout = '300ms'; $decrypt");
 my $took = time() - $t0;
-is($st, '08006', 'hung KMS: connection_failure after the timeouts');
+is($st, '58000', 'hung KMS: system_error after the timeouts');
 like($e, qr/KMS Decrypt failed for key version 1 of tenant "acme": timeout/, 'says timeout');
 is($kms->count('Decrypt', 'requests'), 3, 'hung KMS: 3 attempts of 300 ms');
 cmp_ok($took, '<', 5, sprintf('and gave up in %.1fs', $took));
@@ -108,7 +108,7 @@ $kms->reset_proxy;
 $kms->fault(op => 'Decrypt', mode => 'slow_body', count => -1, seconds => 30);
 ($st) = EnvelopeKms::psql_error($node,
 	"SET envelope.kms_timeout = '500ms'; SET envelope.kms_retries = 0; $decrypt");
-is($st, '08006', 'slow body: cut off by kms_timeout');
+is($st, '58000', 'slow body: cut off by kms_timeout');
 
 # throttled GenerateDataKey: the retry count holds for every operation
 $kms->reset_proxy;
@@ -139,7 +139,7 @@ is(sql("SELECT count(*) FROM envelope.tenant_keys"), '2', 'hung KMS: the key sto
 is($kms->counts->{total}{requests}, 0, 'hung KMS: nothing asked the KMS during start');
 ($state) = EnvelopeKms::psql_error($node,
 	"SET envelope.kms_timeout = '300ms'; SET envelope.kms_retries = 0; $decrypt");
-is($state, '08006', 'hung KMS: a statement that needs a DEK fails cleanly');
+is($state, '58000', 'hung KMS: a statement that needs a DEK fails cleanly');
 $kms->reset_proxy;
 like($node->safe_psql('postgres', $decrypt), qr/top secret$/,
 	'KMS back: the same server decrypts again, no restart needed');
@@ -148,7 +148,7 @@ like($node->safe_psql('postgres', $decrypt), qr/top secret$/,
 $node->append_conf('postgresql.conf', "envelope.aws_endpoint = 'http://127.0.0.1:1'\n");
 $node->restart;
 ($state, my $err) = EnvelopeKms::psql_error($node, $decrypt);
-is($state, '08006', 'endpoint refusing connections: connection_failure');
+is($state, '58000', 'endpoint refusing connections: system_error');
 like($err, qr/KMS Decrypt failed/, 'error names the operation');
 is(sql("SELECT 1"), '1', 'the server started and serves queries without its KMS');
 
