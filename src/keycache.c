@@ -372,7 +372,8 @@ typedef enum LookupResult
  * caller must call shared_finish_load() on every path, errors included.
  */
 static LookupResult
-shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
+shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
+			  TimestampTz *loaded_at)
 {
 	SharedKeyEntry *entry;
 	bool		found;
@@ -388,6 +389,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
 		if (entry != NULL && entry->state == SKEY_READY && !entry_expired(entry, now))
 		{
 			memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+			*loaded_at = entry->loaded_at;
 			pg_atomic_write_u64(&entry->last_used,
 								pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
 			LWLockRelease(shared->lock);
@@ -442,6 +444,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq)
 		{
 			/* Loaded by another backend between our two looks. */
 			memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+			*loaded_at = entry->loaded_at;
 			pg_atomic_write_u64(&entry->last_used,
 								pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
 			LWLockRelease(shared->lock);
@@ -602,15 +605,21 @@ keycache_backend_exit(int code, Datum arg)
 	}
 }
 
+/*
+ * The DEK of (tenant, version) into `dek`; *loaded_at says when it was unwrapped, so
+ * the backend's copy expires with the shared one and never outlives it.
+ */
 static void
 obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
-		   uint8 dek[KMS_DEK_LEN])
+		   uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
 {
 	SharedKeyTag tag;
 	volatile uint32 load_seq = 0;
 	uint32		seq = 0;
 	MemoryContext volatile caller_cxt = CurrentMemoryContext;
 	LookupResult lr;
+
+	*loaded_at = GetCurrentTimestamp();
 
 	if (shared == NULL)
 	{
@@ -622,7 +631,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 
 	make_tag(&tag, lt->tenant_id, version, rec->wrapped);
 
-	lr = shared_lookup(&tag, dek, &seq);
+	lr = shared_lookup(&tag, dek, &seq, loaded_at);
 	load_seq = seq;
 	record_lookup(lr == LOOKUP_HIT);
 	if (lr == LOOKUP_HIT)
@@ -865,6 +874,7 @@ l1_key(LocalTenant *lt, uint32 version)
 {
 	LocalVersion *lv = l1_find_version(lt, version);
 	DataKeyRecord rec;
+	TimestampTz loaded_at;
 	uint8		dek[KMS_DEK_LEN];
 	CipherStatus cs;
 	char		tenant[ENVELOPE_TENANT_MAX + 1];
@@ -900,7 +910,7 @@ l1_key(LocalTenant *lt, uint32 version)
 				 errmsg("key version %u of tenant \"%s\" has been destroyed", version, tenant),
 				 errhidestmt(true)));
 
-	obtain_dek(lt, version, &rec, dek);
+	obtain_dek(lt, version, &rec, dek, &loaded_at);
 	lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
 	if (lt == NULL || lt->tenant_id != tenant_id)
 	{
@@ -938,7 +948,7 @@ l1_key(LocalTenant *lt, uint32 version)
 				 errmsg("could not initialize AES-256-GCM")));
 	lv->has_key = true;
 	lv->state = KEY_ACTIVE;
-	lv->expires_at = GetCurrentTimestamp() + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+	lv->expires_at = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
 	last_tenant = lt;
 	return &lv->key;
 }
