@@ -250,6 +250,23 @@ feed_envelope_aad(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *header,
 }
 
 /*
+ * Get or set the GCM tag through OpenSSL 3's parameters directly: the legacy
+ * EVP_CIPHER_CTX_ctrl() path translates each call into parameters by name, a cost
+ * that shows per row.
+ */
+static int
+gcm_tag_param(EVP_CIPHER_CTX *ctx, bool set, uint8_t *tag)
+{
+	OSSL_PARAM	params[2];
+
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG,
+												  tag, CIPHER_TAG_LEN);
+	params[1] = OSSL_PARAM_construct_end();
+	return set ? EVP_CIPHER_CTX_set_params(ctx, params) == 1
+		: EVP_CIPHER_CTX_get_params(ctx, params) == 1;
+}
+
+/*
  * The body of a GCM seal once the AAD is in: encrypt, finish, take the tag.  OpenSSL
  * takes int lengths; callers keep values under 1 GB (PostgreSQL's limit), well within.
  */
@@ -263,7 +280,7 @@ gcm_seal_body(EVP_CIPHER_CTX *ctx, const uint8_t *plain, size_t plain_len,
 	if (plain_len > 0 && EVP_EncryptUpdate(ctx, out, &outl, plain, (int) plain_len) != 1)
 		return CIPHER_ERR_INTERNAL;
 	if (EVP_EncryptFinal_ex(ctx, out + outl, &finl) != 1 ||
-		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, CIPHER_TAG_LEN, tag) != 1)
+		!gcm_tag_param(ctx, false, tag))
 		return CIPHER_ERR_INTERNAL;
 	return CIPHER_OK;
 }
@@ -277,7 +294,7 @@ gcm_open_body(EVP_CIPHER_CTX *ctx, const uint8_t *in, size_t in_len,
 
 	if (in_len > 0 && EVP_DecryptUpdate(ctx, out, &outl, in, (int) in_len) != 1)
 		goto fail;
-	if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, CIPHER_TAG_LEN, (void *) tag) != 1)
+	if (!gcm_tag_param(ctx, true, (uint8_t *) tag))
 		goto fail;
 	if (EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1)
 		goto fail;
