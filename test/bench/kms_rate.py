@@ -3,10 +3,11 @@
 
 Benchmark helper.  Makes COUNT GenerateDataKey calls (32-byte keys, an encryption
 context like the one pg_envelope sends) one after another against --endpoint, then
-COUNT Decrypt calls of what came back, and prints JSON:
-{"generate": {"count", "seconds", "per_s"}, "decrypt": {...}}.
+COUNT Decrypt calls of what came back, and with --dest-key COUNT ReEncrypt calls of the
+same to that key, and prints JSON:
+{"generate": {"count", "seconds", "per_s"}, "decrypt": {...}[, "reencrypt": {...}]}.
 
-  kms_rate.py --endpoint http://127.0.0.1:PORT --key ARN --count N
+  kms_rate.py --endpoint http://127.0.0.1:PORT --key ARN --count N [--dest-key ARN]
 """
 
 import argparse
@@ -23,6 +24,7 @@ def main():
     ap.add_argument("--region", default="us-east-1")
     ap.add_argument("--key", required=True)
     ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--dest-key")
     args = ap.parse_args()
     if not 1 <= args.count <= 1000000:
         ap.error("--count must be within 1..1000000")
@@ -47,9 +49,17 @@ def main():
                     EncryptionContext={"tenant": "bench%d" % i, "version": "1"})
     dec_s = time.monotonic() - t0
 
-    json.dump({"generate": {"count": args.count, "seconds": gen_s, "per_s": args.count / gen_s},
-               "decrypt": {"count": args.count, "seconds": dec_s, "per_s": args.count / dec_s}},
-              sys.stdout)
+    out = {"generate": {"count": args.count, "seconds": gen_s, "per_s": args.count / gen_s},
+           "decrypt": {"count": args.count, "seconds": dec_s, "per_s": args.count / dec_s}}
+    if args.dest_key:
+        t0 = time.monotonic()
+        for i, blob in enumerate(blobs):
+            ctx = {"tenant": "bench%d" % i, "version": "1"}
+            kms.re_encrypt(CiphertextBlob=blob, SourceKeyId=args.key, SourceEncryptionContext=ctx,
+                           DestinationKeyId=args.dest_key, DestinationEncryptionContext=ctx)
+        re_s = time.monotonic() - t0
+        out["reencrypt"] = {"count": args.count, "seconds": re_s, "per_s": args.count / re_s}
+    json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 
 

@@ -23,7 +23,9 @@
 #      same moto, and the cost of one rotate_tenant_key;
 #   7. KMS economy: cache flushed, 8 backends decrypting rows of 1,000 aws tenants
 #      together: KMS Decrypt calls counted by the proxy, and wall time;
-#   8. shared memory per cached key (pg_shmem_allocations).
+#   8. envelope.rewrap (KMS ReEncrypt) against boto3's ReEncrypt rate on the same moto,
+#      and envelope.reencrypt's rows/s against one UPDATE doing the same;
+#   9. shared memory per cached key (pg_shmem_allocations).
 #
 # Prints one line per figure with its ratio to its baseline and writes
 # test/bench/out/results.json.  Figures are reported, never asserted.
@@ -34,12 +36,14 @@
 #   BENCH_RUNS=3              runs of every timed query (min and median reported)
 #   BENCH_PGP_ROWS=10000      rows for pgp_sym_encrypt / pgp_sym_decrypt
 #   BENCH_FLOOR_COUNT=1000000 values per run of the C floor
-#   BENCH_PGBENCH_SECONDS=10  per pgbench run; BENCH_PGBENCH_ROUNDS=3 rounds of plain + decrypt
+#   BENCH_PGBENCH_SECONDS=10  per pgbench run; BENCH_PGBENCH_ROUNDS=5 rounds of plain + decrypt
 #   BENCH_CREATE_TENANTS=10000 tenants created against moto (at least BENCH_KMS_TENANTS)
 #   BENCH_BOTO_CALLS=2000     boto3 GenerateDataKey calls for moto's own rate
 #   BENCH_KMS_TENANTS=1000    tenants touched in the cold phase
 #   BENCH_KMS_BACKENDS=8      backends in the cold phase
 #   BENCH_ROTATIONS=100       rotate_tenant_key calls timed
+#   BENCH_REWRAP_TENANTS=1000 tenants moved to another master key by envelope.rewrap
+#   BENCH_REENCRYPT_ROWS=200000 rows re-encrypted by envelope.reencrypt (and by one UPDATE)
 #   BENCH_CACHE_SIZE=16384    envelope.cache_size of the cluster
 #   BENCH_PORT=54339          ENVELOPE_PYTHON: interpreter with moto and boto3
 set -euo pipefail
@@ -56,11 +60,15 @@ KMS_BACKENDS="${BENCH_KMS_BACKENDS:-8}"
 CREATE_TENANTS="${BENCH_CREATE_TENANTS:-10000}"
 BOTO_CALLS="${BENCH_BOTO_CALLS:-2000}"
 ROTATIONS="${BENCH_ROTATIONS:-100}"
+REWRAP_TENANTS="${BENCH_REWRAP_TENANTS:-1000}"
+REENC_ROWS="${BENCH_REENCRYPT_ROWS:-200000}"
 CACHE_SIZE="${BENCH_CACHE_SIZE:-16384}"
 PORT="${BENCH_PORT:-54339}"
 [ "$CREATE_TENANTS" -ge "$KMS_TENANTS" ] || CREATE_TENANTS="$KMS_TENANTS"
 [ "$ROTATIONS" -le "$CREATE_TENANTS" ] || ROTATIONS="$CREATE_TENANTS"
 [ "$PGP_ROWS" -le "$ROWS" ] || PGP_ROWS="$ROWS"
+[ "$REWRAP_TENANTS" -le "$CREATE_TENANTS" ] || REWRAP_TENANTS="$CREATE_TENANTS"
+[ "$REENC_ROWS" -le "$ROWS" ] || REENC_ROWS="$ROWS"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 START_S=$(date +%s)
@@ -106,6 +114,9 @@ stop() {
 }
 trap stop EXIT
 ms_now() { echo $(( $(date +%s%N) / 1000000 )); }
+# /proc/stat's cpu line before and after a phase: the share of steal time (the VM's
+# vCPUs running something else) tells a noisy phase from a slow one.
+cpu_snapshot() { head -n 1 /proc/stat > "$DIR/cpu_$1"; }
 phase() { echo "== [$(( $(date +%s) - START_S )) s] $*"; }
 
 # ---------------------------------------------------------------------------
@@ -135,6 +146,8 @@ for i in $(seq 1 150); do
 done
 PROXY_URL="http://127.0.0.1:$PROXY_PORT"
 KMS_KEY="$("$PY" "$ROOT/test/kms/kms_admin.py" --endpoint "$MOTO_URL" create-key \
+    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["Arn"])')"
+KMS_KEY2="$("$PY" "$ROOT/test/kms/kms_admin.py" --endpoint "$MOTO_URL" create-key \
     | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["Arn"])')"
 proxy_counts() { curl -s "$PROXY_URL/_counts"; }
 proxy_reset() { curl -s -X POST -d '{}' "$PROXY_URL/_reset" >/dev/null; }
@@ -262,7 +275,8 @@ printf '\\set id random(1, %d)\nSELECT tenant, c FROM sealed WHERE id = :id;\n' 
 printf '\\set id random(1, %d)\nSELECT envelope.decrypt_text(tenant, c) FROM sealed WHERE id = :id;\n' "$ROWS" > "$DIR/lookup_decrypt.sql"
 chmod 644 "$DIR"/lookup_*.sql
 : > "$DIR/pgbench.out"
-for round in $(seq 1 "${BENCH_PGBENCH_ROUNDS:-3}"); do
+cpu_snapshot pgbench_0
+for round in $(seq 1 "${BENCH_PGBENCH_ROUNDS:-5}"); do
     for kind in plain decrypt; do
         tps="$(pg pgbench -h "$DIR" -p "$PORT" -n -M prepared -c 2 -j 2 -T "$PGB_SECONDS" \
             -f "$DIR/lookup_$kind.sql" postgres 2>/dev/null \
@@ -270,6 +284,7 @@ for round in $(seq 1 "${BENCH_PGBENCH_ROUNDS:-3}"); do
         echo "$kind $tps" >> "$DIR/pgbench.out"
     done
 done
+cpu_snapshot pgbench_1
 
 # ---------------------------------------------------------------------------
 phase "2 clients decrypting full scans together vs 1"
@@ -289,20 +304,23 @@ SQL
 }
 # The same with md5(c) as a control: how far any CPU-bound per-row function scales on
 # this machine (2 vCPUs), whatever pg_envelope does.
-scaling() {   # $1: expression, $2: prefix of the output files
-    local r start p1 p2
-    : > "$DIR/$2_single"; : > "$DIR/$2_pair"
-    for r in $(seq 1 "$SCAN_RUNS"); do
-        scan_client "$(( $(date +%s) + 2 ))" "$1" >> "$DIR/$2_single"
-        start=$(( $(date +%s) + 2 ))
-        scan_client "$start" "$1" > "$DIR/pair_a" & p1=$!
-        scan_client "$start" "$1" > "$DIR/pair_b" & p2=$!
-        wait $p1 $p2
-        cat "$DIR/pair_a" "$DIR/pair_b" | sort -g | tail -n 1 >> "$DIR/$2_pair"
-    done
+scaling_once() {   # $1: expression, $2: prefix of the output files
+    local start p1 p2
+    scan_client "$(( $(date +%s) + 2 ))" "$1" >> "$DIR/$2_single"
+    start=$(( $(date +%s) + 2 ))
+    scan_client "$start" "$1" > "$DIR/pair_a" & p1=$!
+    scan_client "$start" "$1" > "$DIR/pair_b" & p2=$!
+    wait $p1 $p2
+    cat "$DIR/pair_a" "$DIR/pair_b" | sort -g | tail -n 1 >> "$DIR/$2_pair"
 }
-scaling "envelope.decrypt_text(tenant, c)" scan
-scaling "md5(c)" md5scan
+# decrypt and control interleaved, so that both see the same machine
+: > "$DIR/scan_single"; : > "$DIR/scan_pair"; : > "$DIR/md5scan_single"; : > "$DIR/md5scan_pair"
+cpu_snapshot scaling_0
+for r in $(seq 1 "$SCAN_RUNS"); do
+    scaling_once "envelope.decrypt_text(tenant, c)" scan
+    scaling_once "md5(c)" md5scan
+done
+cpu_snapshot scaling_1
 single=($(cat "$DIR/scan_single")); pair=($(cat "$DIR/scan_pair"))
 
 # ---------------------------------------------------------------------------
@@ -364,7 +382,8 @@ t0=$(ms_now)
 q "$AWS_DIRECT SELECT count(envelope.create_tenant('k' || i)) FROM generate_series(1, $CREATE_TENANTS) i" >/dev/null
 CREATE_MS=$(( $(ms_now) - t0 ))
 stats > "$DIR/create_stats1.json"
-"$PY" "$ROOT/test/bench/kms_rate.py" --endpoint "$MOTO_URL" --key "$KMS_KEY" --count "$BOTO_CALLS" > "$DIR/boto_direct.json"
+"$PY" "$ROOT/test/bench/kms_rate.py" --endpoint "$MOTO_URL" --key "$KMS_KEY" --count "$BOTO_CALLS" \
+    --dest-key "$KMS_KEY2" > "$DIR/boto_direct.json"
 "$PY" "$ROOT/test/bench/kms_rate.py" --endpoint "$PROXY_URL" --key "$KMS_KEY" --count 50 > "$DIR/boto_proxy.json"
 
 # ---------------------------------------------------------------------------
@@ -415,6 +434,31 @@ DIRECT_MS="$(kms_phase "-c envelope.aws_endpoint=$MOTO_URL")"
 stats > "$DIR/direct_stats1.json"
 
 # ---------------------------------------------------------------------------
+phase "rewrap: $REWRAP_TENANTS aws tenants to another master key"
+stats > "$DIR/rewrap_stats0.json"
+t0=$(ms_now)
+REWRAPPED="$(q "$AWS_DIRECT SELECT sum(envelope.rewrap('$KMS_KEY2', 'k' || i)) FROM generate_series(1, $REWRAP_TENANTS) i" | tail -n 1)"
+REWRAP_MS=$(( $(ms_now) - t0 ))
+stats > "$DIR/rewrap_stats1.json"
+
+# ---------------------------------------------------------------------------
+phase "re-encryption of $REENC_ROWS rows after rotating 1000 tenants (local provider)"
+# envelope.reencrypt (committed batches of 10,000 rows) against one UPDATE doing the
+# same decrypt + encrypt of every row, both on a fresh copy of the same rows.
+q "CREATE TABLE reenc_a AS SELECT * FROM sealed WHERE id <= $REENC_ROWS" >/dev/null
+q "CREATE TABLE reenc_b AS SELECT * FROM sealed WHERE id <= $REENC_ROWS" >/dev/null
+q "VACUUM ANALYZE reenc_a" >/dev/null; q "VACUUM ANALYZE reenc_b" >/dev/null
+q "SELECT count(*) FROM reenc_a; SELECT count(*) FROM reenc_b" >/dev/null
+q "SELECT count(envelope.rotate_tenant_key('tenant' || i)) FROM generate_series(1, 1000) i" >/dev/null
+t0=$(ms_now)
+pg "${PSQL[@]}" -c "CALL envelope.reencrypt('reenc_a', 'c', 'tenant', 10000)" >/dev/null 2>&1
+REENC_MS=$(( $(ms_now) - t0 ))
+REENC_LEFT="$(q "SELECT count(*) FROM reenc_a WHERE envelope.key_version(c) <> envelope.active_key_version(tenant)")"
+t0=$(ms_now)
+q "UPDATE reenc_b SET c = envelope.encrypt(tenant, envelope.decrypt(tenant, c))" >/dev/null
+UPDATE_MS=$(( $(ms_now) - t0 ))
+
+# ---------------------------------------------------------------------------
 phase "shared memory per cached key"
 q "SELECT coalesce(name, '<anonymous>') || '|' || allocated_size FROM pg_shmem_allocations WHERE name LIKE 'pg_envelope%'" > "$DIR/shmem_named.out"
 # The shared hash's entries are carved out at start-up as unnamed allocations: the
@@ -439,6 +483,8 @@ done
 
 # ---------------------------------------------------------------------------
 PGVER="$(q "SELECT version()")"
+COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[ -z "$(git -C "$ROOT" status --porcelain -- src sql Makefile 2>/dev/null)" ] || COMMIT="$COMMIT+uncommitted changes in src/sql"
 TOTAL_S=$(( $(date +%s) - START_S ))
 "$PY" "$ROOT/test/bench/report.py" \
     --dir "$DIR" --dest "$OUT/results.json" \
@@ -446,6 +492,8 @@ TOTAL_S=$(( $(date +%s) - START_S ))
     --single "${single[*]}" --pair "${pair[*]}" \
     --create-tenants "$CREATE_TENANTS" --create-ms "$CREATE_MS" \
     --kms-tenants "$KMS_TENANTS" --kms-backends "$KMS_BACKENDS" --cold-ms "$COLD_MS" --warm-ms "$WARM_MS" --direct-ms "$DIRECT_MS" --rotations "$ROTATIONS" \
+    --rewrap-tenants "$REWRAP_TENANTS" --rewrapped "${REWRAPPED:-0}" --rewrap-ms "$REWRAP_MS" \
+    --reenc-rows "$REENC_ROWS" --reenc-ms "$REENC_MS" --reenc-left "${REENC_LEFT:-0}" --update-ms "$UPDATE_MS" \
     --cache-size "$CACHE_SIZE" --long-ms "$LONG_MS" --long-rows $(( ROWS * REPEAT )) \
     --det-status "$DET_STATUS" --blind-status "$BLIND_STATUS" \
-    --pg-version "$PGVER" --load-ms "$LOAD_MS" --total-s "$TOTAL_S" --pgbench-seconds "$PGB_SECONDS"
+    --pg-version "$PGVER" --commit "$COMMIT" --load-ms "$LOAD_MS" --total-s "$TOTAL_S" --pgbench-seconds "$PGB_SECONDS"
