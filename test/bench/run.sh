@@ -13,8 +13,8 @@
 #      md5(), envelope.encrypt / decrypt_text (rows cycling through 1,000 tenants, and
 #      sorted by tenant: the difference is the cost of switching tenant per row),
 #      pgcrypto encrypt()/decrypt(), pgp_sym_encrypt/decrypt, on ~32-byte and ~1 KB
-#      values; envelope.encrypt_deterministic and
-#      envelope.blind_index when the installed extension has them;
+#      values; envelope.encrypt_deterministic and envelope.blind_index when the
+#      installed extension has them (a loud NOT MEASURED line otherwise);
 #   3. pgbench, 2 clients: point lookup by primary key with and without decrypt (TPS);
 #   4. 2 clients each decrypting a full scan against 1 client (scaling);
 #   5. backend memory over repeated 1M-row decrypts (pg_backend_memory_contexts in the
@@ -22,13 +22,15 @@
 #   6. key creation against moto (keys/s) against boto3's GenerateDataKey rate on the
 #      same moto, and the cost of one rotate_tenant_key;
 #   7. KMS economy: cache flushed, 8 backends decrypting rows of 1,000 aws tenants
-#      together: KMS Decrypt calls counted by the proxy, and wall time;
+#      together: KMS Decrypt calls counted by the proxy, and wall time (through the
+#      proxy, and again straight to moto, counted by envelope.cache_stats);
 #   8. envelope.rewrap (KMS ReEncrypt) against boto3's ReEncrypt rate on the same moto,
 #      and envelope.reencrypt's rows/s against one UPDATE doing the same;
 #   9. shared memory per cached key (pg_shmem_allocations).
 #
 # Prints one line per figure with its ratio to its baseline and writes
-# test/bench/out/results.json.  Figures are reported, never asserted.
+# test/bench/out/results.json.  Figures are reported, never asserted.  The defaults take
+# about 6.5 minutes on a 2-vCPU machine; test/bench/RESULTS.md keeps the latest results.
 #
 # Knobs (environment):
 #   BENCH_ROWS=1000000        rows of ~32-byte values
