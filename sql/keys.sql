@@ -157,3 +157,11 @@ CREATE TABLE reenc_part (tenant text, secret bytea) PARTITION BY LIST (tenant);
 CALL envelope.reencrypt('reenc_part', 'secret', 'tenant');
 \echo :LAST_ERROR_SQLSTATE
 DROP TABLE reenc2, reenc_part;
+
+-- A tenant looked up without being required active (active_key_version) must not
+-- then pass as active for encrypt.
+SELECT envelope.disable_tenant('globex');
+SELECT envelope.active_key_version('globex') IS NULL AS disabled;
+SELECT envelope.encrypt('globex', 'must fail');
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.enable_tenant('globex');

@@ -147,6 +147,34 @@ static MemoryContext local_cxt = NULL;
 static LocalTenant *last_tenant = NULL;
 static size_t last_tenant_len = 0;
 
+/*
+ * In front of the hash table, a direct-mapped array indexed by a hash of the tenant's
+ * bytes: rows that switch tenant every row find theirs with one short hash and one
+ * compare, without copying the name into a 256-byte key or checking it again (a name
+ * in L1 was checked when it entered).  Cleared whenever L1 entries are freed.
+ */
+#define L1_FRONT_SIZE 1024
+
+typedef struct L1FrontSlot
+{
+	LocalTenant *lt;
+	uint32		name_len;
+} L1FrontSlot;
+
+static L1FrontSlot l1_front[L1_FRONT_SIZE];
+
+static inline uint32
+l1_front_index(const char *tenant, size_t tenant_len)
+{
+	return hash_bytes((const unsigned char *) tenant, (int) tenant_len) & (L1_FRONT_SIZE - 1);
+}
+
+static void
+l1_front_clear(void)
+{
+	memset(l1_front, 0, sizeof(l1_front));
+}
+
 /* Bumped by invalidation callbacks; combined with the shared generation. */
 static uint64 l1_local_generation = 0;
 static uint64 l1_seen_generation = 0;
@@ -708,6 +736,7 @@ l1_reset(void)
 		MemoryContextReset(local_cxt);
 	last_tenant = NULL;
 	last_tenant_len = 0;
+	l1_front_clear();
 }
 
 /*
@@ -735,6 +764,7 @@ l1_evict_one(const char *keep)
 		}
 	}
 	last_tenant = NULL;
+	l1_front_clear();
 }
 
 static void
@@ -800,8 +830,24 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active)
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->valid && last_tenant_len == tenant_len &&
+		(last_tenant->state == TENANT_ACTIVE || !must_be_active) &&
 		memcmp(last_tenant->name, tenant, tenant_len) == 0)
 		return last_tenant;
+
+	/* Next hottest: a tenant this backend has seen, through the front array. */
+	if (tenant_len <= ENVELOPE_TENANT_MAX)
+	{
+		L1FrontSlot *slot = &l1_front[l1_front_index(tenant, tenant_len)];
+
+		if (slot->lt != NULL && slot->name_len == tenant_len && slot->lt->valid &&
+			memcmp(slot->lt->name, tenant, tenant_len) == 0 &&
+			(slot->lt->state == TENANT_ACTIVE || !must_be_active))
+		{
+			last_tenant = slot->lt;
+			last_tenant_len = tenant_len;
+			return slot->lt;
+		}
+	}
 
 	envelope_check_tenant(tenant, tenant_len);
 	memcpy(key, tenant, tenant_len);
@@ -856,6 +902,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active)
 
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
+	l1_front[l1_front_index(tenant, tenant_len)].lt = lt;
+	l1_front[l1_front_index(tenant, tenant_len)].name_len = (uint32) tenant_len;
 	return lt;
 }
 

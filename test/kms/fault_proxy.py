@@ -180,6 +180,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fault-proxy/1"
     timeout = 60        # idle keep-alive connections do not live forever
+    # Small writes of headers then body otherwise wait ~40 ms for delayed ACKs.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):     # quiet: tests read stdout for the port
         pass
