@@ -21,9 +21,15 @@
 #define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
 #endif
 
-/* PG16 moved the ACL helpers out of utils/acl.h into their own header for some uses. */
-#if PG_VERSION_NUM >= 160000
-#include "utils/guc_hooks.h"
+/* PG14 added HASH_STRINGS; before it, string keys were dynahash's default. */
+#if PG_VERSION_NUM < 140000
+#define HASH_STRINGS 0
+#endif
+
+/* The cipher layer needs OpenSSL 3 (EVP_MAC, OSSL_PARAM, AES-SIV through a provider). */
+#include <openssl/opensslv.h>
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+#error "pg_envelope requires OpenSSL 3.0 or later"
 #endif
 
 #endif							/* PG_ENVELOPE_COMPAT_H */
