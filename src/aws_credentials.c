@@ -296,6 +296,12 @@ cred_request(const KmsConfig *cfg, const char *method, const char *url,
 	req.timeout_ms = timeout_ms;
 	req.max_response = CRED_MAX_RESPONSE;
 	req.interrupted = cfg->interrupted;
+	/*
+	 * Each of these carries a secret one way or the other: the web identity token to
+	 * STS, the ECS authorization token, the IMDSv2 session token (both ways), and the
+	 * credentials that come back.
+	 */
+	req.sensitive = true;
 	err->attempts++;
 	return http_perform(&req, resp, herr, herrlen);
 }

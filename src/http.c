@@ -30,8 +30,13 @@
  *     block behind.  libcurl copies the request (Authorization, X-Amz-Security-Token)
  *     into its own buffers and reads every answer (data keys, credentials) into a
  *     receive buffer; those are freed without wiping otherwise.
- *   - what libcurl keeps between requests (buffers of the easy handle, depending on
- *     the libcurl version) is wiped only when it is freed.
+ *   - libcurl keeps its receive buffer, among others, for the life of the easy handle,
+ *     so the last answer would stay there until the next one overwrote it.  After a
+ *     request marked `sensitive` the easy handle is therefore destroyed (its buffers go
+ *     through the wiping free) and a new one made for the next request.  Connections
+ *     live in the multi handle's connection cache, which is kept, so keep-alive
+ *     survives; TLS session tickets cached in the old easy handle do not, which only
+ *     costs a full handshake when a new connection has to be opened.
  *   - OpenSSL keeps decrypted records in its own read buffer, allocated outside
  *     libcurl.  When libcurl's TLS backend is OpenSSL, every SSL_CTX gets
  *     SSL_OP_CLEANSE_PLAINTEXT (OpenSSL 3.0+: plaintext is wiped once the application
@@ -79,6 +84,7 @@ static bool http_global_done = false;
 static CURL *http_easy = NULL;
 static CURLM *http_multi = NULL;
 static pid_t http_owner_pid = 0;
+static unsigned long http_easy_created = 0;
 
 /* -1 not yet known, 0 no, 1 yes: libcurl does TLS with the OpenSSL we link. */
 static int	http_tls_openssl = -1;
@@ -133,7 +139,8 @@ wiping_realloc(void *old, size_t size)
 
 /*
  * With no wiping allocator (no malloc_usable_size on this platform) libcurl uses
- * libc's and its freed buffers are not wiped; the OpenSSL options still apply.  If something else in the process initialised libcurl first,
+ * libc's and its freed buffers are not wiped; handle recycling and the OpenSSL
+ * options still apply.  If something else in the process initialised libcurl first,
  * curl_global_init_mem only counts one more user and keeps that allocator.
  */
 int
@@ -159,6 +166,12 @@ void
 http_test_set_free_hook(void (*hook) (const void *p, size_t len, bool wiped))
 {
 	http_free_hook = hook;
+}
+
+unsigned long
+http_test_easy_handles_created(void)
+{
+	return http_easy_created;
 }
 
 void
@@ -321,7 +334,11 @@ ensure_handles(void)
 	if (http_global_init() != 0)
 		return false;
 	if (http_easy == NULL)
+	{
 		http_easy = curl_easy_init();
+		if (http_easy)
+			http_easy_created++;
+	}
 	if (http_multi == NULL)
 		http_multi = curl_multi_init();
 	if (http_easy == NULL || http_multi == NULL)
@@ -616,8 +633,19 @@ finish:
 	else
 		st = map_curl_error(result);
 
-	/* Drop every pointer into this stack frame and the header list. */
-	curl_easy_reset(http_easy);
+	/*
+	 * Drop every pointer into this stack frame and the header list.  After a secret
+	 * went through, destroy the handle instead: that frees, and so wipes, the buffers
+	 * a reset keeps (the receive buffer holds the answer).  Its connection stays in
+	 * the multi handle's cache for the next handle to reuse.
+	 */
+	if (req->sensitive)
+	{
+		curl_easy_cleanup(http_easy);
+		http_easy = NULL;
+	}
+	else
+		curl_easy_reset(http_easy);
 	free_header_list(headers);
 
 	if (st != HTTP_OK)

@@ -40,6 +40,10 @@ typedef struct HttpRequest
 	size_t		max_response;	/* body larger than this -> HTTP_ERR_TOO_LARGE */
 	bool		(*interrupted) (void);	/* polled about every 100 ms while in flight;
 										 * true -> HTTP_ERR_CANCELED */
+	bool		sensitive;		/* the request or its answer carries a secret (a
+								 * signature, a token, a data key, credentials): when
+								 * the transfer ends, libcurl's copies are freed, and
+								 * so wiped, instead of kept for the next request */
 } HttpRequest;
 
 /* After HTTP_OK, body is malloc'd and NUL-terminated, never NULL (possibly ""). */
@@ -70,11 +74,13 @@ extern void http_response_free(HttpResponse *resp);
 /*
  * For the unit tests only.  The hook sees every block libcurl releases through the
  * wiping allocator twice: before the wipe (wiped = false) and after it, just before
- * it goes back to libc.  http_test_tls_hardening reports the SSL_CTX options and mode the last TLS
+ * it goes back to libc.  The counter is the number of easy handles created so far;
+ * http_test_tls_hardening reports the SSL_CTX options and mode the last TLS
  * connection was given (both 0 until one was made, or when libcurl's TLS backend is
  * not OpenSSL).
  */
 extern void http_test_set_free_hook(void (*hook) (const void *p, size_t len, bool wiped));
+extern unsigned long http_test_easy_handles_created(void);
 extern void http_test_tls_hardening(uint64_t *options, long *mode);
 
 #endif							/* PG_ENVELOPE_HTTP_H */

@@ -749,6 +749,12 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 	hreq.timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : AWS_KMS_DEFAULT_TIMEOUT_MS;
 	hreq.max_response = AWS_KMS_MAX_RESPONSE;
 	hreq.interrupted = cfg->interrupted;
+	/*
+	 * Every KMS request carries a signature (and maybe a session token), and the
+	 * answers of GenerateDataKey and Decrypt a plaintext DEK: have libcurl's copies
+	 * wiped once the transfer is over.
+	 */
+	hreq.sensitive = true;
 
 	errbuf[0] = '\0';
 	(*attempts)++;

@@ -9,8 +9,8 @@
  * stub is a failure, never a skip.
  *
  * Secrets in libcurl's and OpenSSL's memory: every block libcurl frees (or moves on
- * realloc) is wiped whole; an answer leaves libcurl's memory, wiped, before
- * http_perform returns; every TLS context
+ * realloc) is wiped whole; a sensitive request's answer leaves libcurl's memory, wiped,
+ * before http_perform returns, and its connection is still reused; every TLS context
  * gets SSL_OP_CLEANSE_PLAINTEXT and SSL_MODE_RELEASE_BUFFERS; CURLOPT_NOSIGNAL stays
  * set (libcurl would otherwise ignore SIGPIPE while it works, which the interrupt
  * callback, called from inside libcurl, can see).
@@ -544,38 +544,88 @@ test_wiping_allocator(void)
 	http_test_set_free_hook(NULL);
 }
 
+static HttpStatus
+do_sensitive(const char *path, const char *const *headers, int nheaders,
+			 HttpResponse *resp, char *err, size_t errlen)
+{
+	char		url[256];
+	HttpRequest req;
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", stub_port, path);
+	memset(&req, 0, sizeof(req));
+	req.method = "GET";
+	req.url = url;
+	req.headers = headers;
+	req.nheaders = nheaders;
+	req.timeout_ms = 2000;
+	req.max_response = 4096;
+	req.sensitive = true;
+	return http_perform(&req, resp, err, errlen);
+}
+
 /*
- * An answer leaves libcurl's memory wiped, before http_perform returns: libcurl 7.88
- * frees its receive buffer when a transfer is done.  A libcurl that kept the answer
- * past http_perform would fail here.  And the request's secret header is wiped too,
- * once libcurl is done with it.
+ * A sensitive answer leaves libcurl's memory, wiped, before http_perform returns, each
+ * sensitive request recycles the easy handle, and the recycled handles still reuse the
+ * one keep-alive connection.  (Which buffer held the answer depends on the libcurl
+ * version: 7.88 frees its receive buffer when a transfer is done, the handle's other
+ * buffers go with the handle; a libcurl that kept the answer anywhere past
+ * http_perform would fail here.)
  */
 static void
-test_answer_wiped(void)
+test_sensitive_recycles(void)
 {
 	HttpResponse resp;
 	char		err[256];
 	HttpStatus	st;
 	const char *token_hdr[] = {"X-Amz-Security-Token: request-only-token-77d2"};
+	unsigned long handles0;
+	unsigned long handles1;
+	int			conns0;
+	int			conns1;
+
+	conns0 = stub_connections();
+	handles0 = http_test_easy_handles_created();
 
 	free_hook_arm(SECRET_MARKER);
-	st = do_request("GET", "/secret", token_hdr, 1, NULL, 2000, 4096, NULL, &resp, err,
-					sizeof(err));
+	st = do_sensitive("/secret", token_hdr, 1, &resp, err, sizeof(err));
 	CHECK(st == HTTP_OK && resp.status == 200 && strstr(resp.body, SECRET_MARKER),
-		  "GET /secret: %d %s", st, err);
+		  "sensitive GET /secret: %d %s", st, err);
 	CHECK(freed_with_marker >= 1,
-		  "the answer left libcurl's memory before http_perform returned");
+		  "the sensitive answer left libcurl's memory before http_perform returned");
 	CHECK(freed_unwiped == 0, "%d freed blocks not wiped", freed_unwiped);
 	http_response_free(&resp);
 
+	/* The request's secret header too, once libcurl is done with it. */
 	free_hook_arm("request-only-token-77d2");
-	st = do_request("GET", "/echo", token_hdr, 1, NULL, 2000, 4096, NULL, &resp, err,
-					sizeof(err));
-	CHECK(st == HTTP_OK && resp.status == 200, "GET /echo: %d %s", st, err);
-	CHECK(freed_with_marker >= 1 && freed_unwiped == 0,
-		  "request header: %d freed copies, %d not wiped", freed_with_marker, freed_unwiped);
+	st = do_sensitive("/echo", token_hdr, 1, &resp, err, sizeof(err));
+	CHECK(st == HTTP_OK && resp.status == 200, "sensitive GET /echo: %d %s", st, err);
+	CHECK(freed_unwiped == 0, "%d freed blocks not wiped", freed_unwiped);
 	http_response_free(&resp);
 	http_test_set_free_hook(NULL);
+
+	for (int i = 0; i < 3; i++)
+	{
+		st = do_sensitive("/secret", NULL, 0, &resp, err, sizeof(err));
+		CHECK(st == HTTP_OK && resp.status == 200, "sensitive request %d: %d", i, st);
+		http_response_free(&resp);
+	}
+	/* An ordinary request after them makes a handle once, and keeps it. */
+	for (int i = 0; i < 2; i++)
+	{
+		st = do_request("GET", "/ok", NULL, 0, NULL, 2000, 1024, NULL, &resp, err,
+						sizeof(err));
+		CHECK(st == HTTP_OK && resp.status == 200, "ordinary request %d: %d", i, st);
+		http_response_free(&resp);
+	}
+	handles1 = http_test_easy_handles_created();
+	CHECK(handles1 - handles0 == 5, "5 sensitive requests made %lu new easy handles",
+		  handles1 - handles0);
+
+	conns1 = stub_connections();
+	CHECK(conns0 > 0 && conns1 == conns0,
+		  "recycled handles opened %d new connections", conns1 - conns0);
+	printf("sensitive requests: %lu easy handles made, %d new connections\n",
+		   handles1 - handles0, conns1 - conns0);
 }
 
 static int	sigpipe_polls;
@@ -713,7 +763,7 @@ main(void)
 	test_timeouts_and_cancel();
 	test_errors();
 	test_reuse_and_leaks();
-	test_answer_wiped();
+	test_sensitive_recycles();
 	test_nosignal();
 	test_tls_verification();
 	stop_stubs();

@@ -950,7 +950,7 @@ test_signatures(const char *arn)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
 	json_object *k1,
 			   *k2,
@@ -958,6 +958,20 @@ main(void)
 	const char *arn,
 			   *arn2,
 			   *key_id;
+
+	/*
+	 * The heap check of test_no_leaks reads mallinfo2(), which counts blocks parked in
+	 * glibc's per-thread cache as in use: run with that cache off, so the check sees
+	 * leaks and not the allocator's bookkeeping.
+	 */
+	if (getenv("ENVELOPE_TEST_REEXEC") == NULL)
+	{
+		setenv("ENVELOPE_TEST_REEXEC", "1", 1);
+		setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0", 1);
+		execv("/proc/self/exe", argv);
+		/* if the re-exec fails, go on: the check may then report allocator noise */
+	}
+	(void) argc;
 
 	python = getenv("ENVELOPE_PYTHON") && *getenv("ENVELOPE_PYTHON") ?
 		getenv("ENVELOPE_PYTHON") : "python3";
