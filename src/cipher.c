@@ -100,6 +100,36 @@ derive_subkey(const uint8_t raw[CIPHER_KEY_LEN], const char *label,
 	return ok;
 }
 
+/* HMAC through OpenSSL 3's EVP_MAC; fetched once per process. */
+static EVP_MAC *
+hmac_algorithm(void)
+{
+	static EVP_MAC *hmac = NULL;
+
+	if (hmac == NULL)
+		hmac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+	return hmac;
+}
+
+/* A keyed HMAC-SHA256 context, duplicated per value so the key is set up only once. */
+static EVP_MAC_CTX *
+new_index_mac(const uint8_t *key, size_t key_len)
+{
+	EVP_MAC_CTX *ctx = hmac_algorithm() ? EVP_MAC_CTX_new(hmac_algorithm()) : NULL;
+	OSSL_PARAM	params[2];
+
+	if (ctx == NULL)
+		return NULL;
+	params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *) "SHA256", 0);
+	params[1] = OSSL_PARAM_construct_end();
+	if (EVP_MAC_init(ctx, key, key_len, params) != 1)
+	{
+		EVP_MAC_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
 /* AES-256-SIV comes from OpenSSL 3's default provider; fetched once per process. */
 static const EVP_CIPHER *
 aes_siv(void)
@@ -117,7 +147,9 @@ cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
 	EVP_CIPHER_CTX *enc = EVP_CIPHER_CTX_new();
 	EVP_CIPHER_CTX *dec = EVP_CIPHER_CTX_new();
 	EVP_CIPHER_CTX *siv = EVP_CIPHER_CTX_new();
+	EVP_MAC_CTX *mac = NULL;
 	uint8_t		siv_key[CIPHER_SIV_KEY_LEN];
+	uint8_t		index_key[32];
 
 	memset(key, 0, sizeof(*key));
 	if (enc == NULL || dec == NULL || siv == NULL || aes_siv() == NULL)
@@ -136,22 +168,26 @@ cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
 	/* A keyed SIV template, copied per value; the blind index's HMAC key. */
 	if (!derive_subkey(raw, siv_label, siv_key, sizeof(siv_key)) ||
 		EVP_CipherInit_ex(siv, aes_siv(), NULL, siv_key, NULL, 1) != 1 ||
-		!derive_subkey(raw, index_label, key->index_key, sizeof(key->index_key)))
+		!derive_subkey(raw, index_label, index_key, sizeof(index_key)) ||
+		(mac = new_index_mac(index_key, sizeof(index_key))) == NULL)
 		goto fail;
 	cipher_wipe(siv_key, sizeof(siv_key));
+	cipher_wipe(index_key, sizeof(index_key));
 
 	key->enc = enc;
 	key->dec = dec;
 	key->siv = siv;
+	key->mac = mac;
 	return CIPHER_OK;
 
 fail:
-	/* EVP_CIPHER_CTX_free cleanses the key schedules. */
+	/* The OpenSSL contexts cleanse their key material when freed. */
 	cipher_wipe(siv_key, sizeof(siv_key));
-	cipher_wipe(key->index_key, sizeof(key->index_key));
+	cipher_wipe(index_key, sizeof(index_key));
 	EVP_CIPHER_CTX_free(enc);
 	EVP_CIPHER_CTX_free(dec);
 	EVP_CIPHER_CTX_free(siv);
+	EVP_MAC_CTX_free(mac);
 	return CIPHER_ERR_INTERNAL;
 }
 
@@ -163,8 +199,8 @@ cipher_key_free(CipherKey *key)
 	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->enc);
 	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->dec);
 	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->siv);
-	cipher_wipe(key->index_key, sizeof(key->index_key));
-	key->enc = key->dec = key->siv = NULL;
+	EVP_MAC_CTX_free((EVP_MAC_CTX *) key->mac);
+	key->enc = key->dec = key->siv = key->mac = NULL;
 }
 
 static inline void
@@ -558,22 +594,15 @@ CipherStatus
 cipher_blind_index(const CipherKey *key, const CipherBinding *binding,
 				   const uint8_t *value, size_t value_len, uint8_t out[CIPHER_INDEX_LEN])
 {
-	static EVP_MAC *hmac = NULL;
 	EVP_MAC_CTX *ctx;
-	OSSL_PARAM	params[2];
 	uint8_t		len[4];
 	size_t		outl = 0;
 	int			ok;
 
-	if (hmac == NULL)
-		hmac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-	if (hmac == NULL || (ctx = EVP_MAC_CTX_new(hmac)) == NULL)
+	if (key->mac == NULL || (ctx = EVP_MAC_CTX_dup((EVP_MAC_CTX *) key->mac)) == NULL)
 		return CIPHER_ERR_INTERNAL;
-	params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *) "SHA256", 0);
-	params[1] = OSSL_PARAM_construct_end();
 	put_be32(len, (uint32_t) binding->tenant_len);
-	ok = EVP_MAC_init(ctx, key->index_key, sizeof(key->index_key), params) == 1 &&
-		EVP_MAC_update(ctx, len, 4) == 1 &&
+	ok = EVP_MAC_update(ctx, len, 4) == 1 &&
 		EVP_MAC_update(ctx, (const uint8_t *) binding->tenant, binding->tenant_len) == 1 &&
 		EVP_MAC_update(ctx, value, value_len) == 1 &&
 		EVP_MAC_final(ctx, out, &outl, CIPHER_INDEX_LEN) == 1 && outl == CIPHER_INDEX_LEN;

@@ -78,7 +78,7 @@ typedef struct CipherKey
 	void	   *enc;			/* EVP_CIPHER_CTX * */
 	void	   *dec;			/* EVP_CIPHER_CTX * */
 	void	   *siv;			/* EVP_CIPHER_CTX *, keyed template for AES-SIV */
-	uint8_t		index_key[32];	/* HMAC key of the blind index */
+	void	   *mac;			/* EVP_MAC_CTX *, keyed HMAC template for the blind index */
 } CipherKey;
 
 /* What a value is bound to besides its header. */

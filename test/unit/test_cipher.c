@@ -394,6 +394,26 @@ test_deterministic(void)
 		  memcmp(idx1, idx2, CIPHER_INDEX_LEN) != 0, "blind index differs per value");
 	cipher_key_free(&key);
 	cipher_key_free(&key2);
+
+	/*
+	 * Known answer, computed independently (Python's cryptography package): HKDF-SHA256
+	 * of DEK 00..1f with info "pg_envelope blind index v1", then HMAC-SHA256 over
+	 * be32(4) || "acme" || "alice".  Stored indexes depend on exactly this.
+	 */
+	{
+		uint8_t		dek[CIPHER_KEY_LEN];
+		uint8_t    *expected = NULL;
+		CipherBinding acme_plain = binding("acme", NULL);
+
+		for (int i = 0; i < CIPHER_KEY_LEN; i++)
+			dek[i] = (uint8_t) i;
+		unit_unhex("5611fad642cfc593c55982e5fe0c6592605b1e2963378e3bb559e560ef6091a7", &expected);
+		CHECK(cipher_key_init(&key, dek) == CIPHER_OK &&
+			  cipher_blind_index(&key, &acme_plain, (const uint8_t *) "alice", 5, idx1) == CIPHER_OK &&
+			  memcmp(idx1, expected, CIPHER_INDEX_LEN) == 0, "blind index known answer");
+		cipher_key_free(&key);
+		free(expected);
+	}
 }
 
 int
