@@ -442,10 +442,7 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TenantRecord existing;
 
-	if (envelope_find_provider(provider) == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("unknown KMS provider \"%s\"", provider)));
+	/* The setting's check hook admits only registered providers. */
 	if (strcmp(provider, "local") != 0 && (kms_key == NULL || kms_key[0] == '\0'))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

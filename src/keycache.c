@@ -842,17 +842,13 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active)
 
 	/* Next hottest: a tenant this backend has seen, through the front array. */
 	front = &l1_front[l1_front_index(tenant, tenant_len)];
+	if (front->lt != NULL && front->name_len == tenant_len && front->lt->valid &&
+		(front->lt->state == TENANT_ACTIVE || !must_be_active) &&
+		memcmp(front->lt->name, tenant, tenant_len) == 0)
 	{
-		L1FrontSlot *slot = front;
-
-		if (slot->lt != NULL && slot->name_len == tenant_len && slot->lt->valid &&
-			memcmp(slot->lt->name, tenant, tenant_len) == 0 &&
-			(slot->lt->state == TENANT_ACTIVE || !must_be_active))
-		{
-			last_tenant = slot->lt;
-			last_tenant_len = tenant_len;
-			return slot->lt;
-		}
+		last_tenant = front->lt;
+		last_tenant_len = tenant_len;
+		return front->lt;
 	}
 
 	envelope_check_tenant(tenant, tenant_len);

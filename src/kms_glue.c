@@ -27,12 +27,6 @@ backend_interrupted(void)
 	return InterruptPending && (QueryCancelPending || ProcDiePending);
 }
 
-const KmsProvider *
-envelope_find_provider(const char *name)
-{
-	return kms_find_provider(name);
-}
-
 static const KmsProvider *
 provider_or_error(const char *name)
 {

@@ -38,7 +38,7 @@ void		_PG_init(void);
 static bool
 check_kms_provider(char **newval, void **extra, GucSource source)
 {
-	if (*newval == NULL || envelope_find_provider(*newval) == NULL)
+	if (*newval == NULL || kms_find_provider(*newval) == NULL)
 	{
 		GUC_check_errdetail("Available providers: %s.", kms_provider_names());
 		return false;

@@ -37,7 +37,6 @@ typedef enum EnvelopeKmsOp
 	ENVELOPE_KMS_NOPS
 } EnvelopeKmsOp;
 
-extern const KmsProvider *envelope_find_provider(const char *name);
 extern void envelope_kms_generate(const char *provider, const char *kms_key,
 								  const char *tenant, uint32 version,
 								  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn);
