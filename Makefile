@@ -11,7 +11,14 @@ MODULE_big = pg_envelope
 SRCS = $(sort $(wildcard src/*.c))
 OBJS = $(SRCS:.c=.o)
 
-DATA = $(wildcard sql/$(EXTENSION)--*.sql)
+# Released scripts are kept forever.  The full script of the newest version is built
+# from the first release's script and the update scripts after it, so a fresh install
+# runs exactly the statements an updated one has run.
+EXTVERSION = $(shell sed -n "s/^default_version = '\\(.*\\)'/\\1/p" $(EXTENSION).control)
+FULL_SCRIPT = sql/$(EXTENSION)--$(EXTVERSION).sql
+UPDATE_SCRIPTS = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql))
+DATA = sql/$(EXTENSION)--0.1.0.sql $(UPDATE_SCRIPTS)
+DATA_built = $(FULL_SCRIPT)
 
 REGRESS = setup cipher deterministic errors roles keys
 TEST_TMP ?= $(CURDIR)/test/tmp
@@ -46,6 +53,10 @@ test/unit/%: test/unit/%.c $(PURE_SRCS) test/unit/unit.h
 .PHONY: unit
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ./$$t; done
+
+$(FULL_SCRIPT): sql/$(EXTENSION)--0.1.0.sql $(UPDATE_SCRIPTS)
+	{ echo '-- Built by make from the scripts below; edit those, not this file.'; \
+	  for f in $^; do echo "-- ---- $$f"; grep -v '^\\echo ' $$f; done; } > $@
 
 # PGXS does not track header dependencies: rebuild every object when a header changes
 # (structures such as CipherKey are embedded by value across files).
