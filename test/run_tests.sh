@@ -20,14 +20,6 @@ bash "$ROOT/test/install_deps.sh"
 PG_BINDIR="$(pg_config --bindir)"
 PGXS_DIR="$(dirname "$(pg_config --pgxs)")/.."
 
-# Shared test vectors: ../shared/testdata beside the repository, or TESTDATA_DIR.
-if [ -z "${TESTDATA_DIR:-}" ]; then
-    for d in "$ROOT/../shared/testdata" "$ROOT/../../shared/testdata"; do
-        if [ -d "$d" ]; then TESTDATA_DIR="$(cd "$d" && pwd)"; break; fi
-    done
-fi
-export TESTDATA_DIR="${TESTDATA_DIR:-$ROOT/../shared/testdata}"
-
 echo "== build and install"
 make -C "$ROOT" -s -j2
 $SUDO make -C "$ROOT" -s install
@@ -65,7 +57,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 as_server_user() {
-    "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" TESTDATA_DIR="$TESTDATA_DIR" \
+    "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" \
         ENVELOPE_PYTHON="$ENVELOPE_PYTHON" "$@"
 }
 
