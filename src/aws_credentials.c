@@ -108,7 +108,7 @@ wipe_free(void *p, size_t len)
 	}
 }
 
-static void tried_add(Tried *t, const char *fmt,...) __attribute__((format(gnu_printf, 2, 3)));
+static void tried_add(Tried *t, const char *fmt,...) __attribute__((format(printf, 2, 3)));
 
 static void
 tried_add(Tried *t, const char *fmt,...)

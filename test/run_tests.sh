@@ -2,16 +2,24 @@
 # Run every pg_envelope test: pure-C unit tests, pg_regress, isolation and TAP.
 #
 #   bash test/run_tests.sh            all of them
-#   bash test/run_tests.sh unit       one level: unit | regress | isolation | tap
+#   bash test/run_tests.sh unit       one level: unit | clang | sanitize | regress |
+#                                     isolation | tap
 #   TAP_TESTS='test/tap/03*.pl' bash test/run_tests.sh tap     some TAP files only
 #
 # Installs missing Debian packages, builds and installs the extension (as root, or
 # with sudo), then runs the server-side tests as the `postgres` OS user in a private
-# copy of the tree: PostgreSQL never runs as root.
+# copy of the tree: PostgreSQL never runs as root.  Every build here treats warnings as
+# errors (WERROR=1); a user's plain `make` does not.
+#
+#   clang       the extension and the unit tests built with clang, the unit tests run
+#   sanitize    the unit tests built with -fsanitize=address,undefined and run
+#   package     the Debian package built, installed and checked (pg_buildext
+#               installcheck); not in the default list: it installs into the system
+#               PostgreSQL (see debian/README.md)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LEVELS="${*:-unit regress isolation tap}"
+LEVELS="${*:-unit clang sanitize regress isolation tap}"
 PG_BINDIR="$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -21,8 +29,8 @@ PG_BINDIR="$(pg_config --bindir)"
 PGXS_DIR="$(dirname "$(pg_config --pgxs)")/.."
 
 echo "== build and install"
-make -C "$ROOT" -s -j2
-$SUDO make -C "$ROOT" -s install
+make -C "$ROOT" -s -j2 WERROR=1
+$SUDO make -C "$ROOT" -s install WERROR=1
 
 # A private copy, owned by whoever runs the server.
 if [ "$(id -u)" -eq 0 ]; then
@@ -61,6 +69,28 @@ as_server_user() {
         ENVELOPE_PYTHON="$ENVELOPE_PYTHON" "$@"
 }
 
+# A clean copy of the tree under $WORK/build/NAME for a build with other flags, so
+# that its objects never mix with the ones installed above.
+build_copy() {
+    local dir="$WORK/build/$1"
+    mkdir -p "$dir"
+    cp -a "$ROOT/." "$dir/"
+    rm -rf "$dir/test/tmp" "$dir/results" "$dir/tmp_check"
+    [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK/build"
+    as_server_user make -C "$dir" -s clean >/dev/null
+    echo "$dir"
+}
+
+# PGXS passes the server's CFLAGS, chosen for the compiler PostgreSQL was built with
+# (gcc on Debian): drop the options clang does not know, and the gnu_printf format
+# attribute of the server headers, which clang ignores with a warning.
+clang_cflags() {
+    pg_config --cflags | sed -e 's/-fexcess-precision=standard//' \
+        -e 's/-Wimplicit-fallthrough=3/-Wimplicit-fallthrough/' \
+        -e 's/-Wno-format-truncation//' -e 's/-Wno-stringop-truncation//'
+    echo " -Wno-ignored-attributes"
+}
+
 failed=()
 
 show_failure() {
@@ -79,6 +109,22 @@ for level in $LEVELS; do
     case "$level" in
         unit)
             as_server_user make -C "$WORK" -s unit || failed+=(unit)
+            ;;
+        clang)
+            command -v clang >/dev/null || { echo "clang is not installed" >&2; failed+=(clang); continue; }
+            dir="$(build_copy clang)"
+            as_server_user make -C "$dir" -s -j2 all CC=clang CFLAGS="$(clang_cflags | tr '\n' ' ')" WERROR=1 \
+                && as_server_user make -C "$dir" -s unit CC=clang \
+                || failed+=(clang)
+            ;;
+        sanitize)
+            dir="$(build_copy sanitize)"
+            as_server_user env ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+                make -C "$dir" -s unit UNIT_SANITIZE=address,undefined \
+                || failed+=(sanitize)
+            ;;
+        package)
+            bash "$ROOT/test/package_check.sh" || failed+=(package)
             ;;
         regress)
             as_server_user bash "$WORK/test/prepare_keys.sh" "$WORK/test/tmp"
