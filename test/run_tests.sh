@@ -48,6 +48,9 @@ rm -rf "$WORK/test/tmp" "$WORK/results" "$WORK/tmp_check"
 mkdir -p "$WORK/test/tmp"
 [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK"
 chmod 0755 "$WORK"
+# The server user's commands start in the working directory: one it can enter (a clone
+# under /root or in a mktemp -d directory is not).
+cd "$WORK"
 
 # The KMS tests run moto with the interpreter that has it (python3 of whoever runs
 # this script).  When that interpreter lives under root's home (pyenv), the server user
