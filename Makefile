@@ -4,8 +4,9 @@
 #   make WERROR=1               the same, with every warning an error (CI does this)
 #   make unit                   pure-C unit tests (no server), warnings are errors
 #   make unit UNIT_SANITIZE=address,undefined    the unit tests under sanitizers
-#   make installcheck           pg_regress on a temporary, preloaded instance
-#                               (test/run_tests.sh prepares the key files it needs)
+#   make installcheck           pg_regress on a temporary, preloaded instance of the
+#                               installed extension (test/prepare_keys.sh makes the key
+#                               files and settings it needs, once, in TEST_TMP)
 
 EXTENSION = pg_envelope
 MODULE_big = pg_envelope
@@ -70,6 +71,13 @@ unit: $(UNIT_BINS)
 $(FULL_SCRIPT): sql/$(EXTENSION)--0.1.0.sql $(UPDATE_SCRIPTS)
 	{ echo '-- Built by make from the scripts below; edit those, not this file.'; \
 	  for f in $^; do echo "-- ---- $$f"; grep -v '^\\echo ' $$f; done; } > $@
+
+# The regression tests need the library preloaded and key files (the errors test finds
+# them through ENVELOPE_TEST_DIR): made once, kept for later runs.
+installcheck: $(TEST_TMP)/regress.conf
+installcheck: export ENVELOPE_TEST_DIR = $(TEST_TMP)
+$(TEST_TMP)/regress.conf:
+	bash $(srcdir)/test/prepare_keys.sh $(TEST_TMP)
 
 # PGXS does not track header dependencies: rebuild every object when a header changes
 # (structures such as CipherKey are embedded by value across files).

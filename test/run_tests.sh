@@ -13,9 +13,9 @@
 #
 #   clang       the extension and the unit tests built with clang, the unit tests run
 #   sanitize    the unit tests built with -fsanitize=address,undefined and run
-#   package     the Debian package built, installed and checked (pg_buildext
-#               installcheck); not in the default list: it installs into the system
-#               PostgreSQL (see debian/README.md)
+#   package     the Debian package built, installed, checked (pg_buildext
+#               installcheck) and removed: test/package_check.sh.  Not in the default
+#               list, as it writes to the system PostgreSQL; .ci/run runs it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
