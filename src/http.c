@@ -59,6 +59,7 @@
 #include <openssl/ssl.h>
 
 #include "http.h"
+#include "util.h"
 
 /* How often the caller's interrupt callback is polled while a request is in flight. */
 #define HTTP_POLL_MS 100
@@ -226,19 +227,9 @@ set_error(char *errbuf, size_t errlen, const char *what, const char *detail)
 }
 
 static void
-wipe_free(char *p, size_t len)
-{
-	if (p)
-	{
-		OPENSSL_cleanse(p, len);
-		free(p);
-	}
-}
-
-static void
 transfer_discard(HttpTransfer *t)
 {
-	wipe_free(t->buf, t->cap);
+	util_wipe_free(t->buf, t->cap);
 	t->buf = NULL;
 	t->len = t->cap = 0;
 }
@@ -282,7 +273,7 @@ write_cb(char *data, size_t size, size_t nmemb, void *arg)
 		}
 		if (t->buf)
 			memcpy(p, t->buf, t->len);
-		wipe_free(t->buf, t->cap);
+		util_wipe_free(t->buf, t->cap);
 		t->buf = p;
 		t->cap = newcap;
 	}

@@ -50,12 +50,12 @@
 #include <time.h>
 
 #include <json-c/json.h>
-#include <json-c/printbuf.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include "aws_credentials.h"
+#include "aws_json.h"
 #include "http.h"
 #include "kms.h"
 #include "sigv4.h"
@@ -357,79 +357,6 @@ aws_backoff_ms(int retry)
  * JSON
  */
 
-/*
- * Parse a response body.  json-c copies every string it reads into its tokenizer
- * buffer before making the string object, so that buffer may hold the plaintext DEK:
- * it is grown to the body's size before parsing (so no realloc leaves a copy in freed
- * memory) and wiped before it is freed.  Returns an object, or NULL.
- */
-static json_object *
-aws_json_parse(const char *body, size_t len)
-{
-	struct json_tokener *tok;
-	json_object *obj;
-	bool		ok;
-
-	if (body == NULL || len == 0 || len > AWS_KMS_MAX_RESPONSE)
-		return NULL;
-	tok = json_tokener_new_ex(16);
-	if (tok == NULL)
-		return NULL;
-	if (printbuf_memset(tok->pb, 0, 0, (int) len + 1) < 0)
-	{
-		json_tokener_free(tok);
-		return NULL;
-	}
-	printbuf_reset(tok->pb);
-
-	obj = json_tokener_parse_ex(tok, body, (int) len);
-	ok = obj != NULL && json_tokener_get_error(tok) == json_tokener_success &&
-		json_object_is_type(obj, json_type_object);
-	if (ok)
-	{
-		/* nothing but whitespace may follow the object */
-		for (size_t i = json_tokener_get_parse_end(tok); i < len; i++)
-			if (!isspace((unsigned char) body[i]))
-				ok = false;
-	}
-	OPENSSL_cleanse(tok->pb->buf, tok->pb->size);
-	json_tokener_free(tok);
-	if (!ok && obj != NULL)
-	{
-		aws_json_wipe_strings(obj);
-		json_object_put(obj);
-		obj = NULL;
-	}
-	return obj;
-}
-
-/* The string member `key` of obj, with its length; NULL when absent or not a string. */
-static const char *
-aws_json_string(json_object *obj, const char *key, size_t *len)
-{
-	json_object *v;
-
-	if (obj == NULL || !json_object_object_get_ex(obj, key, &v) ||
-		!json_object_is_type(v, json_type_string))
-		return NULL;
-	if (len)
-		*len = (size_t) json_object_get_string_len(v);
-	return json_object_get_string(v);
-}
-
-/*
- * Free a response object, wiping every string first: not only "Plaintext", since an
- * answer that is not what we expect may carry the DEK under any name or nesting.
- */
-static void
-aws_json_free(json_object *obj)
-{
-	if (obj == NULL)
-		return;
-	aws_json_wipe_strings(obj);
-	json_object_put(obj);
-}
-
 static json_object *
 aws_json_context(const KmsEncryptionContext *ec)
 {
@@ -554,7 +481,7 @@ aws_xml_error_code(const char *body, size_t len, char *out, size_t outlen)
 static void
 aws_classify_http_error(AwsAttempt *a, long http_status, const char *body, size_t len)
 {
-	json_object *obj = aws_json_parse(body, len);
+	json_object *obj = aws_json_parse(body, len, AWS_KMS_MAX_RESPONSE);
 	bool		have_type = false;
 
 	a->http_status = (int) http_status;
@@ -763,7 +690,7 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 		aws_classify_transport_error(a, hs, errbuf);
 	else if (resp.status >= 200 && resp.status <= 299)
 	{
-		*result = aws_json_parse(resp.body, resp.body_len);
+		*result = aws_json_parse(resp.body, resp.body_len, AWS_KMS_MAX_RESPONSE);
 		a->http_status = (int) resp.status;
 		a->error_type[0] = '\0';
 		if (*result == NULL)

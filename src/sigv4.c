@@ -21,6 +21,7 @@
 #include <openssl/sha.h>
 
 #include "sigv4.h"
+#include "util.h"
 
 #define SIGV4_ALGORITHM "AWS4-HMAC-SHA256"
 
@@ -192,18 +193,6 @@ uri_encode(StrBuf *sb, const char *s, size_t n, bool keep_slash)
 	}
 }
 
-static int
-hex_value(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /*
  * Percent-decode s[0..n) into a new string.  A malformed escape is kept literally,
  * which then encodes as %25..., as the AWS SDKs do.
@@ -219,9 +208,9 @@ uri_decode(const char *s, size_t n)
 	for (size_t i = 0; i < n; i++)
 	{
 		if (s[i] == '%' && i + 2 < n &&
-			hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0)
+			util_hex_value(s[i + 1]) >= 0 && util_hex_value(s[i + 2]) >= 0)
 		{
-			out[o++] = (char) (hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
+			out[o++] = (char) (util_hex_value(s[i + 1]) * 16 + util_hex_value(s[i + 2]));
 			i += 2;
 		}
 		else
