@@ -1009,6 +1009,53 @@ aws_reset_error(KmsError *err)
  * The provider
  */
 
+/*
+ * How every operation starts: a cleared error, the master key id and encryption
+ * context checked, and a request object, which holds the stored wrapped DEK as
+ * CiphertextBlob when with_blob is set.  NULL with err set.
+ */
+static json_object *
+aws_request_start(const char *op, const char *key_id, const KmsEncryptionContext *ec,
+				  bool with_blob, const uint8_t *wrapped, size_t wrapped_len,
+				  KmsError *err)
+{
+	json_object *req;
+
+	aws_reset_error(err);
+	if (aws_check_args(op, key_id, ec, err) != KMS_OK)
+		return NULL;
+	if (with_blob)
+		return aws_blob_request(op, wrapped, wrapped_len, err);
+	req = json_object_new_object();
+	if (req == NULL)
+		kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+	return req;
+}
+
+/*
+ * Send req (consumed) and check that the answer's KeyId is the master key asked for
+ * (its ARN copied to key_arn when that is not NULL).  KMS_OK with *resp to be freed with
+ * aws_json_free; otherwise *resp is NULL and err says why.
+ */
+static KmsStatus
+aws_exchange(const KmsConfig *cfg, const char *op, json_object *req, const char *key_id,
+			 char *key_arn, json_object **resp, KmsError *err)
+{
+	KmsStatus	st;
+
+	*resp = NULL;
+	st = aws_kms_call(cfg, op, req, resp, err);
+	if (st != KMS_OK)
+		return st;
+	st = aws_check_key_id(*resp, "KeyId", key_id, op, key_arn, err);
+	if (st != KMS_OK)
+	{
+		aws_json_free(*resp);
+		*resp = NULL;
+	}
+	return st;
+}
+
 static KmsStatus
 aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 					  const KmsEncryptionContext *ec,
@@ -1017,25 +1064,17 @@ aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 					  char *key_arn, KmsError *err)
 {
 	const char *op = "GenerateDataKey";
-	json_object *req;
+	json_object *req = aws_request_start(op, key_id, ec, false, NULL, 0, err);
 	json_object *resp;
 	KmsStatus	st;
 
-	aws_reset_error(err);
-	st = aws_check_args(op, key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-
-	req = json_object_new_object();
+	if (req == NULL)
+		return err->status;
 	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
 	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
-	if (st != KMS_OK)
-		return st;
-
-	st = aws_check_key_id(resp, "KeyId", key_id, op, key_arn, err);
+	st = aws_exchange(cfg, op, req, key_id, key_arn, &resp, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
 	if (st == KMS_OK)
@@ -1053,26 +1092,17 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 			uint8_t dek[KMS_DEK_LEN], KmsError *err)
 {
 	const char *op = "Decrypt";
-	json_object *req;
+	json_object *req = aws_request_start(op, key_id, ec, true, wrapped, wrapped_len, err);
 	json_object *resp;
 	KmsStatus	st;
 
-	aws_reset_error(err);
-	st = aws_check_args(op, key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-	req = aws_blob_request(op, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return err->status;
 	/* KeyId makes KMS refuse a blob wrapped under any other key */
 	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
-	if (st != KMS_OK)
-		return st;
-
-	st = aws_check_key_id(resp, "KeyId", key_id, op, NULL, err);
+	st = aws_exchange(cfg, op, req, key_id, NULL, &resp, err);
 	if (st == KMS_OK)
 		st = aws_take_plaintext(resp, op, dek, err);
 	if (st != KMS_OK)
@@ -1094,26 +1124,21 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 	json_object *resp;
 	KmsStatus	st;
 
-	aws_reset_error(err);
-	st = aws_check_args(op, source_key_id, ec, err);
-	if (st == KMS_OK)
-		st = aws_check_args(op, dest_key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-	req = aws_blob_request(op, wrapped, wrapped_len, err);
+	req = aws_request_start(op, source_key_id, ec, true, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return err->status;
+	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds only the wrapped DEK, no secret */
+		return err->status;
+	}
 	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
 	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
 	/* same tenant and version: the DEK moves keys, not owners */
 	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
 	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
-	if (st != KMS_OK)
-		return st;
-
-	st = aws_check_key_id(resp, "KeyId", dest_key_id, op, dest_key_arn, err);
+	st = aws_exchange(cfg, op, req, dest_key_id, dest_key_arn, &resp, err);
 	/* SourceKeyId is documented but optional in practice; check it when present */
 	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
 		st = aws_check_key_id(resp, "SourceKeyId", source_key_id, op, NULL, err);

@@ -176,31 +176,65 @@ wrapped_to_bytea(const char *provider_name, uint8 *buf, size_t len)
 	return result;
 }
 
+/*
+ * One provider call: what every operation sets up before it (provider, settings,
+ * UTF-8 encryption context, clock) and checks after it.
+ */
+typedef struct KmsCall
+{
+	EnvelopeKmsOp op;
+	const char *provider_name;
+	const KmsProvider *provider;
+	const char *tenant;
+	uint32		version;
+	KmsConfig	cfg;
+	KmsError	err;
+	KmsEncryptionContext ec;
+	instr_time	start;
+} KmsCall;
+
+static void
+kms_call_begin(KmsCall *call, EnvelopeKmsOp op, const char *provider_name,
+			   const char *tenant, uint32 version)
+{
+	call->op = op;
+	call->provider_name = provider_name;
+	call->provider = provider_or_error(provider_name);
+	call->tenant = tenant;
+	call->version = version;
+	call->ec = context_for(tenant, version);
+	fill_config(&call->cfg);
+	memset(&call->err, 0, sizeof(call->err));
+	INSTR_TIME_SET_CURRENT(call->start);
+}
+
+/* Count the call; on failure wipe dek (when given) and raise the provider's error. */
+static void
+kms_call_end(KmsCall *call, KmsStatus status, uint8 *dek)
+{
+	keycache_record_kms_call(call->op, status == KMS_OK, elapsed_ms(call->start));
+	if (status == KMS_OK)
+		return;
+	if (dek != NULL)
+		explicit_bzero(dek, KMS_DEK_LEN);
+	report_kms_error(call->op, call->provider_name, call->tenant, call->version, &call->err);
+}
+
 void
 envelope_kms_generate(const char *provider_name, const char *kms_key,
 					  const char *tenant, uint32 version,
 					  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn)
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
-	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
+	KmsCall		call;
 	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
 	char	   *arn = palloc0(KMS_KEY_ID_MAX);
 	size_t		len = 0;
-	KmsStatus	status;
-	instr_time	start;
 
-	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
-	INSTR_TIME_SET_CURRENT(start);
-	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-	{
-		explicit_bzero(dek, KMS_DEK_LEN);
-		report_kms_error(ENVELOPE_KMS_GENERATE, provider_name, tenant, version, &err);
-	}
+	kms_call_begin(&call, ENVELOPE_KMS_GENERATE, provider_name, tenant, version);
+	kms_call_end(&call,
+				 call.provider->generate_data_key(&call.cfg, kms_key, &call.ec, dek,
+												  buf, &len, arn, &call.err),
+				 dek);
 	*wrapped = wrapped_to_bytea(provider_name, buf, len);
 	*key_arn = arn;
 }
@@ -210,24 +244,14 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 					 const char *tenant, uint32 version,
 					 const bytea *wrapped, uint8 dek[KMS_DEK_LEN])
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
-	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
-	KmsStatus	status;
-	instr_time	start;
+	KmsCall		call;
 
-	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
-	INSTR_TIME_SET_CURRENT(start);
-	status = provider->decrypt(&cfg, kms_key, &ec, (const uint8 *) VARDATA_ANY(wrapped),
-							   VARSIZE_ANY_EXHDR(wrapped), dek, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-	{
-		explicit_bzero(dek, KMS_DEK_LEN);
-		report_kms_error(ENVELOPE_KMS_DECRYPT, provider_name, tenant, version, &err);
-	}
+	kms_call_begin(&call, ENVELOPE_KMS_DECRYPT, provider_name, tenant, version);
+	kms_call_end(&call,
+				 call.provider->decrypt(&call.cfg, kms_key, &call.ec,
+										(const uint8 *) VARDATA_ANY(wrapped),
+										VARSIZE_ANY_EXHDR(wrapped), dek, &call.err),
+				 dek);
 }
 
 /*
@@ -240,25 +264,18 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 					   const char *dest_key, const char *tenant, uint32 version,
 					   const bytea *wrapped, char **dest_key_arn)
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
-	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
+	KmsCall		call;
 	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
 	char	   *arn = palloc0(KMS_KEY_ID_MAX);
 	size_t		len = 0;
-	KmsStatus	status;
-	instr_time	start;
 
-	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
-	INSTR_TIME_SET_CURRENT(start);
-	status = provider->reencrypt(&cfg, source_key, dest_key, &ec,
-								 (const uint8 *) VARDATA_ANY(wrapped),
-								 VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
+	kms_call_begin(&call, ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version);
+	kms_call_end(&call,
+				 call.provider->reencrypt(&call.cfg, source_key, dest_key, &call.ec,
+										  (const uint8 *) VARDATA_ANY(wrapped),
+										  VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn,
+										  &call.err),
+				 NULL);
 	*dest_key_arn = arn;
 	return wrapped_to_bytea(provider_name, buf, len);
 }
