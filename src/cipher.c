@@ -1,5 +1,7 @@
 /*
- * cipher.c — AES-256-GCM over OpenSSL EVP and pg_envelope's ciphertext format.
+ * cipher.c — pg_envelope's value formats over OpenSSL EVP: AES-256-GCM values,
+ * deterministic AES-256-SIV values, HMAC-SHA256 blind indexes, the HKDF subkeys they use,
+ * and the nonce pool.
  *
  * Plain C: no PostgreSQL headers, no error reporting beyond a CipherStatus.  See
  * cipher.h for the format.  Every OpenSSL context is owned by a CipherKey, which keeps

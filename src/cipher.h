@@ -1,5 +1,6 @@
 /*
- * cipher.h — the value cipher: AES-256-GCM and pg_envelope's ciphertext format.
+ * cipher.h — the value ciphers (AES-256-GCM; AES-256-SIV for deterministic values),
+ * the HMAC-SHA256 blind index, and pg_envelope's ciphertext formats.
  *
  * Plain C over OpenSSL EVP; knows nothing of tenants' keys, SQL or KMSs.  Functions
  * return a CipherStatus; the SQL layer turns it into an error.
@@ -70,8 +71,9 @@ typedef enum CipherStatus
 } CipherStatus;
 
 /*
- * A ready AES-256-GCM key: two EVP contexts whose key schedules are computed once, so
- * each value costs only an IV reset.  The raw key is not kept.
+ * A ready key: EVP contexts for AES-256-GCM (and the SIV and blind-index subkeys) whose
+ * key schedules are computed once, so each value costs only an IV reset.  The raw key
+ * is not kept.
  */
 typedef struct CipherKey
 {

@@ -113,7 +113,7 @@ raise_cipher_internal(CipherStatus status)
 			(errcode(ERRCODE_INTERNAL_ERROR),
 			 errmsg("%s", status == CIPHER_ERR_RANDOM ?
 					"could not generate a random nonce" :
-					"AES-256-GCM failed in OpenSSL"),
+					"a cipher operation (AES-256-GCM, AES-256-SIV or HMAC-SHA256) failed in OpenSSL"),
 			 errhidestmt(true)));
 }
 

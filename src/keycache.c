@@ -34,8 +34,8 @@
  *
  * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
  * keys are zeroed by the next lookup that meets them, and at the latest by the
- * "pg_envelope key cache sweeper" background worker, which wakes at least once per
- * tenth of envelope.cache_ttl: a key nobody uses any more does not linger.  After a
+ * "pg_envelope key cache sweeper" background worker, every tenth of cache_ttl (1 s to
+ * 1 min apart): a key nobody uses any more does not linger.  After a
  * crash-restart shared memory is re-created, so the cache starts empty.
  */
 #include "pg_envelope.h"
@@ -439,8 +439,8 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			ConditionVariableCancelSleep();
 			ereport(ERROR,
 					(errcode(sqlstate),
-					 errmsg("could not obtain key version %u of tenant %d: the KMS call of another backend failed",
-							tag->version, tag->tenant_id),
+					 errmsg("could not obtain key version %u: the KMS call of another backend for the same key failed",
+							tag->version),
 					 errhint("The error is in the server log of the backend that made the call."),
 					 errhidestmt(true)));
 		}
@@ -995,7 +995,7 @@ l1_key(LocalTenant *lt, uint32 version)
 	if (cs != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not initialize AES-256-GCM")));
+				 errmsg("could not set up the ciphers of key version %u of tenant \"%s\"", version, tenant), errhidestmt(true)));
 	lv->has_key = true;
 	lv->state = KEY_ACTIVE;
 	lv->expires_at = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
