@@ -1056,6 +1056,22 @@ aws_exchange(const KmsConfig *cfg, const char *op, json_object *req, const char 
 	return st;
 }
 
+/*
+ * The end of an operation that returns a data key: while st is KMS_OK, take Plaintext
+ * from resp into dek; on any failure wipe dek.  Frees resp (NULL allowed).
+ */
+static KmsStatus
+aws_finish_with_dek(KmsStatus st, json_object *resp, const char *op,
+					uint8_t dek[KMS_DEK_LEN], KmsError *err)
+{
+	if (st == KMS_OK)
+		st = aws_take_plaintext(resp, op, dek, err);
+	if (st != KMS_OK)
+		OPENSSL_cleanse(dek, KMS_DEK_LEN);
+	aws_json_free(resp);
+	return st;
+}
+
 static KmsStatus
 aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 					  const KmsEncryptionContext *ec,
@@ -1077,12 +1093,7 @@ aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 	st = aws_exchange(cfg, op, req, key_id, key_arn, &resp, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
-	if (st == KMS_OK)
-		st = aws_take_plaintext(resp, op, dek, err);
-	if (st != KMS_OK)
-		OPENSSL_cleanse(dek, KMS_DEK_LEN);
-	aws_json_free(resp);
-	return st;
+	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
 static KmsStatus
@@ -1103,12 +1114,7 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
 	st = aws_exchange(cfg, op, req, key_id, NULL, &resp, err);
-	if (st == KMS_OK)
-		st = aws_take_plaintext(resp, op, dek, err);
-	if (st != KMS_OK)
-		OPENSSL_cleanse(dek, KMS_DEK_LEN);
-	aws_json_free(resp);
-	return st;
+	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
 static KmsStatus

@@ -178,7 +178,8 @@ wrapped_to_bytea(const char *provider_name, uint8 *buf, size_t len)
 
 /*
  * One provider call: what every operation sets up before it (provider, settings,
- * UTF-8 encryption context, clock) and checks after it.
+ * UTF-8 encryption context, room for a wrapped key and a key ARN, clock) and checks
+ * after it.
  */
 typedef struct KmsCall
 {
@@ -190,6 +191,9 @@ typedef struct KmsCall
 	KmsConfig	cfg;
 	KmsError	err;
 	KmsEncryptionContext ec;
+	uint8	   *wrapped;		/* KMS_WRAPPED_MAX bytes, for generate and re-encrypt */
+	size_t		wrapped_len;
+	char	   *key_arn;		/* KMS_KEY_ID_MAX bytes, zeroed */
 	instr_time	start;
 } KmsCall;
 
@@ -205,6 +209,9 @@ kms_call_begin(KmsCall *call, EnvelopeKmsOp op, const char *provider_name,
 	call->ec = context_for(tenant, version);
 	fill_config(&call->cfg);
 	memset(&call->err, 0, sizeof(call->err));
+	call->wrapped = palloc(KMS_WRAPPED_MAX);
+	call->wrapped_len = 0;
+	call->key_arn = palloc0(KMS_KEY_ID_MAX);
 	INSTR_TIME_SET_CURRENT(call->start);
 }
 
@@ -226,17 +233,15 @@ envelope_kms_generate(const char *provider_name, const char *kms_key,
 					  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn)
 {
 	KmsCall		call;
-	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
-	char	   *arn = palloc0(KMS_KEY_ID_MAX);
-	size_t		len = 0;
+	KmsStatus	status;
 
 	kms_call_begin(&call, ENVELOPE_KMS_GENERATE, provider_name, tenant, version);
-	kms_call_end(&call,
-				 call.provider->generate_data_key(&call.cfg, kms_key, &call.ec, dek,
-												  buf, &len, arn, &call.err),
-				 dek);
-	*wrapped = wrapped_to_bytea(provider_name, buf, len);
-	*key_arn = arn;
+	status = call.provider->generate_data_key(&call.cfg, kms_key, &call.ec, dek,
+											  call.wrapped, &call.wrapped_len,
+											  call.key_arn, &call.err);
+	kms_call_end(&call, status, dek);
+	*wrapped = wrapped_to_bytea(provider_name, call.wrapped, call.wrapped_len);
+	*key_arn = call.key_arn;
 }
 
 void
@@ -245,13 +250,13 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 					 const bytea *wrapped, uint8 dek[KMS_DEK_LEN])
 {
 	KmsCall		call;
+	KmsStatus	status;
 
 	kms_call_begin(&call, ENVELOPE_KMS_DECRYPT, provider_name, tenant, version);
-	kms_call_end(&call,
-				 call.provider->decrypt(&call.cfg, kms_key, &call.ec,
-										(const uint8 *) VARDATA_ANY(wrapped),
-										VARSIZE_ANY_EXHDR(wrapped), dek, &call.err),
-				 dek);
+	status = call.provider->decrypt(&call.cfg, kms_key, &call.ec,
+									(const uint8 *) VARDATA_ANY(wrapped),
+									VARSIZE_ANY_EXHDR(wrapped), dek, &call.err);
+	kms_call_end(&call, status, dek);
 }
 
 /*
@@ -265,17 +270,14 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 					   const bytea *wrapped, char **dest_key_arn)
 {
 	KmsCall		call;
-	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
-	char	   *arn = palloc0(KMS_KEY_ID_MAX);
-	size_t		len = 0;
+	KmsStatus	status;
 
 	kms_call_begin(&call, ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version);
-	kms_call_end(&call,
-				 call.provider->reencrypt(&call.cfg, source_key, dest_key, &call.ec,
-										  (const uint8 *) VARDATA_ANY(wrapped),
-										  VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn,
-										  &call.err),
-				 NULL);
-	*dest_key_arn = arn;
-	return wrapped_to_bytea(provider_name, buf, len);
+	status = call.provider->reencrypt(&call.cfg, source_key, dest_key, &call.ec,
+									  (const uint8 *) VARDATA_ANY(wrapped),
+									  VARSIZE_ANY_EXHDR(wrapped), call.wrapped,
+									  &call.wrapped_len, call.key_arn, &call.err);
+	kms_call_end(&call, status, NULL);
+	*dest_key_arn = call.key_arn;
+	return wrapped_to_bytea(provider_name, call.wrapped, call.wrapped_len);
 }
