@@ -1,6 +1,15 @@
 /*
- * plaintext_guard.c — keep decrypted values out of the catalog.
+ * plaintext_guard.c — keep plaintext out of the catalog and the server log.
  *
+ * The server log: every error that may carry a literal plaintext (a failed encrypt,
+ * decrypt or KMS call) is raised with errhidestmt(true), which keeps the STATEMENT line
+ * out of the log.  Raised inside PL/pgSQL, or inside any SQL function, the same error
+ * also gets a CONTEXT line quoting the inner statement with its literals, added by the
+ * caller's error-context callbacks after we raised it.  An emit_log_hook marks such an
+ * error's context as hidden too (errhidecontext): the client, which sent the text,
+ * still sees it; the server log does not.
+ *
+ * The catalog:
  * decrypt and decrypt_text are STABLE, never IMMUTABLE, and that alone keeps them out
  * of every place where PostgreSQL evaluates an expression on its own and stores the
  * result: index expressions and predicates, generated columns and (through
@@ -43,6 +52,20 @@
 #include "plaintext_guard.h"
 
 static object_access_hook_type prev_object_access_hook = NULL;
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+/*
+ * An error whose statement is hidden from the server log has its context hidden
+ * there too: the context of a nested statement quotes that statement.
+ */
+static void
+plaintext_guard_emit_log(ErrorData *edata)
+{
+	if (edata->hide_stmt)
+		edata->hide_ctx = true;
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
 
 /*
  * Whether a function returns plaintext: a C function of the extension's schema whose
@@ -154,4 +177,6 @@ plaintext_guard_install(void)
 {
 	prev_object_access_hook = object_access_hook;
 	object_access_hook = plaintext_guard_object_access;
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = plaintext_guard_emit_log;
 }
