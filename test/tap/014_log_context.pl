@@ -23,6 +23,9 @@ CREATE FUNCTION wrap_encrypt() RETURNS bytea LANGUAGE plpgsql AS $f$
 BEGIN
     RETURN envelope.encrypt('no-such-tenant', 'secret-literal-in-function');
 END $f$;
+CREATE FUNCTION sql_encrypt() RETURNS bytea LANGUAGE sql AS $f$
+    SELECT envelope.encrypt('no-such-tenant', 'secret-literal-sql-function');
+$f$;
 });
 
 my @cases = (
@@ -37,22 +40,35 @@ my @cases = (
 	[ 're-raised from an exception handler',
 	  q{DO $$ BEGIN PERFORM envelope.encrypt_deterministic('no-such-tenant', 'secret-literal-reraise'); EXCEPTION WHEN OTHERS THEN RAISE; END $$;},
 	  'secret-literal-reraise' ],
+	[ 'EXECUTE format(...) in a DO block',
+	  q{DO $$ BEGIN EXECUTE format('SELECT envelope.encrypt(%L, %L)', 'no-such-tenant', 'secret-literal-execute'); END $$;},
+	  'secret-literal-execute' ],
+	[ 'encrypt in an SQL function',
+	  q{SELECT sql_encrypt();}, 'secret-literal-sql-function' ],
 	[ 'blind index in a DO block',
 	  q{DO $$ BEGIN PERFORM envelope.blind_index('no-such-tenant', 'secret-literal-blind'); END $$;},
 	  'secret-literal-blind' ],
 );
 
-for my $case (@cases)
+for my $level ('warning', 'debug5')
 {
-	my ($name, $sql, $secret) = @$case;
-	my $offset = -s $node->logfile;
-	my ($ret, $out, $err) = $node->psql('postgres', $sql);
-	isnt($ret, 0, "$name: fails");
-	like($err, qr/tenant "no-such-tenant" does not exist|could not decrypt value/,
-		"$name: the expected error");
-	my $log = slurp_file($node->logfile, $offset);
-	like($log, qr/ERROR:/, "$name: the error is in the server log");
-	unlike($log, qr/\Q$secret\E/, "$name: the literal is not in the server log");
+	$node->safe_psql('postgres',
+		"ALTER SYSTEM SET log_min_messages = $level; SELECT pg_reload_conf();");
+	$node->poll_query_until('postgres', 'SHOW log_min_messages', $level)
+	  or die "log_min_messages did not become $level";
+	for my $case (@cases)
+	{
+		my ($name, $sql, $secret) = @$case;
+		$name = "$name (log_min_messages = $level)";
+		my $offset = -s $node->logfile;
+		my ($ret, $out, $err) = $node->psql('postgres', $sql);
+		isnt($ret, 0, "$name: fails");
+		like($err, qr/tenant "no-such-tenant" does not exist|could not decrypt value/,
+			"$name: the expected error");
+		my $log = slurp_file($node->logfile, $offset);
+		like($log, qr/ERROR:/, "$name: the error is in the server log");
+		unlike($log, qr/\Q$secret\E/, "$name: the literal is not in the server log");
+	}
 }
 
 # Control: an error that does not hide its statement keeps its CONTEXT, so the checks
