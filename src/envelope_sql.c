@@ -444,6 +444,12 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 	TenantRecord existing;
 
 	tenant_name_check_new(tenant, strlen(tenant));
+	/*
+	 * One creation of a name at a time: a concurrent creator waits here until the
+	 * first commits, then finds the tenant below (the key store is read at the latest
+	 * snapshot) and fails with 42710, before any KMS call.
+	 */
+	tenant_name_lock_for_create(tenant, strlen(tenant));
 	/* The setting's check hook admits only registered providers. */
 	if (strcmp(provider, "local") != 0 && (kms_key == NULL || kms_key[0] == '\0'))
 		ereport(ERROR,

@@ -26,8 +26,11 @@
  */
 #include "compat.h"
 
+#include "common/hashfn.h"
 #include "common/unicode_norm.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
 
 #include "tenant_name.h"
 
@@ -147,4 +150,22 @@ tenant_name_check_new(const char *name, size_t len)
 				 errhint("Create the tenant as normalize(name, NFC), and send that form with every row."),
 				 errhidestmt(true)));
 	pfree(cps);
+}
+
+/*
+ * Advisory locks taken from SQL use field4 1 and 2; this one is pg_envelope's own
+ * space ("en"), so no application lock can collide with it.  Two names with the same
+ * 64-bit hash only serialise their creations, which costs nothing but a wait.
+ */
+#define TENANT_CREATE_LOCK_SPACE 0x656E
+
+void
+tenant_name_lock_for_create(const char *name, size_t len)
+{
+	uint64		h = hash_bytes_extended((const unsigned char *) name, (int) len, 0);
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
+						 TENANT_CREATE_LOCK_SPACE);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }

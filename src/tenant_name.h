@@ -14,4 +14,11 @@
  */
 extern void tenant_name_check_new(const char *name, size_t len);
 
+/*
+ * Takes a transaction-level lock on a tenant name, so that concurrent creations of one
+ * name run one at a time: the second waits until the first commits or aborts, then
+ * finds the tenant (or not) before it asks the KMS for anything.
+ */
+extern void tenant_name_lock_for_create(const char *name, size_t len);
+
 #endif							/* PG_ENVELOPE_TENANT_NAME_H */
