@@ -52,7 +52,8 @@ UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
 UNIT_BINS = $(UNIT_SRCS:.c=)
 # The warnings of the server build (PGXS flags plus ours), always as errors: the unit
 # tests are the project's own check.  UNIT_SANITIZE=address,undefined builds them with
-# those sanitizers (and frame pointers, for readable reports).
+# those sanitizers (and frame pointers, for readable reports); the binaries do not
+# track flags, so run it on a clean tree (test/run_tests.sh sanitize uses a copy).
 UNIT_CFLAGS = -std=gnu11 -O2 -g -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter \
 	-Wno-missing-field-initializers -Wno-sign-compare -Wmissing-format-attribute \
 	-Wmissing-prototypes -Wdeclaration-after-statement -Wimplicit-fallthrough \
