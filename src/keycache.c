@@ -439,7 +439,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			ConditionVariableCancelSleep();
 			ereport(ERROR,
 					(errcode(sqlstate),
-					 errmsg("could not obtain key version %u: the KMS call of another backend for the same key failed",
+					 errmsg("could not obtain key version %u: the KMS call of another backend failed",
 							tag->version),
 					 errhint("The error is in the server log of the backend that made the call."),
 					 errhidestmt(true)));
