@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "inventory.h"
 
 PG_MODULE_MAGIC;
 
@@ -172,4 +173,6 @@ _PG_init(void)
 				 errhint("Add pg_envelope to shared_preload_libraries and restart the server to share one key cache.")));
 
 	keycache_init_backend();
+	/* Registrations of encrypted columns are security labels of this provider. */
+	inventory_register_label_provider();
 }
