@@ -276,11 +276,49 @@ REVOKE ALL ON FUNCTION envelope.audit_record(text, text, integer[], text, jsonb)
 GRANT EXECUTE ON FUNCTION envelope.audit_record(text, text, integer[], text, jsonb)
     TO envelope_admin;
 
+-- Guards.  retire_key_version gains force (a new signature, so the old one goes: a
+-- call with two arguments would be ambiguous); destroy_tenant needs the tenant's name
+-- twice.  0.1.0's C symbols stay in the library for databases not yet updated.
+DROP FUNCTION envelope.retire_key_version(text, integer);
+CREATE FUNCTION envelope.retire_key_version(tenant text, version integer,
+                                            force boolean DEFAULT false)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_retire_key_version_guarded'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.reactivate_key_version(tenant text, version integer)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_reactivate_key_version'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+DROP FUNCTION envelope.destroy_tenant(text);
+CREATE FUNCTION envelope.destroy_tenant(tenant text, confirm text)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_destroy_tenant_confirmed'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.retire_key_version(text, integer, boolean),
+    envelope.reactivate_key_version(text, integer),
+    envelope.destroy_tenant(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.retire_key_version(text, integer, boolean),
+    envelope.reactivate_key_version(text, integer),
+    envelope.destroy_tenant(text, text) TO envelope_admin;
+
 -- ---------------------------------------------------------------------------
 -- Fleet procedures: rotate_keys, reencrypt_all, rewrap_keys, rotation progress.
 
 -- ---------------------------------------------------------------------------
 -- Health check.
+
+-- One row per check: preload, provider and KMS (one cheap request), credentials or
+-- key file, cache, inventory, values under retired versions, settings that log
+-- plaintext.  VOLATILE and PARALLEL UNSAFE: it calls the KMS.
+CREATE FUNCTION envelope.check(OUT name text, OUT status text, OUT detail text, OUT hint text)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'envelope_check'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION envelope.check() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.check() TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Key-store triggers fire in logical-replication apply workers too.
