@@ -266,6 +266,10 @@ check_inventory(CheckOutput *out)
 		report(out, "unencrypted_values", "warning",
 			   psprintf("Per the last usage count, values that are not pg_envelope ciphertexts: %s.", plain),
 			   "Encrypt them, or unregister columns that are not meant to be encrypted.");
+	else
+		report(out, "unencrypted_values", "ok",
+			   "Per the last usage count, every value in the registered columns is a pg_envelope ciphertext.",
+			   NULL);
 }
 
 static const char *

@@ -91,7 +91,10 @@ count_values_under_version(const char *tenant, int32 version, StringInfo columns
 					"  e.relation, CASE WHEN e.tenant_column IS NULL THEN 'true'"
 					"    ELSE pg_catalog.format('t.%I::text OPERATOR(pg_catalog.=) $1', e.tenant_column) END,"
 					"  e.column_name, e.column_name, e.column_name, e.column_name),"
-					"  pg_catalog.format('%s.%I', e.relation, e.column_name)"
+					"  pg_catalog.format('%s.%I', e.relation, e.column_name),"
+					"  pg_catalog.has_column_privilege(e.relation, e.column_name, 'SELECT')"
+					"  AND (e.tenant_column IS NULL"
+					"       OR pg_catalog.has_column_privilege(e.relation, e.tenant_column, 'SELECT'))"
 					"  FROM envelope.encrypted_columns e ORDER BY 2",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not list registered columns");
@@ -105,6 +108,12 @@ count_values_under_version(const char *tenant, int32 version, StringInfo columns
 		int64		n;
 
 		CHECK_FOR_INTERRUPTS();
+		if (strcmp(SPI_getvalue(registered->vals[i], registered->tupdesc, 3), "t") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("cannot count the values of registered column %s", name),
+					 errdetail("The current role cannot read it, so it cannot be shown that no value there still uses the key version."),
+					 errhint("Grant SELECT on the table to the role that retires keys.")));
 		if (SPI_execute_with_args(query, 2, argtypes, values, NULL, true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not count values in %s", name);
 		n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
