@@ -69,7 +69,7 @@ lock_live_tenant(const char *tenant)
  * read the registered tables.  `columns` receives a JSON object of the columns that
  * hold any, with their counts.  A registered column whose tenant column is gone cannot
  * be attributed, so every value under `version` in it is counted: it might be this
- * tenant's.
+ * tenant's.  Values that are not ciphertexts are never counted.
  */
 static int64
 count_values_under_version(const char *tenant, int32 version, StringInfo columns)
@@ -83,14 +83,30 @@ count_values_under_version(const char *tenant, int32 version, StringInfo columns
 	appendStringInfoChar(columns, '{');
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute("SELECT pg_catalog.format('SELECT pg_catalog.count(*) FROM %s t"
-					"  WHERE %s AND t.%I IS NOT NULL"
-					"    AND pg_catalog.octet_length(t.%I) >= 5"
-					"    AND pg_catalog.get_byte(t.%I, 0) IN (1, 2)"
-					"    AND envelope.key_version(t.%I) OPERATOR(pg_catalog.=) $2',"
-					"  e.relation, CASE WHEN e.tenant_column IS NULL THEN 'true'"
-					"    ELSE pg_catalog.format('t.%I::text OPERATOR(pg_catalog.=) $1', e.tenant_column) END,"
-					"  e.column_name, e.column_name, e.column_name, e.column_name),"
+	/*
+	 * Per column, a query counting the values: scan_key_usage over the table (or the
+	 * leaves of a partitioned one) when the tenant column exists, else every value
+	 * under the version whoever its tenant, the header read inside a CASE so that a
+	 * value too short to be a ciphertext is never given to key_version.
+	 */
+	if (SPI_execute("SELECT CASE WHEN e.tenant_column IS NOT NULL THEN pg_catalog.format("
+					"  'SELECT COALESCE(pg_catalog.sum(u.value_count), 0)::bigint"
+					"     FROM (SELECT %L::pg_catalog.regclass AS relid"
+					"           UNION SELECT t.relid FROM pg_catalog.pg_partition_tree(%L) t WHERE t.isleaf) p"
+					"     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid AND c.relkind OPERATOR(pg_catalog.=) ''r'',"
+					"          LATERAL envelope.scan_key_usage(p.relid, %L, %L) u"
+					"    WHERE u.tenant OPERATOR(pg_catalog.=) $1 AND u.version OPERATOR(pg_catalog.=) $2',"
+					"  e.relation, e.relation, e.column_name, e.tenant_column)"
+					" ELSE pg_catalog.format("
+					"  'SELECT pg_catalog.count(*) FROM %s t WHERE CASE"
+					"     WHEN pg_catalog.octet_length(t.%I) OPERATOR(pg_catalog.<) 22 THEN NULL"
+					"     WHEN pg_catalog.get_byte(t.%I, 0) OPERATOR(pg_catalog.=) 1"
+					"      AND pg_catalog.octet_length(t.%I) OPERATOR(pg_catalog.>=) 33 THEN envelope.key_version(t.%I)"
+					"     WHEN pg_catalog.get_byte(t.%I, 0) OPERATOR(pg_catalog.=) 2"
+					"      AND pg_catalog.octet_length(t.%I) OPERATOR(pg_catalog.>=) 22 THEN envelope.key_version(t.%I)"
+					"     END OPERATOR(pg_catalog.=) $2 AND $1 IS NOT NULL',"
+					"  e.relation, e.column_name, e.column_name, e.column_name, e.column_name, e.column_name,"
+					"  e.column_name, e.column_name) END,"
 					"  pg_catalog.format('%s.%I', e.relation, e.column_name),"
 					"  pg_catalog.has_column_privilege(e.relation, e.column_name, 'SELECT')"
 					"  AND (e.tenant_column IS NULL"
