@@ -123,10 +123,11 @@ CREATE FUNCTION envelope.scan_key_usage(rel regclass, "column" name, tenant_colu
     LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
 
 -- Count stored values per (tenant, DEK version) in every registered column.  Like
--- reencrypt, each table (each partition of a partitioned one) is read in block ranges,
--- one transaction per range, so no snapshot is held for the whole scan.  CALL it
--- outside a transaction block.
-CREATE PROCEDURE envelope.count_key_usage(batch_size integer DEFAULT 100000)
+-- reencrypt, each table (each partition of a partitioned one) is read in block ranges
+-- of about batch_size rows, one transaction per range, so no snapshot is held for the
+-- whole scan (a million rows take about a tenth of a second).  CALL it outside a
+-- transaction block.
+CREATE PROCEDURE envelope.count_key_usage(batch_size integer DEFAULT 1000000)
 LANGUAGE plpgsql
 AS $count_key_usage$
 DECLARE

@@ -22,13 +22,13 @@
 #include "access/tableam.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/rls.h"
@@ -47,11 +47,89 @@ typedef struct VersionCount
 
 typedef struct TenantCounts
 {
-	char		tenant[ENVELOPE_TENANT_MAX + 1];	/* hash key; longer names are cut */
+	uint32		hash;
+	int			len;			/* bytes of name; names longer than a tenant's are cut */
+	char		name[ENVELOPE_TENANT_MAX + 1];
 	int			nversions;
 	int			capacity;
 	VersionCount *versions;
 } TenantCounts;
+
+/*
+ * Tenants seen by one scan: open addressing on (length, bytes), so a probe hashes the
+ * name in place, without copying it or measuring it again.
+ */
+typedef struct TenantTable
+{
+	TenantCounts **slots;
+	uint32		mask;			/* capacity - 1, capacity a power of two */
+	uint32		used;
+	MemoryContext cxt;
+} TenantTable;
+
+/* Tenant names are short: an inline loop beats a call to memcmp for them. */
+static inline bool
+same_name(const TenantCounts *tc, const char *name, int len)
+{
+	if (tc->len != len)
+		return false;
+	for (int i = 0; i < len; i++)
+		if (tc->name[i] != name[i])
+			return false;
+	return true;
+}
+
+static void
+tenant_table_init(TenantTable *tt, MemoryContext cxt)
+{
+	tt->mask = 255;
+	tt->used = 0;
+	tt->cxt = cxt;
+	tt->slots = MemoryContextAllocZero(cxt, sizeof(TenantCounts *) * (tt->mask + 1));
+}
+
+static void
+tenant_table_grow(TenantTable *tt)
+{
+	TenantCounts **old = tt->slots;
+	uint32		old_capacity = tt->mask + 1;
+
+	tt->mask = old_capacity * 2 - 1;
+	tt->slots = MemoryContextAllocZero(tt->cxt, sizeof(TenantCounts *) * (tt->mask + 1));
+	for (uint32 i = 0; i < old_capacity; i++)
+		if (old[i] != NULL)
+		{
+			uint32		j = old[i]->hash & tt->mask;
+
+			while (tt->slots[j] != NULL)
+				j = (j + 1) & tt->mask;
+			tt->slots[j] = old[i];
+		}
+	pfree(old);
+}
+
+static TenantCounts *
+tenant_table_get(TenantTable *tt, const char *name, int len)
+{
+	uint32		hash = hash_bytes((const unsigned char *) name, len);
+	uint32		i = hash & tt->mask;
+	TenantCounts *tc;
+
+	for (; tt->slots[i] != NULL; i = (i + 1) & tt->mask)
+	{
+		tc = tt->slots[i];
+		if (tc->hash == hash && same_name(tc, name, len))
+			return tc;
+	}
+	tc = MemoryContextAllocZero(tt->cxt, sizeof(TenantCounts));
+	tc->hash = hash;
+	tc->len = len;
+	memcpy(tc->name, name, len);
+	tt->slots[i] = tc;
+	if (++tt->used * 2 > tt->mask)
+		tenant_table_grow(tt);
+	return tc;
+}
 
 static void
 count_value(TenantCounts *tc, int32 version, int16 format, MemoryContext cxt)
@@ -84,7 +162,9 @@ classify_value(Datum value, int16 *format, int32 *version)
 {
 	struct varlena *v = (struct varlena *) DatumGetPointer(value);
 	Size		len = toast_raw_datum_size(value) - VARHDRSZ;
-	struct varlena *head = VARATT_IS_EXTENDED(v) ? detoast_attr_slice(v, 0, 5) : v;
+	/* Short (1-byte) headers count as "extended" but need no detoasting. */
+	bool		stored_away = VARATT_IS_EXTERNAL(v) || VARATT_IS_COMPRESSED(v);
+	struct varlena *head = stored_away ? detoast_attr_slice(v, 0, 5) : v;
 	uint32		peeked;
 
 	*format = 0;
@@ -143,7 +223,7 @@ open_scanned_table(Oid relid)
 
 static void
 scan_range(Relation rel, AttrNumber value_att, AttrNumber tenant_att, int64 first_block,
-		   int64 nblocks, HTAB *tenants, MemoryContext cxt)
+		   int64 nblocks, TenantTable *tenants)
 {
 	ItemPointerData mintid;
 	ItemPointerData maxtid;
@@ -158,10 +238,11 @@ scan_range(Relation rel, AttrNumber value_att, AttrNumber tenant_att, int64 firs
 	while (table_scan_getnextslot_tidrange(scan, ForwardScanDirection, slot))
 	{
 		bool		isnull;
-		Datum		tenant;
 		Datum		value;
-		char		key[ENVELOPE_TENANT_MAX + 1];
-		int			keylen;
+		text	   *stored;
+		text	   *tenant;
+		const char *name;
+		int			len;
 		int16		format;
 		int32		version;
 
@@ -169,37 +250,21 @@ scan_range(Relation rel, AttrNumber value_att, AttrNumber tenant_att, int64 firs
 		value = slot_getattr(slot, value_att, &isnull);
 		if (isnull)
 			continue;
-		tenant = slot_getattr(slot, tenant_att, &isnull);
+		stored = (text *) DatumGetPointer(slot_getattr(slot, tenant_att, &isnull));
 		if (isnull)
 			continue;
-		if (VARATT_IS_EXTENDED(DatumGetPointer(tenant)))
-		{
-			text	   *t = DatumGetTextPP(tenant);
-
-			keylen = Min(VARSIZE_ANY_EXHDR(t), ENVELOPE_TENANT_MAX);
-			memcpy(key, VARDATA_ANY(t), keylen);
-		}
-		else
-		{
-			keylen = Min(VARSIZE_ANY_EXHDR(DatumGetPointer(tenant)), ENVELOPE_TENANT_MAX);
-			memcpy(key, VARDATA_ANY(DatumGetPointer(tenant)), keylen);
-		}
-		key[keylen] = '\0';
-		/* Rows of one tenant often come together: skip the hash probe for them. */
-		if (last == NULL || strcmp(last->tenant, key) != 0)
-		{
-			bool		found;
-
-			last = hash_search(tenants, key, HASH_ENTER, &found);
-			if (!found)
-			{
-				last->nversions = 0;
-				last->capacity = 0;
-				last->versions = NULL;
-			}
-		}
+		/* Compressed or out of line only for names far longer than a tenant's. */
+		tenant = VARATT_IS_EXTERNAL(stored) || VARATT_IS_COMPRESSED(stored)
+			? DatumGetTextPP(PointerGetDatum(stored)) : stored;
+		name = VARDATA_ANY(tenant);
+		len = Min(VARSIZE_ANY_EXHDR(tenant), ENVELOPE_TENANT_MAX);
+		/* Rows of one tenant often come together: skip the probe for them. */
+		if (last == NULL || !same_name(last, name, len))
+			last = tenant_table_get(tenants, name, len);
 		classify_value(value, &format, &version);
-		count_value(last, version, format, cxt);
+		count_value(last, version, format, tenants->cxt);
+		if (tenant != stored)
+			pfree(tenant);
 	}
 	table_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
@@ -224,10 +289,7 @@ envelope_scan_key_usage(PG_FUNCTION_ARGS)
 	AttrNumber	tenant_att;
 	int64		first_block = PG_ARGISNULL(3) ? 0 : PG_GETARG_INT64(3);
 	int64		nblocks = PG_ARGISNULL(4) ? (int64) MaxBlockNumber + 1 : PG_GETARG_INT64(4);
-	HASHCTL		ctl;
-	HTAB	   *tenants;
-	HASH_SEQ_STATUS seq;
-	TenantCounts *tc;
+	TenantTable tenants;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -247,15 +309,9 @@ envelope_scan_key_usage(PG_FUNCTION_ARGS)
 	value_att = readable_column(rel, PG_GETARG_NAME(1));
 	tenant_att = readable_column(rel, PG_GETARG_NAME(2));
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = ENVELOPE_TENANT_MAX + 1;
-	ctl.entrysize = sizeof(TenantCounts);
-	ctl.hcxt = CurrentMemoryContext;
-	tenants = hash_create("pg_envelope key usage", 256, &ctl,
-						  HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	tenant_table_init(&tenants, CurrentMemoryContext);
 	if (nblocks > 0 && first_block < RelationGetNumberOfBlocks(rel))
-		scan_range(rel, value_att, tenant_att, first_block, nblocks, tenants,
-				   CurrentMemoryContext);
+		scan_range(rel, value_att, tenant_att, first_block, nblocks, &tenants);
 	table_close(rel, AccessShareLock);
 
 	per_query = rsinfo->econtext->ecxt_per_query_memory;
@@ -266,19 +322,22 @@ envelope_scan_key_usage(PG_FUNCTION_ARGS)
 	store = tuplestore_begin_heap(true, false, work_mem);
 	MemoryContextSwitchTo(old);
 
-	hash_seq_init(&seq, tenants);
-	while ((tc = hash_seq_search(&seq)) != NULL)
-		for (int i = 0; i < tc->nversions; i++)
+	for (uint32 slot = 0; slot <= tenants.mask; slot++)
+	{
+		TenantCounts *tc = tenants.slots[slot];
+
+		for (int i = 0; tc != NULL && i < tc->nversions; i++)
 		{
 			Datum		values[4];
 			bool		nulls[4] = {false, false, false, false};
 
-			values[0] = CStringGetTextDatum(tc->tenant);
+			values[0] = PointerGetDatum(cstring_to_text_with_len(tc->name, tc->len));
 			values[1] = Int32GetDatum(tc->versions[i].version);
 			values[2] = Int16GetDatum(tc->versions[i].format);
 			values[3] = Int64GetDatum(tc->versions[i].count);
 			tuplestore_putvalues(store, desc, values, nulls);
 		}
+	}
 	rsinfo->returnMode = SFRM_Materialize;
 	rsinfo->setResult = store;
 	rsinfo->setDesc = desc;
