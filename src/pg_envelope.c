@@ -29,6 +29,7 @@ int			envelope_cache_size = 1024;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -163,6 +164,7 @@ _PG_init(void)
 
 	if (process_shared_preload_libraries_in_progress)
 	{
+		envelope_preloaded = true;
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 		prev_shmem_request_hook = shmem_request_hook;
 		shmem_request_hook = envelope_shmem_request;

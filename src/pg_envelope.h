@@ -27,6 +27,7 @@ extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
+extern bool envelope_preloaded;
 
 /* ---- KMS glue (kms_glue.c): a provider call with stats, and its error raised ---- */
 typedef enum EnvelopeKmsOp
