@@ -421,7 +421,8 @@ BEGIN
             UPDATE envelope.rotation_task t
                SET active_since = NULL, done_at_start = t.done, moved_at_start = t.values_moved
              WHERE t.run_id = r.run_id;
-            RAISE NOTICE 'envelope.%: resuming run % started at %', procedure, r.run_id, r.started_at;
+            RAISE NOTICE 'envelope.%: resuming run %', procedure, r.run_id
+                USING DETAIL = format('The run started at %s.', r.started_at);
             RETURN r.run_id;
         END IF;
         -- an interrupted run of other work: a new run replaces it
