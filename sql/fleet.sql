@@ -111,6 +111,24 @@ SELECT envelope.key_version(secret) AS version, count(*),
   FROM fleet_person GROUP BY 1 ORDER BY 1;
 SELECT count(*) AS interrupted_runs FROM envelope.rotation_progress WHERE state = 'interrupted';
 
+-- An interrupted run is not resumed once keys have been rotated since it started (the
+-- blocks it did would keep values under the older version): the next call starts over.
+INSERT INTO fleet_person
+VALUES (602, 'fleet-1', 'secret 602', envelope.encrypt('fleet-1', 'secret 602', 'wrong.context'));
+CALL envelope.rotate_keys(tenants => ARRAY['fleet-1']);
+SET client_min_messages = warning;
+CALL envelope.reencrypt_all(150);
+RESET client_min_messages;
+UPDATE fleet_person SET secret = envelope.encrypt(tenant, plain, 'person.secret') WHERE id = 602;
+CALL envelope.rotate_keys(tenants => ARRAY['fleet-1']);
+SET client_min_messages = warning;
+CALL envelope.reencrypt_all(100000);
+RESET client_min_messages;
+SELECT run_id, outcome FROM envelope.rotation_run WHERE procedure = 'reencrypt_all' ORDER BY run_id;
+SELECT count(*) FILTER (WHERE envelope.key_version(secret) = envelope.active_key_version(tenant)) AS on_active,
+       count(*) FILTER (WHERE envelope.decrypt_text(tenant, secret, 'person.secret') = plain) AS decrypting
+  FROM fleet_person;
+
 -- reencrypt (one column) uses the same engine and records its run too.
 CALL envelope.rotate_keys(tenants => ARRAY['fleet-2']);
 SET client_min_messages = warning;

@@ -324,6 +324,7 @@ CREATE TABLE envelope.rotation_task (
     unit           text NOT NULL CHECK (unit IN ('blocks', 'tenants', 'keys')),
     done           bigint NOT NULL DEFAULT 0,
     total          bigint NOT NULL,
+    tail_added     boolean NOT NULL DEFAULT false,  -- re-encryption: total grew once
     values_moved   bigint NOT NULL DEFAULT 0,
     started_at     timestamptz,
     updated_at     timestamptz,
@@ -364,6 +365,7 @@ CREATE VIEW envelope.rotation_progress AS
                  / NULLIF(extract(epoch FROM t.updated_at - t.active_since), 0), 1) AS rate,
            COALESCE(t.started_at, r.started_at) AS started_at,
            t.updated_at,
+           t.finished_at,
            CASE WHEN t.finished_at IS NOT NULL THEN t.finished_at
                 WHEN t.done > t.done_at_start AND r.finished_at IS NULL
                 THEN t.updated_at + (t.updated_at - t.active_since)
@@ -412,6 +414,15 @@ BEGIN
                       DETAIL = format('Process %s has been working on run %s since %s.',
                                       r.backend_pid, r.run_id, COALESCE(r.resumed_at, r.started_at)),
                       HINT = 'Wait for it (see envelope.rotation_progress) or cancel it; calling the procedure again resumes the run.';
+        END IF;
+        -- A re-encryption run covers the keys of its start: after a rotation, the
+        -- blocks it has done hold values under the previous version again.
+        IF same_work AND procedure IN ('reencrypt', 'reencrypt_all')
+           AND EXISTS (SELECT FROM envelope.tenant_keys k WHERE k.created_at > r.started_at) THEN
+            RAISE NOTICE 'envelope.%: starting over instead of resuming run %', procedure, r.run_id
+                USING DETAIL = 'Keys were rotated since that run started.',
+                      HINT = 'Values already under the active version are skipped, not re-encrypted.';
+            same_work := false;
         END IF;
         IF same_work THEN
             UPDATE envelope.rotation_run x
@@ -487,9 +498,10 @@ $$;
 -- ---- re-encryption: the batch engine shared by reencrypt and reencrypt_all
 
 -- Add a re-encryption task for column `column_name` of `rel` (a plain table) unless
--- the run has one; the run scans the blocks the table has now.  Rows that later
--- writes put behind the scan already hold values under the active version, except
--- rows an update of other columns moves: the next run finds those.
+-- the run has one; the run scans the blocks the table has now, and then once more the
+-- blocks added while it ran (where concurrent updates of other columns put rows it
+-- had not reached yet).  A row such an update moves into free space behind the scan
+-- keeps its old version until the next run.
 CREATE FUNCTION envelope.reencrypt_add_task(run bigint, rel regclass, column_name name,
                                             tenant_column name, context text)
     RETURNS void
@@ -581,6 +593,13 @@ BEGIN
     SELECT a.attname INTO tenant_col FROM pg_attribute a
      WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
 
+    IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
+        UPDATE envelope.rotation_task x
+           SET total = greatest(x.total, pg_relation_size(t.relation) / current_setting('block_size')::bigint),
+               tail_added = true
+         WHERE x.run_id = run AND x.task = task_no
+        RETURNING * INTO t;
+    END IF;
     IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
         IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
             RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
@@ -607,8 +626,7 @@ BEGIN
        SET done = block_end, values_moved = x.values_moved + moved,
            started_at = COALESCE(x.started_at, batch_start),
            active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp(),
-           finished_at = CASE WHEN block_end >= x.total THEN clock_timestamp() END
+           updated_at = clock_timestamp()
      WHERE x.run_id = run AND x.task = task_no;
     RAISE NOTICE 'envelope.%: %.%.%: re-encrypted % values (% in all); % of % blocks done',
         proc, rel_schema, rel_name, col, moved, t.values_moved + moved, block_end, t.total;

@@ -5,6 +5,7 @@ package EnvelopeFleet;
 use strict;
 use warnings;
 
+use File::Temp;
 use IPC::Run;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -13,15 +14,20 @@ use Exporter 'import';
 
 our @EXPORT_OK = qw(start_sql finish_sql wait_for);
 
-# Run $sql with psql in the background; returns a handle for finish_sql.
+# Run $sql (statements one after another, as a script) with psql in the background;
+# returns a handle for finish_sql.
 sub start_sql
 {
 	my ($node, $sql) = @_;
 	my %bg = (out => '', err => '');
+	# a file, not a pipe: IPC::Run feeds a pipe only while the caller pumps it
+	my ($fh, $file) = File::Temp::tempfile(DIR => PostgreSQL::Test::Utils::tempdir());
+	print $fh $sql;
+	close($fh);
 	$bg{h} = IPC::Run::start(
 		[
 			$node->installed_command('psql'), '-XAtq', '-v', 'ON_ERROR_STOP=1',
-			'-d', $node->connstr('postgres'), '-c', $sql
+			'-d', $node->connstr('postgres'), '-f', $file
 		],
 		'<', \undef, '>', \$bg{out}, '2>', \$bg{err});
 	return \%bg;
