@@ -79,7 +79,7 @@ SELECT tableoid::regclass AS partition, tenant, envelope.key_version(payload) AS
 SELECT procedure, relation, column_name, unit, done = total AS complete, values_moved, state
   FROM envelope.rotation_progress ORDER BY run_id, relation::text, column_name;
 SELECT action, detail -> 'moved' AS moved, detail -> 'arguments' AS arguments
-  FROM envelope.audit_log WHERE action IN ('rotate_keys', 'reencrypt_all') ORDER BY id;
+  FROM envelope.audit_log WHERE action IN ('rotate_keys', 'reencrypt_all') AND detail ? 'run_id' ORDER BY id;
 -- A second run finds nothing to move.
 CALL envelope.reencrypt_all(1000);
 

@@ -110,14 +110,29 @@ CREATE VIEW envelope.key_usage AS
                   GROUP BY cu.tenant, cu.version) s
         ON s.tenant = d.tenant AND s.version = d.version;
 
+-- Values of one column per (tenant, DEK version, format) in a block range (the whole
+-- table when the range is NULL), read from the header of each value: nothing is
+-- decrypted.  Runs as the caller, who needs SELECT on both columns.
+CREATE FUNCTION envelope.scan_key_usage(rel regclass, "column" name, tenant_column name,
+                                        first_block bigint DEFAULT NULL,
+                                        nblocks bigint DEFAULT NULL,
+                                        OUT tenant text, OUT version integer,
+                                        OUT format smallint, OUT value_count bigint)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'envelope_scan_key_usage'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
 -- Count stored values per (tenant, DEK version) in every registered column.  Like
--- reencrypt, each column is read in block ranges, one transaction per range, so no
--- snapshot is held for the whole scan.  CALL it outside a transaction block.
-CREATE PROCEDURE envelope.count_key_usage(batch_size integer DEFAULT 100000)
+-- reencrypt, each table (each partition of a partitioned one) is read in block ranges
+-- of about batch_size rows, one transaction per range, so no snapshot is held for the
+-- whole scan (a million rows take about a tenth of a second).  CALL it outside a
+-- transaction block.
+CREATE PROCEDURE envelope.count_key_usage(batch_size integer DEFAULT 1000000)
 LANGUAGE plpgsql
 AS $count_key_usage$
 DECLARE
     col record;
+    part regclass;
     total_blocks bigint;
     rows_per_block numeric;
     step bigint;
@@ -140,38 +155,33 @@ BEGIN
          ORDER BY e.relation::pg_catalog.oid, a.attnum
     LOOP
         DELETE FROM envelope.column_usage_scan WHERE relid = col.relation AND attnum = col.attnum;
-        total_blocks := pg_catalog.pg_relation_size(col.relation)
-                        / pg_catalog.current_setting('block_size')::bigint;
-        SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
-          INTO rows_per_block FROM pg_catalog.pg_class c WHERE c.oid = col.relation;
-        step := GREATEST(1, pg_catalog.ceil(batch_size / rows_per_block))::bigint;
-        first_block := 0;
-        -- A partitioned table has no blocks of its own: count it in one statement.
+        COMMIT;
+        FOR part IN
+            -- The table itself, or the leaves of a partitioned one (an empty tree).
+            SELECT p.relid FROM (SELECT col.relation AS relid
+                                 UNION SELECT t.relid
+                                   FROM pg_catalog.pg_partition_tree(col.relation) t
+                                  WHERE t.isleaf) p
+              JOIN pg_catalog.pg_class c ON c.oid = p.relid
+             WHERE c.relkind = 'r'
+             ORDER BY p.relid::pg_catalog.oid
         LOOP
-            EXECUTE pg_catalog.format(
-                'INSERT INTO envelope.column_usage_scan AS s'
-                ' SELECT $1, $2, %I::text, v.version, v.format, pg_catalog.count(*)'
-                '   FROM %s t, LATERAL (SELECT'
-                '          CASE WHEN pg_catalog.octet_length(t.%I) >= 5'
-                '                AND pg_catalog.get_byte(t.%I, 0) IN (1, 2)'
-                '               THEN envelope.key_version(t.%I) ELSE 0 END AS version,'
-                '          CASE WHEN pg_catalog.octet_length(t.%I) >= 5'
-                '               THEN pg_catalog.get_byte(t.%I, 0) ELSE 0 END AS format) v0,'
-                '        LATERAL (SELECT v0.version, CASE WHEN v0.format IN (1, 2) THEN v0.format ELSE 0 END::smallint AS format) v'
-                '  WHERE t.%I IS NOT NULL AND t.%I IS NOT NULL'
-                '    AND ($5 OR (t.ctid >= pg_catalog.format(''(%%s,0)'', $3::bigint)::pg_catalog.tid'
-                '    AND t.ctid < pg_catalog.format(''(%%s,0)'', $4::bigint)::pg_catalog.tid))'
-                '  GROUP BY 3, 4, 5'
-                ' ON CONFLICT (relid, attnum, tenant, version, format)'
-                ' DO UPDATE SET value_count = s.value_count + excluded.value_count',
-                col.tenant_column, col.relation, col.column_name, col.column_name,
-                col.column_name, col.column_name, col.column_name,
-                col.column_name, col.tenant_column)
-              USING col.relation::pg_catalog.oid, col.attnum, first_block, first_block + step,
-                    total_blocks = 0;
-            first_block := first_block + step;
-            COMMIT;
-            EXIT WHEN first_block >= total_blocks;
+            total_blocks := pg_catalog.pg_relation_size(part)
+                            / pg_catalog.current_setting('block_size')::bigint;
+            SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+              INTO rows_per_block FROM pg_catalog.pg_class c WHERE c.oid = part;
+            step := GREATEST(1, pg_catalog.ceil(batch_size / rows_per_block))::bigint;
+            first_block := 0;
+            WHILE first_block < total_blocks LOOP
+                INSERT INTO envelope.column_usage_scan AS s
+                    SELECT col.relation, col.attnum, u.tenant, u.version, u.format, u.value_count
+                      FROM envelope.scan_key_usage(part, col.column_name, col.tenant_column,
+                                                   first_block, step) u
+                    ON CONFLICT (relid, attnum, tenant, version, format)
+                    DO UPDATE SET value_count = s.value_count + excluded.value_count;
+                first_block := first_block + step;
+                COMMIT;
+            END LOOP;
         END LOOP;
         -- The column's count is complete: publish it in one transaction.
         DELETE FROM envelope.column_usage WHERE relid = col.relation AND attnum = col.attnum;
@@ -206,6 +216,9 @@ REVOKE ALL ON envelope.counted_column, envelope.column_usage, envelope.column_us
 REVOKE ALL ON FUNCTION envelope.register_column(regclass, name, name, text),
     envelope.unregister_column(regclass, name) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE envelope.count_key_usage(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint)
+    TO envelope_admin;
 GRANT EXECUTE ON FUNCTION envelope.register_column(regclass, name, name, text),
     envelope.unregister_column(regclass, name) TO envelope_admin;
 GRANT EXECUTE ON PROCEDURE envelope.count_key_usage(integer) TO envelope_admin;
@@ -275,6 +288,34 @@ CREATE FUNCTION envelope.audit_record(action text, tenant text DEFAULT NULL,
 REVOKE ALL ON FUNCTION envelope.audit_record(text, text, integer[], text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.audit_record(text, text, integer[], text, jsonb)
     TO envelope_admin;
+
+-- Guards.  retire_key_version gains force (a new signature, so the old one goes: a
+-- call with two arguments would be ambiguous); destroy_tenant needs the tenant's name
+-- twice.  0.1.0's C symbols stay in the library for databases not yet updated.
+DROP FUNCTION envelope.retire_key_version(text, integer);
+CREATE FUNCTION envelope.retire_key_version(tenant text, version integer,
+                                            force boolean DEFAULT false)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_retire_key_version_guarded'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.reactivate_key_version(tenant text, version integer)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_reactivate_key_version'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+DROP FUNCTION envelope.destroy_tenant(text);
+CREATE FUNCTION envelope.destroy_tenant(tenant text, confirm text)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_destroy_tenant_confirmed'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.retire_key_version(text, integer, boolean),
+    envelope.reactivate_key_version(text, integer),
+    envelope.destroy_tenant(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.retire_key_version(text, integer, boolean),
+    envelope.reactivate_key_version(text, integer),
+    envelope.destroy_tenant(text, text) TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Fleet procedures: rotate_keys, reencrypt_all, rewrap_keys, rotation progress.
@@ -1086,6 +1127,16 @@ GRANT SELECT, INSERT, UPDATE ON envelope.rotation_run, envelope.rotation_task TO
 
 -- ---------------------------------------------------------------------------
 -- Health check.
+
+-- One row per check: preload, provider and KMS (one cheap request), credentials or
+-- key file, cache, inventory, values under retired versions, settings that log
+-- plaintext.  VOLATILE and PARALLEL UNSAFE: it calls the KMS.
+CREATE FUNCTION envelope.check(OUT name text, OUT status text, OUT detail text, OUT hint text)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'envelope_check'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION envelope.check() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.check() TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Key-store triggers fire in logical-replication apply workers too.

@@ -21,6 +21,7 @@ extern char *envelope_kms_key;
 extern char *envelope_aws_region;
 extern char *envelope_aws_endpoint;
 extern char *envelope_aws_profile;
+extern bool envelope_aws_use_fips_endpoint;
 extern char *envelope_local_master_key_file;
 extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;
@@ -47,6 +48,8 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 const char *dest_key, const char *tenant,
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
+extern void envelope_kms_config(KmsConfig *cfg);
+extern KmsStatus envelope_kms_probe(const char *provider, const char *kms_key, KmsError *err);
 
 /* ---- key store (keystore.c): the tables, read and written as their owner ---- */
 typedef enum TenantState
