@@ -26,6 +26,6 @@ if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
 fi
 # The runbook test runs the runbook's AWS CLI commands (awscli, against moto).
 if ! python3 -c 'import awscli' 2>/dev/null; then
-    echo "python3 cannot import awscli; test/tap/042_runbook.pl needs it" >&2
+    echo "python3 cannot import awscli; test/tap/045_runbook.pl needs it" >&2
     exit 1
 fi

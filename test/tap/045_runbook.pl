@@ -1,4 +1,4 @@
-# 042_runbook.pl — every command of doc/runbook.md, in order, against moto.
+# 045_runbook.pl — every command of doc/runbook.md, in order, against moto.
 #
 # The runbook's fenced blocks are turned into one shell script: `sh` blocks run as they
 # are, `sql` blocks through psql -v ON_ERROR_STOP=1, and the commands that the
