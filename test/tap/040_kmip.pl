@@ -160,6 +160,10 @@ my $cold = "SELECT envelope.cache_flush(); SELECT envelope.decrypt_text('acme', 
 is($state, '28000', 'a client certificate from another CA is refused by the server (28000)');
 like($err, qr/refused the client certificate/, 'says the server refused the certificate');
 
+($state, $err) = psql_error("SET envelope.kmip_cert_file = '$d/server.crt'; "
+	  . "SET envelope.kmip_key_file = '$d/server.key'; $cold");
+is($state, '28000', 'a certificate of the trusted CA that is not for client authentication is refused (28000)');
+
 ($state, $err) = psql_error("SET envelope.kmip_cert_file = ''; $cold");
 is($state, 'F0000', 'no client certificate configured: F0000');
 like($err, qr/envelope.kmip_cert_file is not set/, 'names the setting');
