@@ -8,8 +8,8 @@
  * the key manager.
  *
  * Data keys.  KMIP has no GenerateDataKey: the DEK comes from the OS CSPRNG in the
- * backend (OpenSSL's RAND_bytes, as cipher_random_bytes) and is sent to the key
- * manager once, in an Encrypt request, to be wrapped.  Unwrapping is a Decrypt.
+ * backend (getrandom(2), which blocks only until the kernel pool is first seeded) and
+ * is sent to the key manager once, in an Encrypt request, to be wrapped.  Unwrapping is a Decrypt.
  * `rewrap` to another master key is Decrypt under the old key and Encrypt under the
  * new one: unlike AWS KMS's ReEncrypt, the plaintext DEK passes through this process
  * for that moment (it is wiped right after).
@@ -46,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -544,8 +545,9 @@ kmip_generate_data_key(const KmsConfig *cfg, const char *key_id,
 {
 	KmsStatus	status = KMS_OK;
 
-	if (cipher_random_bytes(dek, KMS_DEK_LEN) != CIPHER_OK)
-		status = kms_set_error(err, KMS_ERR_INTERNAL, NULL, "the random number generator failed");
+	/* up to 256 bytes, getrandom returns all of them or fails: no short reads */
+	if (getrandom(dek, KMS_DEK_LEN, 0) != KMS_DEK_LEN)
+		status = kms_set_error(err, KMS_ERR_INTERNAL, NULL, "the OS random number generator failed");
 	if (status == KMS_OK)
 		status = wrap_dek(cfg, key_id, ec, dek, wrapped, wrapped_len, err);
 	if (status == KMS_OK)
