@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -54,10 +55,18 @@ now_ms(void)
 	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static KmipIoStatus fail(KmipIoStatus st, char *detail, size_t detail_len, const char *fmt,...)
+			__attribute__((format(printf, 4, 5)));
+
+/* Set the failure's sentence (never given a secret) and return its status. */
 static KmipIoStatus
-fail(KmipIoStatus st, char *detail, size_t detail_len, const char *fmt, const char *arg)
+fail(KmipIoStatus st, char *detail, size_t detail_len, const char *fmt,...)
 {
-	snprintf(detail, detail_len, fmt, arg ? arg : "");
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(detail, detail_len, fmt, ap);
+	va_end(ap);
 	return st;
 }
 
@@ -173,10 +182,10 @@ make_context(const KmipConnSettings *s, SSL_CTX **out, char *detail, size_t dl)
 	else if ((bio = BIO_new_mem_buf(s->key_pem, (int) s->key_pem_len)) == NULL ||
 			 (pkey = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL)) == NULL)
 		st = fail(KMIP_IO_CONFIG, detail, dl,
-				  "envelope.kmip_key_file holds no usable unencrypted PEM private key%s", NULL);
+				  "envelope.kmip_key_file holds no usable unencrypted PEM private key");
 	else if (SSL_CTX_use_PrivateKey(ctx, pkey) != 1 || SSL_CTX_check_private_key(ctx) != 1)
 		st = fail(KMIP_IO_CONFIG, detail, dl,
-				  "the private key in envelope.kmip_key_file does not match envelope.kmip_cert_file%s", NULL);
+				  "the private key in envelope.kmip_key_file does not match envelope.kmip_cert_file");
 	EVP_PKEY_free(pkey);
 	BIO_free(bio);
 	if (st != KMIP_IO_OK)
@@ -297,10 +306,10 @@ tls_handshake(const KmipConnSettings *s, int64_t deadline, char *detail, size_t 
 	if (inet_pton(AF_INET, s->host, addr) == 1 || inet_pton(AF_INET6, s->host, addr) == 1)
 	{
 		if (X509_VERIFY_PARAM_set1_ip_asc(param, s->host) != 1)
-			return fail(KMIP_IO_INTERNAL, detail, dl, "could not set the address to verify%s", NULL);
+			return fail(KMIP_IO_INTERNAL, detail, dl, "could not set the address to verify");
 	}
 	else if (SSL_set_tlsext_host_name(conn.ssl, s->host) != 1 || SSL_set1_host(conn.ssl, s->host) != 1)
-		return fail(KMIP_IO_INTERNAL, detail, dl, "could not set the host name to verify%s", NULL);
+		return fail(KMIP_IO_INTERNAL, detail, dl, "could not set the host name to verify");
 
 	for (;;)
 	{
@@ -317,9 +326,9 @@ tls_handshake(const KmipConnSettings *s, int64_t deadline, char *detail, size_t 
 		{
 			st = ssl_wait(s, e, deadline);
 			if (st == KMIP_IO_TIMEOUT)
-				return fail(st, detail, dl, "the TLS handshake with the KMIP server timed out%s", NULL);
+				return fail(st, detail, dl, "the TLS handshake with the KMIP server timed out");
 			if (st != KMIP_IO_OK)
-				return fail(st, detail, dl, "canceled during the TLS handshake%s", NULL);
+				return fail(st, detail, dl, "canceled during the TLS handshake");
 			continue;
 		}
 		if (SSL_get_verify_result(conn.ssl) != X509_V_OK)
@@ -331,7 +340,7 @@ tls_handshake(const KmipConnSettings *s, int64_t deadline, char *detail, size_t 
 						"the KMIP server refused the client certificate: %s", openssl_reason());
 		if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN)
 			return fail(KMIP_IO_CLOSED, detail, dl,
-						"the KMIP server closed the connection during the TLS handshake%s", NULL);
+						"the KMIP server closed the connection during the TLS handshake");
 		return fail(KMIP_IO_TLS, detail, dl, "the TLS handshake with the KMIP server failed: %s",
 					openssl_reason());
 	}
@@ -396,9 +405,9 @@ write_all(const KmipConnSettings *s, const uint8_t *buf, size_t len, int64_t dea
 		if (st == KMIP_IO_TLS)
 			return io_failure(e, "sending the request", detail, dl);
 		if (st == KMIP_IO_TIMEOUT)
-			return fail(st, detail, dl, "sending the request to the KMIP server timed out%s", NULL);
+			return fail(st, detail, dl, "sending the request to the KMIP server timed out");
 		if (st != KMIP_IO_OK)
-			return fail(st, detail, dl, "canceled while sending the request%s", NULL);
+			return fail(st, detail, dl, "canceled while sending the request");
 	}
 }
 
@@ -425,9 +434,9 @@ read_exact(const KmipConnSettings *s, uint8_t *buf, size_t len, int64_t deadline
 		if (st == KMIP_IO_TLS)
 			return io_failure(e, "waiting for the answer", detail, dl);
 		if (st == KMIP_IO_TIMEOUT)
-			return fail(st, detail, dl, "no answer from the KMIP server within envelope.kms_timeout%s", NULL);
+			return fail(st, detail, dl, "no answer from the KMIP server within envelope.kms_timeout");
 		if (st != KMIP_IO_OK)
-			return fail(st, detail, dl, "canceled while waiting for the KMIP server%s", NULL);
+			return fail(st, detail, dl, "canceled while waiting for the KMIP server");
 	}
 	return KMIP_IO_OK;
 }
@@ -448,7 +457,7 @@ exchange(const KmipConnSettings *s, const uint8_t *req, size_t req_len,
 	total = ttlv_message_size(resp);
 	if (total == 0 || total > cap)
 		return fail(KMIP_IO_PROTOCOL, detail, dl,
-					"the KMIP server's answer is not a TTLV message of acceptable size%s", NULL);
+					"the KMIP server's answer is not a TTLV message of acceptable size");
 	st = read_exact(s, resp + TTLV_HEADER_LEN, total - TTLV_HEADER_LEN, deadline, detail, dl);
 	if (st == KMIP_IO_OK)
 		*resp_len = total;
@@ -487,7 +496,10 @@ kmip_conn_roundtrip(const KmipConnSettings *s, const uint8_t *req, size_t req_le
 		if (st != KMIP_IO_CLOSED)
 		{
 			if (st != KMIP_IO_OK)
+			{
 				kmip_conn_close();
+				ERR_clear_error();
+			}
 			return st;
 		}
 		/* The server dropped an idle connection under us: one fresh try, same deadline. */
@@ -499,6 +511,9 @@ kmip_conn_roundtrip(const KmipConnSettings *s, const uint8_t *req, size_t req_le
 	if (st == KMIP_IO_OK)
 		st = exchange(s, req, req_len, resp, cap, resp_len, deadline, detail, dl);
 	if (st != KMIP_IO_OK)
+	{
 		kmip_conn_close();
+		ERR_clear_error();		/* leave no error of ours for other OpenSSL users */
+	}
 	return st;
 }

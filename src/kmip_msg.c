@@ -1,9 +1,9 @@
 /*
  * kmip_msg.c — KMIP 1.4 request building and response reading (see kmip_msg.h).
  *
- * Plain C.  Response text from the server (Result Message) is copied only as
- * printable ASCII and truncated: it is the server's wording, never a key, but it lands
- * in an error detail, so nothing unprintable or unbounded gets through.
+ * Plain C.  The server's Result Message is copied only as printable ASCII, truncated,
+ * for debugging; the provider never puts it into an error, since a server could echo
+ * part of a request (which may hold a DEK) in it.
  */
 #include <stdio.h>
 #include <string.h>

@@ -283,9 +283,12 @@ roundtrip_with_retries(const KmsConfig *cfg, const KmipCallSettings *cs, uint32_
  * One operation: request, answer, state check
  */
 
+/*
+ * The error of a failed batch item: `what` names its operation ("Get Attributes",
+ * "Encrypt", "Decrypt").
+ */
 static KmsStatus
-result_error(const KmipBatchResult *r, uint32_t operation, const char *what,
-			 const char *key_id, KmsError *err)
+result_error(const KmipBatchResult *r, const char *what, const char *key_id, KmsError *err)
 {
 	const char *reason = kmip_reason_name(r->result_reason);
 	KmsStatus	status;
@@ -308,7 +311,7 @@ result_error(const KmipBatchResult *r, uint32_t operation, const char *what,
 			 * A wrong tag (another tenant's or version's wrapped key) is Cryptographic
 			 * Failure by the specification; PyKMIP reports General Failure.
 			 */
-			if (operation == KMIP_OP_DECRYPT && strcmp(what, "Decrypt") == 0)
+			if (strcmp(what, "Decrypt") == 0)
 				return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, reason,
 									 "KMIP Decrypt failed (%s): the wrapped data key does not unwrap under key \"%s\" for this tenant and version",
 									 reason, key_id);
@@ -331,7 +334,7 @@ result_error(const KmipBatchResult *r, uint32_t operation, const char *what,
 
 /* The state item must say Active; anything else refuses the key. */
 static KmsStatus
-check_state(const KmipResponse *resp, uint32_t operation, const char *key_id, KmsError *err)
+check_state(const KmipResponse *resp, const char *key_id, KmsError *err)
 {
 	const KmipBatchResult *r = &resp->state;
 	uint32_t	state;
@@ -340,7 +343,7 @@ check_state(const KmipResponse *resp, uint32_t operation, const char *key_id, Km
 		return kms_set_error(err, KMS_ERR_PROTOCOL, NULL,
 							 "the KMIP server did not answer the key state query");
 	if (r->result_status != KMIP_STATUS_SUCCESS)
-		return result_error(r, operation, "Get Attributes", key_id, err);
+		return result_error(r, "Get Attributes", key_id, err);
 	if (!r->has_payload || !kmip_payload_state(&r->payload, &state))
 		return kms_set_error(err, KMS_ERR_PROTOCOL, NULL,
 							 "the KMIP server did not report the state of key \"%s\"", key_id);
@@ -393,14 +396,14 @@ kmip_operation(const KmsConfig *cfg, uint32_t operation, const char *key_id,
 	if (!kmip_read_response(&msg, &out->resp, why, sizeof(why)))
 		return kms_set_error(err, KMS_ERR_PROTOCOL, NULL, "KMIP %s failed: %s", op_name(operation), why);
 
-	status = check_state(&out->resp, operation, key_id, err);
+	status = check_state(&out->resp, key_id, err);
 	if (status != KMS_OK)
 		return status;
 	if (!out->resp.crypto.present)
 		return kms_set_error(err, KMS_ERR_PROTOCOL, NULL, "the KMIP server did not answer the %s",
 							 op_name(operation));
 	if (out->resp.crypto.result_status != KMIP_STATUS_SUCCESS)
-		return result_error(&out->resp.crypto, operation, op_name(operation), key_id, err);
+		return result_error(&out->resp.crypto, op_name(operation), key_id, err);
 	if (!out->resp.crypto.has_payload || !kmip_payload_uid_is(&out->resp.crypto.payload, key_id))
 		return kms_set_error(err, KMS_ERR_PROTOCOL, NULL,
 							 "the KMIP server's %s answer does not name key \"%s\"",

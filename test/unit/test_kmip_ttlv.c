@@ -398,7 +398,8 @@ test_responses(void)
 	CHECK(ttlv_parse(buf, n, &msg) == TTLV_OK &&
 		  kmip_read_response(&msg, &resp, why, sizeof(why)) &&
 		  resp.crypto.present && resp.crypto.result_status == KMIP_STATUS_OPERATION_FAILED &&
-		  resp.crypto.result_reason == KMIP_REASON_PERMISSION_DENIED && !resp.crypto.has_payload,
+		  resp.crypto.result_reason == KMIP_REASON_PERMISSION_DENIED && !resp.crypto.has_payload &&
+		  strcmp(resp.crypto.result_message, "The encryption key must be in the Active state") == 0,
 		  "failed Decrypt read");
 
 	/* a request is not a response */
