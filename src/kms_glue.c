@@ -48,6 +48,7 @@ fill_config(KmsConfig *cfg)
 	cfg->data_directory = DataDir;
 	cfg->aws_region = envelope_aws_region;
 	cfg->aws_endpoint = envelope_aws_endpoint;
+	cfg->aws_use_fips_endpoint = envelope_aws_use_fips_endpoint;
 	cfg->aws_profile = envelope_aws_profile;
 	cfg->kmip_host = envelope_kmip_host;
 	cfg->kmip_port = envelope_kmip_port;

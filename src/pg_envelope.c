@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
 
@@ -21,6 +22,7 @@ char	   *envelope_kms_key = NULL;
 char	   *envelope_aws_region = NULL;
 char	   *envelope_aws_endpoint = NULL;
 char	   *envelope_aws_profile = NULL;
+bool		envelope_aws_use_fips_endpoint = false;
 char	   *envelope_local_master_key_file = NULL;
 char	   *envelope_kmip_host = NULL;
 int			envelope_kmip_port = 5696;
@@ -107,6 +109,13 @@ define_settings(void)
 							   "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("envelope.aws_use_fips_endpoint",
+							 "Use the AWS KMS FIPS endpoint (kms-fips.<region>.amazonaws.com).",
+							 "As the AWS SDKs' AWS_USE_FIPS_ENDPOINT; envelope.aws_endpoint, when set, wins.",
+							 &envelope_aws_use_fips_endpoint,
+							 false,
+							 PGC_SUSET, GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 	DefineCustomStringVariable("envelope.local_master_key_file",
 							   "File holding the local provider's 32-byte master key.",
 							   "Must be outside the data directory and readable only by its owner.",
@@ -201,5 +210,6 @@ _PG_init(void)
 				 errdetail("Data keys are cached in each backend separately, so every backend unwraps each key with the KMS again."),
 				 errhint("Add pg_envelope to shared_preload_libraries and restart the server to share one key cache.")));
 
+	plaintext_guard_install();
 	keycache_init_backend();
 }
