@@ -44,6 +44,17 @@ sub psql_error
 }
 
 # ---------------------------------------------------------------------------
+# the settings are the superuser's: other roles can neither read nor set them
+sql("CREATE ROLE app LOGIN");
+for my $guc (qw(kmip_host kmip_port kmip_ca_file kmip_cert_file kmip_key_file))
+{
+	($state, $err) = psql_error("SET ROLE app; SHOW envelope.$guc");
+	is($state, '42501', "envelope.$guc is hidden from other roles");
+}
+($state, $err) = psql_error("SET ROLE app; SET envelope.kmip_host = 'evil.example'");
+is($state, '42501', 'other roles cannot point the provider elsewhere');
+
+# ---------------------------------------------------------------------------
 # round trip
 is(sql("SELECT envelope.create_tenant('acme')"), '1', 'create_tenant under a KMIP key');
 is( sql("SELECT kms_provider || ' ' || kms_key FROM envelope.tenant_keys WHERE tenant = 'acme'"),
