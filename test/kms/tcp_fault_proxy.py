@@ -12,6 +12,8 @@ Control: connect to the control port, send one line, read one line back.
   mode reset       accept, then reset the connection at once
   mode down        stop listening: connections are refused (mode forward listens again)
   drop             reset every open connection (the server "restarts")
+  freeze           stop moving bytes on every open connection (a server that hangs
+                   mid-session); connections opened later are not affected
   count            -> "<connections accepted> <connections open>"
   zero             forget the counters
 Every line is answered with "ok ..." or "error ...".
@@ -39,6 +41,7 @@ class Proxy:
         self.lock = threading.Lock()
         self.accepted = 0
         self.open = set()
+        self.frozen = set()
         self.listener = None
         self.port = None
         self.listen()
@@ -109,7 +112,10 @@ class Proxy:
         socks = [a, b]
         try:
             while True:
-                r, _, _ = select.select(socks, [], [], 1.0)
+                if a in self.frozen:
+                    time.sleep(0.1)
+                    continue
+                r, _, _ = select.select(socks, [], [], 0.2)
                 for s in r:
                     data = s.recv(65536)
                     if not data:
@@ -124,6 +130,8 @@ class Proxy:
                 except OSError:
                     pass
             self.forget(a, b)
+            with self.lock:
+                self.frozen.discard(a)
 
     def command(self, line):
         words = line.split()
@@ -151,6 +159,10 @@ class Proxy:
             for s in socks:
                 self.reset(s)
             return "ok dropped %d" % len(socks)
+        if words[0] == "freeze":
+            with self.lock:
+                self.frozen |= self.open
+                return "ok frozen %d" % len(self.open)
         if words[0] == "count":
             with self.lock:
                 return "ok %d %d" % (self.accepted, len(self.open))

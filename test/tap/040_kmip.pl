@@ -268,6 +268,19 @@ $kmip->proxy_mode('forward');
 ($state, $err) = psql_error($cold);
 is($state, '00000', 'after the faults, the same query works') or diag($err);
 
+# a server that stops answering on a kept connection: the read waits, not only the
+# handshake, are bounded by kms_timeout and by statement_timeout
+my $freeze = $drop =~ s/'drop'/'freeze'/r;
+($state, $err) = psql_error("SET envelope.kms_timeout = '60s'; $cold; $freeze; "
+	  . "SET statement_timeout = '1s'; $cold", timeout => 60);
+is($state, '57014', 'statement_timeout while a kept connection is silent: 57014');
+$t0 = time();
+($state, $err) = psql_error("SET envelope.kms_timeout = '1s'; SET envelope.kms_retries = 1; $cold; $freeze; $cold",
+	timeout => 60);
+$elapsed = time() - $t0;
+is($state, '00000', 'a silent kept connection times out and the retry on a new one succeeds') or diag($err);
+cmp_ok($elapsed, '>=', 1.0, sprintf('(the first attempt waited out kms_timeout: %.2fs in all)', $elapsed));
+
 # ---------------------------------------------------------------------------
 # rewrap between two KMIP keys: Decrypt under the old key, Encrypt under the new
 my $dec_before = stat_of('kms_reencrypt_calls');
