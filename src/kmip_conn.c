@@ -44,7 +44,6 @@ typedef struct KmipConnection
 } KmipConnection;
 
 static KmipConnection conn = {.fd = -1};
-static unsigned long handshakes = 0;
 
 static int64_t
 now_ms(void)
@@ -122,12 +121,6 @@ kmip_conn_close(void)
 	conn.ctx = NULL;
 	conn.fd = -1;
 	memset(conn.settings_digest, 0, sizeof(conn.settings_digest));
-}
-
-unsigned long
-kmip_conn_handshakes(void)
-{
-	return handshakes;
 }
 
 /* A digest of everything a connection was made with, so a change forces a new one. */
@@ -344,7 +337,6 @@ tls_handshake(const KmipConnSettings *s, int64_t deadline, char *detail, size_t 
 		return fail(KMIP_IO_TLS, detail, dl, "the TLS handshake with the KMIP server failed: %s",
 					openssl_reason());
 	}
-	handshakes++;
 	return KMIP_IO_OK;
 }
 

@@ -73,7 +73,4 @@ extern KmipIoStatus kmip_conn_roundtrip(const KmipConnSettings *s,
 /* Close the kept connection (if any). */
 extern void kmip_conn_close(void);
 
-/* Number of TLS handshakes this process has made (for tests). */
-extern unsigned long kmip_conn_handshakes(void);
-
 #endif							/* PG_ENVELOPE_KMIP_CONN_H */

@@ -261,6 +261,8 @@ roundtrip_with_retries(const KmsConfig *cfg, const KmipCallSettings *cs, uint32_
 		io = kmip_conn_roundtrip(&cs->conn, req, req_len, out->buf, sizeof(out->buf),
 								 &out->len, &reused, detail, sizeof(detail));
 		status = io_status(io, &retryable);
+		if (io == KMIP_IO_CONFIG)
+			attempts--;			/* the TLS files failed to load: nothing was sent */
 		if (status == KMS_OK || !retryable || attempts > retries)
 			break;
 		if (!sleep_interruptible(cfg, backoff_ms(attempts - 1)))
