@@ -19,6 +19,9 @@
  *     context sets SSL_OP_CLEANSE_PLAINTEXT and SSL_MODE_RELEASE_BUFFERS, and our own
  *     buffers are the caller's to wipe.
  *
+ * Writes go through OpenSSL's socket BIO (write(2)), so a peer that closed the
+ * connection would raise SIGPIPE: PostgreSQL backends ignore it; other callers must too.
+ *
  * Name resolution (getaddrinfo) is not interruptible; configure an address or a
  * name the resolver answers quickly (see doc/kmip.md).
  */

@@ -158,6 +158,11 @@ diag('PYKMIP LIMITATION: PyKMIP deletes a destroyed object instead of keeping it
 	  . 'Destroyed state, so a key in state Destroyed cannot be shown here; it is refused '
 	  . 'like Deactivated and Compromised (55000) by the same code path');
 
+my $key6 = $kmip->admin('create-inactive')->{uid};
+($state, $err) = psql_error("SELECT envelope.create_tenant('early', '$key6')");
+is($state, '55000', 'a Pre-Active (never activated) master key: 55000');
+like($err, qr/is Pre-Active on the KMIP server/, 'the error names the state');
+
 ($state, $err) = psql_error("SELECT envelope.create_tenant('nokey', 'no-such-uid')");
 is($state, '42704', 'an unknown Unique Identifier: 42704');
 
@@ -175,6 +180,10 @@ like($err, qr/refused the client certificate/, 'says the server refused the cert
 	  . "SET envelope.kmip_key_file = '$d/server.key'; $cold");
 is($state, '28000', 'a certificate of the trusted CA that is not for client authentication is refused (28000)');
 
+diag('NOT EXERCISED: a client that presents no certificate at all.  The provider always '
+	  . 'presents envelope.kmip_cert_file and refuses to connect without it (F0000, next test); '
+	  . 'that PyKMIP also refuses certificate-less clients is its own configuration '
+	  . '(enable_tls_client_auth, CERT_REQUIRED), not this code');
 ($state, $err) = psql_error("SET envelope.kmip_cert_file = ''; $cold");
 is($state, 'F0000', 'no client certificate configured: F0000');
 like($err, qr/envelope.kmip_cert_file is not set/, 'names the setting');
