@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "inventory.h"
 #include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
@@ -212,4 +213,6 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	/* Registrations of encrypted columns are security labels of this provider. */
+	inventory_register_label_provider();
 }

@@ -53,6 +53,8 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 const char *dest_key, const char *tenant,
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
+extern void envelope_kms_config(KmsConfig *cfg);
+extern KmsStatus envelope_kms_probe(const char *provider, const char *kms_key, KmsError *err);
 
 /* ---- key store (keystore.c): the tables, read and written as their owner ---- */
 typedef enum TenantState

@@ -10,7 +10,7 @@
  * keys are refused before any connection; a refused connection is retried exactly
  * `retries` times; a hung server ends at the timeout; the interrupt callback ends a
  * hung call within about one poll slice.  The real protocol runs in
- * test/tap/040_kmip.pl against PyKMIP.
+ * test/tap/050_kmip.pl against PyKMIP.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>

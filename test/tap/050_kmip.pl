@@ -1,5 +1,5 @@
 
-# 040_kmip.pl — the kmip provider against a real KMIP server (PyKMIP).
+# 050_kmip.pl — the kmip provider against a real KMIP server (PyKMIP).
 #
 # A PyKMIP server on loopback with certificates made for the test, TLS 1.2 and client
 # authentication, behind a raw TCP fault proxy.  Round trip, the authenticated data
