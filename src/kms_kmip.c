@@ -155,7 +155,7 @@ check_key_id(const char *key_id, KmsError *err)
 
 	if (len == 0)
 		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "no master key given: set envelope.kms_key or pass kms_key to the KMIP server's Unique Identifier of an AES key");
+							 "no master key given: set envelope.kms_key (or create_tenant's kms_key) to the Unique Identifier of an AES key on the KMIP server");
 	if (len > KMIP_UID_MAX)
 		return kms_set_error(err, KMS_ERR_CONFIG, NULL, "a KMIP Unique Identifier is at most %d bytes",
 							 KMIP_UID_MAX);
