@@ -8,7 +8,8 @@
 set -euo pipefail
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev
-          libjson-c-dev libssl-dev libipc-run-perl make gcc clang python3)
+          libjson-c-dev libssl-dev libipc-run-perl make gcc clang python3
+          python3-pykmip)
 if [ "${1:-}" = package ]; then
     packages+=(postgresql-server-dev-all debhelper dpkg-dev fakeroot)
 fi
@@ -28,5 +29,10 @@ fi
 # The AWS KMS stand-in for the tests: moto's server, boto3 to drive it.
 if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
     echo "python3 cannot import moto and boto3; the aws provider tests need them" >&2
+    exit 1
+fi
+# The runbook test runs the runbook's AWS CLI commands (awscli, against moto).
+if ! python3 -c 'import awscli' 2>/dev/null; then
+    echo "python3 cannot import awscli; test/tap/045_runbook.pl needs it" >&2
     exit 1
 fi
