@@ -36,6 +36,7 @@ PG_FUNCTION_INFO_V1(envelope_destroy_tenant);
 PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
+PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
@@ -191,7 +192,7 @@ encrypt_deterministic_bytes(FunctionCallInfo fcinfo, const char *data, size_t le
 				 errmsg("value is too large to encrypt"),
 				 errhidestmt(true)));
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION);
+								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_DETERMINISTIC);
 	result = palloc(VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
 	cs = cipher_encrypt_deterministic(key, ENVELOPE_EQUALITY_VERSION, &binding,
@@ -240,7 +241,7 @@ envelope_blind_index(PG_FUNCTION_ARGS)
 	value = PG_GETARG_TEXT_PP(1);
 	binding = make_binding(fcinfo, tenant, 2);
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION);
+								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_INDEX);
 	result = palloc(VARHDRSZ + CIPHER_INDEX_LEN);
 	SET_VARSIZE(result, VARHDRSZ + CIPHER_INDEX_LEN);
 	if (cipher_blind_index(key, &binding, (const uint8 *) VARDATA_ANY(value),
@@ -272,7 +273,9 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 				 errdetail("It is too short or has an unknown format byte."),
 				 errhidestmt(true)));
 
-	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version);
+	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version,
+								   in[0] == CIPHER_FORMAT_SIV_V1 ?
+								   CIPHER_USE_DETERMINISTIC : CIPHER_USE_DECRYPT);
 	result = palloc(VARHDRSZ + out_len);
 	SET_VARSIZE(result, VARHDRSZ + out_len);
 	cs = cipher_decrypt(key, &binding, in, in_len, (uint8 *) VARDATA(result));
@@ -597,17 +600,27 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-Datum
-envelope_cache_stats(PG_FUNCTION_ARGS)
+/*
+ * The columns of envelope.cache_stats: the first twelve are those of 0.1.0
+ * (envelope_cache_stats); 0.2.0 adds tenant_entries, evicted_reloads and hint.
+ */
+#define CACHE_STATS_COLUMNS_V1 12
+#define CACHE_STATS_COLUMNS_V2 15
+
+static Datum
+cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 {
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
-	Datum		values[12];
-	bool		nulls[12] = {0};
+	Datum		values[CACHE_STATS_COLUMNS_V2];
+	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
+	if (tupdesc->natts != ncolumns)
+		elog(ERROR, "envelope.cache_stats() returns %d columns, expected %d",
+			 tupdesc->natts, ncolumns);
 	keycache_get_stats(&s);
 	calls = s.kms_calls[ENVELOPE_KMS_GENERATE] + s.kms_calls[ENVELOPE_KMS_DECRYPT] +
 		s.kms_calls[ENVELOPE_KMS_REENCRYPT];
@@ -623,7 +636,32 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	values[9] = Float8GetDatum(calls > 0 ? s.kms_total_ms / calls : 0.0);
 	values[10] = Float8GetDatum(s.kms_max_ms);
 	values[11] = BoolGetDatum(s.shared);
+	if (ncolumns > CACHE_STATS_COLUMNS_V1)
+	{
+		values[12] = Int64GetDatum(s.tenant_entries);
+		values[13] = Int64GetDatum(s.evicted_reloads);
+		if (s.shared && s.evicted_reloads > 0)
+			values[14] = CStringGetTextDatum(psprintf("%lld keys were unwrapped again within envelope.cache_ttl of their eviction: the keys in use do not fit in envelope.cache_size (%lld). Raise envelope.cache_size.",
+													  (long long) s.evicted_reloads,
+													  (long long) s.capacity));
+		else
+			nulls[14] = true;
+	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* envelope.cache_stats() of 0.1.0. */
+Datum
+envelope_cache_stats(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
+}
+
+/* envelope.cache_stats() of 0.2.0. */
+Datum
+envelope_cache_stats_v2(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
 }
 
 /*

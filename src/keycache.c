@@ -1,22 +1,35 @@
 /*
- * keycache.c — where plaintext data keys live: a shared-memory cache of DEKs, and in
- * each backend a first level of ready cipher contexts.
+ * keycache.c — where plaintext data keys live: a shared-memory cache of DEKs and of
+ * tenants' states, and in each backend a first level of ready cipher contexts.
  *
  * Two levels:
  *
- *   L1 (per backend, no locks): tenant name -> {tenant record, per version a ready
- *      CipherKey}.  The per-row path of encrypt/decrypt touches only this level plus
- *      one atomic read of the shared generation counter.
+ *   L1 (per backend, no locks): tenant name -> {tenant state, per version a CipherKey
+ *      whose contexts are set up as values need them}.  At most L1_MAX_TENANTS
+ *      tenants, evicted least recently used first (a list, O(1)).  The per-row path of
+ *      encrypt/decrypt touches only this level plus one atomic read of the shared
+ *      generation counter.
  *
- *   L2 (shared memory, envelope.cache_size entries): (database, tenant id, version) ->
- *      the 32-byte DEK.  One KMS Decrypt per key per cluster, not per backend.  The
- *      DEK bytes sit in a separate page-aligned array marked MADV_DONTDUMP and locked
- *      in memory where RLIMIT_MEMLOCK allows.
+ *   L2 (shared memory, envelope.cache_size entries of each kind):
+ *      - keys: (database, tenant id, version, hash of the wrapped DEK) -> the 32-byte
+ *        DEK.  One KMS Decrypt per key per cluster, not per backend.  The DEK bytes sit
+ *        in a separate page-aligned array marked MADV_DONTDUMP and locked in memory
+ *        where RLIMIT_MEMLOCK allows.
+ *      - tenants: (database, key store incarnation, tenant name) -> tenant id, state,
+ *        active version and the states of a few versions, as read from the key store
+ *        at a given generation.  An L1 miss for a key in L2 is answered from here: no
+ *        SPI, no parse, no walk of any table.
+ *      Both evict the least recently used of a window of slots that a hand moves
+ *      along (bounded work per eviction, exact LRU for caches up to the window's size,
+ *      and never a walk of the whole table).
  *
  * Locking protocol of L2 (one LWLock of tranche "pg_envelope"):
- *   - lookups take the lock in LW_SHARED mode, copy the DEK out and release it; the
- *     LRU clock of the entry is bumped with an atomic write, which is harmless to race;
+ *   - lookups take the lock in LW_SHARED mode, copy what they need out and release it;
+ *     the entry's last-use time is set with an atomic write, which is harmless to race;
  *   - inserts, removals, eviction, expiry and flush take it LW_EXCLUSIVE;
+ *   - the statistics live under their own spinlock (stats_mutex), which is taken
+ *     while the LWLock is held exclusively (eviction counts) and never the other way
+ *     round; nothing else is done under the spinlock;
  *   - the lock is never held across SPI, KMS or any other I/O, nor across an ereport.
  *   - single-flight: the first backend to miss a key inserts a LOADING entry, releases
  *     the lock and asks the KMS; others that find the LOADING entry sleep on a
@@ -26,23 +39,28 @@
  *
  * Revocation: the key store tables carry statement triggers that call
  * keycache_note_key_store_change().  At commit (never at rollback) that bumps the
- * shared generation counter, so every backend's next row sees its L1 is stale and
- * re-reads states from the key store; destroyed and retired keys are also wiped from
- * L2 at that moment.  The trigger also queues a relcache invalidation of the table,
- * which is WAL-logged with the commit: on a hot standby the callback below marks each
- * backend's L1 stale when the commit is replayed.
+ * shared generation counter, so every backend's next row sees its L1 is stale, and
+ * every tenant state in L2 too: states are re-read from the key store before use.
+ * Destroyed and retired keys are also wiped from L2 at that moment.  The trigger also
+ * queues a relcache invalidation of the table, which is WAL-logged with the commit: on
+ * a hot standby the callback below marks each backend's L1, and the tenant states in
+ * L2, stale when the commit is replayed.
  *
  * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
  * keys are zeroed by the next lookup that meets them, and at the latest by the
- * "pg_envelope key cache sweeper" background worker, which wakes at least once per
- * tenth of envelope.cache_ttl: a key nobody uses any more does not linger.  After a
- * crash-restart shared memory is re-created, so the cache starts empty.
+ * "pg_envelope key cache sweeper" background worker, which wakes every tenth of
+ * envelope.cache_ttl, but never more often than once a second nor less often than once
+ * a minute: a key nobody uses any more does not linger.  After a crash-restart shared
+ * memory is re-created, so the cache starts empty.
  */
 #include "pg_envelope.h"
 
 #include <sys/mman.h>
 
+#include "access/parallel.h"
 #include "access/xact.h"
+#include "access/xlog.h"
+#include "lib/ilist.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "port/atomics.h"
@@ -83,31 +101,99 @@ typedef enum SharedKeyState
 typedef struct SharedKeyEntry
 {
 	SharedKeyTag tag;			/* hash key: must be first */
-	int32		slot;			/* index into the DEK array */
+	int32		slot;			/* index into the DEK array and the key ring */
 	SharedKeyState state;
 	bool		doomed;			/* purged or flushed while loading: drop on arrival */
 	uint32		load_seq;		/* which load attempt this state belongs to */
 	int			failed_sqlstate;
 	TimestampTz loaded_at;
-	pg_atomic_uint64 last_used; /* LRU clock value */
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
 } SharedKeyEntry;
+
+/*
+ * A tenant's state as read from the key store at `generation`.  Named by a hash of the
+ * name (the name itself is compared too: two names with the same hash simply take
+ * turns in the entry) and by the key store's tenant table, so that a dropped and
+ * re-created extension never meets the states of its predecessor.
+ */
+typedef struct SharedTenantTag
+{
+	Oid			dbid;
+	Oid			tenant_relid;
+	uint64		name_hash;
+} SharedTenantTag;
+
+/* Versions whose state a shared tenant entry remembers; others are read on demand. */
+#define SHARED_TENANT_VERSIONS 4
+
+typedef struct SharedVersionState
+{
+	uint32		version;
+	KeyState	state;
+	uint64		wrapped_hash;
+} SharedVersionState;
+
+typedef struct SharedTenantEntry
+{
+	SharedTenantTag tag;		/* hash key: must be first */
+	int32		slot;			/* index into the tenant ring */
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
+	uint64		generation;		/* shared generation the states below were read at */
+	int32		tenant_id;
+	TenantState state;
+	uint32		active_version;
+	int			nversions;
+	int			next_version_slot;	/* round robin once versions[] is full */
+	SharedVersionState versions[SHARED_TENANT_VERSIONS];
+	uint32		name_len;
+	char		name[ENVELOPE_TENANT_MAX];
+} SharedTenantEntry;
+
+/*
+ * A fixed number of slots: a stack of free ones, the entry that owns each busy one,
+ * and a hand.  An eviction looks at the next EVICTION_WINDOW busy slots from the hand
+ * and takes the least recently used of them: bounded work, exact LRU while the cache
+ * is no larger than the window, a close approximation beyond.
+ */
+#define EVICTION_WINDOW 32
+
+typedef struct SlotRing
+{
+	int			capacity;
+	int			nfree;
+	int			hand;
+	int32	   *free_slots;
+	void	  **owner;
+} SlotRing;
+
+/*
+ * Keys evicted to make room are remembered here (a hash of the tag and the time, in a
+ * direct-mapped array the size of the cache) for one cache_ttl: a key unwrapped again
+ * while its ghost is fresh was evicted while still in use, a sign that the working set
+ * is larger than envelope.cache_size.
+ */
+typedef struct EvictionGhost
+{
+	uint64		tag_hash;
+	TimestampTz evicted_at;
+} EvictionGhost;
 
 typedef struct KeyCacheShared
 {
 	LWLock	   *lock;
 	ConditionVariable loaded_cv;
 	pg_atomic_uint64 generation;
-	pg_atomic_uint64 lru_clock;
 	int			capacity;
-	int			nfree_slots;
+	SlotRing	key_ring;
+	SlotRing	tenant_ring;
 	slock_t		stats_mutex;
 	KeyCacheStats stats;		/* under stats_mutex */
-	/* followed by int32 free_slots[capacity] */
 } KeyCacheShared;
 
 static KeyCacheShared *shared = NULL;
 static HTAB *shared_hash = NULL;
-static int32 *shared_free_slots = NULL;
+static HTAB *shared_tenants = NULL;
+static EvictionGhost *shared_ghosts = NULL;
 static uint8 (*shared_deks)[KMS_DEK_LEN] = NULL;
 
 /* Without preload there is no L2; these stand in for the shared counters. */
@@ -120,17 +206,19 @@ static uint64 local_generation = 0;
 typedef struct LocalVersion
 {
 	uint32		version;
-	KeyState	state;
-	bool		has_key;
-	CipherKey	key;
-	TimestampTz expires_at;
+	KeyState	state;			/* as of the tenant's generation; 0: not checked since */
+	uint64		wrapped_hash;	/* with tenant id and version, names the DEK in L2 */
+	TimestampTz expires_at;		/* of the shared copy the contexts came from */
+	CipherKey	key;			/* contexts set up as values need them */
 } LocalVersion;
 
 typedef struct LocalTenant
 {
 	char		name[ENVELOPE_TENANT_MAX + 1];	/* hash key */
-	uint64		generation;		/* generation at which `record` was read */
-	bool		valid;
+	uint32		name_len;
+	dlist_node	lru;			/* in l1_lru, most recently used first */
+	uint64		generation;		/* generation at which the state was read */
+	uint64		shared_generation;	/* its shared part */
 	int32		tenant_id;
 	TenantState state;
 	uint32		active_version;
@@ -139,19 +227,34 @@ typedef struct LocalTenant
 	LocalVersion *versions;
 } LocalTenant;
 
-/* At most this many tenants in one backend's L1; beyond it, one entry makes room. */
+/*
+ * At most this many tenants in one backend's L1; beyond it the least recently used
+ * one makes room.  Each holds a name and one or two OpenSSL contexts (about 2 KB), so
+ * a backend's L1 stays under about 16 MB however many tenants its scans cycle through;
+ * past the limit each row that switches to an evicted tenant costs one look into L2
+ * and a re-key of the evicted tenant's context.
+ */
 #define L1_MAX_TENANTS 8192
 
 static HTAB *local_tenants = NULL;
 static MemoryContext local_cxt = NULL;
+static dlist_head l1_lru = DLIST_STATIC_INIT(l1_lru);
 static LocalTenant *last_tenant = NULL;
 static size_t last_tenant_len = 0;
+
+/*
+ * The contexts of the tenant evicted last, waiting to be re-keyed for the tenant that
+ * took its place (cheaper than allocating new ones); whatever the new tenant does not
+ * take is freed at once.
+ */
+static CipherKey l1_spare;
 
 /*
  * In front of the hash table, a direct-mapped array indexed by a hash of the tenant's
  * bytes: rows that switch tenant every row find theirs with one short hash and one
  * compare, without copying the name into a 256-byte key or checking it again (a name
- * in L1 was checked when it entered).  Cleared whenever L1 entries are freed.
+ * in L1 was checked when it entered).  A slot is cleared when its tenant is evicted,
+ * and the whole array when L1 is emptied.
  */
 #define L1_FRONT_SIZE 4096
 
@@ -182,7 +285,7 @@ l1_front_clear(void)
 
 /* Bumped by invalidation callbacks; combined with the shared generation. */
 static uint64 l1_local_generation = 0;
-static uint64 l1_seen_generation = 0;
+static bool l1_synced_with_standby = false;
 static bool l1_pending_bump = false;
 
 /* Keys to wipe from L2 when the current transaction commits. */
@@ -206,15 +309,11 @@ static SharedKeyTag inflight_tag;
 static uint32 inflight_seq = 0;
 
 static inline uint64
-current_generation(void)
+shared_generation(void)
 {
-	uint64		g = l1_local_generation;
-
 	if (shared != NULL)
-		g += pg_atomic_read_u64(&shared->generation);
-	else
-		g += local_generation;
-	return g;
+		return pg_atomic_read_u64(&shared->generation);
+	return local_generation;
 }
 
 static KeyCacheStats *
@@ -234,6 +333,102 @@ stats_end(void)
 }
 
 /* ---------------------------------------------------------------------------
+ * Slot rings.  The caller holds the lock exclusively.
+ */
+static Size
+ring_arrays_size(int capacity)
+{
+	return MAXALIGN(sizeof(int32) * capacity) + MAXALIGN(sizeof(void *) * capacity);
+}
+
+static void
+ring_attach(SlotRing *ring, char *arrays, int capacity)
+{
+	ring->free_slots = (int32 *) arrays;
+	ring->owner = (void **) (arrays + MAXALIGN(sizeof(int32) * capacity));
+}
+
+static void
+ring_init(SlotRing *ring, int capacity)
+{
+	ring->capacity = capacity;
+	ring->nfree = capacity;
+	ring->hand = 0;
+	for (int i = 0; i < capacity; i++)
+	{
+		ring->free_slots[i] = capacity - 1 - i;
+		ring->owner[i] = NULL;
+	}
+}
+
+/* A free slot for `owner`, or -1 when every slot is busy. */
+static int32
+ring_take(SlotRing *ring, void *owner)
+{
+	int32		slot;
+
+	if (ring->nfree == 0)
+		return -1;
+	slot = ring->free_slots[--ring->nfree];
+	ring->owner[slot] = owner;
+	return slot;
+}
+
+static void
+ring_give_back(SlotRing *ring, int32 slot)
+{
+	ring->owner[slot] = NULL;
+	ring->free_slots[ring->nfree++] = slot;
+}
+
+typedef enum EvictVerdict
+{
+	EVICT_NEVER,				/* not now (a load in flight) */
+	EVICT_IF_OLDEST,			/* the least recently used of the window goes */
+	EVICT_AT_ONCE				/* expired or failed: goes first */
+} EvictVerdict;
+
+/*
+ * The owner to evict: the first EVICT_AT_ONCE met, else the least recently used of
+ * the next EVICTION_WINDOW candidates from the hand; NULL when no slot is a candidate.
+ */
+static void *
+ring_victim(SlotRing *ring, EvictVerdict (*verdict) (void *owner, TimestampTz now,
+													   uint64 *last_used),
+			TimestampTz now)
+{
+	void	   *victim = NULL;
+	uint64		oldest = PG_UINT64_MAX;
+	int			candidates = 0;
+
+	for (int step = 0; step < ring->capacity && candidates < EVICTION_WINDOW; step++)
+	{
+		void	   *owner = ring->owner[ring->hand];
+		uint64		last_used;
+
+		ring->hand = (ring->hand + 1) % ring->capacity;
+		if (owner == NULL)
+			continue;
+		switch (verdict(owner, now, &last_used))
+		{
+			case EVICT_NEVER:
+				break;
+			case EVICT_AT_ONCE:
+				return owner;
+			case EVICT_IF_OLDEST:
+				candidates++;
+				if (last_used < oldest)
+				{
+					oldest = last_used;
+					victim = owner;
+				}
+				break;
+		}
+	}
+	return victim;
+}
+
+/* ---------------------------------------------------------------------------
  * Shared memory set-up
  */
 static Size
@@ -244,12 +439,23 @@ dek_area_size(int capacity)
 }
 
 static Size
+control_size(int capacity)
+{
+	Size		size = MAXALIGN(sizeof(KeyCacheShared));
+
+	size = add_size(size, mul_size(2, ring_arrays_size(capacity)));
+	size = add_size(size, mul_size(capacity, sizeof(EvictionGhost)));
+	return size;
+}
+
+static Size
 keycache_shmem_size(void)
 {
 	Size		size;
 
-	size = MAXALIGN(sizeof(KeyCacheShared) + sizeof(int32) * envelope_cache_size);
+	size = control_size(envelope_cache_size);
 	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedKeyEntry)));
+	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedTenantEntry)));
 	size = add_size(size, dek_area_size(envelope_cache_size));
 	return size;
 }
@@ -283,18 +489,24 @@ keycache_shmem_startup(void)
 	bool		found;
 	HASHCTL		info;
 	Size		pagesize = (Size) sysconf(_SC_PAGESIZE);
+	int			capacity = envelope_cache_size;
 	char	   *area;
+	char	   *arrays;
 
 	shared = NULL;
 	shared_hash = NULL;
+	shared_tenants = NULL;
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 
-	shared = ShmemInitStruct("pg_envelope key cache",
-							 MAXALIGN(sizeof(KeyCacheShared) + sizeof(int32) * envelope_cache_size),
-							 &found);
-	shared_free_slots = (int32 *) ((char *) shared + sizeof(KeyCacheShared));
-	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(envelope_cache_size), &found);
+	shared = ShmemInitStruct("pg_envelope key cache", control_size(capacity), &found);
+	arrays = (char *) shared + MAXALIGN(sizeof(KeyCacheShared));
+	ring_attach(&shared->key_ring, arrays, capacity);
+	arrays += ring_arrays_size(capacity);
+	ring_attach(&shared->tenant_ring, arrays, capacity);
+	arrays += ring_arrays_size(capacity);
+	shared_ghosts = (EvictionGhost *) arrays;
+	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
 	shared_deks = (uint8 (*)[KMS_DEK_LEN]) TYPEALIGN(pagesize, area);
 
 	if (!found)
@@ -302,24 +514,26 @@ keycache_shmem_startup(void)
 		shared->lock = &(GetNamedLWLockTranche("pg_envelope"))->lock;
 		ConditionVariableInit(&shared->loaded_cv);
 		pg_atomic_init_u64(&shared->generation, 0);
-		pg_atomic_init_u64(&shared->lru_clock, 0);
-		shared->capacity = envelope_cache_size;
-		shared->nfree_slots = envelope_cache_size;
-		for (int i = 0; i < envelope_cache_size; i++)
-			shared_free_slots[i] = envelope_cache_size - 1 - i;
+		shared->capacity = capacity;
+		ring_init(&shared->key_ring, capacity);
+		ring_init(&shared->tenant_ring, capacity);
+		memset(shared_ghosts, 0, sizeof(EvictionGhost) * capacity);
 		SpinLockInit(&shared->stats_mutex);
 		memset(&shared->stats, 0, sizeof(shared->stats));
-		memset(shared_deks, 0, (Size) envelope_cache_size * KMS_DEK_LEN);
-		protect_dek_area(shared_deks,
-						 TYPEALIGN(pagesize, (Size) envelope_cache_size * KMS_DEK_LEN));
+		memset(shared_deks, 0, (Size) capacity * KMS_DEK_LEN);
+		protect_dek_area(shared_deks, TYPEALIGN(pagesize, (Size) capacity * KMS_DEK_LEN));
 	}
 
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(SharedKeyTag);
 	info.entrysize = sizeof(SharedKeyEntry);
-	shared_hash = ShmemInitHash("pg_envelope key cache hash",
-								envelope_cache_size, envelope_cache_size,
+	shared_hash = ShmemInitHash("pg_envelope key cache hash", capacity, capacity,
 								&info, HASH_ELEM | HASH_BLOBS);
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(SharedTenantTag);
+	info.entrysize = sizeof(SharedTenantEntry);
+	shared_tenants = ShmemInitHash("pg_envelope key cache tenants", capacity, capacity,
+								   &info, HASH_ELEM | HASH_BLOBS);
 
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -331,7 +545,7 @@ shared_remove_entry(SharedKeyEntry *entry)
 	if (entry->slot >= 0)
 	{
 		explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
-		shared_free_slots[shared->nfree_slots++] = entry->slot;
+		ring_give_back(&shared->key_ring, entry->slot);
 		entry->slot = -1;
 	}
 	hash_search(shared_hash, &entry->tag, HASH_REMOVE, NULL);
@@ -344,53 +558,79 @@ entry_expired(SharedKeyEntry *entry, TimestampTz now)
 		now - entry->loaded_at >= (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
 }
 
+static uint64
+tag_hash64(const SharedKeyTag *tag)
+{
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) tag, sizeof(*tag), 1));
+}
+
+static EvictVerdict
+key_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
+{
+	SharedKeyEntry *entry = owner;
+
+	*last_used = pg_atomic_read_u64(&entry->last_used);
+	if (entry->state == SKEY_LOADING)
+		return EVICT_NEVER;
+	if (entry->state == SKEY_FAILED || entry_expired(entry, now))
+		return EVICT_AT_ONCE;
+	return EVICT_IF_OLDEST;
+}
+
 /*
- * Make room for one entry: drop expired entries, else the least recently used READY
- * one.  Caller holds the lock exclusively.  Returns false when every slot is busy
- * loading (the caller then goes to the KMS without caching).
+ * Make room for one entry: expired and failed entries first, else the least recently
+ * used of the window at the ring's hand.  Caller holds the lock exclusively.  Returns
+ * false when every slot is busy loading (the caller then goes to the KMS without
+ * caching).
  */
 static bool
 shared_make_room(TimestampTz now)
 {
-	HASH_SEQ_STATUS scan;
-	SharedKeyEntry *entry;
-	SharedKeyEntry *victim = NULL;
-	uint64		oldest = PG_UINT64_MAX;
-	int64		evicted = 0;
+	SharedKeyEntry *victim;
 
-	if (shared->nfree_slots > 0)
+	if (shared->key_ring.nfree > 0)
 		return true;
+	victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
+	if (victim == NULL)
+		return false;
+	if (victim->state == SKEY_READY && !entry_expired(victim, now))
+	{
+		/* Evicted while still valid: remember it, to notice if it is needed again. */
+		uint64		h = tag_hash64(&victim->tag);
+		EvictionGhost *ghost = &shared_ghosts[h % shared->capacity];
 
-	hash_seq_init(&scan, shared_hash);
-	while ((entry = hash_seq_search(&scan)) != NULL)
-	{
-		if (entry->state == SKEY_LOADING)
-			continue;
-		if (entry->state == SKEY_FAILED || entry_expired(entry, now))
-		{
-			shared_remove_entry(entry);
-			evicted++;
-			continue;
-		}
-		if (pg_atomic_read_u64(&entry->last_used) < oldest)
-		{
-			oldest = pg_atomic_read_u64(&entry->last_used);
-			victim = entry;
-		}
+		ghost->tag_hash = h;
+		ghost->evicted_at = now;
 	}
-	if (shared->nfree_slots == 0 && victim != NULL)
-	{
-		shared_remove_entry(victim);
-		evicted++;
-	}
-	if (evicted > 0)
+	shared_remove_entry(victim);
 	{
 		KeyCacheStats *s = stats_begin();
 
-		s->evictions += evicted;
+		s->evictions++;
 		stats_end();
 	}
-	return shared->nfree_slots > 0;
+	return true;
+}
+
+/*
+ * About to unwrap `tag` with the KMS: was it evicted to make room within the last
+ * cache_ttl?  Caller holds the lock exclusively.
+ */
+static void
+note_reload(const SharedKeyTag *tag, TimestampTz now)
+{
+	uint64		h = tag_hash64(tag);
+	EvictionGhost *ghost = &shared_ghosts[h % shared->capacity];
+
+	if (ghost->tag_hash == h && ghost->evicted_at != 0 &&
+		now - ghost->evicted_at < (TimestampTz) envelope_cache_ttl * USECS_PER_SEC)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evicted_reloads++;
+		stats_end();
+		ghost->evicted_at = 0;
+	}
 }
 
 typedef enum LookupResult
@@ -399,6 +639,35 @@ typedef enum LookupResult
 	LOOKUP_MUST_LOAD,			/* we inserted a LOADING entry: our job to fill it */
 	LOOKUP_UNCACHED				/* cache full of loads in flight: load without caching */
 } LookupResult;
+
+/* Copy a READY, unexpired DEK out; caller holds the lock (either mode). */
+static bool
+shared_copy_ready(SharedKeyEntry *entry, TimestampTz now, uint8 dek[KMS_DEK_LEN],
+				  TimestampTz *loaded_at)
+{
+	if (entry == NULL || entry->state != SKEY_READY || entry_expired(entry, now))
+		return false;
+	memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+	*loaded_at = entry->loaded_at;
+	pg_atomic_write_u64(&entry->last_used, (uint64) now);
+	return true;
+}
+
+/*
+ * The DEK of `tag` if L2 holds it ready: one look under the shared lock, no waiting,
+ * no loading.
+ */
+static bool
+shared_peek(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
+{
+	bool		hit;
+
+	LWLockAcquire(shared->lock, LW_SHARED);
+	hit = shared_copy_ready(hash_search(shared_hash, tag, HASH_FIND, NULL),
+							GetCurrentTimestamp(), dek, loaded_at);
+	LWLockRelease(shared->lock);
+	return hit;
+}
 
 /*
  * Find the DEK of `tag` in L2, waiting for a load in flight.  On LOOKUP_MUST_LOAD the
@@ -419,12 +688,8 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 
 		LWLockAcquire(shared->lock, LW_SHARED);
 		entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
-		if (entry != NULL && entry->state == SKEY_READY && !entry_expired(entry, now))
+		if (shared_copy_ready(entry, now, dek, loaded_at))
 		{
-			memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
-			*loaded_at = entry->loaded_at;
-			pg_atomic_write_u64(&entry->last_used,
-								pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
 			LWLockRelease(shared->lock);
 			if (waiting)
 				ConditionVariableCancelSleep();
@@ -473,16 +738,13 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			LWLockRelease(shared->lock);
 			continue;			/* someone beat us to it */
 		}
-		if (entry != NULL && entry->state == SKEY_READY && !entry_expired(entry, now))
+		if (shared_copy_ready(entry, now, dek, loaded_at))
 		{
 			/* Loaded by another backend between our two looks. */
-			memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
-			*loaded_at = entry->loaded_at;
-			pg_atomic_write_u64(&entry->last_used,
-								pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
 			LWLockRelease(shared->lock);
 			return LOOKUP_HIT;
 		}
+		note_reload(tag, now);
 		if (entry != NULL)
 			shared_remove_entry(entry);
 		if (!shared_make_room(now))
@@ -491,13 +753,13 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			return LOOKUP_UNCACHED;
 		}
 		entry = hash_search(shared_hash, tag, HASH_ENTER, &found);
-		entry->slot = shared_free_slots[--shared->nfree_slots];
+		entry->slot = ring_take(&shared->key_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) now);
 		entry->state = SKEY_LOADING;
 		entry->doomed = false;
 		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
 		entry->failed_sqlstate = 0;
 		entry->loaded_at = 0;
-		pg_atomic_init_u64(&entry->last_used, pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
 		*load_seq = entry->load_seq;
 		LWLockRelease(shared->lock);
 		return LOOKUP_MUST_LOAD;
@@ -567,15 +829,21 @@ shared_purge(int32 tenant_id, uint32 version)
 	LWLockRelease(shared->lock);
 }
 
+static uint64
+wrapped_hash(const bytea *wrapped)
+{
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(wrapped),
+											VARSIZE_ANY_EXHDR(wrapped), 0));
+}
+
 static void
-make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, const bytea *wrapped)
+make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
 {
 	memset(tag, 0, sizeof(*tag));
 	tag->dbid = MyDatabaseId;
 	tag->tenant_id = tenant_id;
 	tag->version = version;
-	tag->wrapped_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(wrapped),
-														 VARSIZE_ANY_EXHDR(wrapped), 0));
+	tag->wrapped_hash = hash;
 }
 
 /*
@@ -593,20 +861,162 @@ keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
 
 	if (shared == NULL)
 		return;
-	make_tag(&tag, tenant_id, version, wrapped);
+	make_tag(&tag, tenant_id, version, wrapped_hash(wrapped));
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
 	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
 	{
 		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
-		entry->slot = shared_free_slots[--shared->nfree_slots];
+		entry->slot = ring_take(&shared->key_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
 		memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
 		entry->state = SKEY_READY;
 		entry->doomed = false;
 		entry->load_seq = 0;
 		entry->failed_sqlstate = 0;
 		entry->loaded_at = GetCurrentTimestamp();
-		pg_atomic_init_u64(&entry->last_used, pg_atomic_fetch_add_u64(&shared->lru_clock, 1));
+	}
+	LWLockRelease(shared->lock);
+}
+
+/* ---------------------------------------------------------------------------
+ * Tenant states in L2
+ */
+typedef struct TenantView
+{
+	int32		tenant_id;
+	TenantState state;
+	uint32		active_version;
+	uint32		version;		/* the version asked for (the active one for 0) */
+	bool		has_version;	/* its state is known: */
+	KeyState	version_state;
+	uint64		wrapped_hash;
+} TenantView;
+
+static void
+make_tenant_tag(SharedTenantTag *tag, const char *name, size_t name_len)
+{
+	memset(tag, 0, sizeof(*tag));
+	tag->dbid = MyDatabaseId;
+	tag->tenant_relid = keystore_tenant_relid();
+	tag->name_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) name,
+													  (int) name_len, 0));
+}
+
+static inline bool
+tenant_entry_matches(const SharedTenantEntry *entry, const char *name, size_t name_len)
+{
+	return entry->name_len == name_len && memcmp(entry->name, name, name_len) == 0;
+}
+
+/*
+ * The state of tenant `name` and of its `version` (0: the active one) as L2 holds them
+ * for shared generation `generation`.  False when L2 does not know the tenant at that
+ * generation; has_version is false when it knows the tenant but not that version.
+ */
+static bool
+shared_tenant_find(const SharedTenantTag *tag, const char *name, size_t name_len,
+				   uint64 generation, uint32 version, TenantView *view)
+{
+	SharedTenantEntry *entry;
+	bool		found = false;
+
+	LWLockAcquire(shared->lock, LW_SHARED);
+	entry = hash_search(shared_tenants, tag, HASH_FIND, NULL);
+	if (entry != NULL && entry->generation == generation &&
+		tenant_entry_matches(entry, name, name_len))
+	{
+		found = true;
+		view->tenant_id = entry->tenant_id;
+		view->state = entry->state;
+		view->active_version = entry->active_version;
+		if (version == 0)
+			version = entry->active_version;
+		view->version = version;
+		view->has_version = false;
+		for (int i = 0; i < entry->nversions; i++)
+			if (entry->versions[i].version == version)
+			{
+				view->has_version = true;
+				view->version_state = entry->versions[i].state;
+				view->wrapped_hash = entry->versions[i].wrapped_hash;
+				break;
+			}
+		pg_atomic_write_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+	}
+	LWLockRelease(shared->lock);
+	return found;
+}
+
+static EvictVerdict
+tenant_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
+{
+	*last_used = pg_atomic_read_u64(&((SharedTenantEntry *) owner)->last_used);
+	return EVICT_IF_OLDEST;
+}
+
+/*
+ * Record what the key store said at shared generation `generation`: the tenant's state
+ * and, if `rec->key_found`, that of one version.  Exclusive lock, no I/O.
+ */
+static void
+shared_tenant_publish(const SharedTenantTag *tag, const char *name, size_t name_len,
+					  uint64 generation, const TenantKeyRecord *rec)
+{
+	SharedTenantEntry *entry;
+	bool		found;
+
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(shared_tenants, tag, HASH_FIND, NULL);
+	if (entry == NULL)
+	{
+		if (shared->tenant_ring.nfree == 0)
+		{
+			SharedTenantEntry *victim = ring_victim(&shared->tenant_ring,
+													tenant_victim_verdict, 0);
+
+			if (victim == NULL)
+			{
+				LWLockRelease(shared->lock);
+				return;
+			}
+			ring_give_back(&shared->tenant_ring, victim->slot);
+			hash_search(shared_tenants, &victim->tag, HASH_REMOVE, NULL);
+		}
+		entry = hash_search(shared_tenants, tag, HASH_ENTER, &found);
+		entry->slot = ring_take(&shared->tenant_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+		entry->generation = generation + 1;	/* anything but `generation`: reset below */
+	}
+	if (entry->generation != generation || !tenant_entry_matches(entry, name, name_len))
+	{
+		/* Older news, or another name with the same hash: start over. */
+		entry->generation = generation;
+		entry->name_len = (uint32) name_len;
+		memcpy(entry->name, name, name_len);
+		entry->nversions = 0;
+		entry->next_version_slot = 0;
+	}
+	entry->tenant_id = rec->tenant_id;
+	entry->state = rec->state;
+	entry->active_version = (uint32) rec->active_version;
+	if (rec->key_found)
+	{
+		SharedVersionState *vs = NULL;
+
+		for (int i = 0; i < entry->nversions; i++)
+			if (entry->versions[i].version == (uint32) rec->version)
+				vs = &entry->versions[i];
+		if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
+			vs = &entry->versions[entry->nversions++];
+		else if (vs == NULL)
+		{
+			vs = &entry->versions[entry->next_version_slot];
+			entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
+		}
+		vs->version = (uint32) rec->version;
+		vs->state = rec->key.state;
+		vs->wrapped_hash = rec->key.wrapped ? wrapped_hash(rec->key.wrapped) : 0;
 	}
 	LWLockRelease(shared->lock);
 }
@@ -639,12 +1049,13 @@ keycache_backend_exit(int code, Datum arg)
 }
 
 /*
- * The DEK of (tenant, version) into `dek`; *loaded_at says when it was unwrapped, so
- * the backend's copy expires with the shared one and never outlives it.
+ * Unwrap through L2 with single-flight: `rec` is the key store's record of the key.
+ * *loaded_at says when it was unwrapped, so the backend's copy expires with the
+ * shared one and never outlives it.
  */
 static void
-obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
-		   uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
+load_dek(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRecord *rec,
+		 uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
 {
 	SharedKeyTag tag;
 	volatile uint32 load_seq = 0;
@@ -657,12 +1068,12 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	if (shared == NULL)
 	{
 		record_lookup(false);
-		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, lt->name, version,
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
 							 rec->wrapped, dek);
 		return;
 	}
 
-	make_tag(&tag, lt->tenant_id, version, rec->wrapped);
+	make_tag(&tag, tenant_id, version, wrapped_hash(rec->wrapped));
 
 	lr = shared_lookup(&tag, dek, &seq, loaded_at);
 	load_seq = seq;
@@ -672,7 +1083,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 
 	if (lr == LOOKUP_UNCACHED)
 	{
-		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, lt->name, version,
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
 							 rec->wrapped, dek);
 		return;
 	}
@@ -688,7 +1099,7 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
 	caller_cxt = CurrentMemoryContext;
 	PG_TRY();
 	{
-		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, lt->name, version,
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
 							 rec->wrapped, dek);
 	}
 	PG_CATCH();
@@ -712,14 +1123,10 @@ obtain_dek(const LocalTenant *lt, uint32 version, const DataKeyRecord *rec,
  * L1
  */
 static void
-l1_free_tenant(LocalTenant *lt)
+l1_free_versions(LocalTenant *lt)
 {
 	for (int i = 0; i < lt->nversions; i++)
-		if (lt->versions[i].has_key)
-		{
-			cipher_key_free(&lt->versions[i].key);
-			lt->versions[i].has_key = false;
-		}
+		cipher_key_free(&lt->versions[i].key);
 	lt->nversions = 0;
 }
 
@@ -733,43 +1140,55 @@ l1_reset(void)
 
 		hash_seq_init(&scan, local_tenants);
 		while ((lt = hash_seq_search(&scan)) != NULL)
-			l1_free_tenant(lt);
+			l1_free_versions(lt);
 		hash_destroy(local_tenants);
 		local_tenants = NULL;
 	}
+	cipher_key_free(&l1_spare);
 	if (local_cxt != NULL)
 		MemoryContextReset(local_cxt);
+	dlist_init(&l1_lru);
 	last_tenant = NULL;
 	last_tenant_len = 0;
 	l1_front_clear();
 }
 
 /*
- * Drop one tenant other than `keep` from a full L1.  Not LRU: a cheap victim is enough
- * to avoid the cliff of emptying the whole level when a scan cycles through more
- * tenants than it holds.
+ * Drop the least recently used tenant from a full L1, in O(1).  Its first contexts
+ * become the spare that the next set-up re-keys; the rest are freed.
  */
 static void
-l1_evict_one(const char *keep)
+l1_evict_one(void)
 {
-	HASH_SEQ_STATUS scan;
-	LocalTenant *victim;
+	LocalTenant *victim = dlist_container(LocalTenant, lru, dlist_tail_node(&l1_lru));
+	L1FrontSlot *front = &l1_front[l1_front_index(victim->name, victim->name_len)];
 
-	hash_seq_init(&scan, local_tenants);
-	while ((victim = hash_seq_search(&scan)) != NULL)
+	cipher_key_free(&l1_spare);
+	for (int i = 0; i < victim->nversions; i++)
 	{
-		if (strcmp(victim->name, keep) != 0)
+		CipherKey  *key = &victim->versions[i].key;
+
+		if (l1_spare.enc == NULL && key->enc != NULL)
 		{
-			hash_seq_term(&scan);
-			l1_free_tenant(victim);
-			if (victim->versions)
-				pfree(victim->versions);
-			hash_search(local_tenants, victim->name, HASH_REMOVE, NULL);
-			break;
+			l1_spare.enc = key->enc;
+			key->enc = NULL;
 		}
+		if (l1_spare.dec == NULL && key->dec != NULL)
+		{
+			l1_spare.dec = key->dec;
+			key->dec = NULL;
+		}
+		cipher_key_free(key);
 	}
-	last_tenant = NULL;
-	l1_front_clear();
+	victim->nversions = 0;
+	if (victim->versions)
+		pfree(victim->versions);
+	dlist_delete(&victim->lru);
+	if (front->lt == victim)
+		front->lt = NULL;
+	if (last_tenant == victim)
+		last_tenant = NULL;
+	hash_search(local_tenants, victim->name, HASH_REMOVE, NULL);
 }
 
 static void
@@ -788,6 +1207,7 @@ l1_ensure(void)
 	info.hcxt = local_cxt;
 	local_tenants = hash_create("pg_envelope tenants", 64, &info,
 								HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	dlist_init(&l1_lru);
 }
 
 static void
@@ -806,101 +1226,172 @@ raise_tenant_unusable(const LocalTenant *lt)
 			 errhidestmt(true)));
 }
 
+static void
+raise_no_tenant(const char *name)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_UNDEFINED_OBJECT),
+			 errmsg("tenant \"%s\" does not exist", name),
+			 errhint("An envelope_admin can create it with envelope.create_tenant()."),
+			 errhidestmt(true)));
+}
+
+/*
+ * Read tenant `name` and its `version` (0: active) from the key store, and tell L2.
+ * `generation` is the shared generation seen before reading: a change that commits
+ * after it bumps the generation, so what is published here is never taken for newer.
+ * A parallel query reads with its statement's snapshot, which may be older than the
+ * generation: what it reads is used by this statement only, never published.
+ * A destroyed tenant or key seen here is wiped from L2: the committing backend does
+ * that, but a standby or a key store edited by hand has no such backend.
+ */
+static void
+read_key_store(const char *name, size_t name_len, uint32 version, uint64 generation,
+			   TenantKeyRecord *rec)
+{
+	if (!keystore_read_tenant_key(name, (int32) version, rec))
+		raise_no_tenant(name);
+	if (rec->state == TENANT_DESTROYED)
+		shared_purge(rec->tenant_id, 0);
+	else if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
+		shared_purge(rec->tenant_id, (uint32) rec->version);
+	if (shared != NULL && !IsInParallelMode())
+	{
+		SharedTenantTag tag;
+
+		make_tenant_tag(&tag, name, name_len);
+		shared_tenant_publish(&tag, name, name_len, generation, rec);
+	}
+}
+
+static LocalVersion *l1_find_version(LocalTenant *lt, uint32 version);
+static LocalVersion *l1_add_version(LocalTenant *lt, uint32 version);
+
 /*
  * The L1 entry of a tenant, valid at the current generation, or an error if the tenant
- * does not exist or is not active.
+ * does not exist or (with must_be_active) is not active.  When the state has to be
+ * looked up, that of `version` (0: the active one) is looked up with it.
  */
 static LocalTenant *
-l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active)
+l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint32 version)
 {
-	uint64		generation = current_generation();
+	uint64		local_gen = l1_local_generation;
+	uint64		shared_gen = shared_generation();
+	uint64		generation = local_gen + shared_gen;
 	L1FrontSlot *front;
 	char		key[ENVELOPE_TENANT_MAX + 1];
 	LocalTenant *lt;
 	bool		found;
-	TenantRecord rec;
-
-	if (generation != l1_seen_generation)
-	{
-		/* Something changed in the key store: re-read every state before use. */
-		if (local_tenants != NULL)
-		{
-			HASH_SEQ_STATUS scan;
-
-			hash_seq_init(&scan, local_tenants);
-			while ((lt = hash_seq_search(&scan)) != NULL)
-				lt->valid = false;
-		}
-		l1_seen_generation = generation;
-	}
+	TenantView	view;
 
 	/* The hot path: the same tenant as the previous row. */
-	if (last_tenant != NULL && last_tenant->valid && last_tenant_len == tenant_len &&
+	if (last_tenant != NULL && last_tenant->generation == generation &&
+		last_tenant_len == tenant_len &&
 		(last_tenant->state == TENANT_ACTIVE || !must_be_active) &&
 		memcmp(last_tenant->name, tenant, tenant_len) == 0)
 		return last_tenant;
 
 	/* Next hottest: a tenant this backend has seen, through the front array. */
 	front = &l1_front[l1_front_index(tenant, tenant_len)];
-	if (front->lt != NULL && front->name_len == tenant_len && front->lt->valid &&
+	if (front->lt != NULL && front->name_len == tenant_len &&
+		front->lt->generation == generation &&
 		(front->lt->state == TENANT_ACTIVE || !must_be_active) &&
 		memcmp(front->lt->name, tenant, tenant_len) == 0)
 	{
-		last_tenant = front->lt;
+		lt = front->lt;
+		dlist_move_head(&l1_lru, &lt->lru);
+		last_tenant = lt;
 		last_tenant_len = tenant_len;
-		return front->lt;
+		return lt;
 	}
 
 	envelope_check_tenant(tenant, tenant_len);
 	memcpy(key, tenant, tenant_len);
 	key[tenant_len] = '\0';
 
+	/*
+	 * A session that starts on a standby has missed the invalidations replayed before
+	 * it, and other sessions may not have processed them yet: the tenant states in L2
+	 * may predate a replayed revocation.  Its first look therefore makes them stale.
+	 */
+	if (!l1_synced_with_standby)
+	{
+		l1_synced_with_standby = true;
+		if (shared != NULL && RecoveryInProgress())
+		{
+			pg_atomic_fetch_add_u64(&shared->generation, 1);
+			shared_gen = shared_generation();
+			generation = local_gen + shared_gen;
+		}
+	}
+
 	l1_ensure();
 	lt = hash_search(local_tenants, key, HASH_FIND, NULL);
-	if (lt == NULL || !lt->valid)
+	if (lt == NULL || lt->generation != generation)
 	{
-		bool		exists;
+		SharedTenantTag tag;
 
 		/* SPI may process invalidations; no pointer into the hash survives it. */
 		last_tenant = NULL;
-		exists = keystore_get_tenant(key, false, &rec);
-		if (!exists)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("tenant \"%s\" does not exist", key),
-					 errhint("An envelope_admin can create it with envelope.create_tenant()."),
-					 errhidestmt(true)));
+		if (shared != NULL)
+			make_tenant_tag(&tag, key, tenant_len);
+		if (shared == NULL ||
+			!shared_tenant_find(&tag, key, tenant_len, shared_gen, version, &view))
+		{
+			TenantKeyRecord rec;
+
+			/* Not in L2 at this generation: ask the key store (prepared plan). */
+			read_key_store(key, tenant_len, version, shared_gen, &rec);
+			view.tenant_id = rec.tenant_id;
+			view.state = rec.state;
+			view.active_version = (uint32) rec.active_version;
+			view.version = (uint32) rec.version;
+			view.has_version = rec.key_found;
+			view.version_state = rec.key.wrapped ? rec.key.state : KEY_DESTROYED;
+			view.wrapped_hash = rec.key.wrapped ? wrapped_hash(rec.key.wrapped) : 0;
+		}
 
 		l1_ensure();
-		if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
-			l1_evict_one(key);
-		lt = hash_search(local_tenants, key, HASH_ENTER, &found);
-		if (!found)
+		lt = hash_search(local_tenants, key, HASH_FIND, NULL);
+		if (lt == NULL)
 		{
+			if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
+				l1_evict_one();
+			lt = hash_search(local_tenants, key, HASH_ENTER, &found);
+			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;
+			lt->tenant_id = view.tenant_id;
+			dlist_push_head(&l1_lru, &lt->lru);
 		}
-		else if (lt->tenant_id != rec.tenant_id)
-			l1_free_tenant(lt); /* dropped and re-created under the same name */
-		lt->tenant_id = rec.tenant_id;
-		lt->state = rec.state;
-		lt->active_version = (uint32) rec.active_version;
-		/* Versions must be re-checked against the key store too. */
+		else if (lt->tenant_id != view.tenant_id)
+			l1_free_versions(lt);	/* dropped and re-created under the same name */
+		lt->tenant_id = view.tenant_id;
+		lt->state = view.state;
+		lt->active_version = view.active_version;
+		/* Versions must be re-checked at this generation too. */
 		for (int i = 0; i < lt->nversions; i++)
 			lt->versions[i].state = (KeyState) 0;
-		lt->valid = true;
+		if (view.has_version)
+		{
+			LocalVersion *lv = l1_find_version(lt, view.version);
+
+			if (lv == NULL)
+				lv = l1_add_version(lt, view.version);
+			if (lv->wrapped_hash != view.wrapped_hash)
+			{
+				cipher_key_free(&lv->key);	/* another key under the same number */
+				lv->wrapped_hash = view.wrapped_hash;
+			}
+			lv->state = view.version_state;
+		}
+		lt->generation = generation;
+		lt->shared_generation = shared_gen;
 	}
+	dlist_move_head(&l1_lru, &lt->lru);
 
 	if (lt->state != TENANT_ACTIVE && must_be_active)
-	{
-		/*
-		 * The committing backend wiped a destroyed tenant's keys from L2; a standby, or
-		 * a key store edited by hand, has no such backend, so the first to notice wipes.
-		 */
-		if (lt->state == TENANT_DESTROYED)
-			shared_purge(lt->tenant_id, 0);
 		raise_tenant_unusable(lt);
-	}
 
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
@@ -918,99 +1409,198 @@ l1_find_version(LocalTenant *lt, uint32 version)
 	return NULL;
 }
 
-/* A ready key for (tenant, version), loading it through L2 and the KMS on a miss. */
-static const CipherKey *
-l1_key(LocalTenant *lt, uint32 version)
+static LocalVersion *
+l1_add_version(LocalTenant *lt, uint32 version)
 {
-	LocalVersion *lv = l1_find_version(lt, version);
-	DataKeyRecord rec;
-	TimestampTz loaded_at;
-	uint8		dek[KMS_DEK_LEN];
-	CipherStatus cs;
-	char		tenant[ENVELOPE_TENANT_MAX + 1];
-	int32		tenant_id = lt->tenant_id;
+	LocalVersion *lv;
 
-	if (lv != NULL && lv->state == KEY_ACTIVE && lv->has_key &&
-		lv->expires_at > GetCurrentStatementStartTimestamp())
-		return &lv->key;
+	if (lt->nversions == lt->maxversions)
+	{
+		int			newmax = lt->maxversions == 0 ? 2 : lt->maxversions * 2;
 
-	/*
-	 * Slow path.  SPI below may run invalidation callbacks that mark `lt` stale; it
-	 * stays allocated (only l1_reset frees entries, and that runs only from l1_tenant
-	 * or a flush), so re-find it by name afterwards rather than trusting pointers.
-	 */
-	strlcpy(tenant, lt->name, sizeof(tenant));
-	if (!keystore_get_data_key(tenant, (int32) version, &rec))
+		lt->versions = lt->versions == NULL ?
+			MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
+			repalloc(lt->versions, sizeof(LocalVersion) * newmax);
+		lt->maxversions = newmax;
+	}
+	lv = &lt->versions[lt->nversions++];
+	memset(lv, 0, sizeof(*lv));
+	lv->version = version;
+	return lv;
+}
+
+static void
+raise_key_unusable(const char *tenant, uint32 version, KeyState state, bool exists)
+{
+	if (!exists)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("key version %u of tenant \"%s\" does not exist", version, tenant),
 				 errdetail("The value was encrypted with a key this database does not hold."),
 				 errhidestmt(true)));
-	if (rec.state != KEY_ACTIVE || rec.wrapped == NULL)
-		shared_purge(tenant_id, version);	/* as for destroyed tenants above */
-	if (rec.state == KEY_RETIRED)
+	if (state == KEY_RETIRED)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("key version %u of tenant \"%s\" is retired", version, tenant),
 				 errhint("Values still under a retired version must be re-encrypted under the active version before it is retired."),
 				 errhidestmt(true)));
-	if (rec.state == KEY_DESTROYED || rec.wrapped == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("key version %u of tenant \"%s\" has been destroyed", version, tenant),
-				 errhidestmt(true)));
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("key version %u of tenant \"%s\" has been destroyed", version, tenant),
+			 errhidestmt(true)));
+}
 
-	obtain_dek(lt, version, &rec, dek, &loaded_at);
-	lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
-	if (lt == NULL || lt->tenant_id != tenant_id)
+/*
+ * Slow path of l1_key: check the version's state at the tenant's generation and set up
+ * the context `use` needs.  L2 answers when it holds the key (no SPI, no KMS); the key
+ * store is read only for what L2 does not know, and the KMS asked only for a key that
+ * is not in L2.
+ */
+static const CipherKey *
+l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
+{
+	char		tenant[ENVELOPE_TENANT_MAX + 1];
+	size_t		tenant_len = lt->name_len;
+	int32		tenant_id = lt->tenant_id;
+	uint64		shared_gen = lt->shared_generation;
+	LocalVersion *lv = l1_find_version(lt, version);
+	TenantKeyRecord rec;
+	bool		have_rec = false;
+	KeyState	state;
+	uint64		hash;
+	uint8		dek[KMS_DEK_LEN];
+	TimestampTz loaded_at;
+	TimestampTz now = GetCurrentStatementStartTimestamp();
+	bool		have_dek = false;
+	CipherStatus cs;
+
+	strlcpy(tenant, lt->name, sizeof(tenant));
+
+	/* 1. The version's state and which DEK it is, at the tenant's generation. */
+	if (lv != NULL && lv->state != 0)
 	{
-		explicit_bzero(dek, sizeof(dek));
-		elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
+		state = lv->state;
+		hash = lv->wrapped_hash;
 	}
-
-	lv = l1_find_version(lt, version);
-	if (lv == NULL)
+	else
 	{
-		if (lt->nversions == lt->maxversions)
+		TenantView	view;
+		SharedTenantTag tag;
+
+		if (shared != NULL)
+			make_tenant_tag(&tag, tenant, tenant_len);
+		if (shared != NULL &&
+			shared_tenant_find(&tag, tenant, tenant_len, shared_gen, version, &view) &&
+			view.has_version && view.tenant_id == tenant_id)
 		{
-			int			newmax = lt->maxversions == 0 ? 4 : lt->maxversions * 2;
-
-			lt->versions = lt->versions == NULL ?
-				MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
-				repalloc(lt->versions, sizeof(LocalVersion) * newmax);
-			lt->maxversions = newmax;
+			state = view.version_state;
+			hash = view.wrapped_hash;
 		}
-		lv = &lt->versions[lt->nversions++];
-		memset(lv, 0, sizeof(*lv));
-		lv->version = version;
+		else
+		{
+			read_key_store(tenant, tenant_len, version, shared_gen, &rec);
+			if (rec.tenant_id != tenant_id)
+				elog(ERROR, "tenant \"%s\" changed while its key was read", tenant);
+			if (!rec.key_found)
+				raise_key_unusable(tenant, version, 0, false);
+			have_rec = true;
+			state = rec.key.state;
+			hash = rec.key.wrapped ? wrapped_hash(rec.key.wrapped) : 0;
+			if (rec.key.wrapped == NULL)
+				state = KEY_DESTROYED;
+		}
+		/* SPI may have run invalidation callbacks: find the entry again. */
+		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
+		if (lt == NULL || lt->tenant_id != tenant_id)
+			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
+		lv = l1_find_version(lt, version);
+		if (lv == NULL)
+			lv = l1_add_version(lt, version);
+		if (lv->wrapped_hash != hash)
+		{
+			cipher_key_free(&lv->key);	/* another key under the same number */
+			lv->wrapped_hash = hash;
+		}
+		lv->state = state;
 	}
-	/* Always from the key just obtained: a re-created tenant may reuse a version. */
-	if (lv->has_key)
+	if (state != KEY_ACTIVE)
+		raise_key_unusable(tenant, version, state, true);
+
+	/* 2. The context `use` needs, from the shared copy of the DEK. */
+	if (lv->expires_at <= now)
+		cipher_key_free(&lv->key);	/* the shared copy it came from has expired */
+	if (cipher_key_ready(&lv->key, use))
+		return &lv->key;
+
+	if (shared != NULL)
 	{
-		cipher_key_free(&lv->key);
-		lv->has_key = false;
+		SharedKeyTag tag;
+
+		make_tag(&tag, tenant_id, version, hash);
+		have_dek = shared_peek(&tag, dek, &loaded_at);
+		if (have_dek)
+			record_lookup(true);
 	}
-	cs = cipher_key_init(&lv->key, dek);
+	if (!have_dek)
+	{
+		if (!have_rec)
+		{
+			read_key_store(tenant, tenant_len, version, shared_gen, &rec);
+			if (rec.tenant_id != tenant_id || !rec.key_found || rec.key.wrapped == NULL ||
+				rec.key.state != KEY_ACTIVE || wrapped_hash(rec.key.wrapped) != hash)
+				elog(ERROR, "key version %u of tenant \"%s\" changed while it was read",
+					 version, tenant);
+		}
+		load_dek(tenant, tenant_id, version, &rec.key, dek, &loaded_at);
+		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
+		if (lt == NULL || lt->tenant_id != tenant_id ||
+			(lv = l1_find_version(lt, version)) == NULL)
+		{
+			explicit_bzero(dek, sizeof(dek));
+			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
+		}
+	}
+
+	cs = cipher_key_add(&lv->key, use, dek, &l1_spare);
 	explicit_bzero(dek, sizeof(dek));
+	cipher_key_free(&l1_spare);
 	if (cs != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not initialize AES-256-GCM")));
-	lv->has_key = true;
-	lv->state = KEY_ACTIVE;
-	lv->expires_at = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+				 errmsg("could not set up a cipher context for a data key"),
+				 errhidestmt(true)));
+	/* Several contexts may come from several shared copies: the earliest expiry rules. */
+	{
+		TimestampTz expires = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+
+		if (lv->expires_at == 0 || lv->expires_at <= now || expires < lv->expires_at)
+			lv->expires_at = expires;
+	}
 	last_tenant = lt;
+	last_tenant_len = tenant_len;
 	return &lv->key;
+}
+
+/* A ready key for (tenant, version) and `use`, through L2 and the KMS on a miss. */
+static inline const CipherKey *
+l1_key(LocalTenant *lt, uint32 version, CipherUse use)
+{
+	LocalVersion *lv = l1_find_version(lt, version);
+
+	if (lv != NULL && lv->state == KEY_ACTIVE && cipher_key_ready(&lv->key, use) &&
+		lv->expires_at > GetCurrentStatementStartTimestamp())
+		return &lv->key;
+	return l1_fill(lt, version, use);
 }
 
 EnvelopeKeyRef
 keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 {
-	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0);
 	EnvelopeKeyRef ref;
 
 	ref.version = lt->active_version;
-	ref.key = l1_key(lt, ref.version);
+	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	return ref;
 }
 
@@ -1018,15 +1608,16 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 uint32
 keycache_active_version(const char *tenant, size_t tenant_len)
 {
-	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false, 0);
 
 	return lt->state == TENANT_ACTIVE ? lt->active_version : 0;
 }
 
 const CipherKey *
-keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version)
+keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
+						 CipherUse use)
 {
-	return l1_key(l1_tenant_entry(tenant, tenant_len, true), version);
+	return l1_key(l1_tenant_entry(tenant, tenant_len, true, version), version, use);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1101,21 +1692,22 @@ keycache_xact_callback(XactEvent event, void *arg)
  * A relcache invalidation of a key table (sent at commit by the key store trigger, and
  * replayed from WAL on a standby), or of everything: mark L1 stale.  Other relations'
  * invalidations, frequent under DDL, are ignored.
+ *
+ * On a primary the committing backend has already bumped the shared generation, so
+ * the tenant states in L2 are stale already.  A standby has no committing backend:
+ * there each backend that replays such an invalidation bumps the shared generation
+ * too (a few bumps for one change, which only costs a re-read).
  */
 static void
 keycache_relcache_callback(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid)
-	{
-		l1_local_generation++;
-		keystore_forget_relations();
-	}
-	else if (keystore_is_key_table(relid))
-	{
-		l1_local_generation++;
-		/* A dropped and re-created extension has new tables: look them up again. */
-		keystore_forget_relations();
-	}
+	if (relid != InvalidOid && !keystore_is_key_table(relid))
+		return;
+	l1_local_generation++;
+	/* A dropped and re-created extension has new tables: look them up again. */
+	keystore_forget_relations();
+	if (shared != NULL && RecoveryInProgress())
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
 }
 
 void
@@ -1222,6 +1814,7 @@ keycache_get_stats(KeyCacheStats *out)
 		out->capacity = shared->capacity;
 		LWLockAcquire(shared->lock, LW_SHARED);
 		out->entries = hash_get_num_entries(shared_hash);
+		out->tenant_entries = hash_get_num_entries(shared_tenants);
 		LWLockRelease(shared->lock);
 		out->shared = true;
 	}
@@ -1229,6 +1822,7 @@ keycache_get_stats(KeyCacheStats *out)
 	{
 		out->capacity = L1_MAX_TENANTS;
 		out->entries = local_tenants ? hash_get_num_entries(local_tenants) : 0;
+		out->tenant_entries = out->entries;
 		out->shared = false;
 	}
 }

@@ -22,7 +22,7 @@ char	   *envelope_aws_region = NULL;
 char	   *envelope_aws_endpoint = NULL;
 char	   *envelope_aws_profile = NULL;
 char	   *envelope_local_master_key_file = NULL;
-int			envelope_cache_size = 1024;
+int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
@@ -113,7 +113,7 @@ define_settings(void)
 							"Number of data keys the shared key cache holds.",
 							NULL,
 							&envelope_cache_size,
-							1024, 16, 1024 * 1024,
+							32768, 16, 1024 * 1024,
 							/* Only the postmaster may create a postmaster-context setting. */
 							process_shared_preload_libraries_in_progress ? PGC_POSTMASTER : PGC_SUSET,
 							0,

@@ -80,7 +80,20 @@ typedef struct DataKeyRecord
 	bytea	   *wrapped;		/* NULL once destroyed */
 } DataKeyRecord;
 
+/* One tenant and one of its versions, as the key cache reads them on a miss. */
+typedef struct TenantKeyRecord
+{
+	int32		tenant_id;
+	TenantState state;
+	int32		active_version;
+	int32		version;		/* the version asked for, or the active one */
+	bool		key_found;		/* false: the tenant has no such version */
+	DataKeyRecord key;
+} TenantKeyRecord;
+
 extern bool keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out);
+extern bool keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out);
+extern Oid	keystore_tenant_relid(void);
 extern bool keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out);
 extern int32 keystore_create_tenant(const char *tenant, const char *kms_provider,
 									const char *tenant_kms_key, const char *key_arn,
@@ -120,7 +133,7 @@ extern void keycache_shmem_startup(void);
 extern void keycache_init_backend(void);
 extern EnvelopeKeyRef keycache_key_for_encrypt(const char *tenant, size_t tenant_len);
 extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tenant_len,
-												 uint32 version);
+												 uint32 version, CipherUse use);
 extern uint32 keycache_active_version(const char *tenant, size_t tenant_len);
 extern void keycache_note_key_store_change(void);
 extern void keycache_schedule_purge(int32 tenant_id, uint32 version);
@@ -137,6 +150,8 @@ typedef struct KeyCacheStats
 	int64		hits;
 	int64		misses;
 	int64		evictions;
+	int64		evicted_reloads;	/* unwrapped again within cache_ttl of an eviction */
+	int64		tenant_entries; /* tenant states held */
 	int64		kms_calls[ENVELOPE_KMS_NOPS];
 	int64		kms_errors;
 	double		kms_total_ms;
