@@ -40,37 +40,6 @@ PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
- * Tenant names are bound into every ciphertext and sent to the KMS as encryption
- * context, and they appear in error messages: keep them printable and bounded.
- */
-void
-envelope_check_tenant(const char *tenant, size_t len)
-{
-	if (len == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("tenant name must not be empty"),
-				 errhidestmt(true)));
-	if (len > ENVELOPE_TENANT_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_NAME_TOO_LONG),
-				 errmsg("tenant name is too long"),
-				 errdetail("Tenant names are at most %d bytes; this one has %zu.",
-						   ENVELOPE_TENANT_MAX, len),
-				 errhidestmt(true)));
-	for (size_t i = 0; i < len; i++)
-	{
-		unsigned char c = (unsigned char) tenant[i];
-
-		if (c < 0x20 || c == 0x7f)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("tenant name must not contain control characters"),
-					 errhidestmt(true)));
-	}
-}
-
-/*
  * Bind to the logical names in UTF-8, whatever the database encoding, so a value
  * restored into a database of another encoding still authenticates.  In a UTF-8 (or
  * SQL_ASCII) database this is a pointer comparison per row.
@@ -612,6 +581,7 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 {
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
+	KmsCallStats k;
 	Datum		values[CACHE_STATS_COLUMNS_V2];
 	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
 	int64		calls;
@@ -622,19 +592,20 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 		elog(ERROR, "envelope.cache_stats() returns %d columns, expected %d",
 			 tupdesc->natts, ncolumns);
 	keycache_get_stats(&s);
-	calls = s.kms_calls[ENVELOPE_KMS_GENERATE] + s.kms_calls[ENVELOPE_KMS_DECRYPT] +
-		s.kms_calls[ENVELOPE_KMS_REENCRYPT];
+	kms_glue_get_stats(&k);
+	calls = k.calls[ENVELOPE_KMS_GENERATE] + k.calls[ENVELOPE_KMS_DECRYPT] +
+		k.calls[ENVELOPE_KMS_REENCRYPT];
 	values[0] = Int64GetDatum(s.capacity);
 	values[1] = Int64GetDatum(s.entries);
 	values[2] = Int64GetDatum(s.hits);
 	values[3] = Int64GetDatum(s.misses);
 	values[4] = Int64GetDatum(s.evictions);
-	values[5] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_GENERATE]);
-	values[6] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_DECRYPT]);
-	values[7] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_REENCRYPT]);
-	values[8] = Int64GetDatum(s.kms_errors);
-	values[9] = Float8GetDatum(calls > 0 ? s.kms_total_ms / calls : 0.0);
-	values[10] = Float8GetDatum(s.kms_max_ms);
+	values[5] = Int64GetDatum(k.calls[ENVELOPE_KMS_GENERATE]);
+	values[6] = Int64GetDatum(k.calls[ENVELOPE_KMS_DECRYPT]);
+	values[7] = Int64GetDatum(k.calls[ENVELOPE_KMS_REENCRYPT]);
+	values[8] = Int64GetDatum(k.errors);
+	values[9] = Float8GetDatum(calls > 0 ? k.total_ms / calls : 0.0);
+	values[10] = Float8GetDatum(k.max_ms);
 	values[11] = BoolGetDatum(s.shared);
 	if (ncolumns > CACHE_STATS_COLUMNS_V1)
 	{

@@ -58,6 +58,37 @@ keystore_is_key_table(Oid relid)
 	return relid == tenant_relid || relid == data_key_relid;
 }
 
+/*
+ * Tenant names are bound into every ciphertext and sent to the KMS as encryption
+ * context, and they appear in error messages: keep them printable and bounded.
+ */
+void
+envelope_check_tenant(const char *tenant, size_t len)
+{
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tenant name must not be empty"),
+				 errhidestmt(true)));
+	if (len > ENVELOPE_TENANT_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("tenant name is too long"),
+				 errdetail("Tenant names are at most %d bytes; this one has %zu.",
+						   ENVELOPE_TENANT_MAX, len),
+				 errhidestmt(true)));
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) tenant[i];
+
+		if (c < 0x20 || c == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("tenant name must not contain control characters"),
+					 errhidestmt(true)));
+	}
+}
+
 static Oid
 lookup_key_store_owner(void)
 {

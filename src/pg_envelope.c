@@ -26,7 +26,6 @@ int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
-bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -53,6 +52,7 @@ envelope_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	keycache_shmem_request();
+	kms_glue_shmem_request();
 }
 #endif
 
@@ -62,6 +62,7 @@ envelope_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	keycache_shmem_startup();
+	kms_glue_shmem_startup();
 }
 
 static void
@@ -154,12 +155,12 @@ _PG_init(void)
 
 	if (process_shared_preload_libraries_in_progress)
 	{
-		envelope_preloaded = true;
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 		prev_shmem_request_hook = shmem_request_hook;
 		shmem_request_hook = envelope_shmem_request;
 #else
 		keycache_shmem_request();
+		kms_glue_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;

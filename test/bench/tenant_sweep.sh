@@ -27,7 +27,8 @@
 #
 # Knobs: SWEEP_ROWS=200000  SWEEP_RUNS=3  SWEEP_TENANTS="1000 8000 20000 50000 100000"
 #        SWEEP_CACHE_SIZE=131072  SWEEP_KMS_TENANTS=20000  SWEEP_REENC_ROWS=200000
-#        SWEEP_REENC_TENANTS=50000  SWEEP_PORT=54359  ENVELOPE_PYTHON
+#        SWEEP_REENC_TENANTS=50000  SWEEP_KMS=1 (0 skips 3.)  SWEEP_PORT=54359
+#        ENVELOPE_PYTHON
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -100,16 +101,19 @@ if ! printf '%s\n' "${TENANTS[@]}" | grep -qx "$KMS_TENANTS"; then
 fi
 q "VACUUM ANALYZE" >/dev/null
 
-phase "scans: $RUNS runs of each"
+phase "scans: $RUNS runs of each, one warmed session per tenant count"
+# A session per tenant count, warmed by one scan of each kind (every key in shared
+# memory, and in the backend's first level as far as it holds them), so that what one
+# count leaves in the backend does not weigh on the next.
 memq="SELECT 'MEM', (SELECT sum(total_bytes) FROM pg_backend_memory_contexts), (SELECT coalesce(sum(total_bytes), 0) FROM pg_backend_memory_contexts WHERE name = 'pg_envelope key cache')"
-{
-  echo '\timing on'
-  for T in "${TENANTS[@]}"; do
+: > "$DIR/sweep.out"
+for T in "${TENANTS[@]}"; do
+  {
+    echo '\timing on'
     echo "SELECT count(*) FROM plain_$T; SELECT count(*) FROM sealed_$T;"
-    echo "SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$T;"   # warm: every key
-  done
-  for r in $(seq 1 "$RUNS"); do
-    for T in "${TENANTS[@]}"; do
+    echo "SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$T;"
+    echo "SELECT count(envelope.encrypt(tenant, v)) FROM plain_$T;"
+    for r in $(seq 1 "$RUNS"); do
       echo "\\echo BENCH $T floor"
       echo "SELECT count(octet_length(v)) FROM plain_$T;"
       echo "\\echo BENCH $T encrypt"
@@ -121,12 +125,15 @@ memq="SELECT 'MEM', (SELECT sum(total_bytes) FROM pg_backend_memory_contexts), (
       echo "\\echo MEMAT $T"
       echo "$memq;"
     done
-  done
-} > "$DIR/sweep.sql"
-chmod 644 "$DIR/sweep.sql"
-pg "${PSQL[@]}" -f "$DIR/sweep.sql" > "$DIR/sweep.out"
+  } > "$DIR/sweep_$T.sql"
+  chmod 644 "$DIR/sweep_$T.sql"
+  pg "${PSQL[@]}" -At -f "$DIR/sweep_$T.sql" >> "$DIR/sweep.out"
+done
+cp "$DIR/sweep.out" "$OUT/sweep_scans.out"
 
 # ---------------------------------------------------------------------------
+K0=0; K1=0; KMS_MS=0; KMS_STATS='{}'; DEFAULT_SIZE=skipped
+if [ "${SWEEP_KMS:-1}" != 0 ]; then
 phase "KMS calls: two full scans over $KMS_TENANTS tenants with the default envelope.cache_size"
 : > "$DIR/data/sweep.conf"
 pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w restart >/dev/null
@@ -138,6 +145,7 @@ q "SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$KMS_TENANTS; SELE
 KMS_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
 K1="$(q "SELECT kms_decrypt_calls FROM envelope.cache_stats")"
 KMS_STATS="$(q "SELECT row_to_json(s) FROM envelope.cache_stats s")"
+fi
 
 # ---------------------------------------------------------------------------
 REENC_OUT=""
@@ -152,7 +160,8 @@ if [ "$REENC_ROWS" -gt 0 ] && q "SELECT 1 FROM pg_proc WHERE proname = 'reencryp
     for T in "${TENANTS[0]}" "$REENC_TENANTS"; do
         q "SELECT count(*) FROM reenc_$T" >/dev/null
         t0=$(date +%s%N)
-        pg "${PSQL[@]}" -c "CALL envelope.reencrypt('reenc_$T', 'c', 'tenant', 10000)" >/dev/null
+        pg env PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" \
+            -c "CALL envelope.reencrypt('reenc_$T', 'c', 'tenant', 10000)" >/dev/null
         REENC_OUT="$REENC_OUT $T:$(( ($(date +%s%N) - t0) / 1000000 ))"
     done
 fi
@@ -172,7 +181,7 @@ for line in open(f"{d}/sweep.out"):
     if m:
         label = (int(m.group(1)), m.group(2)); continue
     m = re.match(r"Time: ([0-9.]+) ms", line)
-    if m and label:
+    if m and label and label[0] != "mem":
         times.setdefault(label, []).append(float(m.group(1))); label = None; continue
     m = re.match(r"MEMAT (\d+)", line)
     if m:
@@ -203,11 +212,12 @@ for t in sorted({k[0] for k in times}):
     print("tenants %6d: decrypt_text %8.3f us/row (%6.2fx T=%d), encrypt %8.3f us/row (%6.2fx); backend memory %.1f MB (key cache %.1f MB)"
           % (t, dec_us, dec_us / base[1], res["tenants"][0]["tenants"], enc_us, enc_us / base[0],
              r.get("backend_bytes", 0) / 1048576.0, r.get("key_cache_bytes", 0) / 1048576.0))
-res["kms"] = {"tenants": int(kms_t), "default_cache_size": default_size, "scans": 2,
-              "rows_per_scan": rows, "decrypt_calls": int(kms_calls), "ms": int(kms_ms),
-              "cache_stats": json.loads(kms_stats)}
-print("KMS Decrypt calls, two full scans over %s tenants, default cache_size %s: %s (target %s), %.1f s"
-      % (kms_t, default_size, kms_calls, kms_t, int(kms_ms) / 1000.0))
+if default_size != "skipped":
+    res["kms"] = {"tenants": int(kms_t), "default_cache_size": default_size, "scans": 2,
+                  "rows_per_scan": rows, "decrypt_calls": int(kms_calls), "ms": int(kms_ms),
+                  "cache_stats": json.loads(kms_stats)}
+    print("KMS Decrypt calls, two full scans over %s tenants, default cache_size %s: %s (target %s), %.1f s"
+          % (kms_t, default_size, kms_calls, kms_t, int(kms_ms) / 1000.0))
 if reenc.strip():
     pairs = [p.split(":") for p in reenc.split()]
     res["reencrypt"] = {"rows": int(reenc_rows), "ms_by_tenants": {a: int(b) for a, b in pairs}}

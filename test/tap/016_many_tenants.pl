@@ -32,6 +32,17 @@ sub stat_value
 }
 
 my $check_all = q{SELECT count(*) FROM many WHERE envelope.decrypt_text(tenant, v) = 'm' || substr(tenant, 5)};
+# The error a live session gets for `$sql` (BackgroundPsql keeps stderr across queries).
+sub error_of
+{
+	my ($session, $sql) = @_;
+	$session->{stderr} = '';
+	$session->query($sql);
+	my $err = $session->{stderr};
+	$session->{stderr} = '';
+	return $err;
+}
+
 sub decrypt_one
 {
 	my ($i) = @_;
@@ -65,27 +76,21 @@ SELECT envelope.retire_key_version('many3', 1);
 SELECT envelope.destroy_tenant('many4');
 });
 
-$reader->query(decrypt_one(1));
-like($reader->{stderr}, qr/tenant "many1" is disabled/,
+like(error_of($reader, decrypt_one(1)), qr/tenant "many1" is disabled/,
 	'a live session refuses a disabled tenant whose state it reads from shared memory');
-$other->query(decrypt_one(1));
-like($other->{stderr}, qr/tenant "many1" is disabled/, 'so does another live session');
+like(error_of($other, decrypt_one(1)), qr/tenant "many1" is disabled/, 'so does another live session');
 my ($ret, $stdout, $stderr) = $node->psql('postgres', decrypt_one(1));
 like($stderr, qr/tenant "many1" is disabled/, 'and a new session');
 
-$reader->query(decrypt_one(3));
-like($reader->{stderr}, qr/key version 1 of tenant "many3" is retired/,
+like(error_of($reader, decrypt_one(3)), qr/key version 1 of tenant "many3" is retired/,
 	'a retired version is refused');
-$other->query(decrypt_one(3));
-like($other->{stderr}, qr/key version 1 of tenant "many3" is retired/,
+like(error_of($other, decrypt_one(3)), qr/key version 1 of tenant "many3" is retired/,
 	'in the other live session too');
-$reader->query(decrypt_one(4));
-like($reader->{stderr}, qr/tenant "many4" has been destroyed/, 'a destroyed tenant is refused');
+like(error_of($reader, decrypt_one(4)), qr/tenant "many4" has been destroyed/, 'a destroyed tenant is refused');
 
 # The reader read these states after the commits and published them; the other
 # session, and a new one, must see the same, never an older copy.
-$other->query(decrypt_one(4));
-like($other->{stderr}, qr/tenant "many4" has been destroyed/,
+like(error_of($other, decrypt_one(4)), qr/tenant "many4" has been destroyed/,
 	'the other session refuses the destroyed tenant');
 is($other->query_safe(decrypt_one(2)), 'm2', 'tenants that were not touched still decrypt');
 
@@ -94,6 +99,18 @@ is($reader->query_safe(q{
 SELECT count(*) FROM many WHERE tenant NOT IN ('many1', 'many3', 'many4')
    AND envelope.decrypt_text(tenant, v) = 'm' || substr(tenant, 5)}),
 	$ntenants - 3, 'every other tenant still decrypts in the live session');
+
+# ---- A transaction that enables the tenant sees its own change, but what it reads
+# must not reach shared memory: after its rollback, a new session (whose first level
+# is empty, so it asks shared memory) still refuses the tenant.
+$other->query_safe('BEGIN');
+$other->query_safe("SELECT envelope.enable_tenant('many1')");
+is($other->query_safe(decrypt_one(1)), 'm1', 'an uncommitted enable is seen by its own transaction');
+$other->query_safe('ROLLBACK');
+($ret, $stdout, $stderr) = $node->psql('postgres', decrypt_one(1));
+like($stderr, qr/tenant "many1" is disabled/,
+	'after its rollback a new session still refuses the tenant');
+like(error_of($reader, decrypt_one(1)), qr/tenant "many1" is disabled/, 'and so does the live session');
 
 # ---- Enabling is seen the same way.
 $node->safe_psql('postgres', "SELECT envelope.enable_tenant('many1')");
@@ -105,6 +122,20 @@ is($other->query_safe(decrypt_one(1)), 'm1', 'in the other session too');
 $node->safe_psql('postgres', "SELECT envelope.rotate_tenant_key('many7')");
 is($reader->query_safe("SELECT envelope.key_version(envelope.encrypt('many7', 'x'))"), '2',
 	'a live session encrypts under the version made active by another session');
+
+# ---- cache_stats of 0.1.0 keeps its twelve columns (its C symbol is unchanged), and
+# the update to 0.2.0 adds tenant_entries, evicted_reloads and hint.
+$node->safe_psql('postgres', 'CREATE DATABASE old_version');
+$node->safe_psql('old_version', "CREATE EXTENSION pg_envelope VERSION '0.1.0'");
+is($node->safe_psql('old_version', q{
+SELECT count(*) FROM information_schema.columns
+ WHERE table_schema = 'envelope' AND table_name = 'cache_stats'}), '12', 'cache_stats of 0.1.0');
+is($node->safe_psql('old_version', 'SELECT capacity FROM envelope.cache_stats'), '20000',
+	'works with the 0.1.0 symbol');
+$node->safe_psql('old_version', 'ALTER EXTENSION pg_envelope UPDATE');
+is($node->safe_psql('old_version', q{
+SELECT tenant_entries >= 0 AND evicted_reloads = 0 AND hint IS NULL FROM envelope.cache_stats}),
+	't', 'cache_stats of 0.2.0 after the update');
 
 $reader->quit;
 $other->quit;
