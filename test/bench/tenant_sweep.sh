@@ -13,8 +13,9 @@
 #      i mod T) for T = SWEEP_TENANTS (default 1,000 8,000 20,000 50,000 100,000),
 #      with every key already in the shared cache (envelope.cache_size =
 #      SWEEP_CACHE_SIZE); the ratio of each T to the first one is the figure;
-#   2. the backend's memory (pg_backend_memory_contexts, all contexts and the key
-#      cache's own) after the scans of each T;
+#   2. the backend's memory after the scans of each T: pg_backend_memory_contexts (all
+#      contexts, and the key cache's own) and the private anonymous memory of the
+#      process (/proc/PID/smaps_rollup), which also counts OpenSSL's malloc'd contexts;
 #   3. KMS calls for two full decrypt scans over 20,000 tenants with the default
 #      envelope.cache_size, cache flushed first (one per key is the target, 20,000);
 #   4. envelope.reencrypt over rows of SWEEP_REENC_TENANTS interleaved tenants against
@@ -105,7 +106,9 @@ phase "scans: $RUNS runs of each, one warmed session per tenant count"
 # A session per tenant count, warmed by one scan of each kind (every key in shared
 # memory, and in the backend's first level as far as it holds them), so that what one
 # count leaves in the backend does not weigh on the next.
-memq="SELECT 'MEM', (SELECT sum(total_bytes) FROM pg_backend_memory_contexts), (SELECT coalesce(sum(total_bytes), 0) FROM pg_backend_memory_contexts WHERE name = 'pg_envelope key cache')"
+# OpenSSL's contexts are malloc'd, outside PostgreSQL's memory contexts: the backend's
+# private anonymous memory (smaps_rollup) counts them too.
+memq="SELECT 'MEM', (SELECT sum(total_bytes) FROM pg_backend_memory_contexts), (SELECT coalesce(sum(total_bytes), 0) FROM pg_backend_memory_contexts WHERE name = 'pg_envelope key cache'), substring(pg_read_file('/proc/' || pg_backend_pid() || '/smaps_rollup') from 'Anonymous: *([0-9]+) kB')"
 : > "$DIR/sweep.out"
 for T in "${TENANTS[@]}"; do
   {
@@ -187,8 +190,9 @@ for line in open(f"{d}/sweep.out"):
     if m:
         label = ("mem", int(m.group(1))); continue
     if line.startswith("MEM|") and label and label[0] == "mem":
-        _, total, cache = line.strip().split("|")
-        mem[label[1]] = {"backend_bytes": int(total), "key_cache_bytes": int(cache)}; label = None
+        _, total, cache, anon = line.strip().split("|")
+        mem[label[1]] = {"backend_bytes": int(total), "key_cache_bytes": int(cache),
+                         "anonymous_bytes": int(anon or 0) * 1024}; label = None
 def load(name):
     a = open(f"{d}/{name}").read().split()
     return a
@@ -209,9 +213,10 @@ for t in sorted({k[0] for k in times}):
          "runs_ms": {k[1]: v for k, v in times.items() if k[0] == t}}
     r.update(mem.get(t, {}))
     res["tenants"].append(r)
-    print("tenants %6d: decrypt_text %8.3f us/row (%6.2fx T=%d), encrypt %8.3f us/row (%6.2fx); backend memory %.1f MB (key cache %.1f MB)"
+    print("tenants %6d: decrypt_text %8.3f us/row (%6.2fx T=%d), encrypt %8.3f us/row (%6.2fx); backend memory contexts %.1f MB (key cache %.1f MB), private anonymous memory %.1f MB"
           % (t, dec_us, dec_us / base[1], res["tenants"][0]["tenants"], enc_us, enc_us / base[0],
-             r.get("backend_bytes", 0) / 1048576.0, r.get("key_cache_bytes", 0) / 1048576.0))
+             r.get("backend_bytes", 0) / 1048576.0, r.get("key_cache_bytes", 0) / 1048576.0,
+             r.get("anonymous_bytes", 0) / 1048576.0))
 if default_size != "skipped":
     res["kms"] = {"tenants": int(kms_t), "default_cache_size": default_size, "scans": 2,
                   "rows_per_scan": rows, "decrypt_calls": int(kms_calls), "ms": int(kms_ms),
