@@ -7,6 +7,7 @@
  * value or a key byte.
  */
 #include "pg_envelope.h"
+#include "tenant_name.h"
 
 #include "access/htup_details.h"
 #include "commands/trigger.h"
@@ -17,6 +18,8 @@
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+
+#include "audit.h"
 
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
@@ -414,6 +417,13 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TenantRecord existing;
 
+	tenant_name_check_new(tenant, strlen(tenant));
+	/*
+	 * One creation of a name at a time: a concurrent creator waits here until the
+	 * first commits, then finds the tenant below (the key store is read at the latest
+	 * snapshot) and fails with 42710, before any KMS call.
+	 */
+	tenant_name_lock_for_create(tenant, strlen(tenant));
 	/* The setting's check hook admits only registered providers. */
 	if (strcmp(provider, "local") != 0 && (kms_key == NULL || kms_key[0] == '\0'))
 		ereport(ERROR,
@@ -427,6 +437,7 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 
 	/* A concurrent create of the same name fails on the primary key when storing. */
 	new_data_key(tenant, 1, provider, kms_key, 0, store_first_key);
+	audit_log_key_action("create", tenant, 1, kms_key, NULL);
 	PG_RETURN_INT32(1);
 }
 
@@ -444,6 +455,7 @@ envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 				 errhint("Enable it before rotating its key.")));
 	version = keystore_max_version(tenant) + 1;
 	new_data_key(tenant, version, rec.kms_provider, rec.kms_key, rec.tenant_id, store_next_key);
+	audit_log_key_action("rotate", tenant, version, rec.kms_key, NULL);
 	PG_RETURN_INT32(version);
 }
 
@@ -454,6 +466,7 @@ envelope_disable_tenant(PG_FUNCTION_ARGS)
 
 	(void) lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_DISABLED);
+	audit_log_key_action("disable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
 }
 
@@ -464,6 +477,7 @@ envelope_enable_tenant(PG_FUNCTION_ARGS)
 
 	(void) lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_ACTIVE);
+	audit_log_key_action("enable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
 }
 
@@ -549,6 +563,7 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 		if (strcmp(arn, key->kms_key) != 0)
 		{
 			keystore_set_wrapping(key->tenant, key->version, arn, new_wrapped);
+			audit_log_key_action("rewrap", key->tenant, key->version, arn, NULL);
 			moved++;
 		}
 		if (last_tenant == NULL || strcmp(last_tenant, key->tenant) != 0)

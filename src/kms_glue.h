@@ -59,4 +59,13 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
 
+/* The settings a provider call gets (for envelope.check). */
+extern void envelope_kms_config(KmsConfig *cfg);
+
+/*
+ * One data key made under `kms_key` and thrown away (wiped), for envelope.check():
+ * returns the status with *err filled instead of raising.
+ */
+extern KmsStatus envelope_kms_probe(const char *provider, const char *kms_key, KmsError *err);
+
 #endif							/* PG_ENVELOPE_KMS_GLUE_H */

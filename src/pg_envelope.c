@@ -13,6 +13,8 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "inventory.h"
+#include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
 
@@ -21,11 +23,13 @@ char	   *envelope_kms_key = NULL;
 char	   *envelope_aws_region = NULL;
 char	   *envelope_aws_endpoint = NULL;
 char	   *envelope_aws_profile = NULL;
+bool		envelope_aws_use_fips_endpoint = false;
 char	   *envelope_local_master_key_file = NULL;
 int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -103,6 +107,13 @@ define_settings(void)
 							   "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("envelope.aws_use_fips_endpoint",
+							 "Use the AWS KMS FIPS endpoint (kms-fips.<region>.amazonaws.com).",
+							 "As the AWS SDKs' AWS_USE_FIPS_ENDPOINT; envelope.aws_endpoint, when set, wins.",
+							 &envelope_aws_use_fips_endpoint,
+							 false,
+							 PGC_SUSET, GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 	DefineCustomStringVariable("envelope.local_master_key_file",
 							   "File holding the local provider's 32-byte master key.",
 							   "Must be outside the data directory and readable only by its owner.",
@@ -155,6 +166,7 @@ _PG_init(void)
 
 	if (process_shared_preload_libraries_in_progress)
 	{
+		envelope_preloaded = true;
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
 		prev_shmem_request_hook = shmem_request_hook;
 		shmem_request_hook = envelope_shmem_request;
@@ -172,5 +184,8 @@ _PG_init(void)
 				 errdetail("Data keys are cached in each backend separately, so every backend unwraps each key with the KMS again."),
 				 errhint("Add pg_envelope to shared_preload_libraries and restart the server to share one key cache.")));
 
+	plaintext_guard_install();
 	keycache_init_backend();
+	/* Registrations of encrypted columns are security labels of this provider. */
+	inventory_register_label_provider();
 }
