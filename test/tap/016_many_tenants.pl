@@ -73,7 +73,7 @@ $node->safe_psql('postgres', q{
 SELECT envelope.disable_tenant('many1');
 SELECT envelope.rotate_tenant_key('many3');
 SELECT envelope.retire_key_version('many3', 1);
-SELECT envelope.destroy_tenant('many4');
+SELECT envelope.destroy_tenant('many4', 'many4');
 });
 
 like(error_of($reader, decrypt_one(1)), qr/tenant "many1" is disabled/,
