@@ -34,7 +34,7 @@
 #
 # Prints one line per figure with its ratio to its baseline and writes
 # test/bench/out/results.json.  Figures are reported, never asserted.  The defaults take
-# about 6.5 minutes on a 2-vCPU machine; test/bench/RESULTS.md keeps the latest results.
+# about 6.5 minutes on a 2-vCPU machine, plus about 2 for the tenant sweep; test/bench/RESULTS.md keeps the latest results.
 #
 # Knobs (environment):
 #   BENCH_ROWS=1000000        rows of ~32-byte values
