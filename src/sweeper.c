@@ -4,8 +4,8 @@
  * Lookups zero the expired keys they meet, but a key that nobody asks for again would
  * stay in shared memory until the cache fills.  This worker wakes every tenth of
  * envelope.cache_ttl, but never more often than once a second nor less often than once
- * a minute, and zeroes what has expired.  It
- * needs no database connection and does no I/O while it holds the cache's lock.
+ * a minute, and zeroes what has expired.  It needs no database connection and does no
+ * I/O while it holds the cache's lock.
  */
 #include "pg_envelope.h"
 
