@@ -11,6 +11,7 @@
  * both tables (envelope_key_store_changed) tells every backend's key cache at commit.
  */
 #include "pg_envelope.h"
+#include "citus_support.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -106,6 +107,7 @@ keystore_enter(KeystoreSession *session)
 		(void) set_config_option("search_path", "pg_catalog, pg_temp",
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
+		citus_allow_nested_key_store_reads();
 	}
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
