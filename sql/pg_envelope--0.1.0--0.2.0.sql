@@ -1203,6 +1203,23 @@ BEGIN
         RETURN;
     END IF;
 
+    -- An update: Citus sends ALTER EXTENSION to the workers only after this script, but
+    -- converting a table needs its shell, at this version, on every worker.  Update
+    -- them first (as Citus itself would: propagation off there).
+    IF EXISTS (SELECT FROM pg_catalog.run_command_on_workers($cmd$
+        DO $w$ BEGIN
+            IF EXISTS (SELECT FROM pg_catalog.pg_extension
+                        WHERE extname OPERATOR(pg_catalog.=) 'pg_envelope'
+                          AND extversion OPERATOR(pg_catalog.<>) '0.2.0') THEN
+                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+                ALTER EXTENSION pg_envelope UPDATE TO '0.2.0';
+            END IF;
+        END $w$$cmd$) r WHERE NOT r.success) THEN
+        RAISE EXCEPTION 'could not update pg_envelope on every Citus worker'
+            USING ERRCODE = '55000',
+                  HINT = 'Run ALTER EXTENSION pg_envelope UPDATE TO ''0.2.0'' on each worker with citus.enable_ddl_propagation off, then here again.';
+    END IF;
+
     unsafe_triggers := pg_catalog.current_setting('citus.enable_unsafe_triggers');
     PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
     FOREACH rel IN ARRAY pending LOOP
