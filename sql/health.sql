@@ -42,7 +42,12 @@ SET envelope.local_master_key_file = '/nonexistent/master.key';
 SELECT name, status FROM envelope.check() WHERE name IN ('kms_reachable', 'local_master_key_file');
 RESET envelope.local_master_key_file;
 
--- Only envelope_admin may run it.
+-- Only envelope_admin may run it, and gets every row without superuser.
+CREATE ROLE regress_hc_admin IN ROLE envelope_admin;
+SET ROLE regress_hc_admin;
+SELECT name, status FROM envelope.check() WHERE status <> 'ok' OR name LIKE 'kms%';
+RESET ROLE;
+DROP ROLE regress_hc_admin;
 CREATE ROLE regress_hc_nobody;
 SET ROLE regress_hc_nobody;
 SELECT * FROM envelope.check();

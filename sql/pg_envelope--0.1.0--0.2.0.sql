@@ -42,9 +42,20 @@ CREATE TABLE envelope.column_usage (
     PRIMARY KEY (relid, attnum, tenant, version, format)
 );
 
--- Partial counts of a run in progress; a column's rows move to column_usage when its
--- scan is complete, so an interrupted run never leaves half a count visible.
-CREATE TABLE envelope.column_usage_scan (LIKE envelope.column_usage INCLUDING ALL);
+-- Partial counts of runs in progress, per backend so that concurrent runs never mix;
+-- a column's rows move to column_usage when its scan is complete, so an interrupted
+-- run never leaves half a count visible.  Rows of backends that are gone are left by
+-- interrupted runs and cleared by the next run.
+CREATE TABLE envelope.column_usage_scan (
+    pid         integer NOT NULL,
+    relid       oid NOT NULL,
+    attnum      smallint NOT NULL,
+    tenant      text NOT NULL,
+    version     integer NOT NULL,
+    format      smallint NOT NULL,
+    value_count bigint NOT NULL,
+    PRIMARY KEY (pid, relid, attnum, tenant, version, format)
+);
 
 COMMENT ON TABLE envelope.column_usage IS
     'pg_envelope: stored values per registered column, tenant, DEK version and format, as of the last envelope.count_key_usage()';
@@ -142,11 +153,10 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
     END IF;
-    -- One run at a time: two would mix their partial counts.
-    IF NOT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('envelope.count_key_usage')) THEN
-        RAISE EXCEPTION 'envelope.count_key_usage() is already running'
-            USING ERRCODE = '55006', HINT = 'Wait for the other run to finish.';
-    END IF;
+    DELETE FROM envelope.column_usage_scan s
+     WHERE s.pid = pg_catalog.pg_backend_pid()
+        OR NOT EXISTS (SELECT FROM pg_catalog.pg_stat_get_activity(s.pid));
+    COMMIT;
     FOR col IN
         SELECT e.relation, e.column_name, e.tenant_column, a.attnum
           FROM envelope.encrypted_columns e
@@ -154,8 +164,6 @@ BEGIN
          WHERE e.tenant_column IS NOT NULL
          ORDER BY e.relation::pg_catalog.oid, a.attnum
     LOOP
-        DELETE FROM envelope.column_usage_scan WHERE relid = col.relation AND attnum = col.attnum;
-        COMMIT;
         FOR part IN
             -- The table itself, or the leaves of a partitioned one (an empty tree).
             SELECT p.relid FROM (SELECT col.relation AS relid
@@ -174,21 +182,28 @@ BEGIN
             first_block := 0;
             WHILE first_block < total_blocks LOOP
                 INSERT INTO envelope.column_usage_scan AS s
-                    SELECT col.relation, col.attnum, u.tenant, u.version, u.format, u.value_count
+                    SELECT pg_catalog.pg_backend_pid(), col.relation, col.attnum,
+                           u.tenant, u.version, u.format, u.value_count
                       FROM envelope.scan_key_usage(part, col.column_name, col.tenant_column,
                                                    first_block, step) u
-                    ON CONFLICT (relid, attnum, tenant, version, format)
+                    ON CONFLICT (pid, relid, attnum, tenant, version, format)
                     DO UPDATE SET value_count = s.value_count + excluded.value_count;
                 first_block := first_block + step;
                 COMMIT;
             END LOOP;
         END LOOP;
-        -- The column's count is complete: publish it in one transaction.
+        -- The column's count is complete: publish it in one transaction (a concurrent
+        -- run publishing the same column waits, then replaces it).
+        LOCK TABLE envelope.column_usage IN SHARE ROW EXCLUSIVE MODE;
         DELETE FROM envelope.column_usage WHERE relid = col.relation AND attnum = col.attnum;
         INSERT INTO envelope.column_usage
-            SELECT * FROM envelope.column_usage_scan
-             WHERE relid = col.relation AND attnum = col.attnum;
-        DELETE FROM envelope.column_usage_scan WHERE relid = col.relation AND attnum = col.attnum;
+            SELECT s.relid, s.attnum, s.tenant, s.version, s.format, s.value_count
+              FROM envelope.column_usage_scan s
+             WHERE s.pid = pg_catalog.pg_backend_pid()
+               AND s.relid = col.relation AND s.attnum = col.attnum;
+        DELETE FROM envelope.column_usage_scan s
+         WHERE s.pid = pg_catalog.pg_backend_pid()
+           AND s.relid = col.relation AND s.attnum = col.attnum;
         INSERT INTO envelope.counted_column VALUES (col.relation, col.attnum, pg_catalog.now())
             ON CONFLICT (relid, attnum) DO UPDATE SET counted_at = excluded.counted_at;
         COMMIT;
@@ -206,7 +221,6 @@ BEGIN
                          JOIN pg_catalog.pg_attribute a
                            ON a.attrelid = e.relation AND a.attname = e.column_name
                         WHERE e.relation::pg_catalog.oid = c.relid AND a.attnum = c.attnum);
-    PERFORM pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('envelope.count_key_usage'));
     RAISE NOTICE 'counted % registered columns', columns_done;
 END
 $count_key_usage$;

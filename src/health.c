@@ -51,7 +51,7 @@ check_preload(CheckOutput *out)
 		report(out, "preload", "ok", "pg_envelope is in shared_preload_libraries.", NULL);
 	else
 		report(out, "preload", "error",
-			   "pg_envelope is not in shared_preload_libraries: every backend caches and unwraps keys on its own, and pg_dump's security labels cannot be restored.",
+			   "pg_envelope is not in shared_preload_libraries: every backend caches and unwraps keys on its own, and the sweeper that wipes expired keys does not run.",
 			   "Add pg_envelope to shared_preload_libraries and restart the server.");
 }
 
@@ -67,9 +67,8 @@ probe_master_key(void)
 					" ORDER BY created_at DESC LIMIT 1", true, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
 	{
-		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-
-		key = v ? MemoryContextStrdup(TopTransactionContext, v) : NULL;
+		/* SPI's memory lasts until envelope_check's SPI_finish, after the probe. */
+		key = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	}
 	return key;
 }
