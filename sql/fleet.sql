@@ -184,11 +184,26 @@ SELECT tenant, envelope.key_version(secret) = envelope.active_key_version(tenant
        count(*) FILTER (WHERE envelope.decrypt_text(tenant, secret, 'person.secret') = plain) AS decrypting
   FROM fleet_person GROUP BY 1, 2 ORDER BY 1, 2;
 
+-- The engine's SET clause: decrypt and encrypt again in one call.
+SELECT envelope.key_version(envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', 'x', 'c'), 'c'))
+       = envelope.active_key_version('fleet-1') AS under_active,
+       envelope.decrypt_text('fleet-1',
+           envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', 'x', 'c'), 'c'), 'c') AS same_plaintext,
+       envelope.reencrypt_value(NULL, '\x01'::bytea) IS NULL AS null_tenant,
+       envelope.reencrypt_value('fleet-1', NULL) IS NULL AS null_value;
+SELECT envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', 'x', 'c'), 'other');
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.reencrypt_value('fleet-1', envelope.encrypt_deterministic('fleet-1', 'x'));
+\echo :LAST_ERROR_SQLSTATE
+SELECT envelope.reencrypt_value('fleet-1', '\x0102'::bytea);
+\echo :LAST_ERROR_SQLSTATE
+
 -- The progress is for envelope_admin; PUBLIC sees nothing.
 SELECT has_table_privilege('envelope_admin', 'envelope.rotation_progress', 'SELECT') AS admin_reads,
        has_table_privilege('public', 'envelope.rotation_progress', 'SELECT') AS public_reads,
        has_function_privilege('envelope_admin', 'envelope.reencrypt_all(integer, integer)', 'EXECUTE') AS admin_calls,
-       has_function_privilege('public', 'envelope.rotate_keys(interval, text[])', 'EXECUTE') AS public_calls;
+       has_function_privilege('public', 'envelope.rotate_keys(interval, text[])', 'EXECUTE') AS public_calls,
+       has_function_privilege('envelope_user', 'envelope.reencrypt_value(text, bytea, text)', 'EXECUTE') AS user_reencrypts;
 
 SELECT envelope.unregister_column('fleet_person', 'secret'), envelope.unregister_column('fleet_person', 'email'),
        envelope.unregister_column('fleet_event', 'payload');

@@ -353,6 +353,13 @@ CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, active_version int
     AS 'MODULE_PATHNAME', 'envelope_needs_reencryption'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
+-- A randomized value decrypted and encrypted again under the tenant's active version
+-- in one call (the plaintext never becomes a Datum): the batch engine's SET clause.
+CREATE FUNCTION envelope.reencrypt_value(tenant text, ciphertext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_reencrypt_value'
+    LANGUAGE C VOLATILE PARALLEL SAFE CALLED ON NULL INPUT;
+
 CREATE TABLE envelope.rotation_run (
     run_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     procedure     text NOT NULL
@@ -668,12 +675,11 @@ BEGIN
 
     block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
     EXECUTE format(
-        'UPDATE %I.%I SET %I = envelope.encrypt(%I::pg_catalog.text,'
-        ' envelope.decrypt(%I::pg_catalog.text, %I, $1), $1)'
+        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
         ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
         '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
         '   AND envelope.needs_reencryption(%I, envelope.active_key_version(%I::pg_catalog.text))',
-        rel_schema, rel_name, col, tenant_col, tenant_col, col, col, tenant_col)
+        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
       USING t.context, t.done, block_end;
     GET DIAGNOSTICS moved = ROW_COUNT;
 
@@ -1083,6 +1089,7 @@ $$;
 
 REVOKE ALL ON FUNCTION
     envelope.needs_reencryption(bytea, integer),
+    envelope.reencrypt_value(text, bytea, text),
     envelope.rotation_run_is_live(integer, timestamptz),
     envelope.rotation_run_begin(text, jsonb),
     envelope.rotation_run_end(bigint),
@@ -1111,6 +1118,7 @@ REVOKE ALL ON PROCEDURE
 
 GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, integer) TO envelope_user;
 GRANT EXECUTE ON FUNCTION
+    envelope.reencrypt_value(text, bytea, text),
     envelope.rotation_run_is_live(integer, timestamptz),
     envelope.rotation_run_begin(text, jsonb),
     envelope.rotation_run_end(bigint),

@@ -1,4 +1,4 @@
-# 040_fleet_crash_resume.pl — rotate_keys, reencrypt_all and rewrap_keys survive a
+# 043_fleet_crash_resume.pl — rotate_keys, reencrypt_all and rewrap_keys survive a
 # server crash.
 #
 # Against moto through the fault proxy.  Each procedure is started in the background,

@@ -1,4 +1,4 @@
-# 041_fleet_concurrency.pl — reencrypt_all beside live traffic, and its interruptions.
+# 044_fleet_concurrency.pl — reencrypt_all beside live traffic, and its interruptions.
 #
 # With the local provider: a session that updates 10 % of the rows (half of them a new
 # encrypted value, half only another column) while reencrypt_all runs loses none of
@@ -52,7 +52,7 @@ sub on_active
 # ---------------------------------------------------------------------------
 # 10 % of the rows updated, one transaction each, while reencrypt_all runs.
 sql("CALL envelope.rotate_keys(older_than => '0')");
-my $reenc = start_sql($node, "CALL envelope.reencrypt_all(200, 8000)");
+my $reenc = start_sql($node, "CALL envelope.reencrypt_all(2000, 6000)");
 ok( wait_for(
 		$node,
 		"SELECT coalesce(bool_or(state = 'running'), false) FROM envelope.rotation_progress "
@@ -88,7 +88,7 @@ BEGIN
             COMMIT;
         END LOOP;
         passes := passes + 1;
-        EXIT WHEN passes >= 20 OR NOT EXISTS (
+        EXIT WHEN passes >= 100 OR NOT EXISTS (
             SELECT FROM envelope.rotation_progress
              WHERE procedure = 'reencrypt_all' AND state = 'running');
     END LOOP;
