@@ -10,7 +10,8 @@
  * Citus refuses unless citus.allow_nested_distributed_execution is on.  The read of a
  * reference table is safe to nest: Citus answers it from the node's own placement.
  * So the setting is turned on for the key store's own statements only, inside the
- * GUC nest level the key store opens for its search_path.
+ * GUC nest level the key store opens for its search_path (or one of its own in a
+ * parallel worker, where search_path is left alone).
  *
  * Writes.  Citus writes every placement of a reference table, the workers' in a
  * prepared transaction (two-phase commit), and the key-store triggers fire on the
@@ -36,11 +37,19 @@
 #define CITUS_NESTED_EXECUTION_GUC "citus.allow_nested_distributed_execution"
 
 void
-citus_allow_nested_key_store_reads(void)
+citus_allow_nested_key_store_reads(int *guc_nest_level)
 {
 	/* Defined only when the citus library is loaded. */
 	if (GetConfigOption(CITUS_NESTED_EXECUTION_GUC, true, false) == NULL)
 		return;
+
+	/*
+	 * A parallel worker of a query on a shard reads the key store too.  Settings
+	 * saved in a nest level may change in parallel mode (as a function's SET clause
+	 * does): the change is this process's own and is undone when the level closes.
+	 */
+	if (*guc_nest_level < 0)
+		*guc_nest_level = NewGUCNestLevel();
 	(void) set_config_option(CITUS_NESTED_EXECUTION_GUC, "on",
 							 PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);

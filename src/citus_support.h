@@ -8,10 +8,12 @@
 #include "utils/rel.h"
 
 /*
- * Allow the key store's reads of its reference tables from inside a query on a shard;
- * call after NewGUCNestLevel(), whose AtEOXact_GUC() undoes it.  No-op without Citus.
+ * Allow the key store's statements on its reference tables from inside a query on a
+ * shard, in the GUC nest level *guc_nest_level (opened here when it is -1), which the
+ * caller closes with AtEOXact_GUC().  Works in parallel workers too.  No-op without
+ * Citus.
  */
-extern void citus_allow_nested_key_store_reads(void);
+extern void citus_allow_nested_key_store_reads(int *guc_nest_level);
 
 /* Is `rel`, where a key-store trigger fired, a Citus shard placement of a key table? */
 extern bool citus_is_key_table_placement(Relation rel);

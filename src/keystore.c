@@ -107,8 +107,8 @@ keystore_enter(KeystoreSession *session)
 		(void) set_config_option("search_path", "pg_catalog, pg_temp",
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
-		citus_allow_nested_key_store_reads();
 	}
+	citus_allow_nested_key_store_reads(&session->guc_nest_level);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 }

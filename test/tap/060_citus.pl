@@ -134,6 +134,26 @@ for my $lookup (
 	is(on_coord($sql), '5|body 5', "lookup by $what finds the row");
 }
 
+# ---- Parallel query on the workers: the parallel workers read the key store too.
+my $parallel = q{parallel_setup_cost = 0, parallel_tuple_cost = 0, min_parallel_table_scan_size = 0,
+  force_parallel_mode = on};
+for my $setting (split /,\s*/, $parallel)
+{
+	on_coord("SELECT run_command_on_workers('ALTER SYSTEM SET $setting')");
+}
+on_coord(q{SELECT run_command_on_workers('SELECT pg_reload_conf()')});
+like(on_coord(q{EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
+  SELECT count(*) FROM docs WHERE envelope.decrypt_text(tenant, body) LIKE 'body%'}),
+	qr/Workers Launched: [1-9]/, 'the shard queries run with parallel workers');
+is(on_coord(q{SELECT count(*) FROM docs WHERE envelope.decrypt_text(tenant, body) LIKE 'body%'}),
+	'480', 'and decrypt there');
+for my $setting (split /,\s*/, $parallel)
+{
+	my ($name) = split / = /, $setting;
+	on_coord("SELECT run_command_on_workers('ALTER SYSTEM RESET $name')");
+}
+on_coord(q{SELECT run_command_on_workers('SELECT pg_reload_conf()')});
+
 # ---- 3. Cache statistics per node; cluster KMS calls = nodes x keys.
 on_coord(q{SELECT envelope.cache_flush();
            SELECT run_command_on_workers('SELECT envelope.cache_flush()')});
