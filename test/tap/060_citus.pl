@@ -263,6 +263,37 @@ is( on_coord(q{SELECT bool_and(success AND result::int >= 5)
   FROM run_command_on_workers('SELECT count(*) FROM envelope.audit_log')}),
 	't', 'the audit trail is a reference table: every worker reads the actions');
 
+# ---- A worker added later: Citus creates the extension there and copies the
+# reference tables; a tenant's shard moved to it decrypts there.
+my $w3 = PostgreSQL::Test::Cluster->new('worker3');
+$w3->init;
+$w3->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'citus,pg_envelope'
+envelope.local_master_key_file = '$keyfile'
+listen_addresses = '127.0.0.1'
+max_prepared_transactions = 20
+log_min_messages = warning
+});
+$w3->start;
+$w3->safe_psql('postgres', 'CREATE EXTENSION citus');
+$w3->reload;
+on_coord(sprintf(q{
+SELECT citus_add_node('127.0.0.1', %d);
+SELECT replicate_reference_tables('block_writes');
+SELECT citus_move_shard_placement(get_shard_id_for_distribution_column('docs', '%s'),
+    '127.0.0.1', %d, '127.0.0.1', %d, shard_transfer_mode => 'block_writes');
+}, $w3->port, $tw2, $w2->port, $w3->port));
+is( $w3->safe_psql('postgres', q{
+SET citus.override_table_visibility TO off;
+SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+ WHERE c.relname ~ '^(tenant|data_key)_[0-9]+$' AND t.tgname ~ '^key_store_changed'}),
+	'4', 'the added worker has the key tables with their triggers');
+is(on_coord("SELECT count(*) FROM docs WHERE tenant = '$tw2' AND envelope.decrypt_text(tenant, body) IS NOT NULL"),
+	on_coord("SELECT count(*) FROM docs WHERE tenant = '$tw2'"),
+	'the tenant moved to the added worker decrypts there');
+ok($w3->safe_psql('postgres', 'SELECT kms_decrypt_calls FROM envelope.cache_stats') > 0,
+	'the added worker unwrapped the key itself');
+
 # ---- ALTER EXTENSION UPDATE from 0.1.0 on a Citus cluster (another database): the
 # workers are updated first, the tables become reference tables, the keys made under
 # 0.1.0 decrypt on the workers.
