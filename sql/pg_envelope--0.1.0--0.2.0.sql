@@ -1242,6 +1242,15 @@ BEGIN
                   HINT = 'Run ALTER EXTENSION pg_envelope UPDATE TO ''0.2.0'' on each worker with citus.enable_ddl_propagation off, then here again.';
     END IF;
 
+    -- The coordinator's caches learn of changes made by hand from the triggers on its
+    -- copy, and it reads its copy instead of asking a worker.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_dist_node n
+                    WHERE n.groupid OPERATOR(pg_catalog.=) 0) THEN
+        RAISE WARNING 'the Citus coordinator is not in the metadata: it will hold no copy of the pg_envelope key tables'
+            USING DETAIL = 'Its sessions then read the key tables from a worker, and changes made to the key tables by hand do not reach their caches.',
+                  HINT = 'Run SELECT citus_set_coordinator_host(...) and then SELECT replicate_reference_tables().';
+    END IF;
+
     unsafe_triggers := pg_catalog.current_setting('citus.enable_unsafe_triggers');
     PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
     FOREACH rel IN ARRAY pending LOOP

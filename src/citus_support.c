@@ -22,6 +22,9 @@
  * the node, whose key cache then re-reads states (keycache.c, the relcache callback),
  * the same way a hot standby learns of a change.
  *
+ * The extension's own writes also invalidate the key tables directly, for a
+ * coordinator that holds no copy of them (see citus_note_key_store_write).
+ *
  * Nothing here needs Citus's headers or library: the setting is looked up by name and
  * placements are told apart by their relation name.
  */
@@ -36,11 +39,17 @@
 
 #define CITUS_NESTED_EXECUTION_GUC "citus.allow_nested_distributed_execution"
 
+/* The citus library is loaded (it defines its settings when it is). */
+static bool
+citus_loaded(void)
+{
+	return GetConfigOption(CITUS_NESTED_EXECUTION_GUC, true, false) != NULL;
+}
+
 void
 citus_allow_nested_key_store_reads(int *guc_nest_level)
 {
-	/* Defined only when the citus library is loaded. */
-	if (GetConfigOption(CITUS_NESTED_EXECUTION_GUC, true, false) == NULL)
+	if (!citus_loaded())
 		return;
 
 	/*
@@ -82,4 +91,16 @@ citus_invalidate_key_tables(void)
 		if (OidIsValid(relid))
 			CacheInvalidateRelcacheByRelid(relid);
 	}
+}
+
+/*
+ * The triggers fire on the copies Citus writes.  A coordinator that holds none (it is
+ * not in Citus's metadata) still has sessions with caches: the extension's own
+ * changes reach them this way.  Hand edits of the key tables there do not.
+ */
+void
+citus_note_key_store_write(void)
+{
+	if (citus_loaded())
+		citus_invalidate_key_tables();
 }

@@ -24,4 +24,10 @@ extern bool citus_is_key_table_placement(Relation rel);
  */
 extern void citus_invalidate_key_tables(void);
 
+/*
+ * The key store was written through Citus: invalidate the key tables here too, since
+ * a coordinator without a copy of them has no trigger that fires.  No-op without Citus.
+ */
+extern void citus_note_key_store_write(void);
+
 #endif							/* CITUS_SUPPORT_H */

@@ -318,6 +318,7 @@ keystore_modify(const char *sql, int nargs, Oid *argtypes, Datum *values, const 
 		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
 	processed = SPI_processed;
 	keystore_leave(&session);
+	citus_note_key_store_write();
 	return processed;
 }
 
