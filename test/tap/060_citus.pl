@@ -40,7 +40,13 @@ log_min_messages = warning
 	push @nodes, $node;
 }
 my ($coord, $w1, $w2) = @nodes;
-$_->reload for @nodes;    # the ssl settings CREATE EXTENSION citus wrote
+# CREATE EXTENSION citus turned ssl on and asked for a reload, which takes effect a
+# moment later: the coordinator's connections require TLS.
+for my $node (@nodes)
+{
+	$node->poll_query_until('postgres', 'SHOW ssl', 'on')
+	  or die $node->name . ': ssl did not come on';
+}
 
 $coord->safe_psql('postgres', sprintf(q{
 SELECT citus_set_coordinator_host('127.0.0.1', %d);
@@ -276,7 +282,7 @@ log_min_messages = warning
 });
 $w3->start;
 $w3->safe_psql('postgres', 'CREATE EXTENSION citus');
-$w3->reload;
+$w3->poll_query_until('postgres', 'SHOW ssl', 'on') or die 'worker3: ssl did not come on';
 on_coord(sprintf(q{
 SELECT citus_add_node('127.0.0.1', %d);
 SELECT replicate_reference_tables('block_writes');
@@ -322,6 +328,32 @@ is($coord->safe_psql('upd', q{SELECT string_agg(result, ',') FROM run_command_on
 	'0.2.0,0.2.0', 'the workers are at 0.2.0');
 is($coord->safe_psql('upd', q{SELECT count(*) FROM d WHERE envelope.decrypt_text(tenant, v) = 'old ' || substr(tenant, 2)}),
 	'6', 'values encrypted under 0.1.0 decrypt on the workers after the update');
+
+# ---- A coordinator not in the metadata (another database): no copy of the key tables
+# on it, a warning at install, and revocation still reaching its sessions.
+for my $node ($w1, $w2, $coord)
+{
+	$node->safe_psql('postgres', 'CREATE DATABASE nocoord');
+	$node->safe_psql('nocoord', 'CREATE EXTENSION citus');
+}
+$coord->safe_psql('nocoord', sprintf(q{
+SELECT citus_add_node('127.0.0.1', %d);
+SELECT citus_add_node('127.0.0.1', %d);
+}, $w1->port, $w2->port));
+$stderr = '';
+$coord->psql('nocoord', 'CREATE EXTENSION pg_envelope', stderr => \$stderr, on_error_die => 1);
+like($stderr, qr/WARNING:  the Citus coordinator is not in the metadata/,
+	'the install warns when the coordinator is not in the metadata');
+$coord->safe_psql('nocoord', q{SELECT envelope.create_tenant('n1')});
+my $nsession = $coord->background_psql('nocoord', on_error_stop => 0);
+is($nsession->query(q{SELECT envelope.decrypt_text('n1', envelope.encrypt('n1', 'x'))}), 'x',
+	'a coordinator session encrypts and decrypts');
+$coord->safe_psql('nocoord', q{SELECT envelope.disable_tenant('n1')});
+$nsession->{stderr} = '';
+$nsession->query(q{SELECT envelope.encrypt('n1', 'x')});
+like($nsession->{stderr}, qr/tenant "n1" is disabled/,
+	'disable_tenant reaches the coordinator\'s sessions without a copy of the key tables');
+$nsession->quit;
 
 my $elapsed = time - $started;
 diag(sprintf('the Citus test took %.0f s', $elapsed));
