@@ -50,6 +50,11 @@ fill_config(KmsConfig *cfg)
 	cfg->aws_endpoint = envelope_aws_endpoint;
 	cfg->aws_use_fips_endpoint = envelope_aws_use_fips_endpoint;
 	cfg->aws_profile = envelope_aws_profile;
+	cfg->kmip_host = envelope_kmip_host;
+	cfg->kmip_port = envelope_kmip_port;
+	cfg->kmip_ca_file = envelope_kmip_ca_file;
+	cfg->kmip_cert_file = envelope_kmip_cert_file;
+	cfg->kmip_key_file = envelope_kmip_key_file;
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;
 	cfg->interrupted = backend_interrupted;
