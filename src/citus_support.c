@@ -20,7 +20,9 @@
  * takes another route: a relcache invalidation of the key tables.  PostgreSQL keeps
  * it with the prepared transaction and sends it at COMMIT PREPARED to every backend of
  * the node, whose key cache then re-reads states (keycache.c, the relcache callback),
- * the same way a hot standby learns of a change.
+ * the same way a hot standby learns of a change; and, as on a standby, each backend
+ * that takes the invalidation bumps the shared generation, so the tenant states
+ * cached in shared memory are re-read too (keycache.c).
  *
  * The extension's own writes also invalidate the key tables directly, for a
  * coordinator that holds no copy of them (see citus_note_key_store_write).
@@ -39,9 +41,9 @@
 
 #define CITUS_NESTED_EXECUTION_GUC "citus.allow_nested_distributed_execution"
 
-/* The citus library is loaded (it defines its settings when it is). */
-static bool
-citus_loaded(void)
+/* Citus defines its settings when its library is loaded. */
+bool
+citus_is_loaded(void)
 {
 	return GetConfigOption(CITUS_NESTED_EXECUTION_GUC, true, false) != NULL;
 }
@@ -49,7 +51,7 @@ citus_loaded(void)
 void
 citus_allow_nested_key_store_reads(int *guc_nest_level)
 {
-	if (!citus_loaded())
+	if (!citus_is_loaded())
 		return;
 
 	/*
@@ -101,6 +103,6 @@ citus_invalidate_key_tables(void)
 void
 citus_note_key_store_write(void)
 {
-	if (citus_loaded())
+	if (citus_is_loaded())
 		citus_invalidate_key_tables();
 }

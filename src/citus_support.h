@@ -7,6 +7,9 @@
 
 #include "utils/rel.h"
 
+/* Is the citus library loaded in this backend? */
+extern bool citus_is_loaded(void);
+
 /*
  * Allow the key store's statements on its reference tables from inside a query on a
  * shard, in the GUC nest level *guc_nest_level (opened here when it is -1), which the

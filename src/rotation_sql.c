@@ -118,7 +118,8 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 		uint8		nonce[CIPHER_NONCE_LEN];
 
 		cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant),
-													 VARSIZE_ANY_EXHDR(tenant), version),
+													 VARSIZE_ANY_EXHDR(tenant), version,
+													 CIPHER_USE_DECRYPT),
 							&binding, in, in_len, plain);
 		if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
 			ereport(ERROR,
