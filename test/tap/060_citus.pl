@@ -148,9 +148,11 @@ for my $setting (split /,\s*/, $parallel)
 	on_coord("SELECT run_command_on_workers('ALTER SYSTEM SET $setting')");
 }
 on_coord(q{SELECT run_command_on_workers('SELECT pg_reload_conf()')});
-like(on_coord(q{EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
+# Every task shown: under load some tasks find no free worker process and run alone.
+like(on_coord(q{SET citus.explain_all_tasks = on;
+EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
   SELECT count(*) FROM docs WHERE envelope.decrypt_text(tenant, body) LIKE 'body%'}),
-	qr/Workers Launched: [1-9]/, 'the shard queries run with parallel workers');
+	qr/Workers Launched: [1-9]/, 'shard queries run with parallel workers');
 is(on_coord(q{SELECT count(*) FROM docs WHERE envelope.decrypt_text(tenant, body) LIKE 'body%'}),
 	'480', 'and decrypt there');
 for my $setting (split /,\s*/, $parallel)
