@@ -381,7 +381,7 @@ new_data_key(const char *tenant, int32 version, const char *provider, const char
 	{
 		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
 		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
-		keycache_prime(tenant_id, (uint32) version, wrapped, dek);
+		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek);
 	}
 	PG_FINALLY();
 	{

@@ -117,6 +117,9 @@ l1_front_clear(void)
 	memset(l1_front, 0, sizeof(l1_front));
 }
 
+/* The shared revocation epoch this backend's L1 copies were checked against. */
+static uint64 l1_revocation_epoch = 0;
+
 /* Bumped by invalidation callbacks; combined with the shared generation. */
 static uint64 l1_local_generation = 0;
 static bool l1_synced_with_standby = false;
@@ -141,6 +144,24 @@ l1_free_versions(LocalTenant *lt)
 	for (int i = 0; i < lt->nversions; i++)
 		cipher_key_free(&lt->versions[i].key);
 	lt->nversions = 0;
+}
+
+/*
+ * Make every key in L1 expired, as if its shared copy had: the next use of each frees
+ * its contexts and fetches the DEK again (l1_fill).  Entries and pointers stay valid.
+ */
+static void
+l1_expire_all(void)
+{
+	HASH_SEQ_STATUS scan;
+	LocalTenant *lt;
+
+	if (local_tenants == NULL)
+		return;
+	hash_seq_init(&scan, local_tenants);
+	while ((lt = hash_seq_search(&scan)) != NULL)
+		for (int i = 0; i < lt->nversions; i++)
+			lt->versions[i].expires_at = 0;
 }
 
 static void
@@ -312,6 +333,17 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		last_tenant = lt;
 		last_tenant_len = tenant_len;
 		return lt;
+	}
+
+	/*
+	 * The generation changed.  If a master key was refused meanwhile (the epoch is
+	 * bumped before the generation), no copy in L1 may be used again: each must come
+	 * from L2 or the KMS, which now refuses it.
+	 */
+	if (l2_revocation_epoch() != l1_revocation_epoch)
+	{
+		l1_revocation_epoch = l2_revocation_epoch();
+		l1_expire_all();
 	}
 
 	envelope_check_tenant(tenant, tenant_len);

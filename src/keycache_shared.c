@@ -45,6 +45,7 @@
 #include <sys/mman.h>
 
 #include "keycache_shared.h"
+#include "kms_recheck.h"
 
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -87,6 +88,7 @@ typedef struct SharedKeyEntry
 	bool		doomed;			/* purged or flushed while loading: drop on arrival */
 	uint32		load_seq;		/* which load attempt this state belongs to */
 	int			failed_sqlstate;
+	int32		master_key;		/* kms_recheck slot of its master key, or NO_SLOT */
 	TimestampTz loaded_at;
 	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
 } SharedKeyEntry;
@@ -164,6 +166,7 @@ typedef struct KeyCacheShared
 	LWLock	   *lock;
 	ConditionVariable loaded_cv;
 	pg_atomic_uint64 generation;
+	pg_atomic_uint64 revocation_epoch;	/* bumped when a master key is refused */
 	int			capacity;
 	SlotRing	key_ring;
 	SlotRing	tenant_ring;
@@ -220,6 +223,16 @@ stats_end(void)
 {
 	if (shared != NULL)
 		SpinLockRelease(&shared->stats_mutex);
+}
+
+uint64
+l2_revocation_epoch(void)
+{
+	if (shared == NULL)
+		return 0;
+	/* Read after the generation that announced it (see l2_evict_master_key). */
+	pg_read_barrier();
+	return pg_atomic_read_u64(&shared->revocation_epoch);
 }
 
 void
@@ -413,6 +426,7 @@ keycache_shmem_startup(void)
 		shared->lock = &(GetNamedLWLockTranche("pg_envelope"))->lock;
 		ConditionVariableInit(&shared->loaded_cv);
 		pg_atomic_init_u64(&shared->generation, 0);
+		pg_atomic_init_u64(&shared->revocation_epoch, 0);
 		shared->capacity = capacity;
 		ring_init(&shared->key_ring, capacity);
 		ring_init(&shared->tenant_ring, capacity);
@@ -659,6 +673,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 		entry->doomed = false;
 		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
 		entry->failed_sqlstate = 0;
+		entry->master_key = KMS_RECHECK_NO_SLOT;
 		entry->loaded_at = 0;
 		*load_seq = entry->load_seq;
 		LWLockRelease(shared->lock);
@@ -673,7 +688,8 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
  * the key, so a waiter takes over the load rather than inherit our cancel.
  */
 static void
-shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate)
+shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate,
+				   int32 master_key)
 {
 	SharedKeyEntry *entry;
 
@@ -690,6 +706,7 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 		{
 			memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
 			entry->state = SKEY_READY;
+			entry->master_key = master_key;
 			entry->loaded_at = GetCurrentTimestamp();
 		}
 		else
@@ -751,15 +768,19 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
  * that is never used again and simply ages out.
  */
 void
-keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
-			   const uint8 dek[KMS_DEK_LEN])
+keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
+			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
+	int32		master_key;
 
 	if (shared == NULL)
 		return;
+	master_key = kms_recheck_track(provider, key_arn, tenant, version,
+								   (const uint8 *) VARDATA_ANY(wrapped),
+								   VARSIZE_ANY_EXHDR(wrapped));
 	make_tag(&tag, tenant_id, version, l2_wrapped_hash(wrapped));
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
@@ -773,6 +794,7 @@ keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
 		entry->doomed = false;
 		entry->load_seq = 0;
 		entry->failed_sqlstate = 0;
+		entry->master_key = master_key;
 		entry->loaded_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(shared->lock);
@@ -928,8 +950,18 @@ keycache_backend_exit(int code, Datum arg)
 	if (inflight_active && shared != NULL)
 	{
 		inflight_active = false;
-		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN);
+		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN,
+						   KMS_RECHECK_NO_SLOT);
 	}
+}
+
+/* The master key of a DEK the KMS just unwrapped: to be re-checked by the worker. */
+static int32
+track_master_key(const char *tenant, uint32 version, const DataKeyRecord *rec)
+{
+	return kms_recheck_track(rec->kms_provider, rec->kms_key, tenant, version,
+							 (const uint8 *) VARDATA_ANY(rec->wrapped),
+							 VARSIZE_ANY_EXHDR(rec->wrapped));
 }
 
 void
@@ -964,6 +996,7 @@ l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRe
 	{
 		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
 							 rec->wrapped, dek);
+		(void) track_master_key(tenant, version, rec);
 		return;
 	}
 
@@ -989,13 +1022,13 @@ l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRe
 		MemoryContextSwitchTo(caller_cxt);
 		edata = CopyErrorData();
 		inflight_active = false;
-		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode);
+		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode, KMS_RECHECK_NO_SLOT);
 		FreeErrorData(edata);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 	inflight_active = false;
-	shared_finish_load(&tag, load_seq, dek, 0);
+	shared_finish_load(&tag, load_seq, dek, 0, track_master_key(tenant, version, rec));
 }
 
 /* Zero every key of the current database; loads in flight are dropped on arrival. */
@@ -1023,6 +1056,48 @@ l2_flush_database(void)
 	}
 	LWLockRelease(shared->lock);
 	pg_atomic_fetch_add_u64(&shared->generation, 1);
+}
+
+/*
+ * The KMS refused the master key of kms_recheck slot `master_key`: zero every DEK under
+ * it, in every database, and those whose master key is not tracked (to be safe); loads
+ * in flight are dropped on arrival.  Then every backend's next row sees a new
+ * generation and, with it, a new revocation epoch, and drops its first-level copies.
+ * Exclusive lock, no I/O.  The generation is bumped after the epoch (both full
+ * barriers), so a backend that sees the new generation sees the new epoch.
+ */
+void
+l2_evict_master_key(int master_key, bool newly_refused)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+	int			removed = 0;
+
+	if (shared == NULL)
+		return;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else if (entry->state == SKEY_READY &&
+				 (entry->master_key == master_key || entry->master_key == KMS_RECHECK_NO_SLOT))
+		{
+			shared_remove_entry(entry);
+			removed++;
+		}
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0 || newly_refused)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evictions += removed;
+		stats_end();
+		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
+	}
 }
 
 /*

@@ -33,6 +33,12 @@ extern bool l2_available(void);
 /* The shared generation (this backend's without preload): one atomic read.  Any call. */
 extern uint64 l2_generation(void);
 
+/*
+ * Bumped (before the generation) whenever a master key is refused and its DEKs are
+ * evicted: a backend that sees it change drops every first-level copy.  Any call.
+ */
+extern uint64 l2_revocation_epoch(void);
+
 /* Make every tenant state read before now stale, in every backend.  Any call. */
 extern void l2_bump_generation(void);
 

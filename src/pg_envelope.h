@@ -34,6 +34,7 @@ extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
+extern int	envelope_kms_recheck_interval;
 extern bool envelope_preloaded;
 
 /* ---- sweeper.c ---- */
