@@ -40,6 +40,7 @@ PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
 PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
+PG_FUNCTION_INFO_V1(envelope_cache_stats_v3);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
@@ -590,6 +591,7 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
  */
 #define CACHE_STATS_COLUMNS_V1 12
 #define CACHE_STATS_COLUMNS_V2 15
+#define CACHE_STATS_COLUMNS_V3 16	/* + graced_loads */
 
 static Datum
 cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
@@ -597,8 +599,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
 	KmsCallStats k;
-	Datum		values[CACHE_STATS_COLUMNS_V2];
-	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
+	Datum		values[CACHE_STATS_COLUMNS_V3];
+	bool		nulls[CACHE_STATS_COLUMNS_V3] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -633,6 +635,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 		else
 			nulls[14] = true;
 	}
+	if (ncolumns > CACHE_STATS_COLUMNS_V2)
+		values[15] = Int64GetDatum(s.graced_loads);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -643,11 +647,18 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
 }
 
-/* envelope.cache_stats() of 0.2.0. */
+/* envelope.cache_stats() of 0.2.0 before graced_loads. */
 Datum
 envelope_cache_stats_v2(PG_FUNCTION_ARGS)
 {
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
+}
+
+/* envelope.cache_stats() of 0.2.0. */
+Datum
+envelope_cache_stats_v3(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V3);
 }
 
 /*

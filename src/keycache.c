@@ -506,7 +506,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	KeyState	state;
 	uint64		hash;
 	uint8		dek[KMS_DEK_LEN];
-	TimestampTz loaded_at;
+	TimestampTz expires_at;
 	TimestampTz now = GetCurrentStatementStartTimestamp();
 	bool		have_dek = false;
 	CipherStatus cs;
@@ -568,7 +568,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 
 	if (l2_available())
 	{
-		have_dek = l2_peek_key(tenant_id, version, hash, dek, &loaded_at);
+		have_dek = l2_peek_key(tenant_id, version, hash, dek, &expires_at);
 		if (have_dek)
 			l2_count_lookup(true);
 	}
@@ -582,7 +582,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				elog(ERROR, "key version %u of tenant \"%s\" changed while it was read",
 					 version, tenant);
 		}
-		l2_load_key(tenant, tenant_id, version, &rec.key, dek, &loaded_at);
+		l2_load_key(tenant, tenant_id, version, &rec.key, dek, &expires_at);
 		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
 		if (lt == NULL || lt->tenant_id != tenant_id ||
 			(lv = l1_find_version(lt, version)) == NULL)
@@ -601,12 +601,8 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				 errmsg("could not set up a cipher context for a data key"),
 				 errhidestmt(true)));
 	/* Several contexts may come from several shared copies: the earliest expiry rules. */
-	{
-		TimestampTz expires = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
-
-		if (lv->expires_at == 0 || lv->expires_at <= now || expires < lv->expires_at)
-			lv->expires_at = expires;
-	}
+	if (lv->expires_at == 0 || lv->expires_at <= now || expires_at < lv->expires_at)
+		lv->expires_at = expires_at;
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
 	return &lv->key;

@@ -32,6 +32,7 @@ typedef struct KeyCacheStats
 	int64		misses;
 	int64		evictions;		/* DEKs removed to make room, or expired */
 	int64		evicted_reloads;	/* unwrapped again within cache_ttl of an eviction */
+	int64		graced_loads;	/* KMS unreachable: an expired key served (cache_grace) */
 	bool		shared;			/* false without shared_preload_libraries */
 } KeyCacheStats;
 

@@ -33,6 +33,7 @@ char	   *envelope_kmip_cert_file = NULL;
 char	   *envelope_kmip_key_file = NULL;
 int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
+int			envelope_cache_grace = 0;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
 int			envelope_kms_recheck_interval = 300;
@@ -170,6 +171,13 @@ define_settings(void)
 							&envelope_cache_ttl,
 							3600, 1, 7 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.cache_grace",
+							"How long past envelope.cache_ttl a cached data key may still be used while the KMS cannot be reached.",
+							"Only network errors, 5xx answers, timeouts and throttling are graced, never a refusal.  0 turns it off.",
+							&envelope_cache_grace,
+							0, 0, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.kms_timeout",
 							"Time limit for one KMS request.",
