@@ -19,6 +19,13 @@
  * WAL-logged with the commit: on a hot standby the callback below marks each
  * backend's L1, and the tenant states in shared memory, stale when the commit is
  * replayed.
+ *
+ * Revocation in the KMS: when the background worker finds a master key refused
+ * (kms_recheck.c), it evicts the key's DEKs from L2 and bumps the shared revocation
+ * epoch and then the generation.  The next row of every backend misses on the
+ * generation; on that slow path a changed epoch expires every key in L1, so each is
+ * fetched again from L2 or the KMS, which refuses it.  The per-row path reads nothing
+ * more than before.
  */
 #include "pg_envelope.h"
 

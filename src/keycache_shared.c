@@ -31,7 +31,10 @@
  *     load is reported to the backends that waited for it and retried by the next
  *     caller.
  *   - the shared generation is an atomic counter read without the lock; see
- *     keycache.c for who bumps it.
+ *     keycache.c for who bumps it.  So is the revocation epoch, bumped (before the
+ *     generation) when the worker evicts the DEKs of a master key the KMS refused;
+ *     the table of master keys in use has a lock of its own (kms_recheck.c), never
+ *     taken together with this one.
  *
  * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
  * keys are zeroed by the next lookup that meets them (with envelope.cache_grace, that
