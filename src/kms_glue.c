@@ -333,6 +333,33 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 	kms_call_end(&call, status, dek);
 }
 
+KmsStatus
+envelope_kms_check_decrypt(const char *provider_name, const char *kms_key,
+						   const char *tenant_utf8, uint32 version,
+						   const uint8 *wrapped, size_t wrapped_len,
+						   bool (*interrupted) (void), KmsError *err)
+{
+	const KmsProvider *provider = kms_find_provider(provider_name);
+	KmsConfig	cfg;
+	KmsEncryptionContext ec;
+	uint8		dek[KMS_DEK_LEN];
+	KmsStatus	status;
+	instr_time	start;
+
+	memset(err, 0, sizeof(*err));
+	if (provider == NULL)
+		return kms_set_error(err, KMS_ERR_CONFIG, NULL, "unknown KMS provider");
+	fill_config(&cfg);
+	cfg.interrupted = interrupted;
+	ec.tenant = tenant_utf8;
+	ec.version = version;
+	INSTR_TIME_SET_CURRENT(start);
+	status = provider->decrypt(&cfg, kms_key, &ec, wrapped, wrapped_len, dek, err);
+	record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
+	explicit_bzero(dek, sizeof(dek));
+	return status;
+}
+
 /*
  * Re-wrap a stored DEK under another master key inside the KMS; the plaintext DEK never
  * reaches this process.  Returns the new wrapped DEK; *dest_key_arn receives the
