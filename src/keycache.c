@@ -995,7 +995,8 @@ l1_key(LocalTenant *lt, uint32 version)
 	if (cs != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not initialize AES-256-GCM")));
+				 errmsg("could not initialize AES-256-GCM"),
+				 errhidestmt(true)));
 	lv->has_key = true;
 	lv->state = KEY_ACTIVE;
 	lv->expires_at = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
