@@ -1,5 +1,5 @@
 #!/bin/bash
-# Write the frozen value corpus of test/tap/015_value_corpus.pl: key-store rows and
+# Write the frozen value corpus of test/tap/018_value_corpus.pl: key-store rows and
 # values made by the code of this tree, under the fixed TEST master key in
 # master.key.hex (a published test key: it protects nothing).
 #
