@@ -120,3 +120,19 @@ SELECT try_decrypt_detail(:'keydir' || '/master.key') AS the_right_key;
 RESET envelope.local_master_key_file;
 DROP FUNCTION try_decrypt_detail(text);
 
+
+-- A wrapped DEK that does not unwrap: the KMS binds tenant and version, so a wrapped
+-- key moved to another tenant (by hand, or by a restore gone wrong) is refused as
+-- corrupted, XX001, and nothing decrypts under it.
+SELECT envelope.create_tenant('moved_from') IS NOT NULL AS created,
+       envelope.create_tenant('moved_to') IS NOT NULL AS created;
+CREATE TEMP TABLE saved_key AS
+SELECT wrapped_dek FROM envelope.data_key WHERE tenant = 'moved_to';
+UPDATE envelope.data_key SET wrapped_dek = (SELECT wrapped_dek FROM envelope.data_key
+                                             WHERE tenant = 'moved_from')
+ WHERE tenant = 'moved_to';
+SELECT envelope.encrypt('moved_to', 'x') IS NOT NULL AS encrypted;
+\echo :LAST_ERROR_SQLSTATE
+UPDATE envelope.data_key SET wrapped_dek = (SELECT wrapped_dek FROM saved_key)
+ WHERE tenant = 'moved_to';
+SELECT envelope.decrypt_text('moved_to', envelope.encrypt('moved_to', 'restored')) AS restored;

@@ -164,6 +164,11 @@ is_printable_line(const char *s)
 /*
  * Read a whole small file into a NUL-terminated malloc'd buffer.  *alloc_len gets the
  * allocation size for wiping.  Returns NULL with errno set on failure.
+ *
+ * A character device is read as a stream up to maxlen bytes: SDK users switch the
+ * shared files off with AWS_SHARED_CREDENTIALS_FILE=/dev/null (and AWS_CONFIG_FILE),
+ * which the SDKs read as empty files.  Other non-regular files (directories, FIFOs,
+ * whose open can block) are refused.
  */
 static char *
 read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
@@ -171,26 +176,39 @@ read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
 	int			fd;
 	struct stat st;
 	char	   *buf;
+	size_t		capacity;
 	size_t		len = 0;
+	bool		stream;
 
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0)
 		return NULL;
-	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (size_t) st.st_size > maxlen)
+	if (fstat(fd, &st) != 0)
 	{
+		int			save_errno = errno;
+
 		close(fd);
-		errno = EFBIG;
+		errno = save_errno;
 		return NULL;
 	}
-	buf = malloc((size_t) st.st_size + 1);
+	stream = S_ISCHR(st.st_mode);
+	if (!stream && (!S_ISREG(st.st_mode) || (size_t) st.st_size > maxlen))
+	{
+		close(fd);
+		errno = S_ISREG(st.st_mode) ? EFBIG : EINVAL;
+		return NULL;
+	}
+	/* One more byte than allowed, so that a stream longer than maxlen is noticed. */
+	capacity = stream ? maxlen + 1 : (size_t) st.st_size;
+	buf = malloc(capacity + 1);
 	if (buf == NULL)
 	{
 		close(fd);
 		return NULL;
 	}
-	while (len < (size_t) st.st_size)
+	while (len < capacity)
 	{
-		ssize_t		r = read(fd, buf + len, (size_t) st.st_size - len);
+		ssize_t		r = read(fd, buf + len, capacity - len);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -199,8 +217,15 @@ read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
 		len += (size_t) r;
 	}
 	close(fd);
+	if (stream && len > maxlen)
+	{
+		explicit_bzero(buf, capacity + 1);
+		free(buf);
+		errno = EFBIG;
+		return NULL;
+	}
 	buf[len] = '\0';
-	*alloc_len = (size_t) st.st_size + 1;
+	*alloc_len = capacity + 1;
 	return buf;
 }
 

@@ -26,6 +26,11 @@
 #define HASH_STRINGS 0
 #endif
 
+/* PG14 added expressions to extended statistics (pg_statistic_ext.stxexprs). */
+#if PG_VERSION_NUM >= 140000
+#define ENVELOPE_HAS_STATISTICS_EXPRESSIONS 1
+#endif
+
 /* The cipher layer needs OpenSSL 3 (EVP_MAC, OSSL_PARAM, AES-SIV through a provider). */
 #include <openssl/opensslv.h>
 #if OPENSSL_VERSION_NUMBER < 0x30000000L

@@ -7,6 +7,7 @@
  * value or a key byte.
  */
 #include "pg_envelope.h"
+#include "tenant_name.h"
 
 #include "access/htup_details.h"
 #include "commands/trigger.h"
@@ -444,6 +445,13 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TenantRecord existing;
 
+	tenant_name_check_new(tenant, strlen(tenant));
+	/*
+	 * One creation of a name at a time: a concurrent creator waits here until the
+	 * first commits, then finds the tenant below (the key store is read at the latest
+	 * snapshot) and fails with 42710, before any KMS call.
+	 */
+	tenant_name_lock_for_create(tenant, strlen(tenant));
 	/* The setting's check hook admits only registered providers. */
 	if (strcmp(provider, "local") != 0 && (kms_key == NULL || kms_key[0] == '\0'))
 		ereport(ERROR,

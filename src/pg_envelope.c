@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
 
@@ -171,5 +172,6 @@ _PG_init(void)
 				 errdetail("Data keys are cached in each backend separately, so every backend unwraps each key with the KMS again."),
 				 errhint("Add pg_envelope to shared_preload_libraries and restart the server to share one key cache.")));
 
+	plaintext_guard_install();
 	keycache_init_backend();
 }

@@ -578,6 +578,40 @@ test_precedence(void)
 		  stub_count("PUT /latest/api/token") == 1, "each remote source asked once");
 }
 
+/*
+ * AWS_SHARED_CREDENTIALS_FILE=/dev/null and AWS_CONFIG_FILE=/dev/null are how SDK users
+ * switch the shared files off to force the instance or task role: the SDKs read them as
+ * empty files, and so must the chain.
+ */
+static void
+test_shared_files_switched_off(void)
+{
+	AwsCredentials c;
+	KmsError	err;
+
+	reset_env();
+	setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null", 1);
+	setenv("AWS_CONFIG_FILE", "/dev/null", 1);
+	setup_web_identity(WEB_TOKEN);
+	CHECK(get(NULL, &c, &err) == KMS_OK && strcmp(c.source, "web-identity") == 0,
+		  "/dev/null shared files are empty: %s %s", c.source, err.message);
+
+	/* A profile that an empty file cannot have is still an error, as in botocore. */
+	aws_credentials_invalidate();
+	CHECK(get("named", &c, &err) == KMS_ERR_CONFIG && strstr(err.message, "\"named\" not found"),
+		  "named profile in /dev/null files: %s", err.message);
+
+	/* An endless device is refused by size, a directory by type: never read forever. */
+	aws_credentials_invalidate();
+	setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/zero", 1);
+	CHECK(get(NULL, &c, &err) == KMS_ERR_CREDENTIALS && strstr(err.message, "/dev/zero") &&
+		  strstr(err.message, "too large"), "/dev/zero refused: %s", err.message);
+	aws_credentials_invalidate();
+	setenv("AWS_SHARED_CREDENTIALS_FILE", "/", 1);
+	CHECK(get(NULL, &c, &err) == KMS_ERR_CREDENTIALS && strstr(err.message, "\"/\""),
+		  "directory refused: %s", err.message);
+}
+
 static void
 test_cache_and_refresh(void)
 {
@@ -651,6 +685,7 @@ main(void)
 	test_ecs();
 	test_imds();
 	test_precedence();
+	test_shared_files_switched_off();
 	test_cache_and_refresh();
 
 	reset_env();
