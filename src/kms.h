@@ -66,6 +66,7 @@ typedef struct KmsConfig
 	const char *data_directory; /* refuse key files inside it */
 	const char *aws_region;
 	const char *aws_endpoint;	/* e.g. http://127.0.0.1:5000 for tests, VPC endpoints */
+	bool		aws_use_fips_endpoint;	/* kms-fips.<region> when no endpoint is set */
 	const char *aws_profile;
 	int			timeout_ms;		/* per request */
 	int			retries;		/* extra attempts on throttling/5xx/network only */

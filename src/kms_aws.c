@@ -58,6 +58,7 @@
 #include "aws_credentials.h"
 #include "http.h"
 #include "kms.h"
+#include "kms_aws.h"
 #include "sigv4.h"
 
 /* KMS answers are a few hundred bytes; anything near this is not KMS. */
@@ -229,6 +230,23 @@ aws_key_id_valid(const char *key_id)
 }
 
 /*
+ * The regional KMS host the AWS SDKs use: kms.<region>.amazonaws.com (.com.cn in the
+ * China regions), or kms-fips.<region>.amazonaws.com when FIPS endpoints are asked
+ * for, as AWS_USE_FIPS_ENDPOINT does.  The China regions have none: false there.
+ */
+bool
+kms_aws_default_host(const char *region, bool fips, char *host, size_t host_len)
+{
+	bool		china = strncmp(region, "cn-", 3) == 0;
+
+	if (fips && china)
+		return false;
+	snprintf(host, host_len, "%s.%s.%s", fips ? "kms-fips" : "kms", region,
+			 china ? "amazonaws.com.cn" : "amazonaws.com");
+	return true;
+}
+
+/*
  * Work out URL, Host header and canonical path.  The Host header is sent explicitly
  * (curl then uses ours) so that what is signed is exactly what is sent; a port is kept
  * unless it is the scheme's default, as the AWS SDKs do.
@@ -251,10 +269,11 @@ aws_endpoint_parse(const KmsConfig *cfg, AwsEndpoint *ep, KmsError *err)
 
 	if (endpoint == NULL || endpoint[0] == '\0')
 	{
-		const char *suffix = strncmp(cfg->aws_region, "cn-", 3) == 0 ?
-			"amazonaws.com.cn" : "amazonaws.com";
-
-		snprintf(ep->host, sizeof(ep->host), "kms.%s.%s", cfg->aws_region, suffix);
+		if (!kms_aws_default_host(cfg->aws_region, cfg->aws_use_fips_endpoint,
+								  ep->host, sizeof(ep->host)))
+			return kms_set_error(err, KMS_ERR_CONFIG, "",
+								 "AWS KMS has no FIPS endpoint in region \"%s\"",
+								 cfg->aws_region);
 		snprintf(ep->url, sizeof(ep->url), "https://%s/", ep->host);
 		strcpy(ep->path, "/");
 		return KMS_OK;

@@ -49,6 +49,7 @@ fill_config(KmsConfig *cfg)
 	cfg->data_directory = DataDir;
 	cfg->aws_region = envelope_aws_region;
 	cfg->aws_endpoint = envelope_aws_endpoint;
+	cfg->aws_use_fips_endpoint = envelope_aws_use_fips_endpoint;
 	cfg->aws_profile = envelope_aws_profile;
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;

@@ -22,6 +22,7 @@ char	   *envelope_kms_key = NULL;
 char	   *envelope_aws_region = NULL;
 char	   *envelope_aws_endpoint = NULL;
 char	   *envelope_aws_profile = NULL;
+bool		envelope_aws_use_fips_endpoint = false;
 char	   *envelope_local_master_key_file = NULL;
 int			envelope_cache_size = 1024;
 int			envelope_cache_ttl = 3600;
@@ -103,6 +104,13 @@ define_settings(void)
 							   "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("envelope.aws_use_fips_endpoint",
+							 "Use the AWS KMS FIPS endpoint (kms-fips.<region>.amazonaws.com).",
+							 "As the AWS SDKs' AWS_USE_FIPS_ENDPOINT; envelope.aws_endpoint, when set, wins.",
+							 &envelope_aws_use_fips_endpoint,
+							 false,
+							 PGC_SUSET, GUC_SUPERUSER_ONLY,
+							 NULL, NULL, NULL);
 	DefineCustomStringVariable("envelope.local_master_key_file",
 							   "File holding the local provider's 32-byte master key.",
 							   "Must be outside the data directory and readable only by its owner.",

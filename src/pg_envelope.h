@@ -21,6 +21,7 @@ extern char *envelope_kms_key;
 extern char *envelope_aws_region;
 extern char *envelope_aws_endpoint;
 extern char *envelope_aws_profile;
+extern bool envelope_aws_use_fips_endpoint;
 extern char *envelope_local_master_key_file;
 extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;

@@ -35,6 +35,7 @@
 #include "aws_credentials.h"
 #include "http.h"
 #include "kms.h"
+#include "kms_aws.h"
 #include "unit.h"
 
 extern const KmsProvider kms_aws_provider;
@@ -949,6 +950,25 @@ test_signatures(const char *arn)
 	json_object_put(user);
 }
 
+/* The regional host the SDKs use, and the FIPS one that AWS_USE_FIPS_ENDPOINT picks. */
+static void
+test_default_hosts(void)
+{
+	char		host[128];
+
+	CHECK(kms_aws_default_host("eu-west-1", false, host, sizeof(host)) &&
+		  strcmp(host, "kms.eu-west-1.amazonaws.com") == 0, "standard host: %s", host);
+	CHECK(kms_aws_default_host("us-east-1", true, host, sizeof(host)) &&
+		  strcmp(host, "kms-fips.us-east-1.amazonaws.com") == 0, "FIPS host: %s", host);
+	CHECK(kms_aws_default_host("us-gov-west-1", true, host, sizeof(host)) &&
+		  strcmp(host, "kms-fips.us-gov-west-1.amazonaws.com") == 0, "GovCloud FIPS host: %s",
+		  host);
+	CHECK(kms_aws_default_host("cn-north-1", false, host, sizeof(host)) &&
+		  strcmp(host, "kms.cn-north-1.amazonaws.com.cn") == 0, "China host: %s", host);
+	CHECK(!kms_aws_default_host("cn-north-1", true, host, sizeof(host)),
+		  "no FIPS endpoint in the China regions");
+}
+
 int
 main(int argc, char **argv)
 {
@@ -989,6 +1009,7 @@ main(int argc, char **argv)
 	setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent", 1);
 	setenv("AWS_CONFIG_FILE", "/nonexistent", 1);
 
+	test_default_hosts();
 	if (http_global_init() != 0)
 		die("http_global_init");
 	start_services();
