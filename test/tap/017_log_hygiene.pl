@@ -4,8 +4,9 @@
 # Every error site on those paths is driven once, by a statement that carries its own
 # marker literal: the error must reach the client (so the site was really driven) and
 # the marker must be nowhere in the server log, although log_min_error_statement
-# would log the statement of any error raised without errhidestmt.  The sites (grep
-# errhidestmt src/*.c) and how each is driven are in @sites below.  Not driven, because
+# would log the statement of any error raised without errhidestmt.  The sites are
+# those of `grep -n errhidestmt src/*.c` (envelope_sql.c, keycache.c, kms_glue.c,
+# tenant_name.c); each is driven below, in @sites or after it.  Not driven, because
 # nothing outside OpenSSL can make them fail: "AES-256-GCM failed in OpenSSL", "could
 # not generate a random nonce" and "could not initialize AES-256-GCM".  "the KMS call of
 # another backend failed" needs a KMS that can be held: test/tap/026_aws_load_races.pl.
@@ -89,6 +90,24 @@ for my $site (@sites)
 	my $mark = sprintf('hygiene-literal-%02d-%s', ++$n, join('', map { chr(97 + int(rand(26))) } 1 .. 8));
 	$sql =~ s/MARKER/$mark/g;
 	my ($ret, $out, $err) = $node->psql('postgres', $sql);
+	like($err, $expect, "$name: the error is raised");
+	$marker{$name} = $mark;
+}
+
+# The grammar of new tenant names (create_tenant), in a UTF-8 database.
+$node->safe_psql('postgres',
+	"CREATE DATABASE utf8 TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'");
+$node->safe_psql('utf8', 'CREATE EXTENSION pg_envelope');
+for my $site (
+	[ 'format character in a new tenant name', q{SELECT envelope.create_tenant(E'a\u200Bb'), 'MARKER'},
+		qr/tenant name must not contain/ ],
+	[ 'new tenant name not in NFC', q{SELECT envelope.create_tenant(E'cafe\u0301'), 'MARKER'},
+		qr/tenant name must be in Unicode normalization form NFC/ ])
+{
+	my ($name, $sql, $expect) = @$site;
+	my $mark = sprintf('hygiene-literal-%02d-utf8', ++$n);
+	$sql =~ s/MARKER/$mark/g;
+	my ($ret, $out, $err) = $node->psql('utf8', $sql);
 	like($err, $expect, "$name: the error is raised");
 	$marker{$name} = $mark;
 }
