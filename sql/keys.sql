@@ -44,7 +44,7 @@ SELECT envelope.enable_tenant('lifecycle');
 SELECT envelope.decrypt_text('lifecycle', v) AS after_enable FROM cur;
 
 -- Destroy: the wrapped keys are erased; nothing decrypts again.
-SELECT envelope.destroy_tenant('lifecycle');
+SELECT envelope.destroy_tenant('lifecycle', 'lifecycle');
 SELECT envelope.decrypt_text('lifecycle', v) FROM cur;
 \echo :LAST_ERROR_SQLSTATE
 SELECT envelope.enable_tenant('lifecycle');

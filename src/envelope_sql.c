@@ -19,6 +19,8 @@
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 
+#include "audit.h"
+
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
 PG_FUNCTION_INFO_V1(envelope_decrypt);
@@ -465,6 +467,7 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 
 	/* A concurrent create of the same name fails on the primary key when storing. */
 	new_data_key(tenant, 1, provider, kms_key, 0, store_first_key);
+	audit_log_key_action("create", tenant, 1, kms_key, NULL);
 	PG_RETURN_INT32(1);
 }
 
@@ -482,6 +485,7 @@ envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 				 errhint("Enable it before rotating its key.")));
 	version = keystore_max_version(tenant) + 1;
 	new_data_key(tenant, version, rec.kms_provider, rec.kms_key, rec.tenant_id, store_next_key);
+	audit_log_key_action("rotate", tenant, version, rec.kms_key, NULL);
 	PG_RETURN_INT32(version);
 }
 
@@ -492,6 +496,7 @@ envelope_disable_tenant(PG_FUNCTION_ARGS)
 
 	(void) lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_DISABLED);
+	audit_log_key_action("disable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
 }
 
@@ -502,6 +507,7 @@ envelope_enable_tenant(PG_FUNCTION_ARGS)
 
 	(void) lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_ACTIVE);
+	audit_log_key_action("enable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
 }
 
@@ -587,6 +593,7 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 		if (strcmp(arn, key->kms_key) != 0)
 		{
 			keystore_set_wrapping(key->tenant, key->version, arn, new_wrapped);
+			audit_log_key_action("rewrap", key->tenant, key->version, arn, NULL);
 			moved++;
 		}
 		if (last_tenant == NULL || strcmp(last_tenant, key->tenant) != 0)

@@ -68,6 +68,11 @@ typedef struct KmsConfig
 	const char *aws_endpoint;	/* e.g. http://127.0.0.1:5000 for tests, VPC endpoints */
 	bool		aws_use_fips_endpoint;	/* kms-fips.<region> when no endpoint is set */
 	const char *aws_profile;
+	const char *kmip_host;		/* kmip provider: server, port, TLS files */
+	int			kmip_port;
+	const char *kmip_ca_file;
+	const char *kmip_cert_file;
+	const char *kmip_key_file;
 	int			timeout_ms;		/* per request */
 	int			retries;		/* extra attempts on throttling/5xx/network only */
 
@@ -130,8 +135,18 @@ typedef struct KmsProvider
 
 /* kms_registry.c */
 extern const KmsProvider *kms_find_provider(const char *name);
-extern const char *kms_provider_names(void);	/* "aws, local", for hints */
+extern const char *kms_provider_names(void);	/* "aws, kmip, local", for hints */
 extern const char *kms_status_name(KmsStatus status);
+
+/*
+ * Open a file that holds a secret (a master key, a TLS private key) for reading, after
+ * checking that it is a regular file, not a symlink, unreadable by group and others,
+ * and outside `data_directory` (so base backups never carry it).  Returns the file
+ * descriptor, or -1 with *err filled (KMS_ERR_CONFIG; `setting` and `what` name the
+ * setting and the file in the message).
+ */
+extern int	kms_open_secret_file(const char *path, const char *setting, const char *what,
+								 const char *data_directory, KmsError *err);
 
 /* Fill *err; `fmt` must never be given a secret. */
 extern KmsStatus kms_set_error(KmsError *err, KmsStatus status, const char *error_type,

@@ -51,6 +51,11 @@ fill_config(KmsConfig *cfg)
 	cfg->aws_endpoint = envelope_aws_endpoint;
 	cfg->aws_use_fips_endpoint = envelope_aws_use_fips_endpoint;
 	cfg->aws_profile = envelope_aws_profile;
+	cfg->kmip_host = envelope_kmip_host;
+	cfg->kmip_port = envelope_kmip_port;
+	cfg->kmip_ca_file = envelope_kmip_ca_file;
+	cfg->kmip_cert_file = envelope_kmip_cert_file;
+	cfg->kmip_key_file = envelope_kmip_key_file;
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;
 	cfg->interrupted = backend_interrupted;
@@ -263,4 +268,40 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
 	*dest_key_arn = arn;
 	return wrapped_to_bytea(provider_name, buf, len);
+}
+
+/* The settings a provider call gets, for callers outside this file (envelope.check). */
+void
+envelope_kms_config(KmsConfig *cfg)
+{
+	fill_config(cfg);
+}
+
+/*
+ * One cheap call for envelope.check(): a data key under `kms_key`, made and thrown
+ * away (wiped).  Returns the status with *err filled instead of raising, so the
+ * caller can report it as a finding.
+ */
+KmsStatus
+envelope_kms_probe(const char *provider_name, const char *kms_key, KmsError *err)
+{
+	const KmsProvider *provider = provider_or_error(provider_name);
+	KmsConfig	cfg;
+	KmsEncryptionContext ec = context_for("pg_envelope health check", 1);
+	uint8		dek[KMS_DEK_LEN];
+	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
+	char	   *arn = palloc0(KMS_KEY_ID_MAX);
+	size_t		len = 0;
+	KmsStatus	status;
+	instr_time	start;
+
+	fill_config(&cfg);
+	memset(err, 0, sizeof(*err));
+	INSTR_TIME_SET_CURRENT(start);
+	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, err);
+	keycache_record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
+	explicit_bzero(dek, sizeof(dek));
+	pfree(buf);
+	pfree(arn);
+	return status;
 }

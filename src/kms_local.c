@@ -21,7 +21,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,23 +58,6 @@ hex_value(char c)
 	return -1;
 }
 
-/* Is `path` inside `dir`?  Both are resolved, so symlinks and ".." do not fool it. */
-static bool
-path_is_inside(const char *path, const char *dir)
-{
-	char		real_path[PATH_MAX];
-	char		real_dir[PATH_MAX];
-	size_t		n;
-
-	if (dir == NULL || dir[0] == '\0')
-		return false;
-	if (realpath(path, real_path) == NULL || realpath(dir, real_dir) == NULL)
-		return false;
-	n = strlen(real_dir);
-	return strncmp(real_path, real_dir, n) == 0 &&
-		(real_path[n] == '/' || real_path[n] == '\0');
-}
-
 static KmsStatus
 compute_key_id(LocalMasterKey *mk, KmsError *err)
 {
@@ -107,7 +89,6 @@ static KmsStatus
 load_master_key(const KmsConfig *cfg, LocalMasterKey *mk, KmsError *err)
 {
 	const char *path = cfg->local_master_key_file;
-	struct stat st;
 	uint8_t		buf[130];
 	ssize_t		n;
 	size_t		len;
@@ -118,34 +99,10 @@ load_master_key(const KmsConfig *cfg, LocalMasterKey *mk, KmsError *err)
 	if (path == NULL || path[0] == '\0')
 		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
 							 "envelope.local_master_key_file is not set");
-	if (path[0] != '/')
-		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "envelope.local_master_key_file must be an absolute path");
-
-	fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	fd = kms_open_secret_file(path, "envelope.local_master_key_file", "master key file",
+							  cfg->data_directory, err);
 	if (fd < 0)
-		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "could not open master key file \"%s\": %s", path, strerror(errno));
-	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-	{
-		close(fd);
-		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "master key file \"%s\" is not a regular file", path);
-	}
-	if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
-	{
-		close(fd);
-		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "master key file \"%s\" is accessible by group or others (mode %04o); it must be 0600 or 0400",
-							 path, (unsigned int) (st.st_mode & 07777));
-	}
-	if (path_is_inside(path, cfg->data_directory))
-	{
-		close(fd);
-		return kms_set_error(err, KMS_ERR_CONFIG, NULL,
-							 "master key file \"%s\" is inside the data directory; keep it where backups of the data do not reach",
-							 path);
-	}
+		return err->status;
 
 	n = read(fd, buf, sizeof(buf));
 	close(fd);

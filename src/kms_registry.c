@@ -4,17 +4,25 @@
  * Plain C.  To add a provider: write kms_<name>.c defining a `const KmsProvider`,
  * declare it below and add it to kms_providers[].
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kms.h"
 
 extern const KmsProvider kms_aws_provider;
+extern const KmsProvider kms_kmip_provider;
 extern const KmsProvider kms_local_provider;
 
 static const KmsProvider *const kms_providers[] = {
 	&kms_aws_provider,
+	&kms_kmip_provider,
 	&kms_local_provider,
 };
 
@@ -99,4 +107,56 @@ kms_set_error(KmsError *err, KmsStatus status, const char *error_type, const cha
 	vsnprintf(err->message, sizeof(err->message), fmt, ap);
 	va_end(ap);
 	return status;
+}
+
+/* Is `path` inside `dir`?  Both are resolved, so symlinks and ".." do not fool it. */
+static bool
+path_is_inside(const char *path, const char *dir)
+{
+	char		real_path[PATH_MAX];
+	char		real_dir[PATH_MAX];
+	size_t		n;
+
+	if (dir == NULL || dir[0] == '\0')
+		return false;
+	if (realpath(path, real_path) == NULL || realpath(dir, real_dir) == NULL)
+		return false;
+	n = strlen(real_dir);
+	return strncmp(real_path, real_dir, n) == 0 &&
+		(real_path[n] == '/' || real_path[n] == '\0');
+}
+
+int
+kms_open_secret_file(const char *path, const char *setting, const char *what,
+					 const char *data_directory, KmsError *err)
+{
+	struct stat st;
+	int			fd;
+
+	if (path == NULL || path[0] != '/')
+	{
+		kms_set_error(err, KMS_ERR_CONFIG, NULL, "%s must be an absolute path", setting);
+		return -1;
+	}
+	fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+	{
+		kms_set_error(err, KMS_ERR_CONFIG, NULL,
+					  "could not open %s \"%s\": %s", what, path, strerror(errno));
+		return -1;
+	}
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+		kms_set_error(err, KMS_ERR_CONFIG, NULL, "%s \"%s\" is not a regular file", what, path);
+	else if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+		kms_set_error(err, KMS_ERR_CONFIG, NULL,
+					  "%s \"%s\" is accessible by group or others (mode %04o); it must be 0600 or 0400",
+					  what, path, (unsigned int) (st.st_mode & 07777));
+	else if (path_is_inside(path, data_directory))
+		kms_set_error(err, KMS_ERR_CONFIG, NULL,
+					  "%s \"%s\" is inside the data directory; keep it where backups of the data do not reach",
+					  what, path);
+	else
+		return fd;
+	close(fd);
+	return -1;
 }

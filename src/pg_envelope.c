@@ -13,6 +13,7 @@
 #include "utils/guc.h"
 
 #include "http.h"
+#include "inventory.h"
 #include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
@@ -24,6 +25,11 @@ char	   *envelope_aws_endpoint = NULL;
 char	   *envelope_aws_profile = NULL;
 bool		envelope_aws_use_fips_endpoint = false;
 char	   *envelope_local_master_key_file = NULL;
+char	   *envelope_kmip_host = NULL;
+int			envelope_kmip_port = 5696;
+char	   *envelope_kmip_ca_file = NULL;
+char	   *envelope_kmip_cert_file = NULL;
+char	   *envelope_kmip_key_file = NULL;
 int			envelope_cache_size = 1024;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
@@ -70,7 +76,7 @@ static void
 define_settings(void)
 {
 	DefineCustomStringVariable("envelope.kms_provider",
-							   "KMS provider that makes and unwraps data keys (aws or local).",
+							   "KMS provider that makes and unwraps data keys (aws, kmip or local).",
 							   NULL,
 							   &envelope_kms_provider,
 							   "local",
@@ -118,6 +124,31 @@ define_settings(void)
 							   "",
 							   PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.kmip_host",
+							   "Host name or IP address of the KMIP server.",
+							   "The server's certificate must name it.",
+							   &envelope_kmip_host, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kmip_port",
+							"TCP port of the KMIP server.",
+							NULL,
+							&envelope_kmip_port, 5696, 1, 65535,
+							PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.kmip_ca_file",
+							   "PEM file of the CA certificates that verify the KMIP server.",
+							   NULL,
+							   &envelope_kmip_ca_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.kmip_cert_file",
+							   "PEM file of the client certificate presented to the KMIP server.",
+							   NULL,
+							   &envelope_kmip_cert_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("envelope.kmip_key_file",
+							   "PEM file of the private key of envelope.kmip_cert_file.",
+							   "Must be outside the data directory and readable only by its owner.",
+							   &envelope_kmip_key_file, "",
+							   PGC_SUSET, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.cache_size",
 							"Number of data keys the shared key cache holds.",
 							NULL,
@@ -182,4 +213,6 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	/* Registrations of encrypted columns are security labels of this provider. */
+	inventory_register_label_provider();
 }

@@ -23,6 +23,11 @@ extern char *envelope_aws_endpoint;
 extern char *envelope_aws_profile;
 extern bool envelope_aws_use_fips_endpoint;
 extern char *envelope_local_master_key_file;
+extern char *envelope_kmip_host;
+extern int	envelope_kmip_port;
+extern char *envelope_kmip_ca_file;
+extern char *envelope_kmip_cert_file;
+extern char *envelope_kmip_key_file;
 extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;
 extern int	envelope_kms_timeout;
@@ -48,6 +53,8 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 const char *dest_key, const char *tenant,
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
+extern void envelope_kms_config(KmsConfig *cfg);
+extern KmsStatus envelope_kms_probe(const char *provider, const char *kms_key, KmsError *err);
 
 /* ---- key store (keystore.c): the tables, read and written as their owner ---- */
 typedef enum TenantState

@@ -5,7 +5,8 @@
 set -euo pipefail
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev
-          libjson-c-dev libssl-dev libipc-run-perl make gcc python3)
+          libjson-c-dev libssl-dev libipc-run-perl make gcc python3
+          python3-pykmip)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -76,7 +76,7 @@ my $dek5 = dek_of('t5');
 sql('SELECT envelope.cache_flush()');
 sql("SELECT envelope.decrypt(tenant, v) FROM data WHERE tenant = 't5'");
 is((hits($dek5))[0], 1, 't5 is cached');
-sql("SELECT envelope.destroy_tenant('t5')");
+sql("SELECT envelope.destroy_tenant('t5', 't5')");
 is((hits($dek5))[0], 0, 'destroy_tenant wipes its DEK from shared memory at commit');
 
 # Expiry: with a short TTL the sweeper zeroes a key nobody touches again.

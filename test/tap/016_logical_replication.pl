@@ -81,7 +81,7 @@ SELECT envelope.retire_key_version('retired', 1)});
 like(session_error(q{SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 'retired'}),
 	qr/key version 1 of tenant "retired" is retired/, 'retire: refused in the existing subscriber session');
 
-replicate("SELECT envelope.destroy_tenant('destroyed')");
+replicate("SELECT envelope.destroy_tenant('destroyed', 'destroyed')");
 like(session_error(q{SELECT envelope.decrypt_text(tenant, v) FROM data WHERE tenant = 'destroyed'}),
 	qr/tenant "destroyed" has been destroyed/, 'destroy: refused in the existing subscriber session');
 

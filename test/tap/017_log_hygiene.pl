@@ -38,7 +38,7 @@ SELECT 't' || i AS tenant, envelope.encrypt('t' || i, 'value ' || i) AS v
 -- t3 disabled, t4 destroyed, t5 version 1 retired, t6 version 1 destroyed by hand,
 -- t7's key under a provider this server does not know
 SELECT envelope.disable_tenant('t3');
-SELECT envelope.destroy_tenant('t4');
+SELECT envelope.destroy_tenant('t4', 't4');
 SELECT envelope.rotate_tenant_key('t5');
 SELECT envelope.retire_key_version('t5', 1);
 SELECT envelope.rotate_tenant_key('t6');

@@ -118,7 +118,7 @@ is(sql("SELECT envelope.decrypt_text(tenant, c) FROM t WHERE tenant = 'flushed'"
 is($kms->count('Decrypt', 'requests') - $before, 1, 'flushed: after asking the KMS again');
 
 # ---- destroy_tenant during the load
-load_during('destroyed', "SELECT envelope.destroy_tenant('destroyed')");
+load_during('destroyed', "SELECT envelope.destroy_tenant('destroyed', 'destroyed')");
 is(entries(), 0, 'destroyed: the DEK that arrived after the destroy was not published');
 is(dek_hits($dek{destroyed}), 0, 'destroyed: the DEK is nowhere in shared memory');
 my ($state, $err) = EnvelopeKms::psql_error($node,
