@@ -333,6 +333,819 @@ GRANT EXECUTE ON FUNCTION envelope.retire_key_version(text, integer, boolean),
 
 -- ---------------------------------------------------------------------------
 -- Fleet procedures: rotate_keys, reencrypt_all, rewrap_keys, rotation progress.
+--
+-- Every procedure here commits as it goes, so none of them can pin search_path with
+-- SET.  They therefore do almost nothing themselves: each transaction's work is one
+-- call of a helper function that does pin search_path, and the procedures' own
+-- expressions contain no operator and only schema-qualified functions.  The helpers
+-- schema-qualify operators (OPERATOR(pg_catalog.=)) in the SQL they generate as well.
+--
+-- A run is a row of envelope.rotation_run with one row per unit of work in
+-- envelope.rotation_task (a column of a table, or the tenants / DEKs of the key
+-- procedures).  Each batch advances its task in the same transaction as its work, so
+-- after a cancel, a timeout, a terminated session or a crash the task rows say exactly
+-- what was committed, and calling the same procedure again resumes the run.
+
+-- True for a randomized value under a DEK version other than active_version; false
+-- for deterministic values and for anything that is not a pg_envelope value.
+CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, active_version integer)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_needs_reencryption'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- A randomized value decrypted and encrypted again under the tenant's active version
+-- in one call (the plaintext never becomes a Datum): the batch engine's SET clause.
+CREATE FUNCTION envelope.reencrypt_value(tenant text, ciphertext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_reencrypt_value'
+    LANGUAGE C VOLATILE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE TABLE envelope.rotation_run (
+    run_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    procedure     text NOT NULL
+                  CHECK (procedure IN ('reencrypt', 'reencrypt_all', 'rotate_keys', 'rewrap_keys')),
+    arguments     jsonb NOT NULL,         -- what the run does: a rerun with these resumes it
+    backend_pid   integer NOT NULL,       -- the session working on it (now or last)
+    backend_start timestamptz,
+    started_at    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    resumed_at    timestamptz,
+    finished_at   timestamptz,
+    outcome       text CHECK (outcome IN ('done', 'abandoned'))
+);
+
+COMMENT ON TABLE envelope.rotation_run IS
+    'pg_envelope fleet procedure runs (rotate_keys, reencrypt_all, rewrap_keys, reencrypt), for progress and resumption';
+
+CREATE TABLE envelope.rotation_task (
+    run_id         bigint NOT NULL REFERENCES envelope.rotation_run ON DELETE CASCADE,
+    task           integer NOT NULL,
+    relation       oid NOT NULL,          -- the table re-encrypted, or the key table
+    column_attnum  smallint,              -- re-encryption: the ciphertext column
+    tenant_attnum  smallint,              -- re-encryption: the tenant column
+    context        text,
+    unit           text NOT NULL CHECK (unit IN ('blocks', 'tenants', 'keys')),
+    done           bigint NOT NULL DEFAULT 0,
+    total          bigint NOT NULL,
+    tail_added     boolean NOT NULL DEFAULT false,  -- re-encryption: total grew once
+    values_moved   bigint NOT NULL DEFAULT 0,
+    started_at     timestamptz,
+    updated_at     timestamptz,
+    finished_at    timestamptz,
+    -- where the session now working on the task took it up, for its rate
+    active_since   timestamptz,
+    done_at_start  bigint NOT NULL DEFAULT 0,
+    moved_at_start bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, task)
+);
+
+COMMENT ON TABLE envelope.rotation_task IS
+    'pg_envelope fleet procedure progress: one row per column or key set of a run, advanced by each committed batch';
+
+REVOKE ALL ON envelope.rotation_run, envelope.rotation_task FROM PUBLIC;
+
+-- Is the session that last worked on a run still working on it?  Another session's
+-- backend_start and state are visible to the same role or pg_read_all_stats; when
+-- they are hidden, a live process with that pid counts as running.
+CREATE FUNCTION envelope.rotation_run_is_live(run_pid integer, run_backend_start timestamptz)
+    RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT run_pid <> pg_backend_pid()
+       AND EXISTS (SELECT FROM pg_stat_activity a
+                    WHERE a.pid = run_pid
+                      AND (a.backend_start IS NULL OR a.backend_start = run_backend_start)
+                      AND (a.state IS NULL OR a.state = 'active'))
+$$;
+
+CREATE VIEW envelope.rotation_progress AS
+    SELECT r.run_id, r.procedure,
+           t.relation::regclass AS relation,
+           a.attname AS column_name,
+           t.unit, t.done, t.total, t.values_moved,
+           round((t.values_moved - t.moved_at_start)
+                 / NULLIF(extract(epoch FROM t.updated_at - t.active_since), 0), 1) AS rate,
+           COALESCE(t.started_at, r.started_at) AS started_at,
+           t.updated_at,
+           t.finished_at,
+           CASE WHEN t.finished_at IS NOT NULL THEN t.finished_at
+                WHEN t.done > t.done_at_start AND r.finished_at IS NULL
+                THEN t.updated_at + (t.updated_at - t.active_since)
+                                    * ((t.total - t.done)::double precision
+                                       / (t.done - t.done_at_start))
+           END AS estimated_finish,
+           CASE WHEN r.finished_at IS NOT NULL THEN r.outcome
+                WHEN t.finished_at IS NOT NULL THEN 'done'
+                WHEN envelope.rotation_run_is_live(r.backend_pid, r.backend_start) THEN 'running'
+                ELSE 'interrupted'
+           END AS state
+      FROM envelope.rotation_run r
+      JOIN envelope.rotation_task t USING (run_id)
+      LEFT JOIN pg_catalog.pg_attribute a
+             ON a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
+
+COMMENT ON VIEW envelope.rotation_progress IS
+    'pg_envelope fleet procedures: progress of each run per column (blocks) or key set (tenants, keys), updated by every committed batch';
+
+-- Claim the run that `arguments` describe: resume an interrupted one, or start one.
+-- One run per procedure at a time (per column for reencrypt); starts are serialised.
+CREATE FUNCTION envelope.rotation_run_begin(procedure text, arguments jsonb)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    same_work boolean;
+    r envelope.rotation_run;
+    my_start timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(pg_catalog.hashtext('envelope.rotation_run'));
+    SELECT a.backend_start INTO my_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+
+    FOR r IN SELECT * FROM envelope.rotation_run x
+              WHERE x.procedure = rotation_run_begin.procedure AND x.finished_at IS NULL
+              ORDER BY x.run_id FOR UPDATE
+    LOOP
+        same_work := r.arguments = rotation_run_begin.arguments;
+        IF NOT same_work AND procedure = 'reencrypt' THEN
+            CONTINUE;       -- another column: runs of different columns are independent
+        END IF;
+        IF envelope.rotation_run_is_live(r.backend_pid, r.backend_start) THEN
+            RAISE EXCEPTION 'envelope.% is already running', procedure
+                USING ERRCODE = '55006',
+                      DETAIL = format('Process %s has been working on run %s since %s.',
+                                      r.backend_pid, r.run_id, COALESCE(r.resumed_at, r.started_at)),
+                      HINT = 'Wait for it (see envelope.rotation_progress) or cancel it; calling the procedure again resumes the run.';
+        END IF;
+        -- A re-encryption run covers the keys of its start: after a rotation, the
+        -- blocks it has done hold values under the previous version again.
+        IF same_work AND procedure IN ('reencrypt', 'reencrypt_all')
+           AND EXISTS (SELECT FROM envelope.tenant_keys k WHERE k.created_at > r.started_at) THEN
+            RAISE NOTICE 'envelope.%: starting over instead of resuming run %', procedure, r.run_id
+                USING DETAIL = 'Keys were rotated since that run started.',
+                      HINT = 'Values already under the active version are skipped, not re-encrypted.';
+            same_work := false;
+        END IF;
+        IF same_work THEN
+            UPDATE envelope.rotation_run x
+               SET backend_pid = pg_backend_pid(), backend_start = my_start,
+                   resumed_at = clock_timestamp()
+             WHERE x.run_id = r.run_id;
+            UPDATE envelope.rotation_task t
+               SET active_since = NULL, done_at_start = t.done, moved_at_start = t.values_moved
+             WHERE t.run_id = r.run_id;
+            RAISE NOTICE 'envelope.%: resuming run %', procedure, r.run_id
+                USING DETAIL = format('The run started at %s.', r.started_at);
+            RETURN r.run_id;
+        END IF;
+        -- an interrupted run of other work: a new run replaces it
+        UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'abandoned'
+         WHERE x.run_id = r.run_id;
+    END LOOP;
+
+    INSERT INTO envelope.rotation_run (procedure, arguments, backend_pid, backend_start)
+         VALUES (procedure, arguments, pg_backend_pid(), my_start)
+      RETURNING run_id INTO r.run_id;
+    RETURN r.run_id;
+END
+$$;
+
+-- The run is complete: close it and put its counts in the audit trail.
+CREATE FUNCTION envelope.rotation_run_end(run bigint)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r envelope.rotation_run;
+    counts jsonb;
+    moved bigint;
+BEGIN
+    UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'done'
+     WHERE x.run_id = run RETURNING * INTO r;
+    SELECT jsonb_agg(jsonb_build_object('relation', t.relation::regclass::text,
+                                        'column', a.attname, 'unit', t.unit,
+                                        'done', t.done, 'total', t.total,
+                                        'values_moved', t.values_moved) ORDER BY t.task),
+           COALESCE(sum(t.values_moved), 0)
+      INTO counts, moved
+      FROM envelope.rotation_task t
+      LEFT JOIN pg_attribute a ON a.attrelid = t.relation AND a.attnum = t.column_attnum
+     WHERE t.run_id = run;
+    RAISE NOTICE 'envelope.%: run % finished: % %', r.procedure, run, moved,
+        CASE r.procedure WHEN 'rotate_keys' THEN 'tenants rotated'
+                         WHEN 'rewrap_keys' THEN 'data keys rewrapped'
+                         ELSE 'values re-encrypted' END;
+    PERFORM envelope.audit_record(r.procedure, NULL, NULL, r.arguments ->> 'new_kms_key',
+        jsonb_build_object('run_id', run, 'arguments', r.arguments, 'started_at', r.started_at,
+                           'resumed_at', r.resumed_at, 'moved', moved,
+                           'tasks', COALESCE(counts, '[]')));
+END
+$$;
+
+-- Seconds to sleep after a batch that moved `moved` values since `batch_start`, so
+-- that the run stays under max_rows_per_second.
+CREATE FUNCTION envelope.rotation_throttle(moved bigint, batch_start timestamptz,
+                                           max_rows_per_second integer)
+    RETURNS double precision
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN max_rows_per_second IS NULL OR moved IS NULL THEN 0
+                ELSE greatest(0, moved::double precision / max_rows_per_second
+                                 - extract(epoch FROM clock_timestamp() - batch_start)::double precision)
+           END
+$$;
+
+-- ---- re-encryption: the batch engine shared by reencrypt and reencrypt_all
+
+-- Add a re-encryption task for column `column_name` of `rel` (a plain table) unless
+-- the run has one; the run scans the blocks the table has now, and then once more the
+-- blocks added while it ran (where concurrent updates of other columns put rows it
+-- had not reached yet).  A row such an update moves into free space behind the scan
+-- keeps its old version until the next run.
+CREATE FUNCTION envelope.reencrypt_add_task(run bigint, rel regclass, column_name name,
+                                            tenant_column name, context text)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col_num smallint;
+    col_type oid;
+    tenant_num smallint;
+BEGIN
+    SELECT a.attnum, a.atttypid INTO col_num, col_type FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF col_num IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', column_name, rel
+            USING ERRCODE = '42703';
+    END IF;
+    IF col_type <> 'bytea'::regtype
+       AND (SELECT y.typbasetype FROM pg_type y WHERE y.oid = col_type) <> 'bytea'::regtype THEN
+        RAISE EXCEPTION 'column "%" of relation % is of type %, not bytea', column_name, rel,
+                        format_type(col_type, NULL)
+            USING ERRCODE = '42804';
+    END IF;
+    SELECT a.attnum INTO tenant_num FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF tenant_num IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', tenant_column, rel
+            USING ERRCODE = '42703';
+    END IF;
+    IF EXISTS (SELECT FROM envelope.rotation_task t
+                WHERE t.run_id = run AND t.relation = rel AND t.column_attnum = col_num) THEN
+        RETURN;
+    END IF;
+    INSERT INTO envelope.rotation_task (run_id, task, relation, column_attnum, tenant_attnum,
+                                        context, unit, total)
+    SELECT run, COALESCE(max(t.task), 0) + 1, rel, col_num, tenant_num,
+           reencrypt_add_task.context, 'blocks',
+           pg_relation_size(rel) / current_setting('block_size')::bigint
+      FROM envelope.rotation_task t WHERE t.run_id = run;
+END
+$$;
+
+-- The first unfinished task of a run, or NULL.
+CREATE FUNCTION envelope.rotation_next_task(run bigint)
+    RETURNS integer
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT min(t.task) FROM envelope.rotation_task t
+     WHERE t.run_id = run AND t.finished_at IS NULL
+$$;
+
+-- One batch of a re-encryption task: a single UPDATE of the next block range, which
+-- re-encrypts the randomized values not under their tenant's active version.  Returns
+-- how many values moved, or NULL once the task is finished.  Concurrent writers are
+-- safe: the UPDATE locks each row, and a row changed meanwhile is re-checked
+-- (EvalPlanQual) and re-encrypted from its new value, or skipped when its new value is
+-- already under the active version.
+CREATE FUNCTION envelope.reencrypt_step(run bigint, task_no integer, batch_size integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t envelope.rotation_task;
+    proc text;
+    rel_schema name;
+    rel_name name;
+    col name;
+    tenant_col name;
+    rows_per_block double precision;
+    block_end bigint;
+    moved bigint;
+    batch_start timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO t FROM envelope.rotation_task x
+     WHERE x.run_id = run AND x.task = task_no FOR UPDATE;
+    IF t.finished_at IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    SELECT n.nspname, c.relname,
+           CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+      INTO rel_schema, rel_name, rows_per_block
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = t.relation;
+    SELECT a.attname INTO col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO tenant_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+
+    IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
+        UPDATE envelope.rotation_task x
+           SET total = greatest(x.total, pg_relation_size(t.relation) / current_setting('block_size')::bigint),
+               tail_added = true
+         WHERE x.run_id = run AND x.task = task_no
+        RETURNING * INTO t;
+    END IF;
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
+        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
+            RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
+                proc, t.relation;
+        END IF;
+        UPDATE envelope.rotation_task x SET finished_at = clock_timestamp(),
+               updated_at = clock_timestamp(), done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+
+    block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
+    EXECUTE format(
+        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+        ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+        '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+        '   AND envelope.needs_reencryption(%I, envelope.active_key_version(%I::pg_catalog.text))',
+        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
+      USING t.context, t.done, block_end;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+
+    UPDATE envelope.rotation_task x
+       SET done = block_end, values_moved = x.values_moved + moved,
+           started_at = COALESCE(x.started_at, batch_start),
+           active_since = COALESCE(x.active_since, batch_start),
+           updated_at = clock_timestamp()
+     WHERE x.run_id = run AND x.task = task_no;
+    RAISE NOTICE 'envelope.%: %.%.%: re-encrypted % values (% in all); % of % blocks done',
+        proc, rel_schema, rel_name, col, moved, t.values_moved + moved, block_end, t.total;
+    RETURN moved;
+END
+$$;
+
+-- Every task of a run, one committed batch after another.
+CREATE PROCEDURE envelope.reencrypt_run(run bigint, batch_size integer, max_rows_per_second integer)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    task_no integer;
+    moved bigint;
+    batch_start timestamptz;
+BEGIN
+    LOOP
+        task_no := envelope.rotation_next_task(run);
+        EXIT WHEN task_no IS NULL;
+        LOOP
+            batch_start := pg_catalog.clock_timestamp();
+            moved := envelope.reencrypt_step(run, task_no, batch_size);
+            COMMIT;
+            EXIT WHEN moved IS NULL;
+            PERFORM pg_catalog.pg_sleep(envelope.rotation_throttle(moved, batch_start, max_rows_per_second));
+        END LOOP;
+    END LOOP;
+    PERFORM envelope.rotation_run_end(run);
+    COMMIT;
+END
+$$;
+
+CREATE FUNCTION envelope.reencrypt_check_batch(batch_size integer, max_rows_per_second integer)
+    RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    IF max_rows_per_second < 1 THEN
+        RAISE EXCEPTION 'max_rows_per_second must be at least 1'
+            USING ERRCODE = '22023',
+                  HINT = 'Pass NULL (the default) for no throttle.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION envelope.reencrypt_begin(rel regclass, ciphertext_column name, tenant_column name,
+                                         batch_size integer, context text)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint;
+    kind "char";
+BEGIN
+    PERFORM envelope.reencrypt_check_batch(batch_size, NULL);
+    SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = rel;
+    IF kind = 'p' THEN
+        RAISE EXCEPTION 'cannot re-encrypt partitioned table %', rel
+            USING ERRCODE = '42809',
+                  HINT = 'Call envelope.reencrypt() for each partition, or register the table and call envelope.reencrypt_all().';
+    ELSIF kind IS DISTINCT FROM 'r' THEN
+        RAISE EXCEPTION 'cannot re-encrypt %: it is not a table', rel USING ERRCODE = '42809';
+    END IF;
+    run := envelope.rotation_run_begin('reencrypt',
+        jsonb_build_object('relation', rel::oid, 'column', ciphertext_column,
+                           'tenant_column', tenant_column, 'context', context));
+    PERFORM envelope.reencrypt_add_task(run, rel, ciphertext_column, tenant_column, context);
+    RETURN run;
+END
+$$;
+
+-- Re-encrypt stored values under each tenant's active DEK version, online and
+-- resumably (0.2.0: through the same batch engine as reencrypt_all).  Deterministic
+-- values and the values of disabled and destroyed tenants are left alone.
+-- CALL it outside an explicit transaction block so that the batches can commit.
+CREATE OR REPLACE PROCEDURE envelope.reencrypt(rel regclass, ciphertext_column name, tenant_column name,
+                                               batch_size integer DEFAULT 1000, context text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $reencrypt$
+DECLARE
+    run bigint;
+BEGIN
+    run := envelope.reencrypt_begin(rel, ciphertext_column, tenant_column, batch_size, context);
+    COMMIT;
+    CALL envelope.reencrypt_run(run, batch_size, NULL);
+END
+$reencrypt$;
+
+CREATE FUNCTION envelope.reencrypt_all_begin(batch_size integer, max_rows_per_second integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint;
+    c record;
+BEGIN
+    PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
+    run := envelope.rotation_run_begin('reencrypt_all', '{}');
+    RAISE NOTICE 'envelope.reencrypt_all: deterministic values and blind indexes are not re-encrypted: they stay under their equality key';
+    -- Columns registered since an interrupted run started join it; a partitioned
+    -- table is re-encrypted partition by partition.
+    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
+               FROM envelope.encrypted_columns e,
+                    LATERAL (SELECT p.relid AS rel FROM pg_partition_tree(e.relation) p
+                              WHERE p.isleaf
+                             UNION ALL
+                             SELECT e.relation
+                              WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
+              WHERE e.value_kind IS DISTINCT FROM 'deterministic'
+              ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
+    LOOP
+        IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
+            RAISE NOTICE 'envelope.reencrypt_all: skipping %: it is not a table', c.rel::regclass;
+            CONTINUE;
+        END IF;
+        PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
+    END LOOP;
+    FOR c IN SELECT e.relation, e.column_name FROM envelope.encrypted_columns e
+              WHERE e.value_kind = 'deterministic'
+    LOOP
+        RAISE NOTICE 'envelope.reencrypt_all: skipping %.%: it holds deterministic values',
+            c.relation, c.column_name;
+    END LOOP;
+    RETURN run;
+END
+$$;
+
+-- Every registered column, every tenant, onto the active DEK version.  Resumable:
+-- after a cancel, a timeout, a terminated session or a crash, calling it again
+-- carries on from the last committed batch of each column.
+CREATE PROCEDURE envelope.reencrypt_all(batch_size integer DEFAULT 1000,
+                                        max_rows_per_second integer DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    run bigint;
+BEGIN
+    run := envelope.reencrypt_all_begin(batch_size, max_rows_per_second);
+    COMMIT;
+    CALL envelope.reencrypt_run(run, batch_size, max_rows_per_second);
+END
+$$;
+
+-- ---- rotate_keys
+
+-- Active tenants whose active version was created before `cutoff` (of those listed,
+-- when `tenants` is given).  Tenants rotated by the run have a newer active version,
+-- so the same query, run again, gives what is left.
+CREATE FUNCTION envelope.rotate_keys_candidates(cutoff timestamptz, tenants text[])
+    RETURNS SETOF text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.tenant FROM envelope.tenant_keys k
+     WHERE k.state = 'active' AND k.created_at < cutoff
+       AND (tenants IS NULL OR k.tenant = ANY (tenants))
+     ORDER BY k.tenant
+$$;
+
+-- The cutoff of a rotate_keys run: versions older than older_than when the run
+-- started, or (tenants given) created before the run started.
+CREATE FUNCTION envelope.rotate_keys_cutoff(run bigint, older_than interval)
+    RETURNS timestamptz
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.started_at - COALESCE(older_than, interval '0')
+      FROM envelope.rotation_run r WHERE r.run_id = run
+$$;
+
+CREATE FUNCTION envelope.check_tenant_list(procedure text, tenants text[])
+    RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    missing text;
+BEGIN
+    IF tenants IS NULL THEN
+        RETURN;
+    END IF;
+    IF array_position(tenants, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'tenants must not contain NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT l.tenant INTO missing FROM unnest(tenants) l(tenant)
+     WHERE NOT EXISTS (SELECT FROM envelope.tenant_keys k WHERE k.tenant = l.tenant)
+     LIMIT 1;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'tenant "%" does not exist', missing USING ERRCODE = '42704';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION envelope.rotate_keys_begin(older_than interval, tenants text[])
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint;
+    remaining bigint;
+BEGIN
+    IF older_than IS NULL AND tenants IS NULL THEN
+        RAISE EXCEPTION 'rotate_keys needs older_than or tenants'
+            USING ERRCODE = '22004',
+                  HINT = 'To rotate every active tenant, pass older_than => ''0''.';
+    END IF;
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative' USING ERRCODE = '22023';
+    END IF;
+    PERFORM envelope.check_tenant_list('rotate_keys', tenants);
+    run := envelope.rotation_run_begin('rotate_keys',
+        jsonb_build_object('older_than', older_than, 'tenants', tenants));
+    SELECT count(*) INTO remaining
+      FROM envelope.rotate_keys_candidates(envelope.rotate_keys_cutoff(run, older_than), tenants);
+    IF EXISTS (SELECT FROM envelope.rotation_task t WHERE t.run_id = run) THEN
+        UPDATE envelope.rotation_task t SET total = t.done + remaining WHERE t.run_id = run;
+    ELSE
+        INSERT INTO envelope.rotation_task (run_id, task, relation, unit, total)
+             VALUES (run, 1, 'envelope.data_key'::regclass, 'tenants', remaining);
+    END IF;
+    RETURN run;
+END
+$$;
+
+-- One batch of rotate_keys: a new DEK version for up to 50 tenants.  Returns how many
+-- were rotated, or NULL when none is left.
+CREATE FUNCTION envelope.rotate_keys_step(run bigint, older_than interval, tenants text[])
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch_start timestamptz := clock_timestamp();
+    one text;
+    rotated bigint := 0;
+    t envelope.rotation_task;
+BEGIN
+    FOR one IN SELECT c FROM envelope.rotate_keys_candidates(
+                   envelope.rotate_keys_cutoff(run, older_than), tenants) c LIMIT 50
+    LOOP
+        PERFORM envelope.rotate_tenant_key(one);
+        rotated := rotated + 1;
+    END LOOP;
+    UPDATE envelope.rotation_task x
+       SET done = x.done + rotated, values_moved = x.values_moved + rotated,
+           total = greatest(x.total, x.done + rotated),
+           started_at = COALESCE(x.started_at, batch_start),
+           active_since = COALESCE(x.active_since, batch_start),
+           updated_at = clock_timestamp(),
+           finished_at = CASE WHEN rotated = 0 THEN clock_timestamp() END
+     WHERE x.run_id = run AND x.task = 1
+    RETURNING * INTO t;
+    IF rotated = 0 THEN
+        RETURN NULL;
+    END IF;
+    RAISE NOTICE 'envelope.rotate_keys: rotated % tenants; % of % done', rotated, t.done, t.total;
+    RETURN rotated;
+END
+$$;
+
+-- A new DEK version for every active tenant whose active version is older than
+-- older_than, or for the tenants listed (both: the listed ones that are that old).
+-- Commits per batch of tenants; calling it again with the same arguments resumes.
+CREATE PROCEDURE envelope.rotate_keys(older_than interval DEFAULT NULL, tenants text[] DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    run bigint;
+    rotated bigint;
+BEGIN
+    run := envelope.rotate_keys_begin(older_than, tenants);
+    COMMIT;
+    LOOP
+        rotated := envelope.rotate_keys_step(run, older_than, tenants);
+        COMMIT;
+        EXIT WHEN rotated IS NULL;
+    END LOOP;
+    PERFORM envelope.rotation_run_end(run);
+    COMMIT;
+END
+$$;
+
+-- ---- rewrap_keys
+
+-- Tenants (not destroyed) whose master key is not yet new_kms_key, with how many DEKs
+-- they hold.  envelope.rewrap sets a tenant's master key in the same transaction as
+-- its DEKs, so a tenant it has finished never comes back.  Definer: the key tables
+-- are readable by their owner only, and nothing secret leaves here.
+CREATE FUNCTION envelope.rewrap_candidates(new_kms_key text, tenants text[])
+    RETURNS TABLE (tenant text, key_count bigint)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.tenant, (SELECT count(*) FROM envelope.data_key d
+                       WHERE d.tenant = t.tenant AND d.wrapped_dek IS NOT NULL)
+      FROM envelope.tenant t
+     WHERE t.state <> 'destroyed' AND t.kms_key <> new_kms_key
+       AND (tenants IS NULL OR t.tenant = ANY (tenants))
+     ORDER BY t.tenant
+$$;
+
+CREATE FUNCTION envelope.rewrap_keys_begin(new_kms_key text, tenants text[])
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint;
+    remaining bigint;
+BEGIN
+    IF new_kms_key IS NULL OR new_kms_key = '' THEN
+        RAISE EXCEPTION 'new master key must not be empty' USING ERRCODE = '22023';
+    END IF;
+    PERFORM envelope.check_tenant_list('rewrap_keys', tenants);
+    run := envelope.rotation_run_begin('rewrap_keys',
+        jsonb_build_object('new_kms_key', new_kms_key, 'tenants', tenants));
+    SELECT COALESCE(sum(c.key_count), 0) INTO remaining
+      FROM envelope.rewrap_candidates(new_kms_key, tenants) c;
+    IF EXISTS (SELECT FROM envelope.rotation_task t WHERE t.run_id = run) THEN
+        UPDATE envelope.rotation_task t SET total = t.done + remaining WHERE t.run_id = run;
+    ELSE
+        INSERT INTO envelope.rotation_task (run_id, task, relation, unit, total)
+             VALUES (run, 1, 'envelope.data_key'::regclass, 'keys', remaining);
+    END IF;
+    RETURN run;
+END
+$$;
+
+-- One batch of rewrap_keys: whole tenants, until at least 25 DEKs have been handled.
+-- The KMS requests go one after another (each envelope.rewrap call waits for its
+-- ReEncrypt); the KMS's throttling answers are retried by the client.  Returns the
+-- number of DEKs handled, or NULL when none is left.
+CREATE FUNCTION envelope.rewrap_keys_step(run bigint, new_kms_key text, tenants text[])
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch_start timestamptz := clock_timestamp();
+    c record;
+    handled bigint := 0;
+    moved bigint := 0;
+    t envelope.rotation_task;
+BEGIN
+    FOR c IN SELECT * FROM envelope.rewrap_candidates(new_kms_key, tenants)
+    LOOP
+        moved := moved + envelope.rewrap(new_kms_key, c.tenant);
+        handled := handled + c.key_count;
+        EXIT WHEN handled >= 25;
+    END LOOP;
+    UPDATE envelope.rotation_task x
+       SET done = x.done + handled, values_moved = x.values_moved + moved,
+           total = greatest(x.total, x.done + handled),
+           started_at = COALESCE(x.started_at, batch_start),
+           active_since = COALESCE(x.active_since, batch_start),
+           updated_at = clock_timestamp(),
+           finished_at = CASE WHEN handled = 0 THEN clock_timestamp() END
+     WHERE x.run_id = run AND x.task = 1
+    RETURNING * INTO t;
+    IF handled = 0 THEN
+        RETURN NULL;
+    END IF;
+    RAISE NOTICE 'envelope.rewrap_keys: rewrapped % data keys; % of % done', moved, t.done, t.total;
+    RETURN handled;
+END
+$$;
+
+-- Move every tenant's DEKs (or the listed tenants') under new_kms_key with the KMS's
+-- ReEncrypt, committing per batch of DEKs; calling it again resumes.
+-- envelope.rewrap stays for one tenant.
+CREATE PROCEDURE envelope.rewrap_keys(new_kms_key text, tenants text[] DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    run bigint;
+    handled bigint;
+BEGIN
+    run := envelope.rewrap_keys_begin(new_kms_key, tenants);
+    COMMIT;
+    LOOP
+        handled := envelope.rewrap_keys_step(run, new_kms_key, tenants);
+        COMMIT;
+        EXIT WHEN handled IS NULL;
+    END LOOP;
+    PERFORM envelope.rotation_run_end(run);
+    COMMIT;
+END
+$$;
+
+-- ---- privileges: the procedures run as their caller (who needs UPDATE on the
+-- tables it re-encrypts); envelope_admin may call them and read the progress.
+
+REVOKE ALL ON FUNCTION
+    envelope.needs_reencryption(bytea, integer),
+    envelope.reencrypt_value(text, bytea, text),
+    envelope.rotation_run_is_live(integer, timestamptz),
+    envelope.rotation_run_begin(text, jsonb),
+    envelope.rotation_run_end(bigint),
+    envelope.rotation_throttle(bigint, timestamptz, integer),
+    envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.rotation_next_task(bigint),
+    envelope.reencrypt_step(bigint, integer, integer),
+    envelope.reencrypt_check_batch(integer, integer),
+    envelope.reencrypt_begin(regclass, name, name, integer, text),
+    envelope.reencrypt_all_begin(integer, integer),
+    envelope.rotate_keys_candidates(timestamptz, text[]),
+    envelope.rotate_keys_cutoff(bigint, interval),
+    envelope.check_tenant_list(text, text[]),
+    envelope.rotate_keys_begin(interval, text[]),
+    envelope.rotate_keys_step(bigint, interval, text[]),
+    envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_keys_begin(text, text[]),
+    envelope.rewrap_keys_step(bigint, text, text[])
+    FROM PUBLIC;
+REVOKE ALL ON PROCEDURE
+    envelope.reencrypt_run(bigint, integer, integer),
+    envelope.reencrypt_all(integer, integer),
+    envelope.rotate_keys(interval, text[]),
+    envelope.rewrap_keys(text, text[])
+    FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, integer) TO envelope_user;
+GRANT EXECUTE ON FUNCTION
+    envelope.reencrypt_value(text, bytea, text),
+    envelope.rotation_run_is_live(integer, timestamptz),
+    envelope.rotation_run_begin(text, jsonb),
+    envelope.rotation_run_end(bigint),
+    envelope.rotation_throttle(bigint, timestamptz, integer),
+    envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.rotation_next_task(bigint),
+    envelope.reencrypt_step(bigint, integer, integer),
+    envelope.reencrypt_check_batch(integer, integer),
+    envelope.reencrypt_begin(regclass, name, name, integer, text),
+    envelope.reencrypt_all_begin(integer, integer),
+    envelope.rotate_keys_candidates(timestamptz, text[]),
+    envelope.rotate_keys_cutoff(bigint, interval),
+    envelope.check_tenant_list(text, text[]),
+    envelope.rotate_keys_begin(interval, text[]),
+    envelope.rotate_keys_step(bigint, interval, text[]),
+    envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_keys_begin(text, text[]),
+    envelope.rewrap_keys_step(bigint, text, text[])
+    TO envelope_admin;
+GRANT EXECUTE ON PROCEDURE
+    envelope.reencrypt_run(bigint, integer, integer),
+    envelope.reencrypt_all(integer, integer),
+    envelope.rotate_keys(interval, text[]),
+    envelope.rewrap_keys(text, text[])
+    TO envelope_admin;
+GRANT SELECT ON envelope.rotation_progress TO envelope_admin;
+GRANT SELECT, INSERT, UPDATE ON envelope.rotation_run, envelope.rotation_task TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Health check.
@@ -370,3 +1183,29 @@ CREATE TRIGGER key_store_changed_replicated
     FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
 ALTER TABLE envelope.tenant ENABLE REPLICA TRIGGER key_store_changed_replicated;
 ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicated;
+
+-- ---------------------------------------------------------------------------
+-- Key cache statistics.
+-- New columns at the end: tenant states held in shared memory, keys unwrapped again
+-- within envelope.cache_ttl of being evicted to make room (the working set is larger
+-- than envelope.cache_size), and a hint that says so.
+
+DROP VIEW envelope.cache_stats;
+DROP FUNCTION envelope.cache_stats();
+CREATE FUNCTION envelope.cache_stats(
+    OUT capacity bigint, OUT entries bigint, OUT hits bigint, OUT misses bigint,
+    OUT evictions bigint, OUT kms_generate_calls bigint, OUT kms_decrypt_calls bigint,
+    OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
+    OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
+    OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
+    OUT hint text)
+    RETURNS record
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
+    LANGUAGE C VOLATILE PARALLEL SAFE;
+
+CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
+
+REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
+REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
+GRANT SELECT ON envelope.cache_stats TO envelope_admin;

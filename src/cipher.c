@@ -1,5 +1,6 @@
 /*
- * cipher.c — AES-256-GCM over OpenSSL EVP and pg_envelope's ciphertext format.
+ * cipher.c — pg_envelope's value formats over OpenSSL EVP: AES-256-GCM, AES-256-SIV and
+ * the HMAC blind index.
  *
  * Plain C: no PostgreSQL headers, no error reporting beyond a CipherStatus.  See
  * cipher.h for the format.  Every OpenSSL context is owned by a CipherKey, which keeps
@@ -141,54 +142,156 @@ aes_siv(void)
 	return cipher;
 }
 
+/* AES-256-GCM, fetched once per process rather than looked up on every set-up. */
+static const EVP_CIPHER *
+aes_gcm(void)
+{
+	static EVP_CIPHER *cipher = NULL;
+
+	if (cipher == NULL)
+		cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	return cipher;
+}
+
+/*
+ * A GCM context keyed with `raw`.  A spare context of the same direction is re-keyed
+ * in place (its old key schedule is overwritten), which costs a key expansion instead
+ * of an allocation and a provider set-up.  The default IV length is the 96 bits we use.
+ */
+static EVP_CIPHER_CTX *
+gcm_context(const uint8_t raw[CIPHER_KEY_LEN], bool encrypting, EVP_CIPHER_CTX *spare)
+{
+	EVP_CIPHER_CTX *ctx = spare;
+
+	if (ctx != NULL)
+	{
+		if (EVP_CipherInit_ex(ctx, NULL, NULL, raw, NULL, encrypting ? 1 : 0) == 1)
+			return ctx;
+		EVP_CIPHER_CTX_free(ctx);
+		return NULL;
+	}
+	ctx = EVP_CIPHER_CTX_new();
+	if (ctx == NULL || aes_gcm() == NULL ||
+		EVP_CipherInit_ex(ctx, aes_gcm(), NULL, raw, NULL, encrypting ? 1 : 0) != 1 ||
+		EVP_CIPHER_CTX_get_iv_length(ctx) != CIPHER_NONCE_LEN)
+	{
+		EVP_CIPHER_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+/* The keyed AES-SIV template of deterministic values, copied per value. */
+static EVP_CIPHER_CTX *
+siv_context(const uint8_t raw[CIPHER_KEY_LEN])
+{
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	uint8_t		siv_key[CIPHER_SIV_KEY_LEN];
+	bool		ok;
+
+	ok = ctx != NULL && aes_siv() != NULL &&
+		derive_subkey(raw, siv_label, siv_key, sizeof(siv_key)) &&
+		EVP_CipherInit_ex(ctx, aes_siv(), NULL, siv_key, NULL, 1) == 1;
+	cipher_wipe(siv_key, sizeof(siv_key));
+	if (!ok)
+	{
+		EVP_CIPHER_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
+/* The keyed HMAC template of the blind index. */
+static EVP_MAC_CTX *
+index_context(const uint8_t raw[CIPHER_KEY_LEN])
+{
+	uint8_t		index_key[32];
+	EVP_MAC_CTX *mac = NULL;
+
+	if (derive_subkey(raw, index_label, index_key, sizeof(index_key)))
+		mac = new_index_mac(index_key, sizeof(index_key));
+	cipher_wipe(index_key, sizeof(index_key));
+	return mac;
+}
+
+bool
+cipher_key_ready(const CipherKey *key, CipherUse use)
+{
+	switch (use)
+	{
+		case CIPHER_USE_ENCRYPT:
+			return key->enc != NULL;
+		case CIPHER_USE_DECRYPT:
+			return key->dec != NULL;
+		case CIPHER_USE_DETERMINISTIC:
+			return key->siv != NULL;
+		case CIPHER_USE_INDEX:
+			return key->mac != NULL;
+	}
+	return false;
+}
+
+CipherStatus
+cipher_key_add(CipherKey *key, CipherUse use, const uint8_t raw[CIPHER_KEY_LEN],
+			   CipherKey *spare)
+{
+	switch (use)
+	{
+		case CIPHER_USE_ENCRYPT:
+		case CIPHER_USE_DECRYPT:
+			{
+				bool		encrypting = use == CIPHER_USE_ENCRYPT;
+				void	  **slot = encrypting ? &key->enc : &key->dec;
+				void	  **spare_slot = spare == NULL ? NULL :
+					encrypting ? &spare->enc : &spare->dec;
+				EVP_CIPHER_CTX *reuse = spare_slot ? (EVP_CIPHER_CTX *) *spare_slot : NULL;
+
+				if (*slot != NULL)
+					return CIPHER_OK;
+				if (spare_slot)
+					*spare_slot = NULL;
+				*slot = gcm_context(raw, encrypting, reuse);
+				return *slot != NULL ? CIPHER_OK : CIPHER_ERR_INTERNAL;
+			}
+		case CIPHER_USE_DETERMINISTIC:
+			if (key->siv == NULL)
+				key->siv = siv_context(raw);
+			return key->siv != NULL ? CIPHER_OK : CIPHER_ERR_INTERNAL;
+		case CIPHER_USE_INDEX:
+			if (key->mac == NULL)
+				key->mac = index_context(raw);
+			return key->mac != NULL ? CIPHER_OK : CIPHER_ERR_INTERNAL;
+	}
+	return CIPHER_ERR_INTERNAL;
+}
+
 CipherStatus
 cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
 {
-	EVP_CIPHER_CTX *enc = EVP_CIPHER_CTX_new();
-	EVP_CIPHER_CTX *dec = EVP_CIPHER_CTX_new();
-	EVP_CIPHER_CTX *siv = EVP_CIPHER_CTX_new();
-	EVP_MAC_CTX *mac = NULL;
-	uint8_t		siv_key[CIPHER_SIV_KEY_LEN];
-	uint8_t		index_key[32];
-
 	memset(key, 0, sizeof(*key));
-	if (enc == NULL || dec == NULL || siv == NULL || aes_siv() == NULL)
-		goto fail;
-
-	/* Set the cipher and IV length first, then the key: the schedule is kept. */
-	if (EVP_EncryptInit_ex(enc, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
-		EVP_CIPHER_CTX_ctrl(enc, EVP_CTRL_GCM_SET_IVLEN, CIPHER_NONCE_LEN, NULL) != 1 ||
-		EVP_EncryptInit_ex(enc, NULL, NULL, raw, NULL) != 1)
-		goto fail;
-	if (EVP_DecryptInit_ex(dec, EVP_aes_256_gcm(), NULL, NULL, NULL) != 1 ||
-		EVP_CIPHER_CTX_ctrl(dec, EVP_CTRL_GCM_SET_IVLEN, CIPHER_NONCE_LEN, NULL) != 1 ||
-		EVP_DecryptInit_ex(dec, NULL, NULL, raw, NULL) != 1)
-		goto fail;
-
-	/* A keyed SIV template, copied per value; the blind index's HMAC key. */
-	if (!derive_subkey(raw, siv_label, siv_key, sizeof(siv_key)) ||
-		EVP_CipherInit_ex(siv, aes_siv(), NULL, siv_key, NULL, 1) != 1 ||
-		!derive_subkey(raw, index_label, index_key, sizeof(index_key)) ||
-		(mac = new_index_mac(index_key, sizeof(index_key))) == NULL)
-		goto fail;
-	cipher_wipe(siv_key, sizeof(siv_key));
-	cipher_wipe(index_key, sizeof(index_key));
-
-	key->enc = enc;
-	key->dec = dec;
-	key->siv = siv;
-	key->mac = mac;
+	if (cipher_key_add(key, CIPHER_USE_ENCRYPT, raw, NULL) != CIPHER_OK ||
+		cipher_key_add(key, CIPHER_USE_DECRYPT, raw, NULL) != CIPHER_OK ||
+		cipher_key_add(key, CIPHER_USE_DETERMINISTIC, raw, NULL) != CIPHER_OK ||
+		cipher_key_add(key, CIPHER_USE_INDEX, raw, NULL) != CIPHER_OK)
+	{
+		/* The OpenSSL contexts cleanse their key material when freed. */
+		cipher_key_free(key);
+		return CIPHER_ERR_INTERNAL;
+	}
 	return CIPHER_OK;
+}
 
-fail:
-	/* The OpenSSL contexts cleanse their key material when freed. */
-	cipher_wipe(siv_key, sizeof(siv_key));
-	cipher_wipe(index_key, sizeof(index_key));
-	EVP_CIPHER_CTX_free(enc);
-	EVP_CIPHER_CTX_free(dec);
-	EVP_CIPHER_CTX_free(siv);
-	EVP_MAC_CTX_free(mac);
-	return CIPHER_ERR_INTERNAL;
+CipherStatus
+cipher_key_init_gcm(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN])
+{
+	memset(key, 0, sizeof(*key));
+	if (cipher_key_add(key, CIPHER_USE_ENCRYPT, raw, NULL) != CIPHER_OK ||
+		cipher_key_add(key, CIPHER_USE_DECRYPT, raw, NULL) != CIPHER_OK)
+	{
+		cipher_key_free(key);
+		return CIPHER_ERR_INTERNAL;
+	}
+	return CIPHER_OK;
 }
 
 void
@@ -376,6 +479,8 @@ cipher_encrypt(const CipherKey *key, uint32_t version,
 	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->enc;
 	uint8_t    *header = out;
 
+	if (ctx == NULL)
+		return CIPHER_ERR_INTERNAL;
 	header[0] = CIPHER_FORMAT_GCM_V1;
 	put_be32(header + 1, version);
 	memcpy(header + 5, nonce, CIPHER_NONCE_LEN);
@@ -403,6 +508,8 @@ cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 		return CIPHER_ERR_FORMAT;
 	if (in[0] == CIPHER_FORMAT_SIV_V1)
 		return siv_decrypt_envelope(key, binding, in, in_len, out);
+	if (ctx == NULL)
+		return CIPHER_ERR_INTERNAL;
 	body_len = in_len - CIPHER_OVERHEAD;
 
 	if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, in + 5) != 1 ||
@@ -420,7 +527,7 @@ cipher_gcm_seal(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
 {
 	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->enc;
 
-	if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+	if (ctx == NULL || EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
 		!aad_update(ctx, true, aad, aad_len))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_seal_body(ctx, plain, plain_len, out, tag);
@@ -434,7 +541,7 @@ cipher_gcm_open(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
 {
 	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->dec;
 
-	if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+	if (ctx == NULL || EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
 		!aad_update(ctx, false, aad, aad_len))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_open_body(ctx, in, in_len, tag, out);

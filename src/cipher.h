@@ -70,16 +70,27 @@ typedef enum CipherStatus
 } CipherStatus;
 
 /*
- * A ready AES-256-GCM key: two EVP contexts whose key schedules are computed once, so
- * each value costs only an IV reset.  The raw key is not kept.
+ * A ready key: up to four OpenSSL contexts whose key schedules are computed once, so
+ * each value costs only an IV reset.  Each context is set up when a value first needs
+ * it (cipher_key_add): a scan that only decrypts GCM values never pays for the SIV and
+ * HMAC subkeys.  The raw key is not kept.
  */
 typedef struct CipherKey
 {
-	void	   *enc;			/* EVP_CIPHER_CTX * */
-	void	   *dec;			/* EVP_CIPHER_CTX * */
+	void	   *enc;			/* EVP_CIPHER_CTX *, AES-256-GCM encryption */
+	void	   *dec;			/* EVP_CIPHER_CTX *, AES-256-GCM decryption */
 	void	   *siv;			/* EVP_CIPHER_CTX *, keyed template for AES-SIV */
 	void	   *mac;			/* EVP_MAC_CTX *, keyed HMAC template for the blind index */
 } CipherKey;
+
+/* What a key is about to be used for: each use needs its own context. */
+typedef enum CipherUse
+{
+	CIPHER_USE_ENCRYPT,			/* cipher_encrypt, cipher_gcm_seal */
+	CIPHER_USE_DECRYPT,			/* cipher_decrypt of a GCM value, cipher_gcm_open */
+	CIPHER_USE_DETERMINISTIC,	/* cipher_encrypt_deterministic, cipher_decrypt of a SIV value */
+	CIPHER_USE_INDEX			/* cipher_blind_index */
+} CipherUse;
 
 /* What a value is bound to besides its header. */
 typedef struct CipherBinding
@@ -90,7 +101,25 @@ typedef struct CipherBinding
 	size_t		context_len;
 } CipherBinding;
 
+/* Every context of `raw` into a zeroed `key`; on failure nothing is left allocated. */
 extern CipherStatus cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN]);
+
+/* Only the two GCM contexts (encrypt and decrypt), for plain AES-256-GCM use. */
+extern CipherStatus cipher_key_init_gcm(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN]);
+
+/* Is the context `use` needs set up? */
+extern bool cipher_key_ready(const CipherKey *key, CipherUse use);
+
+/*
+ * Set up the context `use` needs from `raw`, if it is not there yet.  `spare` (may be
+ * NULL) is a key being discarded: its GCM context of the same direction, if any, is
+ * taken over and re-keyed instead of allocating a new one, and set to NULL in `spare`.
+ * On failure `key` keeps the contexts it had.
+ */
+extern CipherStatus cipher_key_add(CipherKey *key, CipherUse use,
+								   const uint8_t raw[CIPHER_KEY_LEN], CipherKey *spare);
+
+/* Free every context (OpenSSL cleanses their key schedules). */
 extern void cipher_key_free(CipherKey *key);
 
 /* Parse the header of a stored value (either format) without decrypting it. */

@@ -39,38 +39,8 @@ PG_FUNCTION_INFO_V1(envelope_destroy_tenant);
 PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
+PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
-
-/*
- * Tenant names are bound into every ciphertext and sent to the KMS as encryption
- * context, and they appear in error messages: keep them printable and bounded.
- */
-void
-envelope_check_tenant(const char *tenant, size_t len)
-{
-	if (len == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("tenant name must not be empty"),
-				 errhidestmt(true)));
-	if (len > ENVELOPE_TENANT_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_NAME_TOO_LONG),
-				 errmsg("tenant name is too long"),
-				 errdetail("Tenant names are at most %d bytes; this one has %zu.",
-						   ENVELOPE_TENANT_MAX, len),
-				 errhidestmt(true)));
-	for (size_t i = 0; i < len; i++)
-	{
-		unsigned char c = (unsigned char) tenant[i];
-
-		if (c < 0x20 || c == 0x7f)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("tenant name must not contain control characters"),
-					 errhidestmt(true)));
-	}
-}
 
 /*
  * Bind to the logical names in UTF-8, whatever the database encoding, so a value
@@ -194,7 +164,7 @@ encrypt_deterministic_bytes(FunctionCallInfo fcinfo, const char *data, size_t le
 				 errmsg("value is too large to encrypt"),
 				 errhidestmt(true)));
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION);
+								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_DETERMINISTIC);
 	result = palloc(VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
 	cs = cipher_encrypt_deterministic(key, ENVELOPE_EQUALITY_VERSION, &binding,
@@ -243,7 +213,7 @@ envelope_blind_index(PG_FUNCTION_ARGS)
 	value = PG_GETARG_TEXT_PP(1);
 	binding = make_binding(fcinfo, tenant, 2);
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION);
+								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_INDEX);
 	result = palloc(VARHDRSZ + CIPHER_INDEX_LEN);
 	SET_VARSIZE(result, VARHDRSZ + CIPHER_INDEX_LEN);
 	if (cipher_blind_index(key, &binding, (const uint8 *) VARDATA_ANY(value),
@@ -275,7 +245,9 @@ decrypt_bytes(FunctionCallInfo fcinfo)
 				 errdetail("It is too short or has an unknown format byte."),
 				 errhidestmt(true)));
 
-	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version);
+	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), version,
+								   in[0] == CIPHER_FORMAT_SIV_V1 ?
+								   CIPHER_USE_DETERMINISTIC : CIPHER_USE_DECRYPT);
 	result = palloc(VARHDRSZ + out_len);
 	SET_VARSIZE(result, VARHDRSZ + out_len);
 	cs = cipher_decrypt(key, &binding, in, in_len, (uint8 *) VARDATA(result));
@@ -614,33 +586,70 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-Datum
-envelope_cache_stats(PG_FUNCTION_ARGS)
+/*
+ * The columns of envelope.cache_stats: the first twelve are those of 0.1.0
+ * (envelope_cache_stats); 0.2.0 adds tenant_entries, evicted_reloads and hint.
+ */
+#define CACHE_STATS_COLUMNS_V1 12
+#define CACHE_STATS_COLUMNS_V2 15
+
+static Datum
+cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 {
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
-	Datum		values[12];
-	bool		nulls[12] = {0};
+	KmsCallStats k;
+	Datum		values[CACHE_STATS_COLUMNS_V2];
+	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
+	if (tupdesc->natts != ncolumns)
+		elog(ERROR, "envelope.cache_stats() returns %d columns, expected %d",
+			 tupdesc->natts, ncolumns);
 	keycache_get_stats(&s);
-	calls = s.kms_calls[ENVELOPE_KMS_GENERATE] + s.kms_calls[ENVELOPE_KMS_DECRYPT] +
-		s.kms_calls[ENVELOPE_KMS_REENCRYPT];
+	kms_glue_get_stats(&k);
+	calls = k.calls[ENVELOPE_KMS_GENERATE] + k.calls[ENVELOPE_KMS_DECRYPT] +
+		k.calls[ENVELOPE_KMS_REENCRYPT];
 	values[0] = Int64GetDatum(s.capacity);
 	values[1] = Int64GetDatum(s.entries);
 	values[2] = Int64GetDatum(s.hits);
 	values[3] = Int64GetDatum(s.misses);
 	values[4] = Int64GetDatum(s.evictions);
-	values[5] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_GENERATE]);
-	values[6] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_DECRYPT]);
-	values[7] = Int64GetDatum(s.kms_calls[ENVELOPE_KMS_REENCRYPT]);
-	values[8] = Int64GetDatum(s.kms_errors);
-	values[9] = Float8GetDatum(calls > 0 ? s.kms_total_ms / calls : 0.0);
-	values[10] = Float8GetDatum(s.kms_max_ms);
+	values[5] = Int64GetDatum(k.calls[ENVELOPE_KMS_GENERATE]);
+	values[6] = Int64GetDatum(k.calls[ENVELOPE_KMS_DECRYPT]);
+	values[7] = Int64GetDatum(k.calls[ENVELOPE_KMS_REENCRYPT]);
+	values[8] = Int64GetDatum(k.errors);
+	values[9] = Float8GetDatum(calls > 0 ? k.total_ms / calls : 0.0);
+	values[10] = Float8GetDatum(k.max_ms);
 	values[11] = BoolGetDatum(s.shared);
+	if (ncolumns > CACHE_STATS_COLUMNS_V1)
+	{
+		values[12] = Int64GetDatum(s.tenant_entries);
+		values[13] = Int64GetDatum(s.evicted_reloads);
+		if (s.shared && s.evicted_reloads > 0)
+			values[14] = CStringGetTextDatum(psprintf("%lld keys were unwrapped again within envelope.cache_ttl of their eviction: the keys in use do not fit in envelope.cache_size (%lld). Raise envelope.cache_size.",
+													  (long long) s.evicted_reloads,
+													  (long long) s.capacity));
+		else
+			nulls[14] = true;
+	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* envelope.cache_stats() of 0.1.0. */
+Datum
+envelope_cache_stats(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
+}
+
+/* envelope.cache_stats() of 0.2.0. */
+Datum
+envelope_cache_stats_v2(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
 }
 
 /*

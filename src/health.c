@@ -188,13 +188,14 @@ check_cache(CheckOutput *out)
 	char	   *detail;
 
 	keycache_get_stats(&s);
-	detail = psprintf("%lld of %lld keys cached (%s), envelope.cache_ttl = %d s, %lld evictions.",
+	detail = psprintf("%lld of %lld keys cached (%s), envelope.cache_ttl = %d s, %lld evictions (expiries included), %lld keys unwrapped again within envelope.cache_ttl of their eviction.",
 					  (long long) s.entries, (long long) s.capacity,
 					  s.shared ? "shared" : "per backend", envelope_cache_ttl,
-					  (long long) s.evictions);
-	if (s.evictions > 0)
+					  (long long) s.evictions, (long long) s.evicted_reloads);
+	/* Evicting keys nobody uses is the cache working; evicting keys in use costs KMS calls. */
+	if (s.evicted_reloads > 0)
 		report(out, "key_cache", "warning", detail,
-			   "Keys were evicted to make room: raise envelope.cache_size (needs a restart).");
+			   "Keys still in use were evicted to make room and unwrapped again: raise envelope.cache_size (needs a restart).");
 	else if (!s.shared)
 		report(out, "key_cache", "warning", detail, "Preload pg_envelope to share one cache.");
 	else

@@ -58,6 +58,37 @@ keystore_is_key_table(Oid relid)
 	return relid == tenant_relid || relid == data_key_relid;
 }
 
+/*
+ * Tenant names are bound into every ciphertext and sent to the KMS as encryption
+ * context, and they appear in error messages: keep them printable and bounded.
+ */
+void
+envelope_check_tenant(const char *tenant, size_t len)
+{
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tenant name must not be empty"),
+				 errhidestmt(true)));
+	if (len > ENVELOPE_TENANT_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("tenant name is too long"),
+				 errdetail("Tenant names are at most %d bytes; this one has %zu.",
+						   ENVELOPE_TENANT_MAX, len),
+				 errhidestmt(true)));
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) tenant[i];
+
+		if (c < 0x20 || c == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("tenant name must not contain control characters"),
+					 errhidestmt(true)));
+	}
+}
+
 static Oid
 lookup_key_store_owner(void)
 {
@@ -299,6 +330,102 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 	}
 	keystore_leave(&session);
 	return found;
+}
+
+/*
+ * The key cache's one question to the key store: a tenant and one of its versions (0:
+ * the active one), with the latest committed state.  The plan is prepared once per
+ * backend and kept (SPI_keepplan), so a cache miss parses nothing; the plan cache
+ * re-plans it by itself should the tables be dropped and created again.
+ */
+static SPIPlanPtr tenant_key_plan = NULL;
+
+bool
+keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Datum		values[2] = {CStringGetTextDatum(tenant), Int32GetDatum(version)};
+	Snapshot	snapshot;
+	bool		found = false;
+	int			ret;
+
+	memset(out, 0, sizeof(*out));
+	keystore_enter(&session);
+	if (tenant_key_plan == NULL)
+	{
+		Oid			argtypes[2] = {TEXTOID, INT4OID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("SELECT t.tenant_id, t.state, t.active_version,"
+						   "       d.version, d.state, d.kms_provider, d.kms_key, d.wrapped_dek"
+						   "  FROM envelope.tenant t"
+						   "  LEFT JOIN envelope.data_key d"
+						   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
+						   "   AND d.version OPERATOR(pg_catalog.=)"
+						   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
+						   " WHERE t.tenant OPERATOR(pg_catalog.=) $1",
+						   2, argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		tenant_key_plan = plan;
+	}
+	/* As execute_latest(): a revocation committed a moment ago stops this reader too. */
+	snapshot = IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot();
+	ret = SPI_execute_snapshot(tenant_key_plan, values, NULL, snapshot, InvalidSnapshot,
+							   true, false, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_snapshot failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *state = copy_text_column(tuple, desc, 2, caller_cxt);
+		bool		isnull;
+		Datum		wrapped;
+
+		out->tenant_id = int_column(tuple, desc, 1);
+		out->state = tenant_state_from_text(state);
+		out->active_version = int_column(tuple, desc, 3);
+		out->version = int_column(tuple, desc, 4);
+		(void) SPI_getbinval(tuple, desc, 4, &isnull);
+		out->key_found = !isnull;
+		if (out->key_found)
+		{
+			out->key.state = key_state_from_text(copy_text_column(tuple, desc, 5, caller_cxt));
+			out->key.kms_provider = copy_text_column(tuple, desc, 6, caller_cxt);
+			out->key.kms_key = copy_text_column(tuple, desc, 7, caller_cxt);
+			wrapped = SPI_getbinval(tuple, desc, 8, &isnull);
+			if (isnull)
+				out->key.wrapped = NULL;
+			else
+			{
+				MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+
+				out->key.wrapped = DatumGetByteaPCopy(wrapped);
+				MemoryContextSwitchTo(old);
+			}
+		}
+		found = true;
+	}
+	keystore_leave(&session);
+	return found;
+}
+
+/*
+ * The key store's tenant table as this backend knows it, looked up again after any
+ * invalidation of the key tables (a dropped and re-created extension has new tables).
+ * Names the incarnation of the key store, so that nothing cached for an older one is
+ * ever taken for the current one.
+ */
+Oid
+keystore_tenant_relid(void)
+{
+	if (!OidIsValid(tenant_relid) || !OidIsValid(key_store_owner))
+		key_store_owner = lookup_key_store_owner();
+	return tenant_relid;
 }
 
 /* Run a data-changing statement as the owner; returns rows affected. */

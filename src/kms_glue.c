@@ -4,14 +4,82 @@
  * The one place where a provider's KmsStatus becomes an ereport, where KMS calls are
  * counted and timed for envelope.cache_stats, and where a cancel or statement_timeout
  * reaches a provider blocked in I/O.  No LWLock is ever held here: callers release
- * theirs before asking the KMS anything.
+ * theirs before asking the KMS anything.  The counters live in a small shared struct
+ * of their own under a spinlock (in each backend without preload).
  */
 #include "pg_envelope.h"
 
 #include "miscadmin.h"
 #include "portability/instr_time.h"
 #include "mb/pg_wchar.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
 #include "utils/builtins.h"
+
+typedef struct KmsGlueShared
+{
+	slock_t		mutex;
+	KmsCallStats stats;			/* under mutex */
+} KmsGlueShared;
+
+static KmsGlueShared *glue_shared = NULL;
+static KmsCallStats local_calls;	/* without preload */
+
+void
+kms_glue_shmem_request(void)
+{
+	RequestAddinShmemSpace(MAXALIGN(sizeof(KmsGlueShared)));
+}
+
+void
+kms_glue_shmem_startup(void)
+{
+	bool		found;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	glue_shared = ShmemInitStruct("pg_envelope KMS calls", sizeof(KmsGlueShared), &found);
+	if (!found)
+	{
+		SpinLockInit(&glue_shared->mutex);
+		memset(&glue_shared->stats, 0, sizeof(glue_shared->stats));
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+record_kms_call(EnvelopeKmsOp op, bool ok, double elapsed_ms)
+{
+	KmsCallStats *s = &local_calls;
+
+	if (glue_shared != NULL)
+	{
+		SpinLockAcquire(&glue_shared->mutex);
+		s = &glue_shared->stats;
+	}
+	s->calls[op]++;
+	if (!ok)
+		s->errors++;
+	s->total_ms += elapsed_ms;
+	if (elapsed_ms > s->max_ms)
+		s->max_ms = elapsed_ms;
+	if (glue_shared != NULL)
+		SpinLockRelease(&glue_shared->mutex);
+}
+
+void
+kms_glue_get_stats(KmsCallStats *out)
+{
+	if (glue_shared == NULL)
+	{
+		*out = local_calls;
+		return;
+	}
+	SpinLockAcquire(&glue_shared->mutex);
+	*out = glue_shared->stats;
+	SpinLockRelease(&glue_shared->mutex);
+}
 
 static const char *const op_names[ENVELOPE_KMS_NOPS] = {
 	"GenerateDataKey", "Decrypt", "ReEncrypt"
@@ -202,7 +270,7 @@ envelope_kms_generate(const char *provider_name, const char *kms_key,
 	memset(&err, 0, sizeof(err));
 	INSTR_TIME_SET_CURRENT(start);
 	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
+	record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
 	if (status != KMS_OK)
 	{
 		explicit_bzero(dek, KMS_DEK_LEN);
@@ -229,7 +297,7 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 	INSTR_TIME_SET_CURRENT(start);
 	status = provider->decrypt(&cfg, kms_key, &ec, (const uint8 *) VARDATA_ANY(wrapped),
 							   VARSIZE_ANY_EXHDR(wrapped), dek, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
+	record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
 	if (status != KMS_OK)
 	{
 		explicit_bzero(dek, KMS_DEK_LEN);
@@ -263,7 +331,7 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 	status = provider->reencrypt(&cfg, source_key, dest_key, &ec,
 								 (const uint8 *) VARDATA_ANY(wrapped),
 								 VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn, &err);
-	keycache_record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
+	record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
 	if (status != KMS_OK)
 		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
 	*dest_key_arn = arn;
@@ -299,7 +367,7 @@ envelope_kms_probe(const char *provider_name, const char *kms_key, KmsError *err
 	memset(err, 0, sizeof(*err));
 	INSTR_TIME_SET_CURRENT(start);
 	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, err);
-	keycache_record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
+	record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
 	explicit_bzero(dek, sizeof(dek));
 	pfree(buf);
 	pfree(arn);

@@ -208,7 +208,7 @@ wrap_dek(const LocalMasterKey *mk, const KmsEncryptionContext *ec,
 	if (aad == NULL)
 		return kms_set_error(err, KMS_ERR_INTERNAL, NULL, "out of memory");
 	wrapped[0] = LOCAL_WRAP_FORMAT;
-	if (cipher_key_init(&ck, mk->key) != CIPHER_OK)
+	if (cipher_key_init_gcm(&ck, mk->key) != CIPHER_OK)
 	{
 		free(aad);
 		return kms_set_error(err, KMS_ERR_INTERNAL, NULL, "could not initialize AES-256-GCM");
@@ -240,7 +240,7 @@ unwrap_dek(const LocalMasterKey *mk, const KmsEncryptionContext *ec,
 	aad = build_wrap_aad(mk, ec, &aad_len);
 	if (aad == NULL)
 		return kms_set_error(err, KMS_ERR_INTERNAL, NULL, "out of memory");
-	if (cipher_key_init(&ck, mk->key) != CIPHER_OK)
+	if (cipher_key_init_gcm(&ck, mk->key) != CIPHER_OK)
 	{
 		free(aad);
 		return kms_set_error(err, KMS_ERR_INTERNAL, NULL, "could not initialize AES-256-GCM");

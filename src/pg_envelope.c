@@ -30,7 +30,7 @@ int			envelope_kmip_port = 5696;
 char	   *envelope_kmip_ca_file = NULL;
 char	   *envelope_kmip_cert_file = NULL;
 char	   *envelope_kmip_key_file = NULL;
-int			envelope_cache_size = 1024;
+int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
@@ -61,6 +61,7 @@ envelope_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	keycache_shmem_request();
+	kms_glue_shmem_request();
 }
 #endif
 
@@ -70,6 +71,7 @@ envelope_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	keycache_shmem_startup();
+	kms_glue_shmem_startup();
 }
 
 static void
@@ -153,7 +155,7 @@ define_settings(void)
 							"Number of data keys the shared key cache holds.",
 							NULL,
 							&envelope_cache_size,
-							1024, 16, 1024 * 1024,
+							32768, 16, 1024 * 1024,
 							/* Only the postmaster may create a postmaster-context setting. */
 							process_shared_preload_libraries_in_progress ? PGC_POSTMASTER : PGC_SUSET,
 							0,
@@ -200,6 +202,7 @@ _PG_init(void)
 		shmem_request_hook = envelope_shmem_request;
 #else
 		keycache_shmem_request();
+		kms_glue_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;

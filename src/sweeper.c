@@ -2,9 +2,10 @@
  * sweeper.c — the key cache sweeper, a background worker.
  *
  * Lookups zero the expired keys they meet, but a key that nobody asks for again would
- * stay in shared memory until the cache fills.  This worker wakes at least every tenth
- * of envelope.cache_ttl (between 1 and 60 seconds) and zeroes what has expired.  It
- * needs no database connection and does no I/O while it holds the cache's lock.
+ * stay in shared memory until the cache fills.  This worker wakes every tenth of
+ * envelope.cache_ttl, but never more often than once a second nor less often than once
+ * a minute, and zeroes what has expired.  It needs no database connection and does no
+ * I/O while it holds the cache's lock.
  */
 #include "pg_envelope.h"
 

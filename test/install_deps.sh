@@ -25,3 +25,8 @@ if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
     echo "python3 cannot import moto and boto3; the aws provider tests need them" >&2
     exit 1
 fi
+# The runbook test runs the runbook's AWS CLI commands (awscli, against moto).
+if ! python3 -c 'import awscli' 2>/dev/null; then
+    echo "python3 cannot import awscli; test/tap/045_runbook.pl needs it" >&2
+    exit 1
+fi

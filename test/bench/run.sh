@@ -26,11 +26,15 @@
 #      proxy, and again straight to moto, counted by envelope.cache_stats);
 #   8. envelope.rewrap (KMS ReEncrypt) against boto3's ReEncrypt rate on the same moto,
 #      and envelope.reencrypt's rows/s against one UPDATE doing the same;
-#   9. shared memory per cached key (pg_shmem_allocations).
+#   9. shared memory per cached key (pg_shmem_allocations);
+#  10. the tenant sweep, test/bench/tenant_sweep.sh (also runs alone): µs per row of
+#      decrypt_text and encrypt as rows cycle through 1,000 to 100,000 tenants,
+#      backend memory, KMS calls of two scans over 20,000 tenants with the default
+#      cache size, and reencrypt over interleaved tenants (BENCH_SWEEP=0 skips it).
 #
 # Prints one line per figure with its ratio to its baseline and writes
 # test/bench/out/results.json.  Figures are reported, never asserted.  The defaults take
-# about 6.5 minutes on a 2-vCPU machine; test/bench/RESULTS.md keeps the latest results.
+# about 6.5 minutes on a 2-vCPU machine, plus about 2 for the tenant sweep; test/bench/RESULTS.md keeps the latest results.
 #
 # Knobs (environment):
 #   BENCH_ROWS=1000000        rows of ~32-byte values
@@ -499,3 +503,9 @@ TOTAL_S=$(( $(date +%s) - START_S ))
     --cache-size "$CACHE_SIZE" --long-ms "$LONG_MS" --long-rows $(( ROWS * REPEAT )) \
     --det-status "$DET_STATUS" --blind-status "$BLIND_STATUS" \
     --pg-version "$PGVER" --commit "$COMMIT" --load-ms "$LOAD_MS" --total-s "$TOTAL_S" --pgbench-seconds "$PGB_SECONDS"
+
+# ---------------------------------------------------------------------------
+if [ "${BENCH_SWEEP:-1}" != 0 ]; then
+    phase "tenant sweep (test/bench/tenant_sweep.sh)"
+    ENVELOPE_PYTHON="$PY" bash "$ROOT/test/bench/tenant_sweep.sh"
+fi

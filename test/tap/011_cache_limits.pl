@@ -47,6 +47,11 @@ $node->safe_psql('postgres', "SELECT envelope.decrypt_text('t40', v) FROM data W
 is(stats($node)->{decrypts} - $before, 0, 'the most recently used key is still cached');
 $node->safe_psql('postgres', "SELECT envelope.decrypt_text('t1', v) FROM data WHERE tenant = 't1'");
 is(stats($node)->{decrypts} - $before, 1, 'an evicted key is unwrapped again');
+ok($node->safe_psql('postgres', 'SELECT evicted_reloads FROM envelope.cache_stats') >= 1,
+	'cache_stats counts keys unwrapped again soon after their eviction');
+like($node->safe_psql('postgres', 'SELECT hint FROM envelope.cache_stats'),
+	qr/do not fit in envelope\.cache_size \(16\)\. Raise envelope\.cache_size\./,
+	'and its hint says to raise envelope.cache_size');
 
 # ---- Expiry: after envelope.cache_ttl a key is unwrapped again, by a new backend and
 # by a long-lived one whose first level holds the key (it must expire there too).

@@ -524,6 +524,67 @@ test_format_known_answers(void)
 		free(pt);
 	}
 	cipher_key_free(&key);
+
+/*
+ * Contexts set up per use: a key made for decrypting GCM values has no other context
+ * and refuses the other uses rather than crash; a context taken over from a discarded
+ * key (re-keyed in place) works for the new key only, and leaves the old key without it.
+ */
+static void
+test_contexts_per_use(void)
+{
+	uint8_t		raw[CIPHER_KEY_LEN], raw2[CIPHER_KEY_LEN];
+	CipherKey	full, lazy, spare, reused;
+	const char *msg = "per-use contexts";
+	size_t		len = strlen(msg);
+	uint8_t		ct[64], ct2[64], pt[64], nonce[CIPHER_NONCE_LEN], index[CIPHER_INDEX_LEN];
+	uint8_t		det[64], index2[CIPHER_INDEX_LEN];
+	CipherBinding acme = binding("acme", NULL);
+
+	CHECK(cipher_random_bytes(raw, sizeof(raw)) == CIPHER_OK &&
+		  cipher_random_bytes(raw2, sizeof(raw2)) == CIPHER_OK, "random");
+	CHECK(cipher_key_init(&full, raw) == CIPHER_OK, "key init");
+	CHECK(cipher_next_nonce(nonce) == CIPHER_OK, "nonce");
+	CHECK(cipher_encrypt(&full, 1, nonce, &acme, (const uint8_t *) msg, len, ct) == CIPHER_OK, "encrypt");
+
+	memset(&lazy, 0, sizeof(lazy));
+	CHECK(cipher_key_add(&lazy, CIPHER_USE_DECRYPT, raw, NULL) == CIPHER_OK, "decrypt context");
+	CHECK(cipher_key_ready(&lazy, CIPHER_USE_DECRYPT) && !cipher_key_ready(&lazy, CIPHER_USE_ENCRYPT) &&
+		  !cipher_key_ready(&lazy, CIPHER_USE_DETERMINISTIC) && !cipher_key_ready(&lazy, CIPHER_USE_INDEX),
+		  "only the decrypt context is set up");
+	CHECK(cipher_decrypt(&lazy, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+		  memcmp(pt, msg, len) == 0, "decrypt with the decrypt context alone");
+	CHECK(cipher_encrypt(&lazy, 1, nonce, &acme, (const uint8_t *) msg, len, ct2) == CIPHER_ERR_INTERNAL,
+		  "encrypt without its context is refused");
+	CHECK(cipher_blind_index(&lazy, &acme, (const uint8_t *) msg, len, index) == CIPHER_ERR_INTERNAL,
+		  "blind index without its context is refused");
+	CHECK(cipher_encrypt_deterministic(&lazy, 1, &acme, (const uint8_t *) msg, len, det) == CIPHER_ERR_INTERNAL,
+		  "deterministic encryption without its context is refused");
+	CHECK(cipher_key_add(&lazy, CIPHER_USE_INDEX, raw, NULL) == CIPHER_OK &&
+		  cipher_blind_index(&lazy, &acme, (const uint8_t *) msg, len, index) == CIPHER_OK &&
+		  cipher_blind_index(&full, &acme, (const uint8_t *) msg, len, index2) == CIPHER_OK &&
+		  memcmp(index, index2, sizeof(index)) == 0, "an index context added later matches the full key's");
+
+	/* Take over the decrypt context of `lazy` for another key. */
+	spare = lazy;
+	memset(&lazy, 0, sizeof(lazy));
+	memset(&reused, 0, sizeof(reused));
+	CHECK(cipher_key_add(&reused, CIPHER_USE_DECRYPT, raw2, &spare) == CIPHER_OK, "re-keyed context");
+	CHECK(spare.dec == NULL && spare.mac != NULL, "the spare gave up its decrypt context only");
+	CHECK(cipher_decrypt(&reused, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH,
+		  "the re-keyed context no longer opens the old key's values");
+	{
+		CipherKey	full2;
+
+		CHECK(cipher_key_init(&full2, raw2) == CIPHER_OK, "key init");
+		CHECK(cipher_encrypt(&full2, 1, nonce, &acme, (const uint8_t *) msg, len, ct2) == CIPHER_OK, "encrypt");
+		CHECK(cipher_decrypt(&reused, &acme, ct2, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+			  memcmp(pt, msg, len) == 0, "and opens the new key's");
+		cipher_key_free(&full2);
+	}
+	cipher_key_free(&spare);
+	cipher_key_free(&reused);
+	cipher_key_free(&full);
 }
 
 int
@@ -534,6 +595,8 @@ main(void)
 	test_deterministic();
 	test_envelope_format();
 	test_format_known_answers();
+
+	test_contexts_per_use();
 	test_nonces();
 	return unit_finish("test_cipher");
 }

@@ -1,0 +1,80 @@
+/*
+ * keycache.h — the key cache: plaintext DEKs and tenant states in shared memory
+ * (keycache_shared.c) and ready cipher contexts in each backend (keycache.c).
+ *
+ * What it promises: a key handed out belongs to a tenant that was active, and to a
+ * version that was active, at the latest key store generation this backend has seen;
+ * a revocation committed by any session is seen by every backend's next row.  A DEK
+ * is unwrapped by the KMS once per cluster (single-flight), and every copy of it is
+ * zeroed when it is evicted, expires, is flushed or revoked.
+ */
+#ifndef PG_ENVELOPE_KEYCACHE_H
+#define PG_ENVELOPE_KEYCACHE_H
+
+#include "compat.h"
+
+#include "cipher.h"
+#include "kms.h"
+
+/* A key ready for encrypting, with the version new values carry. */
+typedef struct EnvelopeKeyRef
+{
+	const CipherKey *key;
+	uint32		version;
+} EnvelopeKeyRef;
+
+typedef struct KeyCacheStats
+{
+	int64		capacity;		/* DEKs the shared cache holds (per-backend tenants without preload) */
+	int64		entries;		/* DEKs cached now */
+	int64		tenant_entries; /* tenant states held */
+	int64		hits;			/* lookups that reached shared memory and found the DEK */
+	int64		misses;
+	int64		evictions;		/* DEKs removed to make room, or expired */
+	int64		evicted_reloads;	/* unwrapped again within cache_ttl of an eviction */
+	bool		shared;			/* false without shared_preload_libraries */
+} KeyCacheStats;
+
+/* Reserve, then create or attach, the shared cache (shmem request/startup hooks). */
+extern void keycache_shmem_request(void);
+extern void keycache_shmem_startup(void);
+
+/* Register this process's transaction and invalidation callbacks (once). */
+extern void keycache_init_backend(void);
+
+/*
+ * The key new values of `tenant` are encrypted with, and its version; raises an error
+ * if the tenant does not exist or is not active.
+ */
+extern EnvelopeKeyRef keycache_key_for_encrypt(const char *tenant, size_t tenant_len);
+
+/*
+ * The key of (tenant, version) with the context `use` needs set up; raises an error if
+ * the tenant or the version does not exist or is not active.
+ */
+extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tenant_len,
+												 uint32 version, CipherUse use);
+
+/* The tenant's active version, 0 when it is disabled or destroyed. */
+extern uint32 keycache_active_version(const char *tenant, size_t tenant_len);
+
+/* The key store changed in this transaction: every backend re-reads states at commit. */
+extern void keycache_note_key_store_change(void);
+
+/* Wipe (tenant, version) (0: every version) from shared memory when this commits. */
+extern void keycache_schedule_purge(int32 tenant_id, uint32 version);
+
+/* Zero every cached DEK of the current database, and this backend's contexts. */
+extern void keycache_flush(void);
+
+/* Zero expired DEKs and forget failed loads; returns how many went.  No I/O. */
+extern int	keycache_sweep(void);
+
+/* Put a DEK the KMS just generated into the shared cache (saves the first Decrypt). */
+extern void keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
+						   const uint8 dek[KMS_DEK_LEN]);
+
+/* A consistent copy of the cache's counters. */
+extern void keycache_get_stats(KeyCacheStats *stats);
+
+#endif							/* PG_ENVELOPE_KEYCACHE_H */

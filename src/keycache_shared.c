@@ -1,0 +1,1083 @@
+/*
+ * keycache_shared.c — the shared level (L2) of the key cache: plaintext DEKs and
+ * tenant states in shared memory, for every backend of the cluster.  The per-backend
+ * level is keycache.c; keycache_shared.h is the interface between the two.
+ *
+ *   keys: (database, tenant id, version, hash of the wrapped DEK) -> the 32-byte DEK.
+ *      One KMS Decrypt per key per cluster, not per backend.  The DEK bytes sit in a
+ *      separate page-aligned array marked MADV_DONTDUMP and locked in memory where
+ *      RLIMIT_MEMLOCK allows.
+ *   tenants: (database, key store incarnation, tenant name) -> tenant id, state,
+ *      active version and the states of a few versions, as read from the key store at
+ *      a given generation.  A backend whose own level misses a key that is here reads
+ *      all it needs here: no SPI, no parse, no walk of any table.
+ *
+ * envelope.cache_size entries of each.  Both evict the least recently used of a window
+ * of slots that a hand moves along (bounded work per eviction, exact LRU for caches up
+ * to the window's size, and never a walk of the whole table).
+ *
+ * Locking protocol (one LWLock of tranche "pg_envelope"):
+ *   - lookups take the lock in LW_SHARED mode, copy what they need out and release it;
+ *     the entry's last-use time is set with an atomic write, which is harmless to race;
+ *   - inserts, removals, eviction, expiry and flush take it LW_EXCLUSIVE;
+ *   - the statistics live under their own spinlock (stats_mutex).  It is taken while
+ *     the LWLock is held, exclusively (eviction and reload counts), and on its own
+ *     (hits and misses), never the other way round: nothing is done under the spinlock
+ *     but a few additions;
+ *   - the lock is never held across SPI, KMS or any other I/O, nor across an ereport.
+ *   - single-flight: the first backend to miss a key inserts a LOADING entry, releases
+ *     the lock and asks the KMS; others that find the LOADING entry sleep on a
+ *     condition variable (interruptibly) until it becomes READY or FAILED.  A FAILED
+ *     load is reported to the backends that waited for it and retried by the next
+ *     caller.
+ *   - the shared generation is an atomic counter read without the lock; see
+ *     keycache.c for who bumps it.
+ *
+ * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
+ * keys are zeroed by the next lookup that meets them, and at the latest by the
+ * "pg_envelope key cache sweeper" background worker, which wakes every tenth of
+ * envelope.cache_ttl, but never more often than once a second nor less often than once
+ * a minute: a key nobody uses any more does not linger.  After a crash-restart shared
+ * memory is re-created, so the cache starts empty.
+ */
+#include "pg_envelope.h"
+
+#include <sys/mman.h>
+
+#include "keycache_shared.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "port/atomics.h"
+#include "storage/condition_variable.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "common/hashfn.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+/*
+ * A DEK is named by its database, tenant id and version, and by a hash of its wrapped
+ * form: tenant ids restart when the extension is re-created or a dump is restored, and
+ * the hash keeps such a re-used id from ever finding another key's bytes.
+ */
+typedef struct SharedKeyTag
+{
+	Oid			dbid;
+	int32		tenant_id;
+	uint32		version;
+	uint64		wrapped_hash;
+} SharedKeyTag;
+
+typedef enum SharedKeyState
+{
+	SKEY_LOADING = 0,
+	SKEY_READY,
+	SKEY_FAILED
+} SharedKeyState;
+
+typedef struct SharedKeyEntry
+{
+	SharedKeyTag tag;			/* hash key: must be first */
+	int32		slot;			/* index into the DEK array and the key ring */
+	SharedKeyState state;
+	bool		doomed;			/* purged or flushed while loading: drop on arrival */
+	uint32		load_seq;		/* which load attempt this state belongs to */
+	int			failed_sqlstate;
+	TimestampTz loaded_at;
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
+} SharedKeyEntry;
+
+/*
+ * A tenant's state as read from the key store at `generation`.  Named by a hash of the
+ * name (the name itself is compared too: two names with the same hash simply take
+ * turns in the entry) and by the key store's tenant table, so that a dropped and
+ * re-created extension never meets the states of its predecessor.
+ */
+typedef struct SharedTenantTag
+{
+	Oid			dbid;
+	Oid			tenant_relid;
+	uint64		name_hash;
+} SharedTenantTag;
+
+/* Versions whose state a shared tenant entry remembers; others are read on demand. */
+#define SHARED_TENANT_VERSIONS 4
+
+typedef struct SharedVersionState
+{
+	uint32		version;
+	KeyState	state;
+	uint64		wrapped_hash;
+} SharedVersionState;
+
+typedef struct SharedTenantEntry
+{
+	SharedTenantTag tag;		/* hash key: must be first */
+	int32		slot;			/* index into the tenant ring */
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
+	uint64		generation;		/* shared generation the states below were read at */
+	int32		tenant_id;
+	TenantState state;
+	uint32		active_version;
+	int			nversions;
+	int			next_version_slot;	/* round robin once versions[] is full */
+	SharedVersionState versions[SHARED_TENANT_VERSIONS];
+	uint32		name_len;
+	char		name[ENVELOPE_TENANT_MAX];
+} SharedTenantEntry;
+
+/*
+ * A fixed number of slots: a stack of free ones, the entry that owns each busy one,
+ * and a hand.  An eviction looks at the next EVICTION_WINDOW busy slots from the hand
+ * and takes the least recently used of them: bounded work, exact LRU while the cache
+ * is no larger than the window, a close approximation beyond.
+ */
+#define EVICTION_WINDOW 32
+
+typedef struct SlotRing
+{
+	int			capacity;
+	int			nfree;
+	int			hand;
+	int32	   *free_slots;
+	void	  **owner;
+} SlotRing;
+
+/*
+ * Keys evicted to make room are remembered here (a hash of the tag and the time, in a
+ * direct-mapped array the size of the cache) for one cache_ttl: a key unwrapped again
+ * while its ghost is fresh was evicted while still in use, a sign that the working set
+ * is larger than envelope.cache_size.
+ */
+typedef struct EvictionGhost
+{
+	uint64		tag_hash;
+	TimestampTz evicted_at;
+} EvictionGhost;
+
+typedef struct KeyCacheShared
+{
+	LWLock	   *lock;
+	ConditionVariable loaded_cv;
+	pg_atomic_uint64 generation;
+	int			capacity;
+	SlotRing	key_ring;
+	SlotRing	tenant_ring;
+	slock_t		stats_mutex;
+	KeyCacheStats stats;		/* under stats_mutex */
+} KeyCacheShared;
+
+static KeyCacheShared *shared = NULL;
+static HTAB *shared_hash = NULL;
+static HTAB *shared_tenants = NULL;
+static EvictionGhost *shared_ghosts = NULL;
+static uint8 (*shared_deks)[KMS_DEK_LEN] = NULL;
+
+/* Without preload there is no shared memory; these stand in for the shared counters. */
+static KeyCacheStats local_stats;
+static uint64 local_generation = 0;
+
+static uint32 my_load_seq = 0;
+
+/*
+ * The load this backend has in flight, if any.  A FATAL error (pg_terminate_backend,
+ * shutdown) during the KMS call exits without unwinding through PG_CATCH, so an exit
+ * callback must publish the failure, or waiters would sleep on a LOADING entry forever.
+ */
+static bool inflight_active = false;
+static SharedKeyTag inflight_tag;
+static uint32 inflight_seq = 0;
+
+bool
+l2_available(void)
+{
+	return shared != NULL;
+}
+
+uint64
+l2_generation(void)
+{
+	if (shared != NULL)
+		return pg_atomic_read_u64(&shared->generation);
+	return local_generation;
+}
+
+static KeyCacheStats *
+stats_begin(void)
+{
+	if (shared == NULL)
+		return &local_stats;
+	SpinLockAcquire(&shared->stats_mutex);
+	return &shared->stats;
+}
+
+static void
+stats_end(void)
+{
+	if (shared != NULL)
+		SpinLockRelease(&shared->stats_mutex);
+}
+
+void
+l2_bump_generation(void)
+{
+	if (shared != NULL)
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
+	else
+		local_generation++;
+}
+
+/* ---------------------------------------------------------------------------
+ * Slot rings.  The caller holds the lock exclusively.
+ */
+static Size
+ring_arrays_size(int capacity)
+{
+	return MAXALIGN(sizeof(int32) * capacity) + MAXALIGN(sizeof(void *) * capacity);
+}
+
+static void
+ring_attach(SlotRing *ring, char *arrays, int capacity)
+{
+	ring->free_slots = (int32 *) arrays;
+	ring->owner = (void **) (arrays + MAXALIGN(sizeof(int32) * capacity));
+}
+
+static void
+ring_init(SlotRing *ring, int capacity)
+{
+	ring->capacity = capacity;
+	ring->nfree = capacity;
+	ring->hand = 0;
+	for (int i = 0; i < capacity; i++)
+	{
+		ring->free_slots[i] = capacity - 1 - i;
+		ring->owner[i] = NULL;
+	}
+}
+
+/* A free slot for `owner`, or -1 when every slot is busy. */
+static int32
+ring_take(SlotRing *ring, void *owner)
+{
+	int32		slot;
+
+	if (ring->nfree == 0)
+		return -1;
+	slot = ring->free_slots[--ring->nfree];
+	ring->owner[slot] = owner;
+	return slot;
+}
+
+static void
+ring_give_back(SlotRing *ring, int32 slot)
+{
+	ring->owner[slot] = NULL;
+	ring->free_slots[ring->nfree++] = slot;
+}
+
+typedef enum EvictVerdict
+{
+	EVICT_NEVER,				/* not now (a load in flight) */
+	EVICT_IF_OLDEST,			/* the least recently used of the window goes */
+	EVICT_AT_ONCE				/* expired or failed: goes first */
+} EvictVerdict;
+
+/*
+ * The owner to evict: the first EVICT_AT_ONCE met, else the least recently used of
+ * the next EVICTION_WINDOW candidates from the hand; NULL when no slot is a candidate.
+ */
+static void *
+ring_victim(SlotRing *ring, EvictVerdict (*verdict) (void *owner, TimestampTz now,
+													   uint64 *last_used),
+			TimestampTz now)
+{
+	void	   *victim = NULL;
+	uint64		oldest = PG_UINT64_MAX;
+	int			candidates = 0;
+
+	for (int step = 0; step < ring->capacity && candidates < EVICTION_WINDOW; step++)
+	{
+		void	   *owner = ring->owner[ring->hand];
+		uint64		last_used;
+
+		ring->hand = (ring->hand + 1) % ring->capacity;
+		if (owner == NULL)
+			continue;
+		switch (verdict(owner, now, &last_used))
+		{
+			case EVICT_NEVER:
+				break;
+			case EVICT_AT_ONCE:
+				return owner;
+			case EVICT_IF_OLDEST:
+				candidates++;
+				if (last_used < oldest)
+				{
+					oldest = last_used;
+					victim = owner;
+				}
+				break;
+		}
+	}
+	return victim;
+}
+
+/* ---------------------------------------------------------------------------
+ * Shared memory set-up
+ */
+static Size
+dek_area_size(int capacity)
+{
+	/* Page-aligned start and end, so madvise/mlock cover exactly this array. */
+	return (Size) capacity * KMS_DEK_LEN + 2 * (Size) sysconf(_SC_PAGESIZE);
+}
+
+static Size
+control_size(int capacity)
+{
+	Size		size = MAXALIGN(sizeof(KeyCacheShared));
+
+	size = add_size(size, mul_size(2, ring_arrays_size(capacity)));
+	size = add_size(size, mul_size(capacity, sizeof(EvictionGhost)));
+	return size;
+}
+
+static Size
+keycache_shmem_size(void)
+{
+	Size		size;
+
+	size = control_size(envelope_cache_size);
+	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedKeyEntry)));
+	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedTenantEntry)));
+	size = add_size(size, dek_area_size(envelope_cache_size));
+	return size;
+}
+
+void
+keycache_shmem_request(void)
+{
+	RequestAddinShmemSpace(keycache_shmem_size());
+	RequestNamedLWLockTranche("pg_envelope", 1);
+}
+
+/* Keep key pages out of core dumps and, where the limit allows, out of swap. */
+static void
+protect_dek_area(void *start, Size len)
+{
+#ifdef MADV_DONTDUMP
+	if (madvise(start, len, MADV_DONTDUMP) != 0)
+		ereport(WARNING,
+				(errmsg("pg_envelope could not exclude its key cache from core dumps: %m")));
+#endif
+	if (mlock(start, len) != 0)
+		ereport(WARNING,
+				(errmsg("pg_envelope could not lock its key cache in memory: %m"),
+				 errdetail("Cached data keys may be written to swap."),
+				 errhint("Raise the memory lock limit (RLIMIT_MEMLOCK, LimitMEMLOCK) of the server.")));
+}
+
+void
+keycache_shmem_startup(void)
+{
+	bool		found;
+	HASHCTL		info;
+	Size		pagesize = (Size) sysconf(_SC_PAGESIZE);
+	int			capacity = envelope_cache_size;
+	char	   *area;
+	char	   *arrays;
+
+	shared = NULL;
+	shared_hash = NULL;
+	shared_tenants = NULL;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+
+	shared = ShmemInitStruct("pg_envelope key cache", control_size(capacity), &found);
+	arrays = (char *) shared + MAXALIGN(sizeof(KeyCacheShared));
+	ring_attach(&shared->key_ring, arrays, capacity);
+	arrays += ring_arrays_size(capacity);
+	ring_attach(&shared->tenant_ring, arrays, capacity);
+	arrays += ring_arrays_size(capacity);
+	shared_ghosts = (EvictionGhost *) arrays;
+	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
+	shared_deks = (uint8 (*)[KMS_DEK_LEN]) TYPEALIGN(pagesize, area);
+
+	if (!found)
+	{
+		shared->lock = &(GetNamedLWLockTranche("pg_envelope"))->lock;
+		ConditionVariableInit(&shared->loaded_cv);
+		pg_atomic_init_u64(&shared->generation, 0);
+		shared->capacity = capacity;
+		ring_init(&shared->key_ring, capacity);
+		ring_init(&shared->tenant_ring, capacity);
+		memset(shared_ghosts, 0, sizeof(EvictionGhost) * capacity);
+		SpinLockInit(&shared->stats_mutex);
+		memset(&shared->stats, 0, sizeof(shared->stats));
+		memset(shared_deks, 0, (Size) capacity * KMS_DEK_LEN);
+		protect_dek_area(shared_deks, TYPEALIGN(pagesize, (Size) capacity * KMS_DEK_LEN));
+	}
+
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(SharedKeyTag);
+	info.entrysize = sizeof(SharedKeyEntry);
+	shared_hash = ShmemInitHash("pg_envelope key cache hash", capacity, capacity,
+								&info, HASH_ELEM | HASH_BLOBS);
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(SharedTenantTag);
+	info.entrysize = sizeof(SharedTenantEntry);
+	shared_tenants = ShmemInitHash("pg_envelope key cache tenants", capacity, capacity,
+								   &info, HASH_ELEM | HASH_BLOBS);
+
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Zero a slot's key and hand the slot back.  Caller holds the lock exclusively. */
+static void
+shared_remove_entry(SharedKeyEntry *entry)
+{
+	if (entry->slot >= 0)
+	{
+		explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
+		ring_give_back(&shared->key_ring, entry->slot);
+		entry->slot = -1;
+	}
+	hash_search(shared_hash, &entry->tag, HASH_REMOVE, NULL);
+}
+
+static bool
+entry_expired(SharedKeyEntry *entry, TimestampTz now)
+{
+	return entry->state == SKEY_READY &&
+		now - entry->loaded_at >= (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+}
+
+static uint64
+tag_hash64(const SharedKeyTag *tag)
+{
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) tag, sizeof(*tag), 1));
+}
+
+static EvictVerdict
+key_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
+{
+	SharedKeyEntry *entry = owner;
+
+	*last_used = pg_atomic_read_u64(&entry->last_used);
+	if (entry->state == SKEY_LOADING)
+		return EVICT_NEVER;
+	if (entry->state == SKEY_FAILED || entry_expired(entry, now))
+		return EVICT_AT_ONCE;
+	return EVICT_IF_OLDEST;
+}
+
+/*
+ * Make room for one entry: expired and failed entries first, else the least recently
+ * used of the window at the ring's hand.  Caller holds the lock exclusively.  Returns
+ * false when every slot is busy loading (the caller then goes to the KMS without
+ * caching).
+ */
+static bool
+shared_make_room(TimestampTz now)
+{
+	SharedKeyEntry *victim;
+
+	if (shared->key_ring.nfree > 0)
+		return true;
+	victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
+	if (victim == NULL)
+		return false;
+	if (victim->state == SKEY_READY && !entry_expired(victim, now))
+	{
+		/* Evicted while still valid: remember it, to notice if it is needed again. */
+		uint64		h = tag_hash64(&victim->tag);
+		EvictionGhost *ghost = &shared_ghosts[h % shared->capacity];
+
+		ghost->tag_hash = h;
+		ghost->evicted_at = now;
+	}
+	shared_remove_entry(victim);
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evictions++;
+		stats_end();
+	}
+	return true;
+}
+
+/*
+ * About to unwrap `tag` with the KMS: was it evicted to make room within the last
+ * cache_ttl?  Caller holds the lock exclusively.
+ */
+static void
+note_reload(const SharedKeyTag *tag, TimestampTz now)
+{
+	uint64		h = tag_hash64(tag);
+	EvictionGhost *ghost = &shared_ghosts[h % shared->capacity];
+
+	if (ghost->tag_hash == h && ghost->evicted_at != 0 &&
+		now - ghost->evicted_at < (TimestampTz) envelope_cache_ttl * USECS_PER_SEC)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evicted_reloads++;
+		stats_end();
+		ghost->evicted_at = 0;
+	}
+}
+
+typedef enum LookupResult
+{
+	LOOKUP_HIT,
+	LOOKUP_MUST_LOAD,			/* we inserted a LOADING entry: our job to fill it */
+	LOOKUP_UNCACHED				/* cache full of loads in flight: load without caching */
+} LookupResult;
+
+/* Copy a READY, unexpired DEK out; caller holds the lock (either mode). */
+static bool
+shared_copy_ready(SharedKeyEntry *entry, TimestampTz now, uint8 dek[KMS_DEK_LEN],
+				  TimestampTz *loaded_at)
+{
+	if (entry == NULL || entry->state != SKEY_READY || entry_expired(entry, now))
+		return false;
+	memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+	*loaded_at = entry->loaded_at;
+	pg_atomic_write_u64(&entry->last_used, (uint64) now);
+	return true;
+}
+
+static void make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash);
+
+bool
+l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_DEK_LEN],
+			TimestampTz *loaded_at)
+{
+	SharedKeyTag tag;
+	bool		hit;
+
+	make_tag(&tag, tenant_id, version, wrapped_hash);
+	LWLockAcquire(shared->lock, LW_SHARED);
+	hit = shared_copy_ready(hash_search(shared_hash, &tag, HASH_FIND, NULL),
+							GetCurrentTimestamp(), dek, loaded_at);
+	LWLockRelease(shared->lock);
+	return hit;
+}
+
+/*
+ * Find the DEK of `tag` in L2, waiting for a load in flight.  On LOOKUP_MUST_LOAD the
+ * caller must call shared_finish_load() on every path, errors included.
+ */
+static LookupResult
+shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
+			  TimestampTz *loaded_at)
+{
+	SharedKeyEntry *entry;
+	bool		found;
+	uint32		waited_for = 0;
+	bool		waiting = false;
+
+	for (;;)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+
+		LWLockAcquire(shared->lock, LW_SHARED);
+		entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
+		if (shared_copy_ready(entry, now, dek, loaded_at))
+		{
+			LWLockRelease(shared->lock);
+			if (waiting)
+				ConditionVariableCancelSleep();
+			return LOOKUP_HIT;
+		}
+		if (entry != NULL && entry->state == SKEY_FAILED && waiting &&
+			entry->load_seq == waited_for)
+		{
+			int			sqlstate = entry->failed_sqlstate;
+
+			LWLockRelease(shared->lock);
+			ConditionVariableCancelSleep();
+			ereport(ERROR,
+					(errcode(sqlstate),
+					 errmsg("could not obtain key version %u of tenant %d: the KMS call of another backend failed",
+							tag->version, tag->tenant_id),
+					 errhint("The error is in the server log of the backend that made the call."),
+					 errhidestmt(true)));
+		}
+		if (entry != NULL && entry->state == SKEY_LOADING)
+		{
+			/* Someone is asking the KMS right now: wait for their answer. */
+			waited_for = entry->load_seq;
+			LWLockRelease(shared->lock);
+			if (!waiting)
+			{
+				ConditionVariablePrepareToSleep(&shared->loaded_cv);
+				waiting = true;
+			}
+			else
+				ConditionVariableSleep(&shared->loaded_cv, PG_WAIT_EXTENSION);
+			continue;
+		}
+		LWLockRelease(shared->lock);
+		if (waiting)
+		{
+			ConditionVariableCancelSleep();
+			waiting = false;
+		}
+
+		/* Miss (or expired, or a failed load nobody waits for): become the loader. */
+		LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+		entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
+		if (entry != NULL && entry->state == SKEY_LOADING)
+		{
+			LWLockRelease(shared->lock);
+			continue;			/* someone beat us to it */
+		}
+		if (shared_copy_ready(entry, now, dek, loaded_at))
+		{
+			/* Loaded by another backend between our two looks. */
+			LWLockRelease(shared->lock);
+			return LOOKUP_HIT;
+		}
+		note_reload(tag, now);
+		if (entry != NULL)
+			shared_remove_entry(entry);
+		if (!shared_make_room(now))
+		{
+			LWLockRelease(shared->lock);
+			return LOOKUP_UNCACHED;
+		}
+		entry = hash_search(shared_hash, tag, HASH_ENTER, &found);
+		entry->slot = ring_take(&shared->key_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) now);
+		entry->state = SKEY_LOADING;
+		entry->doomed = false;
+		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
+		entry->failed_sqlstate = 0;
+		entry->loaded_at = 0;
+		*load_seq = entry->load_seq;
+		LWLockRelease(shared->lock);
+		return LOOKUP_MUST_LOAD;
+	}
+}
+
+/*
+ * Publish the outcome of our load: the DEK, or the SQLSTATE of the failure.  A load
+ * that was purged or flushed meanwhile is dropped instead of published, and so is one
+ * that ended because *this* backend was canceled or terminated: that is no answer about
+ * the key, so a waiter takes over the load rather than inherit our cancel.
+ */
+static void
+shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate)
+{
+	SharedKeyEntry *entry;
+
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
+	if (entry != NULL && entry->load_seq == load_seq && entry->state == SKEY_LOADING)
+	{
+		bool		not_an_answer = dek == NULL &&
+			(sqlstate == ERRCODE_QUERY_CANCELED || sqlstate == ERRCODE_ADMIN_SHUTDOWN);
+
+		if (entry->doomed || not_an_answer)
+			shared_remove_entry(entry);
+		else if (dek != NULL)
+		{
+			memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
+			entry->state = SKEY_READY;
+			entry->loaded_at = GetCurrentTimestamp();
+		}
+		else
+		{
+			explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
+			entry->state = SKEY_FAILED;
+			entry->failed_sqlstate = sqlstate;
+			entry->loaded_at = GetCurrentTimestamp();
+		}
+	}
+	LWLockRelease(shared->lock);
+	ConditionVariableBroadcast(&shared->loaded_cv);
+}
+
+void
+l2_purge(int32 tenant_id, uint32 version)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+
+	if (shared == NULL)
+		return;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry->tag.dbid == MyDatabaseId && entry->tag.tenant_id == tenant_id &&
+			(version == 0 || entry->tag.version == version))
+		{
+			if (entry->state == SKEY_LOADING)
+				entry->doomed = true;
+			else
+				shared_remove_entry(entry);
+		}
+	}
+	LWLockRelease(shared->lock);
+}
+
+uint64
+l2_wrapped_hash(const bytea *wrapped)
+{
+	return DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(wrapped),
+											VARSIZE_ANY_EXHDR(wrapped), 0));
+}
+
+static void
+make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
+{
+	memset(tag, 0, sizeof(*tag));
+	tag->dbid = MyDatabaseId;
+	tag->tenant_id = tenant_id;
+	tag->version = version;
+	tag->wrapped_hash = hash;
+}
+
+/*
+ * A DEK the KMS just generated goes straight into the shared cache, saving the first
+ * Decrypt.  Should the creating transaction roll back, the entry names a tenant id
+ * that is never used again and simply ages out.
+ */
+void
+keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
+			   const uint8 dek[KMS_DEK_LEN])
+{
+	SharedKeyTag tag;
+	SharedKeyEntry *entry;
+	bool		found;
+
+	if (shared == NULL)
+		return;
+	make_tag(&tag, tenant_id, version, l2_wrapped_hash(wrapped));
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
+	{
+		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
+		entry->slot = ring_take(&shared->key_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+		memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
+		entry->state = SKEY_READY;
+		entry->doomed = false;
+		entry->load_seq = 0;
+		entry->failed_sqlstate = 0;
+		entry->loaded_at = GetCurrentTimestamp();
+	}
+	LWLockRelease(shared->lock);
+}
+
+/* ---------------------------------------------------------------------------
+ * Tenant states
+ */
+static void
+make_tenant_tag(SharedTenantTag *tag, const char *name, size_t name_len)
+{
+	memset(tag, 0, sizeof(*tag));
+	tag->dbid = MyDatabaseId;
+	tag->tenant_relid = keystore_tenant_relid();
+	tag->name_hash = DatumGetUInt64(hash_any_extended((const unsigned char *) name,
+													  (int) name_len, 0));
+}
+
+static inline bool
+tenant_entry_matches(const SharedTenantEntry *entry, const char *name, size_t name_len)
+{
+	return entry->name_len == name_len && memcmp(entry->name, name, name_len) == 0;
+}
+
+bool
+l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 version,
+			   TenantView *view)
+{
+	SharedTenantTag tag;
+	SharedTenantEntry *entry;
+	bool		found = false;
+
+	make_tenant_tag(&tag, name, name_len);
+	LWLockAcquire(shared->lock, LW_SHARED);
+	entry = hash_search(shared_tenants, &tag, HASH_FIND, NULL);
+	if (entry != NULL && entry->generation == generation &&
+		tenant_entry_matches(entry, name, name_len))
+	{
+		found = true;
+		view->tenant_id = entry->tenant_id;
+		view->state = entry->state;
+		view->active_version = entry->active_version;
+		if (version == 0)
+			version = entry->active_version;
+		view->version = version;
+		view->has_version = false;
+		for (int i = 0; i < entry->nversions; i++)
+			if (entry->versions[i].version == version)
+			{
+				view->has_version = true;
+				view->version_state = entry->versions[i].state;
+				view->wrapped_hash = entry->versions[i].wrapped_hash;
+				break;
+			}
+		pg_atomic_write_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+	}
+	LWLockRelease(shared->lock);
+	return found;
+}
+
+static EvictVerdict
+tenant_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
+{
+	*last_used = pg_atomic_read_u64(&((SharedTenantEntry *) owner)->last_used);
+	return EVICT_IF_OLDEST;
+}
+
+void
+l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
+				  const TenantKeyRecord *rec)
+{
+	SharedTenantTag tag_buf;
+	SharedTenantTag *tag = &tag_buf;
+	SharedTenantEntry *entry;
+	bool		found;
+
+	make_tenant_tag(tag, name, name_len);
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(shared_tenants, tag, HASH_FIND, NULL);
+	if (entry == NULL)
+	{
+		if (shared->tenant_ring.nfree == 0)
+		{
+			SharedTenantEntry *victim = ring_victim(&shared->tenant_ring,
+													tenant_victim_verdict, 0);
+
+			if (victim == NULL)
+			{
+				LWLockRelease(shared->lock);
+				return;
+			}
+			ring_give_back(&shared->tenant_ring, victim->slot);
+			hash_search(shared_tenants, &victim->tag, HASH_REMOVE, NULL);
+		}
+		entry = hash_search(shared_tenants, tag, HASH_ENTER, &found);
+		entry->slot = ring_take(&shared->tenant_ring, entry);
+		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+		entry->generation = generation + 1;	/* anything but `generation`: reset below */
+	}
+	if (entry->generation != generation || !tenant_entry_matches(entry, name, name_len))
+	{
+		/* Older news, or another name with the same hash: start over. */
+		entry->generation = generation;
+		entry->name_len = (uint32) name_len;
+		memcpy(entry->name, name, name_len);
+		entry->nversions = 0;
+		entry->next_version_slot = 0;
+	}
+	entry->tenant_id = rec->tenant_id;
+	entry->state = rec->state;
+	entry->active_version = (uint32) rec->active_version;
+	if (rec->key_found)
+	{
+		SharedVersionState *vs = NULL;
+
+		for (int i = 0; i < entry->nversions; i++)
+			if (entry->versions[i].version == (uint32) rec->version)
+				vs = &entry->versions[i];
+		if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
+			vs = &entry->versions[entry->nversions++];
+		else if (vs == NULL)
+		{
+			vs = &entry->versions[entry->next_version_slot];
+			entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
+		}
+		vs->version = (uint32) rec->version;
+		vs->state = rec->key.state;
+		vs->wrapped_hash = rec->key.wrapped ? l2_wrapped_hash(rec->key.wrapped) : 0;
+	}
+	LWLockRelease(shared->lock);
+}
+
+/* ---------------------------------------------------------------------------
+ * Loading a DEK: from shared memory, else from the KMS, once per cluster.
+ */
+void
+l2_count_lookup(bool hit)
+{
+	KeyCacheStats *s = stats_begin();
+
+	if (hit)
+		s->hits++;
+	else
+		s->misses++;
+	stats_end();
+}
+
+static bool exit_callback_registered = false;
+
+static void
+keycache_backend_exit(int code, Datum arg)
+{
+	if (inflight_active && shared != NULL)
+	{
+		inflight_active = false;
+		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN);
+	}
+}
+
+void
+l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRecord *rec,
+		 uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
+{
+	SharedKeyTag tag;
+	volatile uint32 load_seq = 0;
+	uint32		seq = 0;
+	MemoryContext volatile caller_cxt = CurrentMemoryContext;
+	LookupResult lr;
+
+	*loaded_at = GetCurrentTimestamp();
+
+	if (shared == NULL)
+	{
+		l2_count_lookup(false);
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
+							 rec->wrapped, dek);
+		return;
+	}
+
+	make_tag(&tag, tenant_id, version, l2_wrapped_hash(rec->wrapped));
+
+	lr = shared_lookup(&tag, dek, &seq, loaded_at);
+	load_seq = seq;
+	l2_count_lookup(lr == LOOKUP_HIT);
+	if (lr == LOOKUP_HIT)
+		return;
+
+	if (lr == LOOKUP_UNCACHED)
+	{
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
+							 rec->wrapped, dek);
+		return;
+	}
+
+	if (!exit_callback_registered)
+	{
+		before_shmem_exit(keycache_backend_exit, (Datum) 0);
+		exit_callback_registered = true;
+	}
+	inflight_tag = tag;
+	inflight_seq = seq;
+	inflight_active = true;
+	caller_cxt = CurrentMemoryContext;
+	PG_TRY();
+	{
+		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
+							 rec->wrapped, dek);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		/* CopyErrorData must not run in ErrorContext. */
+		MemoryContextSwitchTo(caller_cxt);
+		edata = CopyErrorData();
+		inflight_active = false;
+		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode);
+		FreeErrorData(edata);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	inflight_active = false;
+	shared_finish_load(&tag, load_seq, dek, 0);
+}
+
+/* Zero every key of the current database; loads in flight are dropped on arrival. */
+void
+l2_flush_database(void)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+
+	if (shared == NULL)
+	{
+		local_generation++;
+		return;
+	}
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry->tag.dbid != MyDatabaseId)
+			continue;
+		if (entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else
+			shared_remove_entry(entry);
+	}
+	LWLockRelease(shared->lock);
+	pg_atomic_fetch_add_u64(&shared->generation, 1);
+}
+
+/*
+ * Zero every expired key, and forget loads that failed.  Exclusive lock, no I/O.
+ * Returns how many entries were removed.
+ */
+int
+keycache_sweep(void)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+	TimestampTz now = GetCurrentTimestamp();
+	int			removed = 0;
+
+	if (shared == NULL)
+		return 0;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry_expired(entry, now) ||
+			(entry->state == SKEY_FAILED && now - entry->loaded_at > USECS_PER_SEC))
+		{
+			shared_remove_entry(entry);
+			removed++;
+		}
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evictions += removed;
+		stats_end();
+	}
+	return removed;
+}
+
+/* ---------------------------------------------------------------------------
+ * Statistics
+ */
+bool
+l2_get_stats(KeyCacheStats *out)
+{
+	KeyCacheStats *s = stats_begin();
+
+	*out = *s;
+	stats_end();
+	if (shared == NULL)
+		return false;
+	out->capacity = shared->capacity;
+	LWLockAcquire(shared->lock, LW_SHARED);
+	out->entries = hash_get_num_entries(shared_hash);
+	out->tenant_entries = hash_get_num_entries(shared_tenants);
+	LWLockRelease(shared->lock);
+	out->shared = true;
+	return true;
+}

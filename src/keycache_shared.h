@@ -1,0 +1,86 @@
+/*
+ * keycache_shared.h — the interface between the key cache's two levels: what the
+ * per-backend level (keycache.c) asks of the shared level (keycache_shared.c).  Not
+ * for other files: they use keycache.h.
+ *
+ * Without shared_preload_libraries there is no shared memory: l2_available() is false,
+ * the generation and the counters are this backend's, and only the functions that say
+ * so may be called.
+ */
+#ifndef PG_ENVELOPE_KEYCACHE_SHARED_H
+#define PG_ENVELOPE_KEYCACHE_SHARED_H
+
+#include "datatype/timestamp.h"
+
+#include "keycache.h"
+#include "keystore.h"
+
+/* What shared memory holds of a tenant and one of its versions at one generation. */
+typedef struct TenantView
+{
+	int32		tenant_id;
+	TenantState state;
+	uint32		active_version;
+	uint32		version;		/* the version asked for (the active one for 0) */
+	bool		has_version;	/* its state is known: */
+	KeyState	version_state;
+	uint64		wrapped_hash;
+} TenantView;
+
+/* Is the cache in shared memory?  Any call. */
+extern bool l2_available(void);
+
+/* The shared generation (this backend's without preload): one atomic read.  Any call. */
+extern uint64 l2_generation(void);
+
+/* Make every tenant state read before now stale, in every backend.  Any call. */
+extern void l2_bump_generation(void);
+
+/*
+ * The state of tenant `name` and of its `version` (0: the active one) as read from the
+ * key store at shared generation `generation`; false if not held for that generation
+ * (has_version is false if the tenant is held but not that version).
+ */
+extern bool l2_find_tenant(const char *name, size_t name_len, uint64 generation,
+						   uint32 version, TenantView *view);
+
+/*
+ * Hold what the key store said of a tenant (and of rec->version if key_found), read
+ * after observing shared generation `generation` with the latest snapshot.
+ */
+extern void l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
+							  const TenantKeyRecord *rec);
+
+/* The hash of a wrapped DEK that, with tenant id and version, names its plaintext. */
+extern uint64 l2_wrapped_hash(const bytea *wrapped);
+
+/*
+ * Copy the DEK of (tenant_id, version, wrapped_hash) if it is cached, ready and not
+ * expired; *loaded_at says when it was unwrapped.  No waiting, no loading.
+ */
+extern bool l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
+						uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at);
+
+/*
+ * The DEK of `rec` (the key store's record of (tenant, version)), from shared memory or
+ * else unwrapped by the KMS once for the whole cluster (single-flight); *loaded_at
+ * says when, so that copies expire with the shared one.  Without shared memory, always
+ * the KMS.  Raises the KMS's error, or that of the backend whose call we waited for.
+ */
+extern void l2_load_key(const char *tenant, int32 tenant_id, uint32 version,
+						const DataKeyRecord *rec, uint8 dek[KMS_DEK_LEN],
+						TimestampTz *loaded_at);
+
+/* Count a lookup that reached shared memory (hit or miss).  Any call. */
+extern void l2_count_lookup(bool hit);
+
+/* Zero the DEKs of (tenant_id, version) (0: every version) of this database.  Any call. */
+extern void l2_purge(int32 tenant_id, uint32 version);
+
+/* Zero every DEK of this database and bump the generation.  Any call. */
+extern void l2_flush_database(void);
+
+/* The counters; false (and no capacity or entries) without shared memory.  Any call. */
+extern bool l2_get_stats(KeyCacheStats *out);
+
+#endif							/* PG_ENVELOPE_KEYCACHE_SHARED_H */

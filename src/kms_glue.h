@@ -1,0 +1,71 @@
+/*
+ * kms_glue.h — calls into a KMS provider from a backend (kms_glue.c): a provider's
+ * status becomes an ereport here, and only here; calls are counted and timed.
+ *
+ * No function here may be called with an LWLock held: each may wait on the network for
+ * up to envelope.kms_timeout per attempt.  A cancel or statement_timeout interrupts
+ * the call and is raised as PostgreSQL's own cancel.
+ */
+#ifndef PG_ENVELOPE_KMS_GLUE_H
+#define PG_ENVELOPE_KMS_GLUE_H
+
+#include "compat.h"
+
+#include "kms.h"
+
+typedef enum EnvelopeKmsOp
+{
+	ENVELOPE_KMS_GENERATE = 0,
+	ENVELOPE_KMS_DECRYPT,
+	ENVELOPE_KMS_REENCRYPT,
+	ENVELOPE_KMS_NOPS
+} EnvelopeKmsOp;
+
+/* Calls made, by all backends together (by this backend alone without preload). */
+typedef struct KmsCallStats
+{
+	int64		calls[ENVELOPE_KMS_NOPS];
+	int64		errors;
+	double		total_ms;
+	double		max_ms;
+} KmsCallStats;
+
+/* Reserve, then attach, the shared counters (from the shmem request/startup hooks). */
+extern void kms_glue_shmem_request(void);
+extern void kms_glue_shmem_startup(void);
+
+/* A consistent copy of the counters. */
+extern void kms_glue_get_stats(KmsCallStats *out);
+
+/*
+ * A new DEK for (tenant, version) under `kms_key`: its plaintext into `dek` (wiped on
+ * error), its wrapped form and the canonical id of the master key, palloc'd.
+ */
+extern void envelope_kms_generate(const char *provider, const char *kms_key,
+								  const char *tenant, uint32 version,
+								  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn);
+
+/* Unwrap a stored DEK of (tenant, version) into `dek` (wiped on error). */
+extern void envelope_kms_decrypt(const char *provider, const char *kms_key,
+								 const char *tenant, uint32 version,
+								 const bytea *wrapped, uint8 dek[KMS_DEK_LEN]);
+
+/*
+ * Re-wrap a stored DEK under `dest_key` inside the KMS (the DEK never reaches this
+ * process); returns the new wrapped form and the canonical id of `dest_key`.
+ */
+extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_key,
+									 const char *dest_key, const char *tenant,
+									 uint32 version, const bytea *wrapped,
+									 char **dest_key_arn);
+
+/* The settings a provider call gets (for envelope.check). */
+extern void envelope_kms_config(KmsConfig *cfg);
+
+/*
+ * One data key made under `kms_key` and thrown away (wiped), for envelope.check():
+ * returns the status with *err filled instead of raising.
+ */
+extern KmsStatus envelope_kms_probe(const char *provider, const char *kms_key, KmsError *err);
+
+#endif							/* PG_ENVELOPE_KMS_GLUE_H */

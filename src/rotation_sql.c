@@ -1,0 +1,154 @@
+/*
+ * rotation_sql.c — SQL functions the re-encryption procedures build their batches on.
+ *
+ * The batch engine (envelope.reencrypt, envelope.reencrypt_all) is PL/pgSQL in the
+ * update script; it asks this file which stored values need to move, so that the value
+ * formats stay known in one place (cipher.h) rather than as format bytes in SQL.
+ */
+#include "pg_envelope.h"
+
+#include "fmgr.h"
+#include "mb/pg_wchar.h"
+
+PG_FUNCTION_INFO_V1(envelope_needs_reencryption);
+
+/*
+ * True when `ciphertext` is a randomized (AES-256-GCM) value under a DEK version other
+ * than `active_version`.  Deterministic values follow their equality key, not the
+ * active version, and anything that is not a pg_envelope value is left alone: false
+ * for both, never an error, so one stray value cannot stop a fleet-wide run.
+ */
+Datum
+envelope_needs_reencryption(PG_FUNCTION_ARGS)
+{
+	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(0);
+	int32		active_version = PG_GETARG_INT32(1);
+	const uint8 *bytes = (const uint8 *) VARDATA_ANY(ciphertext);
+	size_t		len = VARSIZE_ANY_EXHDR(ciphertext);
+	uint32		version;
+
+	if (cipher_peek_version(bytes, len, &version) != CIPHER_OK)
+		PG_RETURN_BOOL(false);
+	if (bytes[0] != CIPHER_FORMAT_GCM_V1)
+		PG_RETURN_BOOL(false);
+	PG_RETURN_BOOL(version != (uint32) active_version);
+}
+
+PG_FUNCTION_INFO_V1(envelope_reencrypt_value);
+
+/*
+ * The AAD binding of a value, as envelope_sql.c's make_binding builds it: tenant and
+ * context in UTF-8 whatever the database encoding; a NULL context is no context.
+ */
+static const char *
+utf8_bytes(const char *s, size_t *len)
+{
+	const char *utf8 = pg_server_to_any(s, (int) *len, PG_UTF8);
+
+	if (utf8 != s)
+		*len = strlen(utf8);
+	return utf8;
+}
+
+static CipherBinding
+reencrypt_binding(text *tenant, text *context)
+{
+	CipherBinding b;
+
+	b.tenant_len = VARSIZE_ANY_EXHDR(tenant);
+	b.tenant = utf8_bytes(VARDATA_ANY(tenant), &b.tenant_len);
+	b.context = NULL;
+	b.context_len = 0;
+	if (context != NULL)
+	{
+		b.context_len = VARSIZE_ANY_EXHDR(context);
+		b.context = utf8_bytes(VARDATA_ANY(context), &b.context_len);
+	}
+	return b;
+}
+
+/*
+ * envelope.reencrypt_value(tenant, ciphertext, context): a randomized value decrypted
+ * and encrypted again under the tenant's active version, in one call.  The batch
+ * engine's SET clause: the plaintext lives only in a buffer of this function, wiped
+ * on every path, never in a Datum, and each key is looked up once per row.  The
+ * decryption finishes before the encryption key is looked up: fetching a new version
+ * may move the tenant's array of cached keys.
+ */
+Datum
+envelope_reencrypt_value(PG_FUNCTION_ARGS)
+{
+	text	   *tenant;
+	bytea	   *ciphertext;
+	CipherBinding binding;
+	const uint8 *in;
+	size_t		in_len;
+	size_t		plain_len;
+	uint32		version;
+	uint8	   *plain;
+	bytea	   *volatile result = NULL;
+	CipherStatus cs;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	tenant = PG_GETARG_TEXT_PP(0);
+	ciphertext = PG_GETARG_BYTEA_PP(1);
+	binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));
+	in = (const uint8 *) VARDATA_ANY(ciphertext);
+	in_len = VARSIZE_ANY_EXHDR(ciphertext);
+
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
+		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("It is too short or has an unknown format byte."),
+				 errhidestmt(true)));
+	if (in[0] != CIPHER_FORMAT_GCM_V1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("only randomized values are re-encrypted"),
+				 errdetail("Deterministic values stay under their equality key."),
+				 errhidestmt(true)));
+
+	plain = palloc(plain_len > 0 ? plain_len : 1);
+	PG_TRY();
+	{
+		EnvelopeKeyRef active;
+		uint8		nonce[CIPHER_NONCE_LEN];
+
+		cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant),
+													 VARSIZE_ANY_EXHDR(tenant), version,
+													 CIPHER_USE_DECRYPT),
+							&binding, in, in_len, plain);
+		if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+					 errmsg("could not decrypt value for tenant \"%.*s\"",
+							(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+					 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
+					 errhidestmt(true)));
+		if (cs == CIPHER_OK)
+		{
+			active = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+			result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+			SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+			cs = cipher_next_nonce(nonce);
+			if (cs == CIPHER_OK)
+				cs = cipher_encrypt(active.key, active.version, nonce, &binding,
+									plain, plain_len, (uint8 *) VARDATA(result));
+		}
+		if (cs != CIPHER_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("AES-256-GCM failed in OpenSSL"),
+					 errhidestmt(true)));
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(plain, plain_len > 0 ? plain_len : 1);
+		pfree(plain);
+	}
+	PG_END_TRY();
+	PG_RETURN_BYTEA_P(result);
+}
