@@ -524,6 +524,7 @@ test_format_known_answers(void)
 		free(pt);
 	}
 	cipher_key_free(&key);
+}
 
 /*
  * Contexts set up per use: a key made for decrypting GCM values has no other context
