@@ -65,6 +65,9 @@ endif
 test/unit/%: test/unit/%.c $(PURE_SRCS) test/unit/unit.h
 	$(CC) $(UNIT_CFLAGS) -o $@ $< $(PURE_SRCS) $(SHLIB_LINK) -lm
 
+# The frozen known answers of the value formats.
+test/unit/test_cipher: test/unit/format_vectors.h
+
 .PHONY: unit
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ./$$t; done

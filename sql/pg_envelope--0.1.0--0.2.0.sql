@@ -1162,6 +1162,27 @@ GRANT EXECUTE ON FUNCTION envelope.check() TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Key-store triggers fire in logical-replication apply workers too.
+--
+-- A logical-replication apply worker runs with session_replication_role = replica, so
+-- it fires only triggers enabled ALWAYS or REPLICA, and of those only row-level ones
+-- (statement triggers fire for replicated TRUNCATEs and the initial table copy).  The
+-- statement triggers fire ALWAYS; row triggers, enabled for replica sessions only so
+-- that an ordinary session's key-store change still costs one trigger call per
+-- statement, carry a replicated disable, retire, rotate or destroy to the subscriber's
+-- sessions when the apply worker commits it.
+ALTER TABLE envelope.tenant ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.tenant ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+ALTER TABLE envelope.data_key ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.data_key ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.data_key
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+ALTER TABLE envelope.tenant ENABLE REPLICA TRIGGER key_store_changed_replicated;
+ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicated;
 
 -- ---------------------------------------------------------------------------
 -- Key cache statistics.

@@ -308,12 +308,14 @@ envelope_key_version(PG_FUNCTION_ARGS)
 							VARSIZE_ANY_EXHDR(ciphertext), &version) != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-				 errmsg("value is not a pg_envelope ciphertext")));
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errhidestmt(true)));
 	if (version > PG_INT32_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("value is not a pg_envelope ciphertext"),
-				 errdetail("Its key version is out of range.")));
+				 errdetail("Its key version is out of range."),
+				 errhidestmt(true)));
 	PG_RETURN_INT32((int32) version);
 }
 

@@ -104,7 +104,8 @@ provider_or_error(const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unknown KMS provider \"%s\"", name),
-				 errhint("Available providers: %s.", kms_provider_names())));
+				 errhint("Available providers: %s.", kms_provider_names()),
+				 errhidestmt(true)));
 	return provider;
 }
 

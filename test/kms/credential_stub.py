@@ -15,6 +15,10 @@ of stdout).  Standard library only.  Exits on SIGTERM, or by itself after --life
            GET /_set?expiry=N&imds_token_status=N
                          -> credentials expire N seconds from issue; the token PUT
                             answers that status (e.g. 403 for an IMDSv1-only host)
+           GET /_set?hang=imds|ecs|none&hang_seconds=N
+                         -> the IMDS token PUT or the ECS credential GET reads the
+                            request and answers nothing for N seconds (default 60),
+                            until hang=none releases it (counted as "hung imds/ecs")
 
 Credentials are distinct per source and per issue ("ASIA<SOURCE><n>") so a test can
 tell which source answered and whether a refresh happened.
@@ -34,7 +38,9 @@ ROLE = "pg-envelope-test-role"
 
 lock = threading.Lock()
 counts = {}
-state = {"expiry": 3600, "imds_token_status": 200, "issued": 0}
+state = {"expiry": 3600, "imds_token_status": 200, "issued": 0, "hang": "none",
+         "hang_seconds": 60}
+release = threading.Event()     # set to free hung requests
 imds_tokens = set()
 args = None
 
@@ -42,6 +48,18 @@ args = None
 def count(key):
     with lock:
         counts[key] = counts.get(key, 0) + 1
+
+
+def hang_if(source):
+    """Hold the request of `source` when told to; True when it was held."""
+    with lock:
+        held = state["hang"] == source
+        seconds = state["hang_seconds"]
+        ev = release
+    if held:
+        count("hung " + source)
+        ev.wait(seconds)
+    return held
 
 
 def issue(source):
@@ -83,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
         count("PUT " + path)
         if path != "/latest/api/token":
             return self.reply(404, "not found")
+        if hang_if("imds"):
+            return self.reply(503, "released")
         if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
             return self.reply(400, "missing ttl")
         status = state["imds_token_status"]
@@ -105,11 +125,17 @@ class Handler(BaseHTTPRequestHandler):
                 counts.clear()
             return self.reply(200, "ok")
         if path == "/_set":
+            global release
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("expiry", "imds_token_status"):
+                for k in ("expiry", "imds_token_status", "hang_seconds"):
                     if k in q:
                         state[k] = int(q[k][0])
+                if "hang" in q:
+                    state["hang"] = q["hang"][0]
+                    if state["hang"] == "none":
+                        release.set()
+                        release = threading.Event()
             return self.reply(200, "ok")
         count("GET " + path)
         if path.startswith("/latest/"):
@@ -129,6 +155,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, json.dumps(creds), "application/json")
             return self.reply(404, "not found")
         if path == "/ecs/creds":
+            if hang_if("ecs"):
+                return self.reply(503, "released")
             if self.headers.get("Authorization") != args.ecs_token:
                 count("ecs_unauthorized")
                 return self.reply(403, json.dumps({"message": "bad token"}))

@@ -26,6 +26,7 @@ Control API (requests without X-Amz-Target, never counted):
                  session_tokens the requests that carried X-Amz-Security-Token, so a
                  test can tell which credential source the client used.
   POST /_reset   forget rules and counts, release hung requests.
+  POST /_release release hung and held requests; rules and counts stay.
 
 MODE is one of
   throttle        400 ThrottlingException            (retryable)
@@ -34,6 +35,8 @@ MODE is one of
   503             503 with a plain-text body          (retryable)
   reset           read the request, then reset the TCP connection (retryable)
   hang            read the request, answer nothing until released or "seconds"
+  hold            read the request, wait until released (or "seconds"), then forward
+                  it and relay moto's answer: a call that is slow but succeeds
   slow_body       200 and headers at once, then one body byte a second
   garbage         200 with a body that is not JSON
   big             200 with a 100 KiB body (above the client's response cap)
@@ -78,7 +81,7 @@ CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
               "te", "trailer", "upgrade", "content-length"}
 
-MODES = {"throttle", "429", "500", "503", "reset", "hang", "slow_body", "garbage", "big",
+MODES = {"throttle", "429", "500", "503", "reset", "hang", "hold", "slow_body", "garbage", "big",
          "disabled", "invalid_state", "access_denied", "expired_token",
          "xml_auth_error", "short_plaintext", "wrong_keyid", "bad_base64"}
 
@@ -101,6 +104,12 @@ class State:
         self.session_tokens = 0
         self.release = threading.Event()    # set to free hung requests
         self.stop = threading.Event()
+
+    def release_held(self):
+        with self.lock:
+            old = self.release
+            self.release = threading.Event()
+        old.set()
 
     def reset(self):
         with self.lock:
@@ -241,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         path = urllib.parse.urlsplit(self.path).path
         target = self.headers.get("X-Amz-Target")
-        if target is None and path in ("/_fault", "/_counts", "/_reset"):
+        if target is None and path in ("/_fault", "/_counts", "/_reset", "/_release"):
             self.control(path, body)
             return
 
@@ -263,6 +272,9 @@ class Handler(BaseHTTPRequestHandler):
             self.answer_json(200, STATE.snapshot())
         elif path == "/_reset" and self.command == "POST":
             STATE.reset()
+            self.answer_json(200, {"ok": True})
+        elif path == "/_release" and self.command == "POST":
+            STATE.release_held()
             self.answer_json(200, {"ok": True})
         elif path == "/_fault" and self.command == "POST":
             try:
@@ -349,6 +361,14 @@ class Handler(BaseHTTPRequestHandler):
                     and not STATE.stop.is_set():
                 if client_gone(self.connection, 0.1):
                     return
+        elif mode == "hold":
+            deadline = time.monotonic() + rule["seconds"]
+            while time.monotonic() < deadline and not release.is_set() \
+                    and not STATE.stop.is_set():
+                if client_gone(self.connection, 0.1):
+                    self.close_connection = True
+                    return
+            self.forward(body)
         elif mode == "slow_body":
             self.close_connection = True
             self.send_response(200)

@@ -92,6 +92,13 @@ def main():
         c = client(args, "sts").assume_role(RoleArn=rest[0],
                                             RoleSessionName="pg-envelope-test")["Credentials"]
         out = {k: c[k] for k in ("AccessKeyId", "SecretAccessKey", "SessionToken")}
+    elif cmd == "unwrap":
+        # the DEK inside a wrapped key of the aws provider (rest: wrapped hex, tenant,
+        # version), for tests that search logs and memory for it
+        plain = client(args, "kms").decrypt(
+            CiphertextBlob=bytes.fromhex(rest[0]),
+            EncryptionContext={"tenant": rest[1], "dek_version": rest[2]})["Plaintext"]
+        out = {"Plaintext": plain.hex()}
     elif cmd == "auth":
         # moto's switch: with a count of 0 every later request must be signed by a
         # known IAM identity; a large count switches checking back off

@@ -130,6 +130,17 @@ sub create_alias { my ($self, $alias, $key_id) = @_; return $self->admin([ 'crea
 sub disable_key  { my ($self, $key_id) = @_; return $self->admin([ 'disable-key', $key_id ]); }
 sub enable_key   { my ($self, $key_id) = @_; return $self->admin([ 'enable-key', $key_id ]); }
 
+# The DEK (hex) of a tenant's key version, unwrapped by moto from the key store of
+# database postgres.  Ask while moto's authentication is off.
+sub dek_of
+{
+	my ($self, $node, $tenant, $version) = @_;
+	my $wrapped = $node->safe_psql('postgres',
+		"SELECT encode(wrapped_dek, 'hex') FROM envelope.data_key WHERE tenant = '$tenant' AND version = $version");
+	die "no wrapped key of $tenant version $version" unless $wrapped =~ /^[0-9a-f]+$/;
+	return $self->admin([ 'unwrap', $wrapped, $tenant, $version ])->{Plaintext};
+}
+
 # An IAM user allowed kms:* and sts:*: { AccessKeyId, SecretAccessKey, Arn }.
 sub create_user { my ($self, $name) = @_; return $self->admin([ 'create-user', $name ]); }
 sub create_role { my ($self, $name) = @_; return $self->admin([ 'create-role', $name ]); }
@@ -204,6 +215,9 @@ sub fault
 }
 
 sub reset_proxy { my ($self) = @_; return $self->_control('POST', '/_reset', {}); }
+
+# Let hung and held requests go (a held one is forwarded now); rules and counts stay.
+sub release { my ($self) = @_; return $self->_control('POST', '/_release', {}); }
 sub counts      { my ($self) = @_; return $self->_control('GET', '/_counts'); }
 
 # Requests the proxy saw for an operation: what = requests | forwarded | faulted.

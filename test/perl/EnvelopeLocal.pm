@@ -6,8 +6,10 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Exporter 'import';
+use File::Basename qw(dirname);
+use File::Spec;
 
-our @EXPORT_OK = qw(new_master_key local_node);
+our @EXPORT_OK = qw(new_master_key local_node local_dek);
 
 # A fresh random master key in a 0600 file of a temporary directory; returns
 # (path, hex of the key).
@@ -35,6 +37,22 @@ shared_preload_libraries = 'pg_envelope'
 envelope.local_master_key_file = '$keyfile'
 } . ($extra // ''));
 	return $node;
+}
+
+# The DEK (hex) of a tenant's key version in database $db (default postgres),
+# unwrapped from the key store with the master key file by test/kms/memory_probe.py.
+sub local_dek
+{
+	my ($node, $keyfile, $tenant, $version, $db) = @_;
+	my $python = $ENV{ENVELOPE_PYTHON} || 'python3';
+	my $probe = File::Spec->rel2abs(dirname(__FILE__) . '/../kms/memory_probe.py');
+	my ($key_id, $wrapped) = split /\|/, $node->safe_psql($db // 'postgres',
+		"SELECT kms_key, encode(wrapped_dek, 'hex') FROM envelope.data_key "
+		  . "WHERE tenant = '$tenant' AND version = $version");
+	my $dek = `$python $probe unwrap $keyfile $key_id '$tenant' $version $wrapped`;
+	chomp $dek;
+	die "could not unwrap the DEK of $tenant version $version" unless $dek =~ /^[0-9a-f]{64}$/;
+	return $dek;
 }
 
 1;

@@ -7,7 +7,8 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use IPC::Run;
 use Test::More;
-use EnvelopeLocal qw(new_master_key local_node);
+use EnvelopeLocal qw(new_master_key local_node local_dek);
+use EnvelopeLog qw(log_lacks_dek);
 
 my $ntenants = 200;
 my $nbackends = 8;
@@ -117,6 +118,7 @@ like($log, qr/could not decrypt value for tenant "t2"/, 'the failure is logged')
 unlike($log, qr/attack at dawn/, 'the plaintext of a failing statement is not logged');
 unlike($log, qr/launch codes/, 'nor is the plaintext of a statement naming an unknown tenant');
 unlike($log, qr/$keyhex/i, 'the master key is not in the log');
+log_lacks_dek($log, local_dek($primary, $keyfile, $_, 1), "DEK of $_") for qw(t1 t2 t3);
 
 $primary->stop;
 done_testing();

@@ -53,11 +53,23 @@ like($node->safe_psql('postgres', 'SELECT hint FROM envelope.cache_stats'),
 	qr/do not fit in envelope\.cache_size \(16\)\. Raise envelope\.cache_size\./,
 	'and its hint says to raise envelope.cache_size');
 
-# ---- Expiry: after envelope.cache_ttl a key is unwrapped again.
+# ---- Expiry: after envelope.cache_ttl a key is unwrapped again, by a new backend and
+# by a long-lived one whose first level holds the key (it must expire there too).
+my $long_lived = $node->background_psql('postgres');
+is($long_lived->query_safe("SELECT envelope.decrypt_text('t39', v) FROM data WHERE tenant = 't39'"),
+	'value 39', 'a long-lived backend decrypts before the TTL');
 $before = stats($node)->{decrypts};
+is($long_lived->query_safe("SELECT envelope.decrypt_text('t39', v) FROM data WHERE tenant = 't39'"),
+	'value 39', 'and again from its first level');
+is(stats($node)->{decrypts} - $before, 0, 'without a KMS call');
 sleep(7);
 $node->safe_psql('postgres', "SELECT envelope.decrypt_text('t40', v) FROM data WHERE tenant = 't40'");
 is(stats($node)->{decrypts} - $before, 1, 'an expired key is unwrapped again');
+is($long_lived->query_safe("SELECT envelope.decrypt_text('t39', v) FROM data WHERE tenant = 't39'"),
+	'value 39', 'the long-lived backend decrypts after the TTL');
+is(stats($node)->{decrypts} - $before, 2,
+	'after unwrapping again: its first-level copy expired with the shared one');
+$long_lived->quit;
 
 # ---- pg_dump carries tenants and wrapped keys; a restore into another database decrypts.
 my $dump = "$keydir/dump.sql";

@@ -21,6 +21,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use EnvelopeKms;
+use EnvelopeLog qw(log_lacks_dek);
 
 my $kms  = EnvelopeKms->new;
 my $key  = $kms->create_key;
@@ -235,7 +236,9 @@ is_deeply([ $kms->signers ], ['AKIAENVIRONMENT00001'], 'signed with the environm
 is($kms->session_tokens, 0, 'no session token');
 is_deeply($kms->stub_counts, {}, 'neither ECS nor IMDS was asked');
 
-# No credential of any source reached the server log, debug messages included.
+# No credential of any source, and no DEK, reached the server log, debug messages
+# included.
+my %deks = map { ($_ => $kms->dek_of($node, $_, 1)) } ('tenant_1', 'tenant_2', 'imds_expired');
 $node->stop;
 my $log = slurp_file($node->logfile);
 for my $secret (
@@ -245,6 +248,7 @@ for my $secret (
 {
 	unlike($log, qr/\Q$secret\E/i, "server log holds no \"$secret\"");
 }
+log_lacks_dek($log, $deks{$_}, "DEK of $_") for sort keys %deks;
 cmp_ok(length($log), '>', 1000, 'the log was written');
 
 $kms->stop;

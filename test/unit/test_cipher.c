@@ -15,6 +15,7 @@
 
 #include "cipher.h"
 #include "unit.h"
+#include "format_vectors.h"
 
 static void
 test_wycheproof(void)
@@ -416,6 +417,115 @@ test_deterministic(void)
 	}
 }
 
+/* The formula of format_vectors.py's long_context(): printable, not periodic. */
+static char *
+long_context(size_t n)
+{
+	char	   *c = malloc(n + 1);
+
+	for (size_t i = 0; i < n; i++)
+		c[i] = (char) (0x61 + (i * 7 + i / 26) % 26);
+	c[n] = '\0';
+	return c;
+}
+
+/*
+ * Frozen known answers of both stored formats (format_vectors.h, computed by
+ * format_vectors.py with Python's cryptography package): every value ever stored must
+ * decrypt byte-for-byte, deterministic values must stay equal, and the binding of
+ * tenant and context must hold on both AAD paths (contexts up to a mebibyte, tenants
+ * up to the longest allowed).
+ */
+static void
+test_format_known_answers(void)
+{
+	uint8_t		dek[CIPHER_KEY_LEN];
+	CipherKey	key;
+	int			nvec = (int) (sizeof(format_vectors) / sizeof(format_vectors[0]));
+
+	for (int i = 0; i < CIPHER_KEY_LEN; i++)
+		dek[i] = (uint8_t) i;
+	CHECK(cipher_key_init(&key, dek) == CIPHER_OK, "key init");
+
+	for (int v = 0; v < nvec; v++)
+	{
+		const FormatVector *fv = &format_vectors[v];
+		char	   *ctx = NULL;
+		CipherBinding b = {fv->tenant, fv->tenant_len, NULL, 0};
+		CipherBinding other;
+		uint8_t		nonce[CIPHER_NONCE_LEN] = {0};
+		size_t		max_len = fv->gcm_len > fv->siv_len ? fv->gcm_len : fv->siv_len;
+		uint8_t    *out = malloc(max_len);
+		uint8_t    *pt = malloc(max_len);
+		uint8_t    *tampered_ctx;
+		uint32_t	version;
+
+		if (fv->context_len >= 0)
+		{
+			ctx = fv->context ? strdup(fv->context) : long_context((size_t) fv->context_len);
+			b.context = ctx;
+			b.context_len = (size_t) fv->context_len;
+		}
+		nonce[CIPHER_NONCE_LEN - 1] = (uint8_t) v;
+
+		/* 0x01: the same bytes from the same nonce, and the stored bytes decrypt. */
+		CHECK(cipher_encrypt(&key, 7, nonce, &b, (const uint8_t *) fv->plain, fv->plain_len, out) == CIPHER_OK &&
+			  memcmp(out, fv->gcm, fv->gcm_len) == 0,
+			  "vector %d: 0x01 value differs from the frozen one (context %ld bytes)", v, fv->context_len);
+		CHECK(cipher_peek_version((const uint8_t *) fv->gcm, fv->gcm_len, &version) == CIPHER_OK && version == 7,
+			  "vector %d: 0x01 version", v);
+		memset(pt, 0, max_len);
+		CHECK(cipher_decrypt(&key, &b, (const uint8_t *) fv->gcm, fv->gcm_len, pt) == CIPHER_OK &&
+			  memcmp(pt, fv->plain, fv->plain_len) == 0,
+			  "vector %d: the frozen 0x01 value does not decrypt (context %ld bytes)", v, fv->context_len);
+
+		/* 0x02: deterministic values stay equal, and the stored ones decrypt. */
+		CHECK(cipher_encrypt_deterministic(&key, 1, &b, (const uint8_t *) fv->plain, fv->plain_len, out) == CIPHER_OK &&
+			  memcmp(out, fv->siv, fv->siv_len) == 0,
+			  "vector %d: 0x02 value differs from the frozen one (context %ld bytes)", v, fv->context_len);
+		memset(pt, 0, max_len);
+		CHECK(cipher_decrypt(&key, &b, (const uint8_t *) fv->siv, fv->siv_len, pt) == CIPHER_OK &&
+			  memcmp(pt, fv->plain, fv->plain_len) == 0,
+			  "vector %d: the frozen 0x02 value does not decrypt (context %ld bytes)", v, fv->context_len);
+
+		/* Each byte of the binding counts: the last context byte, the first, the tenant. */
+		if (fv->context_len > 0)
+		{
+			size_t		positions[2] = {0, (size_t) fv->context_len - 1};
+
+			tampered_ctx = malloc((size_t) fv->context_len);
+			for (int p = 0; p < 2; p++)
+			{
+				memcpy(tampered_ctx, ctx, (size_t) fv->context_len);
+				tampered_ctx[positions[p]] ^= 0x01;
+				other = b;
+				other.context = (const char *) tampered_ctx;
+				CHECK(cipher_decrypt(&key, &other, (const uint8_t *) fv->gcm, fv->gcm_len, pt) == CIPHER_ERR_AUTH,
+					  "vector %d: 0x01 value accepted under a context changed at byte %zu of %ld",
+					  v, positions[p], fv->context_len);
+				CHECK(cipher_decrypt(&key, &other, (const uint8_t *) fv->siv, fv->siv_len, pt) == CIPHER_ERR_AUTH,
+					  "vector %d: 0x02 value accepted under a context changed at byte %zu of %ld",
+					  v, positions[p], fv->context_len);
+			}
+			free(tampered_ctx);
+		}
+		other = b;
+		other.tenant = "acmf";
+		other.tenant_len = 4;
+		if (fv->tenant_len == 4 && memcmp(fv->tenant, "acmf", 4) != 0)
+		{
+			CHECK(cipher_decrypt(&key, &other, (const uint8_t *) fv->gcm, fv->gcm_len, pt) == CIPHER_ERR_AUTH,
+				  "vector %d: 0x01 value accepted for another tenant", v);
+			CHECK(cipher_decrypt(&key, &other, (const uint8_t *) fv->siv, fv->siv_len, pt) == CIPHER_ERR_AUTH,
+				  "vector %d: 0x02 value accepted for another tenant", v);
+		}
+		free(ctx);
+		free(out);
+		free(pt);
+	}
+	cipher_key_free(&key);
+}
+
 /*
  * Contexts set up per use: a key made for decrypting GCM values has no other context
  * and refuses the other uses rather than crash; a context taken over from a discarded
@@ -485,6 +595,8 @@ main(void)
 	test_wycheproof_siv();
 	test_deterministic();
 	test_envelope_format();
+	test_format_known_answers();
+
 	test_contexts_per_use();
 	test_nonces();
 	return unit_finish("test_cipher");
