@@ -4,7 +4,8 @@
 #   bash test/run_tests.sh            all of them
 #   bash test/run_tests.sh unit       one level: unit | clang | sanitize | regress |
 #                                     isolation | tap
-#   TAP_TESTS='test/tap/03*.pl' bash test/run_tests.sh tap     some TAP files only
+#   TAP_FILES='test/tap/03*.pl' bash test/run_tests.sh tap     some TAP files only
+#   (not TAP_TESTS: PGXS reads that name and would run prove inside make installcheck)
 #
 # Installs missing Debian packages, builds and installs the extension (as root, or
 # with sudo), then runs the server-side tests as the `postgres` OS user in a private
@@ -146,7 +147,7 @@ for level in $LEVELS; do
             ;;
         tap)
             (cd "$WORK" && as_server_user env TESTDIR="$WORK" PG_REGRESS="$PGXS_DIR/test/regress/pg_regress" \
-                prove -I "$PGXS_DIR/test/perl" -I "$WORK/test/perl" ${TAP_TESTS:-test/tap/*.pl}) \
+                prove -I "$PGXS_DIR/test/perl" -I "$WORK/test/perl" ${TAP_FILES:-test/tap/*.pl}) \
                 || { failed+=(tap); show_failure; }
             ;;
         *)

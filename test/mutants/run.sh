@@ -58,7 +58,7 @@ run_level() {
     level="$(header "$patch" Level)"
     tap="$(header "$patch" TAP_TESTS)"
     if [ -n "$tap" ]; then
-        TAP_TESTS="$tap" bash "$tree/test/run_tests.sh" "$level" >"$log" 2>&1
+        TAP_FILES="$tap" bash "$tree/test/run_tests.sh" "$level" >"$log" 2>&1
     else
         bash "$tree/test/run_tests.sh" "$level" >"$log" 2>&1
     fi

@@ -9,7 +9,7 @@
 # tenant_name.c); each is driven below, in @sites or after it.  Not driven, because
 # nothing outside OpenSSL can make them fail: "AES-256-GCM failed in OpenSSL", "could
 # not generate a random nonce" and "could not initialize AES-256-GCM".  "the KMS call of
-# another backend failed" needs a KMS that can be held: test/tap/026_aws_load_races.pl.
+# another backend failed" needs a KMS that can be held: test/tap/028_aws_load_races.pl.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;

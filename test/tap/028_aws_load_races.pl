@@ -1,4 +1,4 @@
-# 026_aws_load_races.pl — revocations and failures while a KMS load is in flight.
+# 028_aws_load_races.pl — revocations and failures while a KMS load is in flight.
 #
 # The fault proxy holds a KMS Decrypt (mode "hold": forwarded to moto only when the
 # test releases it), so a load is in flight for as long as the test wants:
