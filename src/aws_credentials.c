@@ -247,12 +247,14 @@ parse_iso8601(const char *s, time_t *out)
 		p++;
 	else if (*p == '+' || *p == '-')
 	{
-		int			hh;
-		int			mm;
-
-		if (sscanf(p + 1, "%2d:%2d", &hh, &mm) != 2)
-			return false;
-		offset = (hh * 3600 + mm * 60) * (*p == '-' ? -1 : 1);
+		/* Exactly "HH:MM": sscanf would also take "1:0" and p would pass the end. */
+		for (int i = 1; i <= 5; i++)
+			if (i == 3 ? p[i] != ':' : !isdigit((unsigned char) p[i]))
+				return false;
+		offset = ((p[1] - '0') * 10 + (p[2] - '0')) * 3600 +
+			((p[4] - '0') * 10 + (p[5] - '0')) * 60;
+		if (*p == '-')
+			offset = -offset;
 		p += 6;
 	}
 	if (*p != '\0' || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 ||
