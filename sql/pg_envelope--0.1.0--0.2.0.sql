@@ -1188,3 +1188,74 @@ REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
 REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
+-- Equality key versions.
+-- An equality key version is one of the tenant's DEK versions: deterministic values
+-- and blind indexes are made with its HKDF subkeys.  Every tenant starts at 1, the
+-- version 0.1.0 always used, so stored values and indexes keep matching.  The live
+-- equality versions are the tenant's active DEK versions up to equality_version.
+
+ALTER TABLE envelope.tenant
+    ADD COLUMN equality_version integer NOT NULL DEFAULT 1 CHECK (equality_version >= 1);
+
+-- Under the tenant's current equality version (0.1.0's symbols keep using version 1).
+CREATE OR REPLACE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext text, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_text_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE OR REPLACE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_bytea_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- Version 1: the 32-byte HMAC of 0.1.0; version N >= 2: be32(N) || HMAC (36 bytes).
+CREATE OR REPLACE FUNCTION envelope.blind_index(tenant text, value text)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- The token under every live equality version, current first: for
+-- WHERE col = ANY(envelope.blind_index_all(...)), which a btree index on col serves.
+CREATE FUNCTION envelope.blind_index_all(tenant text, value text)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_all'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.encrypt_deterministic_all(tenant text, plaintext text, context text DEFAULT NULL)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_all_text'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.encrypt_deterministic_all(tenant text, plaintext bytea, context text DEFAULT NULL)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_all_bytea'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- The equality version new deterministic values and blind indexes use.
+CREATE FUNCTION envelope.equality_key_version(tenant text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'envelope_equality_key_version'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- Rotate the tenant's DEK and make the new version the equality key version.
+CREATE FUNCTION envelope.rotate_equality_key(tenant text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'envelope_rotate_equality_key'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION
+    envelope.blind_index_all(text, text),
+    envelope.encrypt_deterministic_all(text, text, text),
+    envelope.encrypt_deterministic_all(text, bytea, text),
+    envelope.equality_key_version(text),
+    envelope.rotate_equality_key(text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    envelope.blind_index_all(text, text),
+    envelope.encrypt_deterministic_all(text, text, text),
+    envelope.encrypt_deterministic_all(text, bytea, text),
+    envelope.equality_key_version(text)
+    TO envelope_user;
+GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;

@@ -9,6 +9,7 @@
 
 #include "compat.h"
 
+#include "fmgr.h"
 #include "nodes/pg_list.h"
 
 #include "cipher.h"
@@ -35,6 +36,20 @@ extern int	envelope_cache_ttl;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
 extern bool envelope_preloaded;
+
+/* ---- envelope_sql.c ---- */
+/*
+ * The deterministic value of (data, len) for the tenant in argument 0 and the context
+ * in argument 2 of the calling SQL function, under equality key `version`.
+ */
+extern bytea *envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint32 version,
+												   const char *data, size_t len);
+
+/*
+ * The blind index of argument 1 for the tenant in argument 0 under equality key
+ * `version`, in the versioned layout of cipher.h.
+ */
+extern bytea *envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version);
 
 /* ---- sweeper.c ---- */
 /* Register the background worker that zeroes expired keys (preload only). */
