@@ -73,12 +73,11 @@ equality_cache_reset(void)
 }
 
 /*
- * The tenant's equality versions, current at this row.  Raises an error if the tenant
- * does not exist, or if no equality version of it is live (its equality version was
- * retired or destroyed).
+ * The tenant's equality versions, current at this row; raises an error if the tenant
+ * does not exist.  Its current version may not be live (see equality_versions).
  */
 static const EqualityVersions *
-equality_versions(const char *tenant, size_t tenant_len)
+equality_lookup(const char *tenant, size_t tenant_len)
 {
 	char		key[ENVELOPE_TENANT_MAX + 1];
 	uint64		generation = keycache_generation();
@@ -102,12 +101,6 @@ equality_versions(const char *tenant, size_t tenant_len)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("tenant \"%s\" does not exist", key)));
-	if (nlive == 0 || live[0] != current)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("equality key version %d of tenant \"%s\" is not active", current, key),
-				 errdetail("Deterministic values and blind indexes are made with the equality key version, and it has been retired or destroyed."),
-				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key().")));
 
 	if (ev == NULL)
 	{
@@ -127,6 +120,41 @@ equality_versions(const char *tenant, size_t tenant_len)
 	ev->generation = keycache_key_store_changed_here() ? 0 : generation;
 	pfree(live);
 	return ev;
+}
+
+static bool
+current_is_live(const EqualityVersions *ev)
+{
+	return ev->nlive > 0 && ev->live[0] == ev->current;
+}
+
+/*
+ * The tenant's equality versions, current at this row.  Raises an error if the tenant
+ * does not exist, or if its current equality version is not live (retired or
+ * destroyed): no new token can be made then.
+ */
+static const EqualityVersions *
+equality_versions(const char *tenant, size_t tenant_len)
+{
+	const EqualityVersions *ev = equality_lookup(tenant, tenant_len);
+
+	if (!current_is_live(ev))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("equality key version %u of tenant \"%.*s\" is not active",
+						ev->current, (int) tenant_len, tenant),
+				 errdetail("Deterministic values and blind indexes are made with the equality key version, and it has been retired or destroyed."),
+				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key().")));
+	return ev;
+}
+
+bool
+equality_current_version(const char *tenant, size_t tenant_len, uint32 *version)
+{
+	const EqualityVersions *ev = equality_lookup(tenant, tenant_len);
+
+	*version = ev->current;
+	return current_is_live(ev);
 }
 
 /* ---------------------------------------------------------------------------

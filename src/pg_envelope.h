@@ -51,6 +51,13 @@ extern bytea *envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint
  */
 extern bytea *envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version);
 
+/* ---- equality_sql.c ---- */
+/*
+ * The tenant's current equality key version into *version; false if that version is
+ * not live (retired or destroyed).  Raises an error if the tenant does not exist.
+ */
+extern bool equality_current_version(const char *tenant, size_t tenant_len, uint32 *version);
+
 /* ---- sweeper.c ---- */
 /* Register the background worker that zeroes expired keys (preload only). */
 extern void envelope_register_sweeper(void);
