@@ -135,6 +135,10 @@ SELECT envelope.disable_tenant('eq_b');
 SELECT envelope.rotate_equality_key('eq_b');
 SELECT envelope.blind_index_all('eq_b', 'x');
 SELECT envelope.enable_tenant('eq_b');
+SELECT envelope.create_tenant('eq_gone');
+SELECT envelope.destroy_tenant('eq_gone', 'eq_gone');
+SELECT envelope.blind_index('eq_gone', 'x');
+SELECT envelope.encrypt_deterministic_all('eq_gone', 'x');
 
 DROP TABLE eq_user;
 

@@ -100,7 +100,9 @@ equality_lookup(const char *tenant, size_t tenant_len)
 	if (!keystore_read_equality(key, &current, &live, &nlive))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("tenant \"%s\" does not exist", key)));
+				 errmsg("tenant \"%s\" does not exist", key),
+				 errhint("An envelope_admin can create it with envelope.create_tenant()."),
+				 errhidestmt(true)));
 
 	if (ev == NULL)
 	{
@@ -138,14 +140,19 @@ equality_versions(const char *tenant, size_t tenant_len)
 {
 	const EqualityVersions *ev = equality_lookup(tenant, tenant_len);
 
-	if (!current_is_live(ev))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("equality key version %u of tenant \"%.*s\" is not active",
-						ev->current, (int) tenant_len, tenant),
-				 errdetail("Deterministic values and blind indexes are made with the equality key version, and it has been retired or destroyed."),
-				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key().")));
-	return ev;
+	if (current_is_live(ev))
+		return ev;
+	/* A disabled or destroyed tenant: say that, as every other function does. */
+	if (keycache_active_version(tenant, tenant_len) == 0)
+		(void) keycache_key_for_encrypt(tenant, tenant_len);
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("equality key version %u of tenant \"%.*s\" is not active",
+					ev->current, (int) tenant_len, tenant),
+			 errdetail("Deterministic values and blind indexes are made with the equality key version, and it has been retired or destroyed."),
+			 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
+			 errhidestmt(true)));
+	return ev;					/* not reached */
 }
 
 bool
