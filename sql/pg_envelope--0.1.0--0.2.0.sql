@@ -1190,6 +1190,106 @@ GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
+-- Citus: key tables as reference tables.
+--
+-- Under Citus every node encrypts and decrypts (pushed-down queries run the functions
+-- on the workers), so every node must read the same key store: each table of the
+-- extension becomes a reference table, a copy on every node kept in step by Citus,
+-- written with two-phase commit.  Their statement triggers go with them to every copy
+-- (hence citus.enable_unsafe_triggers, for this statement only), so a state change
+-- reaches each node's key cache when it commits there.
+--
+-- The coordinator converts the tables.  Citus runs CREATE EXTENSION and ALTER
+-- EXTENSION on the workers too, with DDL propagation off; there the tables become the
+-- shells of the reference tables.  Foreign keys between the tables are dropped while
+-- they are converted and added again after, through Citus, which puts them on every
+-- copy: converted one by one with a key in place, Citus would turn the other end into
+-- a local table of its metadata, under a new oid.  So the workers drop theirs, or the
+-- coordinator's ADD CONSTRAINT would meet them there.  A table already distributed is
+-- left as it is.  Without Citus nothing happens.  See doc/citus.md.
+DO $citus$
+DECLARE
+    on_coordinator boolean;
+    unsafe_triggers text;
+    pending pg_catalog.regclass[];
+    rel pg_catalog.regclass;
+    fk record;
+    fks text[] := '{}';
+    fk_sql text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
+        RETURN;
+    END IF;
+    on_coordinator := pg_catalog.citus_is_coordinator()
+        AND pg_catalog.current_setting('citus.enable_ddl_propagation')::boolean;
+
+    SELECT pg_catalog.array_agg(c.oid::pg_catalog.regclass ORDER BY c.oid) INTO pending
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_depend d
+        ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
+      JOIN pg_catalog.pg_extension e
+        ON e.oid OPERATOR(pg_catalog.=) d.refobjid AND e.extname OPERATOR(pg_catalog.=) 'pg_envelope'
+     WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_dist_partition p
+                        WHERE p.logicalrelid OPERATOR(pg_catalog.=) c.oid);
+    IF pending IS NULL THEN
+        RETURN;
+    END IF;
+
+    FOR fk IN SELECT k.conrelid::pg_catalog.regclass AS rel, k.conname,
+                     pg_catalog.pg_get_constraintdef(k.oid) AS def
+                FROM pg_catalog.pg_constraint k
+               WHERE k.contype OPERATOR(pg_catalog.=) 'f'
+                 AND k.conrelid OPERATOR(pg_catalog.=) ANY (pending)
+                 AND k.confrelid OPERATOR(pg_catalog.=) ANY (pending) LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
+        fks := fks OPERATOR(pg_catalog.||)
+               pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+    END LOOP;
+    IF NOT on_coordinator THEN
+        RETURN;
+    END IF;
+
+    -- An update: Citus sends ALTER EXTENSION to the workers only after this script, but
+    -- converting a table needs its shell, at this version, on every worker.  Update
+    -- them first (as Citus itself would: propagation off there).
+    IF EXISTS (SELECT FROM pg_catalog.run_command_on_workers($cmd$
+        DO $w$ BEGIN
+            IF EXISTS (SELECT FROM pg_catalog.pg_extension
+                        WHERE extname OPERATOR(pg_catalog.=) 'pg_envelope'
+                          AND extversion OPERATOR(pg_catalog.<>) '0.2.0') THEN
+                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+                ALTER EXTENSION pg_envelope UPDATE TO '0.2.0';
+            END IF;
+        END $w$$cmd$) r WHERE NOT r.success) THEN
+        RAISE EXCEPTION 'could not update pg_envelope on every Citus worker'
+            USING ERRCODE = '55000',
+                  HINT = 'Run ALTER EXTENSION pg_envelope UPDATE TO ''0.2.0'' on each worker with citus.enable_ddl_propagation off, then here again.';
+    END IF;
+
+    -- The coordinator's caches learn of changes made by hand from the triggers on its
+    -- copy, and it reads its copy instead of asking a worker.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_dist_node n
+                    WHERE n.groupid OPERATOR(pg_catalog.=) 0) THEN
+        RAISE WARNING 'the Citus coordinator is not in the metadata: it will hold no copy of the pg_envelope key tables'
+            USING DETAIL = 'Its sessions then read the key tables from a worker, and changes made to the key tables by hand do not reach their caches.',
+                  HINT = 'Run SELECT citus_set_coordinator_host(...) and then SELECT replicate_reference_tables().';
+    END IF;
+
+    unsafe_triggers := pg_catalog.current_setting('citus.enable_unsafe_triggers');
+    PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
+    FOREACH rel IN ARRAY pending LOOP
+        PERFORM pg_catalog.create_reference_table(rel);
+    END LOOP;
+    PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', unsafe_triggers, true);
+    FOREACH fk_sql IN ARRAY fks LOOP
+        EXECUTE fk_sql;
+    END LOOP;
+END
+$citus$;
+
+-- ---------------------------------------------------------------------------
 -- Equality key versions.
 -- An equality key version is one of the tenant's DEK versions: deterministic values
 -- and blind indexes are made with its HKDF subkeys.  Every tenant starts at 1, the

@@ -20,6 +20,7 @@
 #include "utils/lsyscache.h"
 
 #include "audit.h"
+#include "citus_support.h"
 
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
@@ -684,6 +685,12 @@ envelope_key_store_changed(PG_FUNCTION_ARGS)
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "envelope_key_store_changed: not called by trigger manager");
+	if (citus_is_key_table_placement(trigdata->tg_relation))
+	{
+		/* Citus may commit this change with PREPARE: see citus_support.c. */
+		citus_invalidate_key_tables();
+		return PointerGetDatum(NULL);
+	}
 	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
 	keycache_note_key_store_change();
 	return PointerGetDatum(NULL);

@@ -23,6 +23,7 @@
 #include "pg_envelope.h"
 
 #include "keycache_shared.h"
+#include "citus_support.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -326,7 +327,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	if (!l1_synced_with_standby)
 	{
 		l1_synced_with_standby = true;
-		if (l2_available() && RecoveryInProgress())
+		if (l2_available() && (RecoveryInProgress() || citus_is_loaded()))
 		{
 			l2_bump_generation();
 			shared_gen = l2_generation();
@@ -702,7 +703,9 @@ keycache_xact_callback(XactEvent event, void *arg)
  * On a primary the committing backend has already bumped the shared generation, so
  * the tenant states in L2 are stale already.  A standby has no committing backend:
  * there each backend that replays such an invalidation bumps the shared generation
- * too (a few bumps for one change, which only costs a re-read).
+ * too (a few bumps for one change, which only costs a re-read).  So does every
+ * backend under Citus, where key changes commit on the nodes' copies of the key tables
+ * with two-phase commit and no backend bumps at commit (see citus_support.c).
  */
 static void
 keycache_relcache_callback(Datum arg, Oid relid)
@@ -712,7 +715,7 @@ keycache_relcache_callback(Datum arg, Oid relid)
 	l1_local_generation++;
 	/* A dropped and re-created extension has new tables: look them up again. */
 	keystore_forget_relations();
-	if (l2_available() && RecoveryInProgress())
+	if (l2_available() && (RecoveryInProgress() || citus_is_loaded()))
 		l2_bump_generation();
 }
 

@@ -11,6 +11,7 @@
  * both tables (envelope_key_store_changed) tells every backend's key cache at commit.
  */
 #include "pg_envelope.h"
+#include "citus_support.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -138,6 +139,7 @@ keystore_enter(KeystoreSession *session)
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 	}
+	citus_allow_nested_key_store_reads(&session->guc_nest_level);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 }
@@ -452,6 +454,7 @@ keystore_modify(const char *sql, int nargs, Oid *argtypes, Datum *values, const 
 		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
 	processed = SPI_processed;
 	keystore_leave(&session);
+	citus_note_key_store_write();
 	return processed;
 }
 
