@@ -43,7 +43,8 @@ extern Datum envelope_rotate_tenant_key(PG_FUNCTION_ARGS);
 typedef struct EqualityVersions
 {
 	char		name[ENVELOPE_TENANT_MAX + 1];	/* hash key */
-	uint64		generation;		/* keycache_generation() when read; 0: never */
+	uint64		generation;		/* keycache_generation() when read */
+	bool		reusable;		/* false: read after this transaction changed the key store */
 	uint32		current;		/* the version new values use */
 	int			nlive;			/* live versions, newest first (current first) */
 	uint32	   *live;			/* in equality_cxt */
@@ -93,7 +94,7 @@ equality_lookup(const char *tenant, size_t tenant_len)
 	if (equality_cache == NULL)
 		equality_cache_reset();
 	ev = hash_search(equality_cache, key, HASH_FIND, NULL);
-	if (ev != NULL && ev->generation == generation)
+	if (ev != NULL && ev->reusable && ev->generation == generation)
 		return ev;
 
 	/* SPI may process invalidations, which never touch this cache: ev stays valid. */
@@ -119,7 +120,8 @@ equality_lookup(const char *tenant, size_t tenant_len)
 	ev->nlive = nlive;
 	ev->current = (uint32) current;
 	/* What this transaction changed may roll back: read it again next row. */
-	ev->generation = keycache_key_store_changed_here() ? 0 : generation;
+	ev->generation = generation;
+	ev->reusable = !keycache_key_store_changed_here();
 	pfree(live);
 	return ev;
 }
