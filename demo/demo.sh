@@ -22,6 +22,9 @@ if [ "$(id -u)" -eq 0 ]; then
 else
     AS_PG=()
 fi
+# The postgres user's commands start in the working directory, which must be one it can
+# enter (a clone under /root or in a mktemp -d directory is not).
+cd "$DEMO"
 pg() { "${AS_PG[@]}" env PATH="$PG_BINDIR:$PATH" "$@"; }
 
 stop() {

@@ -1290,6 +1290,31 @@ END
 $citus$;
 
 -- ---------------------------------------------------------------------------
+-- Key cache grace.
+-- A new column at the end: graced_loads, the loads that found the KMS unreachable and
+-- served the key's expired copy instead (envelope.cache_grace).
+
+DROP VIEW envelope.cache_stats;
+DROP FUNCTION envelope.cache_stats();
+CREATE FUNCTION envelope.cache_stats(
+    OUT capacity bigint, OUT entries bigint, OUT hits bigint, OUT misses bigint,
+    OUT evictions bigint, OUT kms_generate_calls bigint, OUT kms_decrypt_calls bigint,
+    OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
+    OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
+    OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
+    OUT hint text, OUT graced_loads bigint)
+    RETURNS record
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
+    LANGUAGE C VOLATILE PARALLEL SAFE;
+
+CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
+
+REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
+REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
+GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
 -- Equality key versions.
 -- An equality key version is one of the tenant's DEK versions: deterministic values
 -- and blind indexes are made with its HKDF subkeys.  Every tenant starts at 1, the

@@ -47,11 +47,12 @@
 #include <unistd.h>
 
 #include <json-c/json.h>
-#include <json-c/printbuf.h>
 #include <openssl/crypto.h>
 
 #include "aws_credentials.h"
+#include "aws_json.h"
 #include "http.h"
+#include "util.h"
 
 /* Refresh temporary credentials this many seconds before they expire. */
 #define CRED_REFRESH_MARGIN 300
@@ -98,17 +99,7 @@ env_nonempty(const char *name)
 	return v && v[0] ? v : NULL;
 }
 
-static void
-wipe_free(void *p, size_t len)
-{
-	if (p)
-	{
-		OPENSSL_cleanse(p, len);
-		free(p);
-	}
-}
-
-static void tried_add(Tried *t, const char *fmt,...) __attribute__((format(gnu_printf, 2, 3)));
+static void tried_add(Tried *t, const char *fmt,...) __attribute__((format(printf, 2, 3)));
 
 static void
 tried_add(Tried *t, const char *fmt,...)
@@ -336,94 +327,13 @@ cred_request(const KmsConfig *cfg, const char *method, const char *url,
 /* ------------------------------------------------------------------------ */
 
 /*
- * Wipe the string values of a parsed JSON tree in place.  json-c keeps its own copies
- * of every string; the pointers it returns are to those copies.  Shared with
- * kms_aws.c, whose answers carry data keys.
- */
-void
-aws_json_wipe_strings(json_object *obj)
-{
-	if (obj == NULL)
-		return;
-	switch (json_object_get_type(obj))
-	{
-		case json_type_string:
-			OPENSSL_cleanse((char *) json_object_get_string(obj),
-							(size_t) json_object_get_string_len(obj));
-			break;
-		case json_type_object:
-			{
-				json_object_object_foreach(obj, key, val)
-				{
-					(void) key;
-					aws_json_wipe_strings(val);
-				}
-				break;
-			}
-		case json_type_array:
-			for (size_t i = 0; i < json_object_array_length(obj); i++)
-				aws_json_wipe_strings(json_object_array_get_idx(obj, i));
-			break;
-		default:
-			break;
-	}
-}
-
-/*
- * Parse a JSON body, wiping the tokener's scratch buffer (which held each string as
- * it was scanned) before freeing it.  The tokener would grow that buffer with
- * realloc, leaving shorter fragments of a secret key or token in freed memory, so it
- * is sized for the whole body before parsing and never grows.
- */
-static json_object *
-json_parse_wiping(const char *body, size_t len)
-{
-	json_tokener *tok;
-	json_object *obj;
-
-	if (body == NULL || len == 0 || len > CRED_MAX_RESPONSE)
-		return NULL;
-	tok = json_tokener_new();
-	if (tok == NULL)
-		return NULL;
-	if (printbuf_memset(tok->pb, 0, 0, (int) len + 1) < 0)
-	{
-		json_tokener_free(tok);
-		return NULL;
-	}
-	printbuf_reset(tok->pb);
-	obj = json_tokener_parse_ex(tok, body, (int) len);
-	if (obj && json_tokener_get_error(tok) != json_tokener_success)
-	{
-		aws_json_wipe_strings(obj);
-		json_object_put(obj);
-		obj = NULL;
-	}
-	if (tok->pb && tok->pb->buf)
-		OPENSSL_cleanse(tok->pb->buf, (size_t) tok->pb->size);
-	json_tokener_free(tok);
-	return obj;
-}
-
-static const char *
-json_get_str(json_object *obj, const char *key, size_t *len)
-{
-	json_object *v;
-
-	if (!json_object_object_get_ex(obj, key, &v) || !json_object_is_type(v, json_type_string))
-		return NULL;
-	*len = (size_t) json_object_get_string_len(v);
-	return json_object_get_string(v);
-}
-
-/*
  * The JSON the ECS and EC2 metadata endpoints return:
  * {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"} (EC2 adds "Code").
  */
 static bool
 parse_json_credentials(const char *body, size_t len, AwsCredentials *out, const char **why)
 {
-	json_object *obj = json_parse_wiping(body, len);
+	json_object *obj = aws_json_parse(body, len, CRED_MAX_RESPONSE);
 	const char *v;
 	size_t		vlen = 0;
 	bool		ok = false;
@@ -431,38 +341,34 @@ parse_json_credentials(const char *body, size_t len, AwsCredentials *out, const 
 	*why = "answer is not a JSON object";
 	if (obj == NULL || !json_object_is_type(obj, json_type_object))
 		goto done;
-	v = json_get_str(obj, "Code", &vlen);
+	v = aws_json_string(obj, "Code", &vlen);
 	if (v && strcmp(v, "Success") != 0)
 	{
 		*why = "answer does not report success";
 		goto done;
 	}
 	*why = "answer lacks AccessKeyId, SecretAccessKey or Expiration";
-	v = json_get_str(obj, "AccessKeyId", &vlen);
+	v = aws_json_string(obj, "AccessKeyId", &vlen);
 	if (v == NULL || vlen == 0 ||
 		!set_field(out->access_key_id, sizeof(out->access_key_id), v, vlen))
 		goto done;
-	v = json_get_str(obj, "SecretAccessKey", &vlen);
+	v = aws_json_string(obj, "SecretAccessKey", &vlen);
 	if (v == NULL || vlen == 0 ||
 		!set_field(out->secret_access_key, sizeof(out->secret_access_key), v, vlen))
 		goto done;
-	v = json_get_str(obj, "Token", &vlen);
+	v = aws_json_string(obj, "Token", &vlen);
 	if (v && !set_field(out->session_token, sizeof(out->session_token), v, vlen))
 	{
 		*why = "session token is too long";
 		goto done;
 	}
-	v = json_get_str(obj, "Expiration", &vlen);
+	v = aws_json_string(obj, "Expiration", &vlen);
 	if (v == NULL || !parse_iso8601(v, &out->expiration))
 		goto done;
 	ok = true;
 
 done:
-	if (obj)
-	{
-		aws_json_wipe_strings(obj);
-		json_object_put(obj);
-	}
+	aws_json_free(obj);
 	return ok;
 }
 
@@ -856,7 +762,7 @@ source_shared_files(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, Kms
 		}
 		memset(&res, 0, sizeof(res));
 		ini_read_profile(text, profile, config_file, out, &res);
-		wipe_free(text, alloc_len);
+		util_wipe_free(text, alloc_len);
 
 		any_section |= res.section_found;
 		if (res.too_long)
@@ -1082,8 +988,8 @@ source_web_identity(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, Kms
 
 done:
 	http_response_free(&resp);
-	wipe_free(body, body_cap);
-	wipe_free(token, token_alloc);
+	util_wipe_free(body, body_cap);
+	util_wipe_free(token, token_alloc);
 	return result;
 }
 
@@ -1239,8 +1145,8 @@ source_ecs(const KmsConfig *cfg, AwsCredentials *out, Tried *tried, KmsError *er
 
 done:
 	http_response_free(&resp);
-	wipe_free(auth_header, auth_len);
-	wipe_free(file_token, file_token_alloc);
+	util_wipe_free(auth_header, auth_len);
+	util_wipe_free(file_token, file_token_alloc);
 	return result;
 }
 

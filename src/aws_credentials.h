@@ -37,11 +37,4 @@ extern void aws_credentials_invalidate(void);
 
 extern void aws_credentials_wipe(AwsCredentials *c);
 
-/*
- * Wipe every string of a parsed json-c tree in place, before json_object_put: AWS
- * answers (credentials, KMS data keys) may carry a secret in any of them.
- */
-struct json_object;
-extern void aws_json_wipe_strings(struct json_object *obj);
-
 #endif							/* PG_ENVELOPE_AWS_CREDENTIALS_H */

@@ -1,6 +1,7 @@
 /*
- * compat.h — every difference between the PostgreSQL major versions pg_envelope
- * supports (13 to 17) lives here, so supporting a new one is one file to read.
+ * compat.h — every difference between the PostgreSQL major versions pg_envelope is
+ * written for (13 to 17) lives here, so supporting a new one is one file to read.
+ * Only PostgreSQL 15 is built and tested; the branches for the others are untested.
  */
 #ifndef PG_ENVELOPE_COMPAT_H
 #define PG_ENVELOPE_COMPAT_H

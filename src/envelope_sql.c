@@ -41,6 +41,7 @@ PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
 PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
+PG_FUNCTION_INFO_V1(envelope_cache_stats_v3);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
@@ -87,7 +88,7 @@ raise_cipher_internal(CipherStatus status)
 			(errcode(ERRCODE_INTERNAL_ERROR),
 			 errmsg("%s", status == CIPHER_ERR_RANDOM ?
 					"could not generate a random nonce" :
-					"AES-256-GCM failed in OpenSSL"),
+					"a cipher operation (AES-256-GCM, AES-256-SIV or HMAC-SHA256) failed in OpenSSL"),
 			 errhidestmt(true)));
 }
 
@@ -404,7 +405,7 @@ new_data_key(const char *tenant, int32 version, const char *provider, const char
 	{
 		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
 		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
-		keycache_prime(tenant_id, (uint32) version, wrapped, dek);
+		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek);
 	}
 	PG_FINALLY();
 	{
@@ -613,6 +614,7 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
  */
 #define CACHE_STATS_COLUMNS_V1 12
 #define CACHE_STATS_COLUMNS_V2 15
+#define CACHE_STATS_COLUMNS_V3 16	/* + graced_loads */
 
 static Datum
 cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
@@ -620,8 +622,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
 	KmsCallStats k;
-	Datum		values[CACHE_STATS_COLUMNS_V2];
-	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
+	Datum		values[CACHE_STATS_COLUMNS_V3];
+	bool		nulls[CACHE_STATS_COLUMNS_V3] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -656,6 +658,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 		else
 			nulls[14] = true;
 	}
+	if (ncolumns > CACHE_STATS_COLUMNS_V2)
+		values[15] = Int64GetDatum(s.graced_loads);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -666,11 +670,18 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
 }
 
-/* envelope.cache_stats() of 0.2.0. */
+/* envelope.cache_stats() of 0.2.0 before graced_loads. */
 Datum
 envelope_cache_stats_v2(PG_FUNCTION_ARGS)
 {
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
+}
+
+/* envelope.cache_stats() of 0.2.0. */
+Datum
+envelope_cache_stats_v3(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V3);
 }
 
 /*

@@ -59,6 +59,7 @@
 #include <openssl/ssl.h>
 
 #include "http.h"
+#include "util.h"
 
 /* How often the caller's interrupt callback is polled while a request is in flight. */
 #define HTTP_POLL_MS 100
@@ -226,19 +227,9 @@ set_error(char *errbuf, size_t errlen, const char *what, const char *detail)
 }
 
 static void
-wipe_free(char *p, size_t len)
-{
-	if (p)
-	{
-		OPENSSL_cleanse(p, len);
-		free(p);
-	}
-}
-
-static void
 transfer_discard(HttpTransfer *t)
 {
-	wipe_free(t->buf, t->cap);
+	util_wipe_free(t->buf, t->cap);
 	t->buf = NULL;
 	t->len = t->cap = 0;
 }
@@ -282,7 +273,7 @@ write_cb(char *data, size_t size, size_t nmemb, void *arg)
 		}
 		if (t->buf)
 			memcpy(p, t->buf, t->len);
-		wipe_free(t->buf, t->cap);
+		util_wipe_free(t->buf, t->cap);
 		t->buf = p;
 		t->cap = newcap;
 	}
@@ -436,33 +427,10 @@ valid_header_line(const char *h)
 	return colon != NULL;
 }
 
-#define SETOPT(opt, val) \
-	do { \
-		if (rc == CURLE_OK) \
-			rc = curl_easy_setopt(http_easy, (opt), (val)); \
-	} while (0)
-
-HttpStatus
-http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t errlen)
+/* Check what the caller asked for; HTTP_OK or the status to return (errbuf set). */
+static HttpStatus
+check_request(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t errlen)
 {
-	HttpTransfer t;
-	struct curl_slist *headers = NULL;
-	char		curl_err[CURL_ERROR_SIZE];
-	CURLcode	rc = CURLE_OK;
-	CURLcode	result = CURLE_OK;
-	CURLMcode	mc;
-	HttpStatus	st;
-	bool		added = false;
-	bool		finished = false;
-	long		timeout_ms;
-	long		connect_ms;
-	long		code = 0;
-	int			running = 0;
-
-	if (errbuf && errlen > 0)
-		errbuf[0] = '\0';
-	if (resp)
-		memset(resp, 0, sizeof(*resp));
 	if (req == NULL || resp == NULL || req->url == NULL || req->method == NULL ||
 		req->nheaders < 0 || (req->nheaders > 0 && req->headers == NULL) ||
 		(req->body == NULL && req->body_len > 0))
@@ -476,6 +444,7 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 		set_error(errbuf, errlen, "http: unsupported method", NULL);
 		return HTTP_ERR_INTERNAL;
 	}
+
 	/*
 	 * Checked here because libcurl reports a bad scheme and an HTTP/0.9 answer with
 	 * the same code, and only the first is the caller's configuration.
@@ -493,23 +462,18 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 			return HTTP_ERR_INTERNAL;
 		}
 	}
+	return HTTP_OK;
+}
 
-	memset(&t, 0, sizeof(t));
-	t.max = req->max_response;
-	t.interrupted = req->interrupted;
+/*
+ * The request's header lines, plus "Expect:", which stops curl waiting for
+ * 100-continue on POST.  NULL when out of memory.  Free with free_header_list.
+ */
+static struct curl_slist *
+build_header_list(const HttpRequest *req)
+{
+	struct curl_slist *headers = NULL;
 
-	if (t.interrupted && t.interrupted())
-	{
-		set_error(errbuf, errlen, "http: request canceled", NULL);
-		return HTTP_ERR_CANCELED;
-	}
-	if (!ensure_handles())
-	{
-		set_error(errbuf, errlen, "http: could not initialize libcurl", NULL);
-		return HTTP_ERR_INTERNAL;
-	}
-
-	/* Build the header list; "Expect:" stops curl waiting for 100-continue on POST. */
 	for (int i = 0; i <= req->nheaders; i++)
 	{
 		struct curl_slist *next;
@@ -518,17 +482,33 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 		if (next == NULL)
 		{
 			free_header_list(headers);
-			set_error(errbuf, errlen, "http: out of memory", NULL);
-			return HTTP_ERR_INTERNAL;
+			return NULL;
 		}
 		headers = next;
 	}
+	return headers;
+}
 
-	timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : HTTP_DEFAULT_TIMEOUT_MS;
-	connect_ms = timeout_ms < HTTP_MAX_CONNECT_TIMEOUT_MS ? timeout_ms :
+#define SETOPT(opt, val) \
+	do { \
+		if (rc == CURLE_OK) \
+			rc = curl_easy_setopt(http_easy, (opt), (val)); \
+	} while (0)
+
+/*
+ * Every option of the easy handle from scratch, so nothing of the previous request
+ * carries over: the policy of the file header, the timeouts, the body and where the
+ * answer goes.
+ */
+static CURLcode
+set_request_options(const HttpRequest *req, struct curl_slist *headers, HttpTransfer *t,
+					char *curl_err)
+{
+	CURLcode	rc = CURLE_OK;
+	long		timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : HTTP_DEFAULT_TIMEOUT_MS;
+	long		connect_ms = timeout_ms < HTTP_MAX_CONNECT_TIMEOUT_MS ? timeout_ms :
 		HTTP_MAX_CONNECT_TIMEOUT_MS;
 
-	/* Every option from scratch: nothing of the previous request carries over. */
 	curl_easy_reset(http_easy);
 	curl_err[0] = '\0';
 	SETOPT(CURLOPT_ERRORBUFFER, curl_err);
@@ -549,10 +529,10 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 	SETOPT(CURLOPT_USERAGENT, "pg_envelope");
 	SETOPT(CURLOPT_HTTPHEADER, headers);
 	SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
-	SETOPT(CURLOPT_WRITEDATA, &t);
+	SETOPT(CURLOPT_WRITEDATA, t);
 	SETOPT(CURLOPT_NOPROGRESS, 0L);
 	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
-	SETOPT(CURLOPT_XFERINFODATA, &t);
+	SETOPT(CURLOPT_XFERINFODATA, t);
 	/* Lets curl refuse a too-large body from its Content-Length before reading it. */
 	SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) req->max_response);
 	if (strcmp(req->method, "GET") == 0)
@@ -566,31 +546,30 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 		if (strcmp(req->method, "PUT") == 0)
 			SETOPT(CURLOPT_CUSTOMREQUEST, "PUT");
 	}
-	if (rc != CURLE_OK)
-	{
-		result = rc;
-		goto finish;
-	}
+	return rc;
+}
 
-	mc = curl_multi_add_handle(http_multi, http_easy);
-	if (mc != CURLM_OK)
-	{
-		result = CURLE_FAILED_INIT;
-		goto finish;
-	}
-	added = true;
+#undef SETOPT
+
+/*
+ * Drive the transfer (already added to the multi handle) in our own loop, polling the
+ * caller's interrupt callback every HTTP_POLL_MS, until it finishes or is canceled
+ * (t->canceled).  Returns curl's result for the transfer.
+ */
+static CURLcode
+run_transfer(HttpTransfer *t)
+{
+	CURLcode	result = CURLE_OK;
+	bool		finished = false;
+	int			running = 0;
 
 	for (;;)
 	{
 		CURLMsg    *msg;
 		int			left;
 
-		mc = curl_multi_perform(http_multi, &running);
-		if (mc != CURLM_OK)
-		{
-			result = CURLE_FAILED_INIT;
-			break;
-		}
+		if (curl_multi_perform(http_multi, &running) != CURLM_OK)
+			return CURLE_FAILED_INIT;
 		while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
 		{
 			if (msg->msg == CURLMSG_DONE && msg->easy_handle == http_easy)
@@ -601,51 +580,124 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 		}
 		if (finished || running == 0)
 			break;
-		if (t.canceled || (t.interrupted && t.interrupted()))
+		if (t->canceled || (t->interrupted && t->interrupted()))
 		{
-			t.canceled = true;
-			break;
+			t->canceled = true;
+			return CURLE_OK;
 		}
-		mc = curl_multi_poll(http_multi, NULL, 0, HTTP_POLL_MS, NULL);
-		if (mc != CURLM_OK)
-		{
-			result = CURLE_FAILED_INIT;
-			break;
-		}
+		if (curl_multi_poll(http_multi, NULL, 0, HTTP_POLL_MS, NULL) != CURLM_OK)
+			return CURLE_FAILED_INIT;
 	}
-	if (!finished && result == CURLE_OK && !t.canceled)
+	if (!finished && result == CURLE_OK)
 		result = CURLE_GOT_NOTHING;
+	return result;
+}
 
-finish:
-	if (result == CURLE_OK && !t.canceled)
-		curl_easy_getinfo(http_easy, CURLINFO_RESPONSE_CODE, &code);
+/* What the request came to: our own verdicts first, then curl's. */
+static HttpStatus
+transfer_status(const HttpTransfer *t, CURLcode result)
+{
+	if (t->canceled)
+		return HTTP_ERR_CANCELED;
+	if (t->too_large)
+		return HTTP_ERR_TOO_LARGE;
+	if (t->oom)
+		return HTTP_ERR_INTERNAL;
+	return map_curl_error(result);
+}
 
-	/* Removing an unfinished transfer closes its connection: no fd is left behind. */
-	if (added)
-		curl_multi_remove_handle(http_multi, http_easy);
-
-	if (t.canceled)
-		st = HTTP_ERR_CANCELED;
-	else if (t.too_large)
-		st = HTTP_ERR_TOO_LARGE;
-	else if (t.oom)
-		st = HTTP_ERR_INTERNAL;
-	else
-		st = map_curl_error(result);
-
-	/*
-	 * Drop every pointer into this stack frame and the header list.  After a secret
-	 * went through, destroy the handle instead: that frees, and so wipes, the buffers
-	 * a reset keeps (the receive buffer holds the answer).  Its connection stays in
-	 * the multi handle's cache for the next handle to reuse.
-	 */
-	if (req->sensitive)
+/*
+ * Drop every pointer into the caller's stack frame and the header list.  After a
+ * secret went through, destroy the handle instead: that frees, and so wipes, the
+ * buffers a reset keeps (the receive buffer holds the answer).  Its connection stays
+ * in the multi handle's cache for the next handle to reuse.
+ */
+static void
+release_easy_handle(bool sensitive)
+{
+	if (sensitive)
 	{
 		curl_easy_cleanup(http_easy);
 		http_easy = NULL;
 	}
 	else
 		curl_easy_reset(http_easy);
+}
+
+/* Hand the received body to resp, always NUL-terminated, even an empty one. */
+static HttpStatus
+hand_over_body(HttpTransfer *t, long code, HttpResponse *resp, char *errbuf, size_t errlen)
+{
+	if (t->buf == NULL)
+	{
+		t->buf = malloc(1);
+		if (t->buf == NULL)
+		{
+			set_error(errbuf, errlen, "http: out of memory", NULL);
+			return HTTP_ERR_INTERNAL;
+		}
+		t->buf[0] = '\0';
+		t->cap = 1;
+	}
+	resp->status = code;
+	resp->body = t->buf;
+	resp->body_len = t->len;
+	return HTTP_OK;
+}
+
+HttpStatus
+http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t errlen)
+{
+	HttpTransfer t;
+	struct curl_slist *headers;
+	char		curl_err[CURL_ERROR_SIZE];
+	CURLcode	result;
+	HttpStatus	st;
+	bool		added = false;
+	long		code = 0;
+
+	if (errbuf && errlen > 0)
+		errbuf[0] = '\0';
+	if (resp)
+		memset(resp, 0, sizeof(*resp));
+	st = check_request(req, resp, errbuf, errlen);
+	if (st != HTTP_OK)
+		return st;
+
+	memset(&t, 0, sizeof(t));
+	t.max = req->max_response;
+	t.interrupted = req->interrupted;
+	if (t.interrupted && t.interrupted())
+	{
+		set_error(errbuf, errlen, "http: request canceled", NULL);
+		return HTTP_ERR_CANCELED;
+	}
+	if (!ensure_handles())
+	{
+		set_error(errbuf, errlen, "http: could not initialize libcurl", NULL);
+		return HTTP_ERR_INTERNAL;
+	}
+	headers = build_header_list(req);
+	if (headers == NULL)
+	{
+		set_error(errbuf, errlen, "http: out of memory", NULL);
+		return HTTP_ERR_INTERNAL;
+	}
+
+	result = set_request_options(req, headers, &t, curl_err);
+	if (result == CURLE_OK)
+	{
+		added = curl_multi_add_handle(http_multi, http_easy) == CURLM_OK;
+		result = added ? run_transfer(&t) : CURLE_FAILED_INIT;
+	}
+	if (result == CURLE_OK && !t.canceled)
+		curl_easy_getinfo(http_easy, CURLINFO_RESPONSE_CODE, &code);
+
+	/* Removing an unfinished transfer closes its connection: no fd is left behind. */
+	if (added)
+		curl_multi_remove_handle(http_multi, http_easy);
+	st = transfer_status(&t, result);
+	release_easy_handle(req->sensitive);
 	free_header_list(headers);
 
 	if (st != HTTP_OK)
@@ -663,23 +715,7 @@ finish:
 					  curl_err[0] ? curl_err : curl_easy_strerror(result));
 		return st;
 	}
-
-	/* Always hand back a NUL-terminated body, even an empty one. */
-	if (t.buf == NULL)
-	{
-		t.buf = malloc(1);
-		if (t.buf == NULL)
-		{
-			set_error(errbuf, errlen, "http: out of memory", NULL);
-			return HTTP_ERR_INTERNAL;
-		}
-		t.buf[0] = '\0';
-		t.cap = 1;
-	}
-	resp->status = code;
-	resp->body = t.buf;
-	resp->body_len = t.len;
-	return HTTP_OK;
+	return hand_over_body(&t, code, resp, errbuf, errlen);
 }
 
 void

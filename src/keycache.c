@@ -19,6 +19,13 @@
  * WAL-logged with the commit: on a hot standby the callback below marks each
  * backend's L1, and the tenant states in shared memory, stale when the commit is
  * replayed.
+ *
+ * Revocation in the KMS: when the background worker finds a master key refused
+ * (kms_recheck.c), it evicts the key's DEKs from L2 and bumps the shared revocation
+ * epoch and then the generation.  The next row of every backend misses on the
+ * generation; on that slow path a changed epoch expires every key in L1, so each is
+ * fetched again from L2 or the KMS, which refuses it.  The per-row path reads nothing
+ * more than before.
  */
 #include "pg_envelope.h"
 
@@ -118,6 +125,9 @@ l1_front_clear(void)
 	memset(l1_front, 0, sizeof(l1_front));
 }
 
+/* The shared revocation epoch this backend's L1 copies were checked against. */
+static uint64 l1_revocation_epoch = 0;
+
 /* Bumped by invalidation callbacks; combined with the shared generation. */
 static uint64 l1_local_generation = 0;
 static bool l1_synced_with_standby = false;
@@ -142,6 +152,24 @@ l1_free_versions(LocalTenant *lt)
 	for (int i = 0; i < lt->nversions; i++)
 		cipher_key_free(&lt->versions[i].key);
 	lt->nversions = 0;
+}
+
+/*
+ * Make every key in L1 expired, as if its shared copy had: the next use of each frees
+ * its contexts and fetches the DEK again (l1_fill).  Entries and pointers stay valid.
+ */
+static void
+l1_expire_all(void)
+{
+	HASH_SEQ_STATUS scan;
+	LocalTenant *lt;
+
+	if (local_tenants == NULL)
+		return;
+	hash_seq_init(&scan, local_tenants);
+	while ((lt = hash_seq_search(&scan)) != NULL)
+		for (int i = 0; i < lt->nversions; i++)
+			lt->versions[i].expires_at = 0;
 }
 
 static void
@@ -315,6 +343,17 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		return lt;
 	}
 
+	/*
+	 * The generation changed.  If a master key was refused meanwhile (the epoch is
+	 * bumped before the generation), no copy in L1 may be used again: each must come
+	 * from L2 or the KMS, which now refuses it.
+	 */
+	if (l2_revocation_epoch() != l1_revocation_epoch)
+	{
+		l1_revocation_epoch = l2_revocation_epoch();
+		l1_expire_all();
+	}
+
 	envelope_check_tenant(tenant, tenant_len);
 	memcpy(key, tenant, tenant_len);
 	key[tenant_len] = '\0';
@@ -475,7 +514,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	KeyState	state;
 	uint64		hash;
 	uint8		dek[KMS_DEK_LEN];
-	TimestampTz loaded_at;
+	TimestampTz expires_at;
 	TimestampTz now = GetCurrentStatementStartTimestamp();
 	bool		have_dek = false;
 	CipherStatus cs;
@@ -537,7 +576,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 
 	if (l2_available())
 	{
-		have_dek = l2_peek_key(tenant_id, version, hash, dek, &loaded_at);
+		have_dek = l2_peek_key(tenant_id, version, hash, dek, &expires_at);
 		if (have_dek)
 			l2_count_lookup(true);
 	}
@@ -551,7 +590,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				elog(ERROR, "key version %u of tenant \"%s\" changed while it was read",
 					 version, tenant);
 		}
-		l2_load_key(tenant, tenant_id, version, &rec.key, dek, &loaded_at);
+		l2_load_key(tenant, tenant_id, version, &rec.key, dek, &expires_at);
 		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
 		if (lt == NULL || lt->tenant_id != tenant_id ||
 			(lv = l1_find_version(lt, version)) == NULL)
@@ -570,12 +609,8 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				 errmsg("could not set up a cipher context for a data key"),
 				 errhidestmt(true)));
 	/* Several contexts may come from several shared copies: the earliest expiry rules. */
-	{
-		TimestampTz expires = loaded_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
-
-		if (lv->expires_at == 0 || lv->expires_at <= now || expires < lv->expires_at)
-			lv->expires_at = expires;
-	}
+	if (lv->expires_at == 0 || lv->expires_at <= now || expires_at < lv->expires_at)
+		lv->expires_at = expires_at;
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
 	return &lv->key;

@@ -32,6 +32,7 @@ typedef struct KeyCacheStats
 	int64		misses;
 	int64		evictions;		/* DEKs removed to make room, or expired */
 	int64		evicted_reloads;	/* unwrapped again within cache_ttl of an eviction */
+	int64		graced_loads;	/* KMS unreachable: an expired key served (cache_grace) */
 	bool		shared;			/* false without shared_preload_libraries */
 } KeyCacheStats;
 
@@ -78,9 +79,19 @@ extern void keycache_flush(void);
 /* Zero expired DEKs and forget failed loads; returns how many went.  No I/O. */
 extern int	keycache_sweep(void);
 
-/* Put a DEK the KMS just generated into the shared cache (saves the first Decrypt). */
-extern void keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
-						   const uint8 dek[KMS_DEK_LEN]);
+/*
+ * Put a DEK the KMS just generated under `key_arn` of `provider` into the shared cache
+ * (saves the first Decrypt), and have its master key re-checked.
+ */
+extern void keycache_prime(const char *tenant, int32 tenant_id, uint32 version,
+						   const char *provider, const char *key_arn,
+						   const bytea *wrapped, const uint8 dek[KMS_DEK_LEN]);
+
+/*
+ * The KMS refused a master key (kms_recheck slot): evict its DEKs from shared memory
+ * and from every backend's first level before its next row.  No I/O; for the worker.
+ */
+extern void l2_evict_master_key(int master_key, bool newly_refused);
 
 /* A consistent copy of the cache's counters. */
 extern void keycache_get_stats(KeyCacheStats *stats);

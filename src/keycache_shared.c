@@ -31,10 +31,15 @@
  *     load is reported to the backends that waited for it and retried by the next
  *     caller.
  *   - the shared generation is an atomic counter read without the lock; see
- *     keycache.c for who bumps it.
+ *     keycache.c for who bumps it.  So is the revocation epoch, bumped (before the
+ *     generation) when the worker evicts the DEKs of a master key the KMS refused;
+ *     the table of master keys in use has a lock of its own (kms_recheck.c), never
+ *     taken together with this one.
  *
  * Every slot that is evicted, expires, is flushed or invalidated is zeroed.  Expired
- * keys are zeroed by the next lookup that meets them, and at the latest by the
+ * keys are zeroed by the next lookup that meets them (with envelope.cache_grace, that
+ * lookup keeps them in their slot while it asks the KMS, and puts them back for a
+ * while if the KMS cannot be reached), and at the latest by the
  * "pg_envelope key cache sweeper" background worker, which wakes every tenth of
  * envelope.cache_ttl, but never more often than once a second nor less often than once
  * a minute: a key nobody uses any more does not linger.  After a crash-restart shared
@@ -45,6 +50,7 @@
 #include <sys/mman.h>
 
 #include "keycache_shared.h"
+#include "kms_recheck.h"
 
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -87,6 +93,10 @@ typedef struct SharedKeyEntry
 	bool		doomed;			/* purged or flushed while loading: drop on arrival */
 	uint32		load_seq;		/* which load attempt this state belongs to */
 	int			failed_sqlstate;
+	int32		master_key;		/* kms_recheck slot of its master key, or NO_SLOT */
+	bool		has_stale;		/* LOADING again, its expired DEK kept for grace */
+	bool		grace_warned;	/* the WARNING of its grace has been raised */
+	TimestampTz grace_until;	/* READY past cache_ttl: served until then (0: no) */
 	TimestampTz loaded_at;
 	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
 } SharedKeyEntry;
@@ -164,6 +174,7 @@ typedef struct KeyCacheShared
 	LWLock	   *lock;
 	ConditionVariable loaded_cv;
 	pg_atomic_uint64 generation;
+	pg_atomic_uint64 revocation_epoch;	/* bumped when a master key is refused */
 	int			capacity;
 	SlotRing	key_ring;
 	SlotRing	tenant_ring;
@@ -220,6 +231,16 @@ stats_end(void)
 {
 	if (shared != NULL)
 		SpinLockRelease(&shared->stats_mutex);
+}
+
+uint64
+l2_revocation_epoch(void)
+{
+	if (shared == NULL)
+		return 0;
+	/* Read after the generation that announced it (see l2_evict_master_key). */
+	pg_read_barrier();
+	return pg_atomic_read_u64(&shared->revocation_epoch);
 }
 
 void
@@ -413,6 +434,7 @@ keycache_shmem_startup(void)
 		shared->lock = &(GetNamedLWLockTranche("pg_envelope"))->lock;
 		ConditionVariableInit(&shared->loaded_cv);
 		pg_atomic_init_u64(&shared->generation, 0);
+		pg_atomic_init_u64(&shared->revocation_epoch, 0);
 		shared->capacity = capacity;
 		ring_init(&shared->key_ring, capacity);
 		ring_init(&shared->tenant_ring, capacity);
@@ -450,11 +472,54 @@ shared_remove_entry(SharedKeyEntry *entry)
 	hash_search(shared_hash, &entry->tag, HASH_REMOVE, NULL);
 }
 
+static TimestampTz
+ttl_usec(void)
+{
+	return (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+}
+
+/* How long past its TTL a DEK may still be served while the KMS is unreachable. */
+static TimestampTz
+grace_usec(void)
+{
+	return (TimestampTz) envelope_cache_grace * USECS_PER_SEC;
+}
+
+/* Its bytes may still be served under envelope.cache_grace (if the KMS is down). */
+static bool
+within_grace(const SharedKeyEntry *entry, TimestampTz now)
+{
+	return envelope_cache_grace > 0 && now - entry->loaded_at < ttl_usec() + grace_usec();
+}
+
+/*
+ * While graced, the KMS is asked again every tenth of envelope.cache_grace, at least
+ * every second and at most every minute: one backend asks, the others are served.
+ */
+static TimestampTz
+grace_retry_at(const SharedKeyEntry *entry, TimestampTz now)
+{
+	TimestampTz retry = Max(USECS_PER_SEC, Min(60 * USECS_PER_SEC, grace_usec() / 10));
+
+	return Min(now + retry, entry->loaded_at + ttl_usec() + grace_usec());
+}
+
+/* A READY entry that may not be served: past cache_ttl and not (or no longer) graced. */
 static bool
 entry_expired(SharedKeyEntry *entry, TimestampTz now)
 {
-	return entry->state == SKEY_READY &&
-		now - entry->loaded_at >= (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+	if (entry->state != SKEY_READY || now - entry->loaded_at < ttl_usec())
+		return false;
+	return !(entry->grace_until != 0 && now < entry->grace_until);
+}
+
+/* When a copy handed out now must be given back (the caller's own copies expire then). */
+static TimestampTz
+entry_expires_at(const SharedKeyEntry *entry)
+{
+	if (entry->grace_until != 0)
+		return entry->grace_until;
+	return entry->loaded_at + ttl_usec();
 }
 
 static uint64
@@ -539,15 +604,28 @@ typedef enum LookupResult
 	LOOKUP_UNCACHED				/* cache full of loads in flight: load without caching */
 } LookupResult;
 
-/* Copy a READY, unexpired DEK out; caller holds the lock (either mode). */
+/*
+ * Copy a READY, unexpired DEK out; caller holds the lock (either mode).  A graced DEK
+ * that one backend is trying to re-load is served to the others meanwhile: the KMS
+ * already failed once, and they need not all wait for it to fail again.
+ */
 static bool
 shared_copy_ready(SharedKeyEntry *entry, TimestampTz now, uint8 dek[KMS_DEK_LEN],
-				  TimestampTz *loaded_at)
+				  TimestampTz *expires_at)
 {
-	if (entry == NULL || entry->state != SKEY_READY || entry_expired(entry, now))
+	if (entry == NULL)
+		return false;
+	if (entry->state == SKEY_LOADING && entry->has_stale && entry->grace_until != 0 &&
+		within_grace(entry, now))
+	{
+		memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+		*expires_at = grace_retry_at(entry, now);
+		return true;
+	}
+	if (entry->state != SKEY_READY || entry_expired(entry, now))
 		return false;
 	memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
-	*loaded_at = entry->loaded_at;
+	*expires_at = entry_expires_at(entry);
 	pg_atomic_write_u64(&entry->last_used, (uint64) now);
 	return true;
 }
@@ -556,7 +634,7 @@ static void make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 
 
 bool
 l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_DEK_LEN],
-			TimestampTz *loaded_at)
+			TimestampTz *expires_at)
 {
 	SharedKeyTag tag;
 	bool		hit;
@@ -564,7 +642,7 @@ l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_
 	make_tag(&tag, tenant_id, version, wrapped_hash);
 	LWLockAcquire(shared->lock, LW_SHARED);
 	hit = shared_copy_ready(hash_search(shared_hash, &tag, HASH_FIND, NULL),
-							GetCurrentTimestamp(), dek, loaded_at);
+							GetCurrentTimestamp(), dek, expires_at);
 	LWLockRelease(shared->lock);
 	return hit;
 }
@@ -575,7 +653,7 @@ l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_
  */
 static LookupResult
 shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
-			  TimestampTz *loaded_at)
+			  TimestampTz *expires_at)
 {
 	SharedKeyEntry *entry;
 	bool		found;
@@ -588,7 +666,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 
 		LWLockAcquire(shared->lock, LW_SHARED);
 		entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
-		if (shared_copy_ready(entry, now, dek, loaded_at))
+		if (shared_copy_ready(entry, now, dek, expires_at))
 		{
 			LWLockRelease(shared->lock);
 			if (waiting)
@@ -604,8 +682,8 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			ConditionVariableCancelSleep();
 			ereport(ERROR,
 					(errcode(sqlstate),
-					 errmsg("could not obtain key version %u of tenant %d: the KMS call of another backend failed",
-							tag->version, tag->tenant_id),
+					 errmsg("could not obtain key version %u: the KMS call of another backend failed",
+							tag->version),
 					 errhint("The error is in the server log of the backend that made the call."),
 					 errhidestmt(true)));
 		}
@@ -638,13 +716,25 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			LWLockRelease(shared->lock);
 			continue;			/* someone beat us to it */
 		}
-		if (shared_copy_ready(entry, now, dek, loaded_at))
+		if (shared_copy_ready(entry, now, dek, expires_at))
 		{
 			/* Loaded by another backend between our two looks. */
 			LWLockRelease(shared->lock);
 			return LOOKUP_HIT;
 		}
 		note_reload(tag, now);
+		if (entry != NULL && entry->state == SKEY_READY && within_grace(entry, now))
+		{
+			/* Expired, but within grace: keep its bytes in case the KMS is down. */
+			entry->state = SKEY_LOADING;
+			entry->has_stale = true;
+			entry->doomed = false;
+			entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
+			entry->failed_sqlstate = 0;
+			*load_seq = entry->load_seq;
+			LWLockRelease(shared->lock);
+			return LOOKUP_MUST_LOAD;
+		}
 		if (entry != NULL)
 			shared_remove_entry(entry);
 		if (!shared_make_room(now))
@@ -659,6 +749,10 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 		entry->doomed = false;
 		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
 		entry->failed_sqlstate = 0;
+		entry->master_key = KMS_RECHECK_NO_SLOT;
+		entry->has_stale = false;
+		entry->grace_warned = false;
+		entry->grace_until = 0;
 		entry->loaded_at = 0;
 		*load_seq = entry->load_seq;
 		LWLockRelease(shared->lock);
@@ -667,15 +761,40 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 }
 
 /*
+ * The SQLSTATEs of a KMS that could not be asked (network errors, 5xx, timeouts,
+ * throttling: see kms_glue.c), as opposed to one that answered no.  Only these are
+ * graced; a refusal never is.
+ */
+static bool
+is_kms_outage(int sqlstate)
+{
+	return sqlstate == ERRCODE_SYSTEM_ERROR || sqlstate == ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+}
+
+/* How our load ended for us. */
+typedef enum FinishResult
+{
+	FINISH_PUBLISHED,			/* the DEK or the failure is published */
+	FINISH_GRACED,				/* failed, KMS down: *stale_dek is the expired copy */
+	FINISH_GRACED_FIRST			/* the same, and the first time for this key: warn */
+} FinishResult;
+
+/*
  * Publish the outcome of our load: the DEK, or the SQLSTATE of the failure.  A load
  * that was purged or flushed meanwhile is dropped instead of published, and so is one
  * that ended because *this* backend was canceled or terminated: that is no answer about
- * the key, so a waiter takes over the load rather than inherit our cancel.
+ * the key, so a waiter takes over the load rather than inherit our cancel.  A load
+ * that failed because the KMS is unreachable, of a key whose expired copy is still
+ * within envelope.cache_grace, puts that copy back instead, served until the next
+ * retry (FINISH_GRACED; the copy and its expiry in *stale_dek, *expires_at).
  */
-static void
-shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate)
+static FinishResult
+shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, int sqlstate,
+				   int32 master_key, uint8 *stale_dek, TimestampTz *expires_at)
 {
 	SharedKeyEntry *entry;
+	FinishResult result = FINISH_PUBLISHED;
+	TimestampTz now = GetCurrentTimestamp();
 
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	entry = hash_search(shared_hash, tag, HASH_FIND, NULL);
@@ -684,24 +803,53 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 		bool		not_an_answer = dek == NULL &&
 			(sqlstate == ERRCODE_QUERY_CANCELED || sqlstate == ERRCODE_ADMIN_SHUTDOWN);
 
-		if (entry->doomed || not_an_answer)
+		if (entry->doomed)
+			shared_remove_entry(entry);
+		else if (not_an_answer && entry->has_stale)
+		{
+			entry->state = SKEY_READY;	/* as it was: expired, and a waiter reloads */
+			entry->has_stale = false;
+		}
+		else if (not_an_answer)
 			shared_remove_entry(entry);
 		else if (dek != NULL)
 		{
 			memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
 			entry->state = SKEY_READY;
-			entry->loaded_at = GetCurrentTimestamp();
+			entry->master_key = master_key;
+			entry->has_stale = false;
+			entry->grace_warned = false;
+			entry->grace_until = 0;
+			entry->loaded_at = now;
+		}
+		else if (entry->has_stale && is_kms_outage(sqlstate) && within_grace(entry, now))
+		{
+			KeyCacheStats *s;
+
+			entry->state = SKEY_READY;
+			entry->has_stale = false;
+			entry->grace_until = grace_retry_at(entry, now);
+			memcpy(stale_dek, shared_deks[entry->slot], KMS_DEK_LEN);
+			*expires_at = entry->grace_until;
+			result = entry->grace_warned ? FINISH_GRACED : FINISH_GRACED_FIRST;
+			entry->grace_warned = true;
+			s = stats_begin();
+			s->graced_loads++;
+			stats_end();
 		}
 		else
 		{
 			explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
 			entry->state = SKEY_FAILED;
+			entry->has_stale = false;
+			entry->grace_until = 0;
 			entry->failed_sqlstate = sqlstate;
-			entry->loaded_at = GetCurrentTimestamp();
+			entry->loaded_at = now;
 		}
 	}
 	LWLockRelease(shared->lock);
 	ConditionVariableBroadcast(&shared->loaded_cv);
+	return result;
 }
 
 void
@@ -751,15 +899,19 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
  * that is never used again and simply ages out.
  */
 void
-keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
-			   const uint8 dek[KMS_DEK_LEN])
+keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
+			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
+	int32		master_key;
 
 	if (shared == NULL)
 		return;
+	master_key = kms_recheck_track(provider, key_arn, tenant, version,
+								   (const uint8 *) VARDATA_ANY(wrapped),
+								   VARSIZE_ANY_EXHDR(wrapped));
 	make_tag(&tag, tenant_id, version, l2_wrapped_hash(wrapped));
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
@@ -773,6 +925,10 @@ keycache_prime(int32 tenant_id, uint32 version, const bytea *wrapped,
 		entry->doomed = false;
 		entry->load_seq = 0;
 		entry->failed_sqlstate = 0;
+		entry->master_key = master_key;
+		entry->has_stale = false;
+		entry->grace_warned = false;
+		entry->grace_until = 0;
 		entry->loaded_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(shared->lock);
@@ -927,22 +1083,51 @@ keycache_backend_exit(int code, Datum arg)
 {
 	if (inflight_active && shared != NULL)
 	{
+		uint8		unused[KMS_DEK_LEN];
+		TimestampTz unused_expiry;
+
 		inflight_active = false;
-		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN);
+		shared_finish_load(&inflight_tag, inflight_seq, NULL, ERRCODE_ADMIN_SHUTDOWN,
+						   KMS_RECHECK_NO_SLOT, unused, &unused_expiry);
 	}
+}
+
+/* The master key of a DEK the KMS just unwrapped: to be re-checked by the worker. */
+static int32
+track_master_key(const char *tenant, uint32 version, const DataKeyRecord *rec)
+{
+	return kms_recheck_track(rec->kms_provider, rec->kms_key, tenant, version,
+							 (const uint8 *) VARDATA_ANY(rec->wrapped),
+							 VARSIZE_ANY_EXHDR(rec->wrapped));
+}
+
+/* The first expired key served under envelope.cache_grace since it was last loaded. */
+static void
+warn_grace(const char *tenant, uint32 version, const char *kms_error)
+{
+	ereport(WARNING,
+			(errcode(ERRCODE_SYSTEM_ERROR),
+			 errmsg("key version %u of tenant \"%s\" is used past envelope.cache_ttl because the KMS cannot be reached",
+					version, tenant),
+			 errdetail("%s", kms_error),	/* the KMS glue's message and detail: no secret */
+			 errhint("envelope.cache_grace allows this for up to %d s past the key's expiry; a key revoked in the KMS meanwhile keeps decrypting until then.",
+					 envelope_cache_grace),
+			 errhidestmt(true)));
 }
 
 void
 l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRecord *rec,
-		 uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at)
+		 uint8 dek[KMS_DEK_LEN], TimestampTz *expires_at)
 {
 	SharedKeyTag tag;
 	volatile uint32 load_seq = 0;
 	uint32		seq = 0;
 	MemoryContext volatile caller_cxt = CurrentMemoryContext;
 	LookupResult lr;
+	volatile FinishResult finish = FINISH_PUBLISHED;
+	char	   *volatile kms_error = NULL;
 
-	*loaded_at = GetCurrentTimestamp();
+	*expires_at = GetCurrentTimestamp() + ttl_usec();
 
 	if (shared == NULL)
 	{
@@ -954,7 +1139,7 @@ l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRe
 
 	make_tag(&tag, tenant_id, version, l2_wrapped_hash(rec->wrapped));
 
-	lr = shared_lookup(&tag, dek, &seq, loaded_at);
+	lr = shared_lookup(&tag, dek, &seq, expires_at);
 	load_seq = seq;
 	l2_count_lookup(lr == LOOKUP_HIT);
 	if (lr == LOOKUP_HIT)
@@ -964,6 +1149,7 @@ l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRe
 	{
 		envelope_kms_decrypt(rec->kms_provider, rec->kms_key, tenant, version,
 							 rec->wrapped, dek);
+		(void) track_master_key(tenant, version, rec);
 		return;
 	}
 
@@ -989,13 +1175,36 @@ l2_load_key(const char *tenant, int32 tenant_id, uint32 version, const DataKeyRe
 		MemoryContextSwitchTo(caller_cxt);
 		edata = CopyErrorData();
 		inflight_active = false;
-		shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode);
+		finish = shared_finish_load(&tag, load_seq, NULL, edata->sqlerrcode,
+									KMS_RECHECK_NO_SLOT, dek, expires_at);
+		if (finish == FINISH_PUBLISHED)
+		{
+			FreeErrorData(edata);
+			PG_RE_THROW();
+		}
+
+		/*
+		 * Graced: the error was the KMS glue's report of a failed call, raised with
+		 * no lock held and nothing else to undo, so it can be dropped here.
+		 */
+		kms_error = psprintf("%s.%s%s", edata->message, edata->detail ? " " : "",
+							 edata->detail ? edata->detail : "");
 		FreeErrorData(edata);
-		PG_RE_THROW();
+		FlushErrorState();
 	}
 	PG_END_TRY();
 	inflight_active = false;
-	shared_finish_load(&tag, load_seq, dek, 0);
+	if (finish == FINISH_PUBLISHED)
+	{
+		TimestampTz unused_expiry;
+
+		(void) shared_finish_load(&tag, load_seq, dek, 0, track_master_key(tenant, version, rec),
+								  NULL, &unused_expiry);
+		return;
+	}
+	if (finish == FINISH_GRACED_FIRST)
+		warn_grace(tenant, version, kms_error);
+	pfree(kms_error);
 }
 
 /* Zero every key of the current database; loads in flight are dropped on arrival. */
@@ -1026,6 +1235,48 @@ l2_flush_database(void)
 }
 
 /*
+ * The KMS refused the master key of kms_recheck slot `master_key`: zero every DEK under
+ * it, in every database, and those whose master key is not tracked (to be safe); loads
+ * in flight are dropped on arrival.  Then every backend's next row sees a new
+ * generation and, with it, a new revocation epoch, and drops its first-level copies.
+ * Exclusive lock, no I/O.  The generation is bumped after the epoch (both full
+ * barriers), so a backend that sees the new generation sees the new epoch.
+ */
+void
+l2_evict_master_key(int master_key, bool newly_refused)
+{
+	HASH_SEQ_STATUS scan;
+	SharedKeyEntry *entry;
+	int			removed = 0;
+
+	if (shared == NULL)
+		return;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&scan, shared_hash);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+	{
+		if (entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else if (entry->state == SKEY_READY &&
+				 (entry->master_key == master_key || entry->master_key == KMS_RECHECK_NO_SLOT))
+		{
+			shared_remove_entry(entry);
+			removed++;
+		}
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0 || newly_refused)
+	{
+		KeyCacheStats *s = stats_begin();
+
+		s->evictions += removed;
+		stats_end();
+		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
+	}
+}
+
+/*
  * Zero every expired key, and forget loads that failed.  Exclusive lock, no I/O.
  * Returns how many entries were removed.
  */
@@ -1043,7 +1294,8 @@ keycache_sweep(void)
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
-		if (entry_expired(entry, now) ||
+		/* An expired key within envelope.cache_grace stays, for an outage of the KMS. */
+		if ((entry_expired(entry, now) && !within_grace(entry, now)) ||
 			(entry->state == SKEY_FAILED && now - entry->loaded_at > USECS_PER_SEC))
 		{
 			shared_remove_entry(entry);

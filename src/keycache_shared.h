@@ -33,6 +33,12 @@ extern bool l2_available(void);
 /* The shared generation (this backend's without preload): one atomic read.  Any call. */
 extern uint64 l2_generation(void);
 
+/*
+ * Bumped (before the generation) whenever a master key is refused and its DEKs are
+ * evicted: a backend that sees it change drops every first-level copy.  Any call.
+ */
+extern uint64 l2_revocation_epoch(void);
+
 /* Make every tenant state read before now stale, in every backend.  Any call. */
 extern void l2_bump_generation(void);
 
@@ -56,20 +62,24 @@ extern uint64 l2_wrapped_hash(const bytea *wrapped);
 
 /*
  * Copy the DEK of (tenant_id, version, wrapped_hash) if it is cached, ready and not
- * expired; *loaded_at says when it was unwrapped.  No waiting, no loading.
+ * expired; *expires_at says until when a copy of it may be used (its TTL, or the next
+ * retry of a key served under envelope.cache_grace).  No waiting, no loading.
  */
 extern bool l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
-						uint8 dek[KMS_DEK_LEN], TimestampTz *loaded_at);
+						uint8 dek[KMS_DEK_LEN], TimestampTz *expires_at);
 
 /*
  * The DEK of `rec` (the key store's record of (tenant, version)), from shared memory or
- * else unwrapped by the KMS once for the whole cluster (single-flight); *loaded_at
- * says when, so that copies expire with the shared one.  Without shared memory, always
- * the KMS.  Raises the KMS's error, or that of the backend whose call we waited for.
+ * else unwrapped by the KMS once for the whole cluster (single-flight); *expires_at
+ * says until when, so that copies expire with the shared one.  Without shared memory,
+ * always the KMS.  Raises the KMS's error, or that of the backend whose call we waited
+ * for; except that when the KMS cannot be reached (never when it refuses) and the
+ * expired shared copy is within envelope.cache_grace, that copy is returned, with a
+ * WARNING the first time for the key.
  */
 extern void l2_load_key(const char *tenant, int32 tenant_id, uint32 version,
 						const DataKeyRecord *rec, uint8 dek[KMS_DEK_LEN],
-						TimestampTz *loaded_at);
+						TimestampTz *expires_at);
 
 /* Count a lookup that reached shared memory (hit or miss).  Any call. */
 extern void l2_count_lookup(bool hit);

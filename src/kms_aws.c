@@ -50,12 +50,12 @@
 #include <time.h>
 
 #include <json-c/json.h>
-#include <json-c/printbuf.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include "aws_credentials.h"
+#include "aws_json.h"
 #include "http.h"
 #include "kms.h"
 #include "kms_aws.h"
@@ -376,79 +376,6 @@ aws_backoff_ms(int retry)
  * JSON
  */
 
-/*
- * Parse a response body.  json-c copies every string it reads into its tokenizer
- * buffer before making the string object, so that buffer may hold the plaintext DEK:
- * it is grown to the body's size before parsing (so no realloc leaves a copy in freed
- * memory) and wiped before it is freed.  Returns an object, or NULL.
- */
-static json_object *
-aws_json_parse(const char *body, size_t len)
-{
-	struct json_tokener *tok;
-	json_object *obj;
-	bool		ok;
-
-	if (body == NULL || len == 0 || len > AWS_KMS_MAX_RESPONSE)
-		return NULL;
-	tok = json_tokener_new_ex(16);
-	if (tok == NULL)
-		return NULL;
-	if (printbuf_memset(tok->pb, 0, 0, (int) len + 1) < 0)
-	{
-		json_tokener_free(tok);
-		return NULL;
-	}
-	printbuf_reset(tok->pb);
-
-	obj = json_tokener_parse_ex(tok, body, (int) len);
-	ok = obj != NULL && json_tokener_get_error(tok) == json_tokener_success &&
-		json_object_is_type(obj, json_type_object);
-	if (ok)
-	{
-		/* nothing but whitespace may follow the object */
-		for (size_t i = json_tokener_get_parse_end(tok); i < len; i++)
-			if (!isspace((unsigned char) body[i]))
-				ok = false;
-	}
-	OPENSSL_cleanse(tok->pb->buf, tok->pb->size);
-	json_tokener_free(tok);
-	if (!ok && obj != NULL)
-	{
-		aws_json_wipe_strings(obj);
-		json_object_put(obj);
-		obj = NULL;
-	}
-	return obj;
-}
-
-/* The string member `key` of obj, with its length; NULL when absent or not a string. */
-static const char *
-aws_json_string(json_object *obj, const char *key, size_t *len)
-{
-	json_object *v;
-
-	if (obj == NULL || !json_object_object_get_ex(obj, key, &v) ||
-		!json_object_is_type(v, json_type_string))
-		return NULL;
-	if (len)
-		*len = (size_t) json_object_get_string_len(v);
-	return json_object_get_string(v);
-}
-
-/*
- * Free a response object, wiping every string first: not only "Plaintext", since an
- * answer that is not what we expect may carry the DEK under any name or nesting.
- */
-static void
-aws_json_free(json_object *obj)
-{
-	if (obj == NULL)
-		return;
-	aws_json_wipe_strings(obj);
-	json_object_put(obj);
-}
-
 static json_object *
 aws_json_context(const KmsEncryptionContext *ec)
 {
@@ -573,7 +500,7 @@ aws_xml_error_code(const char *body, size_t len, char *out, size_t outlen)
 static void
 aws_classify_http_error(AwsAttempt *a, long http_status, const char *body, size_t len)
 {
-	json_object *obj = aws_json_parse(body, len);
+	json_object *obj = aws_json_parse(body, len, AWS_KMS_MAX_RESPONSE);
 	bool		have_type = false;
 
 	a->http_status = (int) http_status;
@@ -782,7 +709,7 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 		aws_classify_transport_error(a, hs, errbuf);
 	else if (resp.status >= 200 && resp.status <= 299)
 	{
-		*result = aws_json_parse(resp.body, resp.body_len);
+		*result = aws_json_parse(resp.body, resp.body_len, AWS_KMS_MAX_RESPONSE);
 		a->http_status = (int) resp.status;
 		a->error_type[0] = '\0';
 		if (*result == NULL)
@@ -1101,35 +1028,61 @@ aws_reset_error(KmsError *err)
  * The provider
  */
 
-static KmsStatus
-aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
-					  const KmsEncryptionContext *ec,
-					  uint8_t dek[KMS_DEK_LEN],
-					  uint8_t *wrapped, size_t *wrapped_len,
-					  char *key_arn, KmsError *err)
+/*
+ * How every operation starts: a cleared error, the master key id and encryption
+ * context checked, and a request object, which holds the stored wrapped DEK as
+ * CiphertextBlob when with_blob is set.  NULL with err set.
+ */
+static json_object *
+aws_request_start(const char *op, const char *key_id, const KmsEncryptionContext *ec,
+				  bool with_blob, const uint8_t *wrapped, size_t wrapped_len,
+				  KmsError *err)
 {
-	const char *op = "GenerateDataKey";
 	json_object *req;
-	json_object *resp;
-	KmsStatus	st;
 
 	aws_reset_error(err);
-	st = aws_check_args(op, key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-
+	if (aws_check_args(op, key_id, ec, err) != KMS_OK)
+		return NULL;
+	if (with_blob)
+		return aws_blob_request(op, wrapped, wrapped_len, err);
 	req = json_object_new_object();
-	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
-	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
-	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
+	if (req == NULL)
+		kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+	return req;
+}
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
+/*
+ * Send req (consumed) and check that the answer's KeyId is the master key asked for
+ * (its ARN copied to key_arn when that is not NULL).  KMS_OK with *resp to be freed with
+ * aws_json_free; otherwise *resp is NULL and err says why.
+ */
+static KmsStatus
+aws_exchange(const KmsConfig *cfg, const char *op, json_object *req, const char *key_id,
+			 char *key_arn, json_object **resp, KmsError *err)
+{
+	KmsStatus	st;
+
+	*resp = NULL;
+	st = aws_kms_call(cfg, op, req, resp, err);
 	if (st != KMS_OK)
 		return st;
+	st = aws_check_key_id(*resp, "KeyId", key_id, op, key_arn, err);
+	if (st != KMS_OK)
+	{
+		aws_json_free(*resp);
+		*resp = NULL;
+	}
+	return st;
+}
 
-	st = aws_check_key_id(resp, "KeyId", key_id, op, key_arn, err);
-	if (st == KMS_OK)
-		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
+/*
+ * The end of an operation that returns a data key: while st is KMS_OK, take Plaintext
+ * from resp into dek; on any failure wipe dek.  Frees resp (NULL allowed).
+ */
+static KmsStatus
+aws_finish_with_dek(KmsStatus st, json_object *resp, const char *op,
+					uint8_t dek[KMS_DEK_LEN], KmsError *err)
+{
 	if (st == KMS_OK)
 		st = aws_take_plaintext(resp, op, dek, err);
 	if (st != KMS_OK)
@@ -1139,38 +1092,48 @@ aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 }
 
 static KmsStatus
+aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
+					  const KmsEncryptionContext *ec,
+					  uint8_t dek[KMS_DEK_LEN],
+					  uint8_t *wrapped, size_t *wrapped_len,
+					  char *key_arn, KmsError *err)
+{
+	const char *op = "GenerateDataKey";
+	json_object *req = aws_request_start(op, key_id, ec, false, NULL, 0, err);
+	json_object *resp;
+	KmsStatus	st;
+
+	if (req == NULL)
+		return err->status;
+	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
+	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
+
+	st = aws_exchange(cfg, op, req, key_id, key_arn, &resp, err);
+	if (st == KMS_OK)
+		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
+	return aws_finish_with_dek(st, resp, op, dek, err);
+}
+
+static KmsStatus
 aws_decrypt(const KmsConfig *cfg, const char *key_id,
 			const KmsEncryptionContext *ec,
 			const uint8_t *wrapped, size_t wrapped_len,
 			uint8_t dek[KMS_DEK_LEN], KmsError *err)
 {
 	const char *op = "Decrypt";
-	json_object *req;
+	json_object *req = aws_request_start(op, key_id, ec, true, wrapped, wrapped_len, err);
 	json_object *resp;
 	KmsStatus	st;
 
-	aws_reset_error(err);
-	st = aws_check_args(op, key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-	req = aws_blob_request(op, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return err->status;
 	/* KeyId makes KMS refuse a blob wrapped under any other key */
 	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
-	if (st != KMS_OK)
-		return st;
-
-	st = aws_check_key_id(resp, "KeyId", key_id, op, NULL, err);
-	if (st == KMS_OK)
-		st = aws_take_plaintext(resp, op, dek, err);
-	if (st != KMS_OK)
-		OPENSSL_cleanse(dek, KMS_DEK_LEN);
-	aws_json_free(resp);
-	return st;
+	st = aws_exchange(cfg, op, req, key_id, NULL, &resp, err);
+	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
 static KmsStatus
@@ -1186,26 +1149,21 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 	json_object *resp;
 	KmsStatus	st;
 
-	aws_reset_error(err);
-	st = aws_check_args(op, source_key_id, ec, err);
-	if (st == KMS_OK)
-		st = aws_check_args(op, dest_key_id, ec, err);
-	if (st != KMS_OK)
-		return st;
-	req = aws_blob_request(op, wrapped, wrapped_len, err);
+	req = aws_request_start(op, source_key_id, ec, true, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return err->status;
+	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds only the wrapped DEK, no secret */
+		return err->status;
+	}
 	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
 	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
 	/* same tenant and version: the DEK moves keys, not owners */
 	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
 	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
 
-	st = aws_kms_call(cfg, op, req, &resp, err);
-	if (st != KMS_OK)
-		return st;
-
-	st = aws_check_key_id(resp, "KeyId", dest_key_id, op, dest_key_arn, err);
+	st = aws_exchange(cfg, op, req, dest_key_id, dest_key_arn, &resp, err);
 	/* SourceKeyId is documented but optional in practice; check it when present */
 	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
 		st = aws_check_key_id(resp, "SourceKeyId", source_key_id, op, NULL, err);

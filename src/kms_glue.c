@@ -250,33 +250,72 @@ wrapped_to_bytea(const char *provider_name, uint8 *buf, size_t len)
 	return result;
 }
 
+/*
+ * One provider call: what every operation sets up before it (provider, settings,
+ * UTF-8 encryption context, room for a wrapped key and a key ARN, clock) and checks
+ * after it.
+ */
+typedef struct KmsCall
+{
+	EnvelopeKmsOp op;
+	const char *provider_name;
+	const KmsProvider *provider;
+	const char *tenant;
+	uint32		version;
+	KmsConfig	cfg;
+	KmsError	err;
+	KmsEncryptionContext ec;
+	uint8	   *wrapped;		/* KMS_WRAPPED_MAX bytes, for generate and re-encrypt */
+	size_t		wrapped_len;
+	char	   *key_arn;		/* KMS_KEY_ID_MAX bytes, zeroed */
+	instr_time	start;
+} KmsCall;
+
+static void
+kms_call_begin(KmsCall *call, EnvelopeKmsOp op, const char *provider_name,
+			   const char *tenant, uint32 version)
+{
+	call->op = op;
+	call->provider_name = provider_name;
+	call->provider = provider_or_error(provider_name);
+	call->tenant = tenant;
+	call->version = version;
+	call->ec = context_for(tenant, version);
+	fill_config(&call->cfg);
+	memset(&call->err, 0, sizeof(call->err));
+	call->wrapped = palloc(KMS_WRAPPED_MAX);
+	call->wrapped_len = 0;
+	call->key_arn = palloc0(KMS_KEY_ID_MAX);
+	INSTR_TIME_SET_CURRENT(call->start);
+}
+
+/* Count the call; on failure wipe dek (when given) and raise the provider's error. */
+static void
+kms_call_end(KmsCall *call, KmsStatus status, uint8 *dek)
+{
+	record_kms_call(call->op, status == KMS_OK, elapsed_ms(call->start));
+	if (status == KMS_OK)
+		return;
+	if (dek != NULL)
+		explicit_bzero(dek, KMS_DEK_LEN);
+	report_kms_error(call->op, call->provider_name, call->tenant, call->version, &call->err);
+}
+
 void
 envelope_kms_generate(const char *provider_name, const char *kms_key,
 					  const char *tenant, uint32 version,
 					  uint8 dek[KMS_DEK_LEN], bytea **wrapped, char **key_arn)
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
-	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
-	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
-	char	   *arn = palloc0(KMS_KEY_ID_MAX);
-	size_t		len = 0;
+	KmsCall		call;
 	KmsStatus	status;
-	instr_time	start;
 
-	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
-	INSTR_TIME_SET_CURRENT(start);
-	status = provider->generate_data_key(&cfg, kms_key, &ec, dek, buf, &len, arn, &err);
-	record_kms_call(ENVELOPE_KMS_GENERATE, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-	{
-		explicit_bzero(dek, KMS_DEK_LEN);
-		report_kms_error(ENVELOPE_KMS_GENERATE, provider_name, tenant, version, &err);
-	}
-	*wrapped = wrapped_to_bytea(provider_name, buf, len);
-	*key_arn = arn;
+	kms_call_begin(&call, ENVELOPE_KMS_GENERATE, provider_name, tenant, version);
+	status = call.provider->generate_data_key(&call.cfg, kms_key, &call.ec, dek,
+											  call.wrapped, &call.wrapped_len,
+											  call.key_arn, &call.err);
+	kms_call_end(&call, status, dek);
+	*wrapped = wrapped_to_bytea(provider_name, call.wrapped, call.wrapped_len);
+	*key_arn = call.key_arn;
 }
 
 void
@@ -284,24 +323,41 @@ envelope_kms_decrypt(const char *provider_name, const char *kms_key,
 					 const char *tenant, uint32 version,
 					 const bytea *wrapped, uint8 dek[KMS_DEK_LEN])
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
+	KmsCall		call;
+	KmsStatus	status;
+
+	kms_call_begin(&call, ENVELOPE_KMS_DECRYPT, provider_name, tenant, version);
+	status = call.provider->decrypt(&call.cfg, kms_key, &call.ec,
+									(const uint8 *) VARDATA_ANY(wrapped),
+									VARSIZE_ANY_EXHDR(wrapped), dek, &call.err);
+	kms_call_end(&call, status, dek);
+}
+
+KmsStatus
+envelope_kms_check_decrypt(const char *provider_name, const char *kms_key,
+						   const char *tenant_utf8, uint32 version,
+						   const uint8 *wrapped, size_t wrapped_len,
+						   bool (*interrupted) (void), KmsError *err)
+{
+	const KmsProvider *provider = kms_find_provider(provider_name);
 	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
+	KmsEncryptionContext ec;
+	uint8		dek[KMS_DEK_LEN];
 	KmsStatus	status;
 	instr_time	start;
 
+	memset(err, 0, sizeof(*err));
+	if (provider == NULL)
+		return kms_set_error(err, KMS_ERR_CONFIG, NULL, "unknown KMS provider");
 	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
+	cfg.interrupted = interrupted;
+	ec.tenant = tenant_utf8;
+	ec.version = version;
 	INSTR_TIME_SET_CURRENT(start);
-	status = provider->decrypt(&cfg, kms_key, &ec, (const uint8 *) VARDATA_ANY(wrapped),
-							   VARSIZE_ANY_EXHDR(wrapped), dek, &err);
+	status = provider->decrypt(&cfg, kms_key, &ec, wrapped, wrapped_len, dek, err);
 	record_kms_call(ENVELOPE_KMS_DECRYPT, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-	{
-		explicit_bzero(dek, KMS_DEK_LEN);
-		report_kms_error(ENVELOPE_KMS_DECRYPT, provider_name, tenant, version, &err);
-	}
+	explicit_bzero(dek, sizeof(dek));
+	return status;
 }
 
 /*
@@ -314,27 +370,17 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 					   const char *dest_key, const char *tenant, uint32 version,
 					   const bytea *wrapped, char **dest_key_arn)
 {
-	const KmsProvider *provider = provider_or_error(provider_name);
-	KmsConfig	cfg;
-	KmsError	err;
-	KmsEncryptionContext ec = context_for(tenant, version);
-	uint8	   *buf = palloc(KMS_WRAPPED_MAX);
-	char	   *arn = palloc0(KMS_KEY_ID_MAX);
-	size_t		len = 0;
+	KmsCall		call;
 	KmsStatus	status;
-	instr_time	start;
 
-	fill_config(&cfg);
-	memset(&err, 0, sizeof(err));
-	INSTR_TIME_SET_CURRENT(start);
-	status = provider->reencrypt(&cfg, source_key, dest_key, &ec,
-								 (const uint8 *) VARDATA_ANY(wrapped),
-								 VARSIZE_ANY_EXHDR(wrapped), buf, &len, arn, &err);
-	record_kms_call(ENVELOPE_KMS_REENCRYPT, status == KMS_OK, elapsed_ms(start));
-	if (status != KMS_OK)
-		report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version, &err);
-	*dest_key_arn = arn;
-	return wrapped_to_bytea(provider_name, buf, len);
+	kms_call_begin(&call, ENVELOPE_KMS_REENCRYPT, provider_name, tenant, version);
+	status = call.provider->reencrypt(&call.cfg, source_key, dest_key, &call.ec,
+									  (const uint8 *) VARDATA_ANY(wrapped),
+									  VARSIZE_ANY_EXHDR(wrapped), call.wrapped,
+									  &call.wrapped_len, call.key_arn, &call.err);
+	kms_call_end(&call, status, NULL);
+	*dest_key_arn = call.key_arn;
+	return wrapped_to_bytea(provider_name, call.wrapped, call.wrapped_len);
 }
 
 /* The settings a provider call gets, for callers outside this file (envelope.check). */

@@ -59,6 +59,17 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
 
+/*
+ * Unwrap a stored DEK only to see whether the KMS still allows it, for the background
+ * worker (no database, no ereport): `tenant_utf8` is already UTF-8, `interrupted`
+ * stops the call (shutdown).  Returns the status with *err filled; the plaintext is
+ * wiped before returning.  Counted as a Decrypt.
+ */
+extern KmsStatus envelope_kms_check_decrypt(const char *provider, const char *kms_key,
+											const char *tenant_utf8, uint32 version,
+											const uint8 *wrapped, size_t wrapped_len,
+											bool (*interrupted) (void), KmsError *err);
+
 /* The settings a provider call gets (for envelope.check). */
 extern void envelope_kms_config(KmsConfig *cfg);
 

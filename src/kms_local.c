@@ -31,6 +31,7 @@
 
 #include "cipher.h"
 #include "kms.h"
+#include "util.h"
 
 #define LOCAL_WRAP_FORMAT	0x01
 #define LOCAL_WRAPPED_LEN	(1 + CIPHER_NONCE_LEN + KMS_DEK_LEN + CIPHER_TAG_LEN)
@@ -45,18 +46,6 @@ typedef struct LocalMasterKey
 	uint8_t		key[CIPHER_KEY_LEN];
 	char		id[LOCAL_KEY_ID_LEN + 1];
 } LocalMasterKey;
-
-static int
-hex_value(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
 
 static KmsStatus
 compute_key_id(LocalMasterKey *mk, KmsError *err)
@@ -126,8 +115,8 @@ load_master_key(const KmsConfig *cfg, LocalMasterKey *mk, KmsError *err)
 			status = KMS_ERR_CONFIG;
 		for (size_t i = 0; status == KMS_OK && i < CIPHER_KEY_LEN; i++)
 		{
-			int			hi = hex_value((char) buf[2 * i]);
-			int			lo = hex_value((char) buf[2 * i + 1]);
+			int			hi = util_hex_value((char) buf[2 * i]);
+			int			lo = util_hex_value((char) buf[2 * i + 1]);
 
 			if (hi < 0 || lo < 0)
 				status = KMS_ERR_CONFIG;

@@ -14,6 +14,7 @@
 
 #include "http.h"
 #include "inventory.h"
+#include "kms_recheck.h"
 #include "plaintext_guard.h"
 
 PG_MODULE_MAGIC;
@@ -32,8 +33,10 @@ char	   *envelope_kmip_cert_file = NULL;
 char	   *envelope_kmip_key_file = NULL;
 int			envelope_cache_size = 32768;
 int			envelope_cache_ttl = 3600;
+int			envelope_cache_grace = 0;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+int			envelope_kms_recheck_interval = 300;
 bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
@@ -62,6 +65,7 @@ envelope_shmem_request(void)
 		prev_shmem_request_hook();
 	keycache_shmem_request();
 	kms_glue_shmem_request();
+	kms_recheck_shmem_request();
 }
 #endif
 
@@ -72,6 +76,7 @@ envelope_shmem_startup(void)
 		prev_shmem_startup_hook();
 	keycache_shmem_startup();
 	kms_glue_shmem_startup();
+	kms_recheck_shmem_startup();
 }
 
 static void
@@ -167,6 +172,13 @@ define_settings(void)
 							3600, 1, 7 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.cache_grace",
+							"How long past envelope.cache_ttl a cached data key may still be used while the KMS cannot be reached.",
+							"Only network errors, 5xx answers, timeouts and throttling are graced, never a refusal.  0 turns it off.",
+							&envelope_cache_grace,
+							0, 0, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
+							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.kms_timeout",
 							"Time limit for one KMS request.",
 							NULL,
@@ -180,6 +192,13 @@ define_settings(void)
 							&envelope_kms_retries,
 							3, 0, 10,
 							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_recheck_interval",
+							"How often the background worker checks that each master key in use still works.",
+							"A key the KMS refuses (disabled, pending deletion, deleted, access denied) has its cached data keys evicted within this time plus one KMS request.  0 turns the check off.",
+							&envelope_kms_recheck_interval,
+							300, 0, 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
 	MarkGUCPrefixReserved("envelope");
 }
@@ -203,6 +222,7 @@ _PG_init(void)
 #else
 		keycache_shmem_request();
 		kms_glue_shmem_request();
+		kms_recheck_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;

@@ -33,8 +33,10 @@ extern char *envelope_kmip_cert_file;
 extern char *envelope_kmip_key_file;
 extern int	envelope_cache_size;
 extern int	envelope_cache_ttl;
+extern int	envelope_cache_grace;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
+extern int	envelope_kms_recheck_interval;
 extern bool envelope_preloaded;
 
 /* ---- envelope_sql.c ---- */

@@ -21,6 +21,7 @@
 #include <openssl/sha.h>
 
 #include "sigv4.h"
+#include "util.h"
 
 #define SIGV4_ALGORITHM "AWS4-HMAC-SHA256"
 
@@ -192,18 +193,6 @@ uri_encode(StrBuf *sb, const char *s, size_t n, bool keep_slash)
 	}
 }
 
-static int
-hex_value(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /*
  * Percent-decode s[0..n) into a new string.  A malformed escape is kept literally,
  * which then encodes as %25..., as the AWS SDKs do.
@@ -219,9 +208,9 @@ uri_decode(const char *s, size_t n)
 	for (size_t i = 0; i < n; i++)
 	{
 		if (s[i] == '%' && i + 2 < n &&
-			hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0)
+			util_hex_value(s[i + 1]) >= 0 && util_hex_value(s[i + 2]) >= 0)
 		{
-			out[o++] = (char) (hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
+			out[o++] = (char) (util_hex_value(s[i + 1]) * 16 + util_hex_value(s[i + 2]));
 			i += 2;
 		}
 		else
@@ -518,6 +507,232 @@ copy_debug(char *dst, size_t dstlen, const char *src)
 	snprintf(dst, dstlen, "%s", src ? src : "");
 }
 
+/*
+ * How a step of sigv4_sign went.  SIGN_FAILED means the step has set errbuf itself;
+ * the two others get their message in one place, sigv4_sign.
+ */
+typedef enum SignStep
+{
+	SIGN_OK,
+	SIGN_FAILED,
+	SIGN_OUT_OF_MEMORY,
+	SIGN_CRYPTO_FAILED
+} SignStep;
+
+/* The caller's arguments, before any work: false with errbuf set when one is unusable. */
+static bool
+check_sign_arguments(const Sigv4Request *req, const Sigv4Credentials *cred,
+					 const char *region, const char *service, const char *amz_date,
+					 char *errbuf, size_t errlen)
+{
+	if (req->method == NULL || req->method[0] == '\0' || req->uri == NULL ||
+		(req->nheaders > 0 && req->headers == NULL) || req->nheaders < 0 ||
+		(req->payload == NULL && req->payload_len > 0))
+	{
+		set_error(errbuf, errlen, "sigv4: malformed request");
+		return false;
+	}
+	if (cred->access_key_id == NULL || cred->access_key_id[0] == '\0' ||
+		cred->secret_access_key == NULL || cred->secret_access_key[0] == '\0')
+	{
+		set_error(errbuf, errlen, "sigv4: access key id or secret access key is empty");
+		return false;
+	}
+	if (!valid_scope_part(region) || !valid_scope_part(service))
+	{
+		set_error(errbuf, errlen, "sigv4: invalid region or service name");
+		return false;
+	}
+	if (!valid_amz_date(amz_date))
+	{
+		set_error(errbuf, errlen, "sigv4: amz_date is not in YYYYMMDDTHHMMSSZ form");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The headers to sign, lower-cased, folded and sorted by name (repeated names in
+ * request order), into hdrs (room for req->nheaders + 1), counted in *nhdrs.  The
+ * session token goes in as one more header when session_token is not NULL and the
+ * caller does not already list it.  host and x-amz-date (equal to amz_date) must be
+ * among them.
+ */
+static SignStep
+canonical_headers(const Sigv4Request *req, const char *amz_date, const char *session_token,
+				  CanonHeader *hdrs, int *nhdrs, char *errbuf, size_t errlen)
+{
+	bool		have_host = false;
+	bool		have_date = false;
+	bool		have_token_header = false;
+
+	for (int i = 0; i < req->nheaders; i++)
+	{
+		const Sigv4Header *h = &req->headers[i];
+		CanonHeader *c = &hdrs[*nhdrs];
+
+		if (!valid_header_name(h->name) || h->value == NULL)
+		{
+			set_error(errbuf, errlen, "sigv4: invalid header name or missing header value");
+			return SIGN_FAILED;
+		}
+		c->name = strdup(h->name);
+		c->value = fold_value(h->value);
+		c->order = (*nhdrs)++;
+		if (c->name == NULL || c->value == NULL)
+			return SIGN_OUT_OF_MEMORY;
+		for (char *p = c->name; *p; p++)
+			*p = (char) tolower((unsigned char) *p);
+
+		if (strcmp(c->name, "host") == 0)
+			have_host = true;
+		else if (strcmp(c->name, "x-amz-date") == 0)
+		{
+			if (strcmp(c->value, amz_date) != 0)
+			{
+				set_error(errbuf, errlen, "sigv4: x-amz-date header differs from the signing date");
+				return SIGN_FAILED;
+			}
+			have_date = true;
+		}
+		else if (strcmp(c->name, "x-amz-security-token") == 0)
+			have_token_header = true;
+	}
+	if (!have_host || !have_date)
+	{
+		set_error(errbuf, errlen, "sigv4: the host and x-amz-date headers must be signed");
+		return SIGN_FAILED;
+	}
+	/* A caller that already lists the token header gets it signed once, not twice. */
+	if (session_token != NULL && !have_token_header)
+	{
+		CanonHeader *c = &hdrs[*nhdrs];
+
+		c->name = strdup("x-amz-security-token");
+		c->value = fold_value(session_token);
+		c->order = (*nhdrs)++;
+		if (c->name == NULL || c->value == NULL)
+			return SIGN_OUT_OF_MEMORY;
+	}
+	qsort(hdrs, *nhdrs, sizeof(*hdrs), header_cmp);
+	return SIGN_OK;
+}
+
+/*
+ * The canonical request: method, canonical path and query, the sorted headers (repeated
+ * names merged with ',' in request order), the signed header names (also into
+ * signed_headers) and the payload hash, which ends it whether or not it is sent.
+ */
+static SignStep
+canonical_request(const Sigv4Request *req, const CanonHeader *hdrs, int nhdrs,
+				  bool normalize_path, StrBuf *creq, StrBuf *signed_headers)
+{
+	const char *qmark = strchr(req->uri, '?');
+	char		payload_hash[65];
+
+	sb_append(creq, req->method);
+	sb_appendc(creq, '\n');
+	if (!canonical_path(creq, req->uri, qmark ? (size_t) (qmark - req->uri) : strlen(req->uri),
+						normalize_path))
+		return SIGN_OUT_OF_MEMORY;
+	sb_appendc(creq, '\n');
+	if (qmark && !canonical_query(creq, qmark + 1))
+		return SIGN_OUT_OF_MEMORY;
+	sb_appendc(creq, '\n');
+
+	for (int i = 0; i < nhdrs; i++)
+	{
+		bool		first = i == 0 || strcmp(hdrs[i].name, hdrs[i - 1].name) != 0;
+		bool		last = i == nhdrs - 1 || strcmp(hdrs[i].name, hdrs[i + 1].name) != 0;
+
+		if (first)
+		{
+			sb_append(creq, hdrs[i].name);
+			sb_appendc(creq, ':');
+			if (signed_headers->len > 0)
+				sb_appendc(signed_headers, ';');
+			sb_append(signed_headers, hdrs[i].name);
+		}
+		else
+			sb_appendc(creq, ',');
+		sb_append(creq, hdrs[i].value);
+		if (last)
+			sb_appendc(creq, '\n');
+	}
+	sb_appendc(creq, '\n');
+	sb_append(creq, signed_headers->data ? signed_headers->data : "");
+	sb_appendc(creq, '\n');
+
+	if (!sha256_hex(req->payload ? (const void *) req->payload : (const void *) "",
+					req->payload_len, payload_hash))
+		return SIGN_CRYPTO_FAILED;
+	sb_append(creq, payload_hash);
+	return creq->failed || signed_headers->failed ? SIGN_OUT_OF_MEMORY : SIGN_OK;
+}
+
+/*
+ * The credential scope ("date/region/service/aws4_request", into scope) and the string
+ * to sign: algorithm, date, scope and the hash of the canonical request.
+ */
+static SignStep
+string_to_sign(const char *amz_date, const char *region, const char *service,
+			   const StrBuf *creq, char *scope, size_t scope_len, StrBuf *sts,
+			   char *errbuf, size_t errlen)
+{
+	char		creq_hash[65];
+	int			n;
+
+	n = snprintf(scope, scope_len, "%.8s/%s/%s/aws4_request", amz_date, region, service);
+	if (n < 0 || (size_t) n >= scope_len)
+	{
+		set_error(errbuf, errlen, "sigv4: region or service name too long");
+		return SIGN_FAILED;
+	}
+	if (!sha256_hex(creq->data, creq->len, creq_hash))
+		return SIGN_CRYPTO_FAILED;
+	sb_append(sts, SIGV4_ALGORITHM "\n");
+	sb_append(sts, amz_date);
+	sb_appendc(sts, '\n');
+	sb_append(sts, scope);
+	sb_appendc(sts, '\n');
+	sb_append(sts, creq_hash);
+	return sts->failed ? SIGN_OUT_OF_MEMORY : SIGN_OK;
+}
+
+/*
+ * The signature, in hex: the signing key is the HMAC chain from "AWS4" + secret through
+ * date, region, service and "aws4_request", and signs the string to sign.  Every
+ * derived key is wiped, on every path.
+ */
+static SignStep
+signature(const char *secret_access_key, const char *amz_date, const char *region,
+		  const char *service, const StrBuf *sts, char sighex[65])
+{
+	StrBuf		secret = {0};
+	unsigned char k1[SHA256_DIGEST_LENGTH];
+	unsigned char k2[SHA256_DIGEST_LENGTH];
+	unsigned char sig[SHA256_DIGEST_LENGTH];
+	SignStep	step = SIGN_OK;
+
+	sb_append(&secret, "AWS4");
+	sb_append(&secret, secret_access_key);
+	if (secret.failed)
+		step = SIGN_OUT_OF_MEMORY;
+	else if (!hmac_sha256((unsigned char *) secret.data, secret.len, amz_date, 8, k1) ||
+			 !hmac_sha256(k1, sizeof(k1), region, strlen(region), k2) ||
+			 !hmac_sha256(k2, sizeof(k2), service, strlen(service), k1) ||
+			 !hmac_sha256(k1, sizeof(k1), "aws4_request", 12, k2) ||
+			 !hmac_sha256(k2, sizeof(k2), sts->data, sts->len, sig))
+		step = SIGN_CRYPTO_FAILED;
+	else
+		hex_encode(sig, sizeof(sig), sighex);
+	OPENSSL_cleanse(k1, sizeof(k1));
+	OPENSSL_cleanse(k2, sizeof(k2));
+	OPENSSL_cleanse(sig, sizeof(sig));
+	sb_free(&secret);
+	return step;
+}
+
 int
 sigv4_sign(const Sigv4Request *req, const Sigv4Credentials *cred, const char *region,
 		   const char *service, const char *amz_date, bool normalize_path,
@@ -526,25 +741,13 @@ sigv4_sign(const Sigv4Request *req, const Sigv4Credentials *cred, const char *re
 {
 	CanonHeader *hdrs = NULL;
 	int			nhdrs = 0;
-	bool		have_host = false;
-	bool		have_date = false;
-	bool		have_token_header = false;
-	bool		add_token;
 	StrBuf		creq = {0};
 	StrBuf		signed_headers = {0};
 	StrBuf		sts = {0};
-	StrBuf		secret = {0};
-	char		payload_hash[65];
-	char		creq_hash[65];
 	char		scope[256];
-	char		date[9];
-	unsigned char k1[SHA256_DIGEST_LENGTH];
-	unsigned char k2[SHA256_DIGEST_LENGTH];
-	unsigned char sig[SHA256_DIGEST_LENGTH];
 	char		sighex[65];
-	const char *uri;
-	const char *qmark;
-	int			rc = -1;
+	const char *token;
+	SignStep	step;
 	int			n;
 
 	if (authorization && authorization_len > 0)
@@ -554,199 +757,50 @@ sigv4_sign(const Sigv4Request *req, const Sigv4Credentials *cred, const char *re
 		set_error(errbuf, errlen, "sigv4: missing argument");
 		return -1;
 	}
-	if (req->method == NULL || req->method[0] == '\0' || req->uri == NULL ||
-		(req->nheaders > 0 && req->headers == NULL) || req->nheaders < 0 ||
-		(req->payload == NULL && req->payload_len > 0))
-	{
-		set_error(errbuf, errlen, "sigv4: malformed request");
+	if (!check_sign_arguments(req, cred, region, service, amz_date, errbuf, errlen))
 		return -1;
-	}
-	if (cred->access_key_id == NULL || cred->access_key_id[0] == '\0' ||
-		cred->secret_access_key == NULL || cred->secret_access_key[0] == '\0')
-	{
-		set_error(errbuf, errlen, "sigv4: access key id or secret access key is empty");
-		return -1;
-	}
-	if (!valid_scope_part(region) || !valid_scope_part(service))
-	{
-		set_error(errbuf, errlen, "sigv4: invalid region or service name");
-		return -1;
-	}
-	if (!valid_amz_date(amz_date))
-	{
-		set_error(errbuf, errlen, "sigv4: amz_date is not in YYYYMMDDTHHMMSSZ form");
-		return -1;
-	}
+	token = sign_session_token && cred->session_token != NULL &&
+		cred->session_token[0] != '\0' ? cred->session_token : NULL;
 
-	add_token = sign_session_token && cred->session_token != NULL &&
-		cred->session_token[0] != '\0';
-
-	/* Lower-case and fold every header; the token goes in as one more header. */
 	hdrs = calloc(req->nheaders + 1, sizeof(*hdrs));
-	if (hdrs == NULL)
-		goto oom;
-	for (int i = 0; i < req->nheaders; i++)
+	step = hdrs == NULL ? SIGN_OUT_OF_MEMORY :
+		canonical_headers(req, amz_date, token, hdrs, &nhdrs, errbuf, errlen);
+	if (step == SIGN_OK)
+		step = canonical_request(req, hdrs, nhdrs, normalize_path, &creq, &signed_headers);
+	if (step == SIGN_OK)
+		step = string_to_sign(amz_date, region, service, &creq, scope, sizeof(scope),
+							  &sts, errbuf, errlen);
+	if (step == SIGN_OK)
+		step = signature(cred->secret_access_key, amz_date, region, service, &sts, sighex);
+	if (step == SIGN_OK)
 	{
-		const Sigv4Header *h = &req->headers[i];
-
-		if (!valid_header_name(h->name) || h->value == NULL)
+		n = snprintf(authorization, authorization_len,
+					 SIGV4_ALGORITHM " Credential=%s/%s, SignedHeaders=%s, Signature=%s",
+					 cred->access_key_id, scope, signed_headers.data, sighex);
+		if (n < 0 || (size_t) n >= authorization_len)
 		{
-			set_error(errbuf, errlen, "sigv4: invalid header name or missing header value");
-			goto done;
+			authorization[0] = '\0';
+			set_error(errbuf, errlen, "sigv4: authorization buffer too small");
+			step = SIGN_FAILED;
 		}
-		hdrs[nhdrs].name = strdup(h->name);
-		hdrs[nhdrs].value = fold_value(h->value);
-		hdrs[nhdrs].order = nhdrs;
-		nhdrs++;
-		if (hdrs[nhdrs - 1].name == NULL || hdrs[nhdrs - 1].value == NULL)
-			goto oom;
-		for (char *p = hdrs[nhdrs - 1].name; *p; p++)
-			*p = (char) tolower((unsigned char) *p);
-
-		if (strcmp(hdrs[nhdrs - 1].name, "host") == 0)
-			have_host = true;
-		else if (strcmp(hdrs[nhdrs - 1].name, "x-amz-date") == 0)
-		{
-			if (strcmp(hdrs[nhdrs - 1].value, amz_date) != 0)
-			{
-				set_error(errbuf, errlen, "sigv4: x-amz-date header differs from the signing date");
-				goto done;
-			}
-			have_date = true;
-		}
-		else if (strcmp(hdrs[nhdrs - 1].name, "x-amz-security-token") == 0)
-			have_token_header = true;
 	}
-	if (!have_host || !have_date)
-	{
-		set_error(errbuf, errlen, "sigv4: the host and x-amz-date headers must be signed");
-		goto done;
-	}
-	/* A caller that already lists the token header gets it signed once, not twice. */
-	if (add_token && !have_token_header)
-	{
-		hdrs[nhdrs].name = strdup("x-amz-security-token");
-		hdrs[nhdrs].value = fold_value(cred->session_token);
-		hdrs[nhdrs].order = nhdrs;
-		nhdrs++;
-		if (hdrs[nhdrs - 1].name == NULL || hdrs[nhdrs - 1].value == NULL)
-			goto oom;
-	}
-	qsort(hdrs, nhdrs, sizeof(*hdrs), header_cmp);
-
-	/* Method, path, query. */
-	sb_append(&creq, req->method);
-	sb_appendc(&creq, '\n');
-	uri = req->uri;
-	qmark = strchr(uri, '?');
-	if (!canonical_path(&creq, uri, qmark ? (size_t) (qmark - uri) : strlen(uri),
-						normalize_path))
-		goto oom;
-	sb_appendc(&creq, '\n');
-	if (qmark && !canonical_query(&creq, qmark + 1))
-		goto oom;
-	sb_appendc(&creq, '\n');
-
-	/* Headers, repeated names merged with ',' in request order. */
-	for (int i = 0; i < nhdrs; i++)
-	{
-		bool		first = i == 0 || strcmp(hdrs[i].name, hdrs[i - 1].name) != 0;
-		bool		last = i == nhdrs - 1 || strcmp(hdrs[i].name, hdrs[i + 1].name) != 0;
-
-		if (first)
-		{
-			sb_append(&creq, hdrs[i].name);
-			sb_appendc(&creq, ':');
-			if (signed_headers.len > 0)
-				sb_appendc(&signed_headers, ';');
-			sb_append(&signed_headers, hdrs[i].name);
-		}
-		else
-			sb_appendc(&creq, ',');
-		sb_append(&creq, hdrs[i].value);
-		if (last)
-			sb_appendc(&creq, '\n');
-	}
-	sb_appendc(&creq, '\n');
-	sb_append(&creq, signed_headers.data ? signed_headers.data : "");
-	sb_appendc(&creq, '\n');
-
-	/* The payload hash ends the canonical request whether or not it is sent. */
-	if (!sha256_hex(req->payload ? (const void *) req->payload : (const void *) "",
-					req->payload_len, payload_hash))
-		goto crypto_fail;
-	sb_append(&creq, payload_hash);
-	if (creq.failed || signed_headers.failed)
-		goto oom;
-
-	/* String to sign. */
-	memcpy(date, amz_date, 8);
-	date[8] = '\0';
-	n = snprintf(scope, sizeof(scope), "%s/%s/%s/aws4_request", date, region, service);
-	if (n < 0 || (size_t) n >= sizeof(scope))
-	{
-		set_error(errbuf, errlen, "sigv4: region or service name too long");
-		goto done;
-	}
-	if (!sha256_hex(creq.data, creq.len, creq_hash))
-		goto crypto_fail;
-	sb_append(&sts, SIGV4_ALGORITHM "\n");
-	sb_append(&sts, amz_date);
-	sb_appendc(&sts, '\n');
-	sb_append(&sts, scope);
-	sb_appendc(&sts, '\n');
-	sb_append(&sts, creq_hash);
-	if (sts.failed)
-		goto oom;
-
-	/* Signing key: HMAC chain from "AWS4"+secret through date, region, service. */
-	sb_append(&secret, "AWS4");
-	sb_append(&secret, cred->secret_access_key);
-	if (secret.failed)
-		goto oom;
-	if (!hmac_sha256((unsigned char *) secret.data, secret.len, date, 8, k1) ||
-		!hmac_sha256(k1, sizeof(k1), region, strlen(region), k2) ||
-		!hmac_sha256(k2, sizeof(k2), service, strlen(service), k1) ||
-		!hmac_sha256(k1, sizeof(k1), "aws4_request", 12, k2) ||
-		!hmac_sha256(k2, sizeof(k2), sts.data, sts.len, sig))
-		goto crypto_fail;
-	hex_encode(sig, sizeof(sig), sighex);
-
-	n = snprintf(authorization, authorization_len,
-				 SIGV4_ALGORITHM " Credential=%s/%s, SignedHeaders=%s, Signature=%s",
-				 cred->access_key_id, scope, signed_headers.data, sighex);
-	if (n < 0 || (size_t) n >= authorization_len)
-	{
-		authorization[0] = '\0';
-		set_error(errbuf, errlen, "sigv4: authorization buffer too small");
-		goto done;
-	}
-
-	if (debug)
+	if (step == SIGN_OK && debug)
 	{
 		copy_debug(debug->canonical_request, sizeof(debug->canonical_request), creq.data);
 		copy_debug(debug->string_to_sign, sizeof(debug->string_to_sign), sts.data);
 		copy_debug(debug->signature, sizeof(debug->signature), sighex);
 	}
-	rc = 0;
-	goto done;
+	if (step == SIGN_OUT_OF_MEMORY)
+		set_error(errbuf, errlen, "sigv4: out of memory");
+	else if (step == SIGN_CRYPTO_FAILED)
+		set_error(errbuf, errlen, "sigv4: OpenSSL digest or HMAC failed");
 
-oom:
-	set_error(errbuf, errlen, "sigv4: out of memory");
-	goto done;
-crypto_fail:
-	set_error(errbuf, errlen, "sigv4: OpenSSL digest or HMAC failed");
-done:
-	OPENSSL_cleanse(k1, sizeof(k1));
-	OPENSSL_cleanse(k2, sizeof(k2));
-	OPENSSL_cleanse(sig, sizeof(sig));
-	sb_free(&secret);
 	sb_free(&creq);
 	sb_free(&sts);
 	sb_free(&signed_headers);
 	if (hdrs)
 		free_headers(hdrs, nhdrs);
-	return rc;
+	return step == SIGN_OK ? 0 : -1;
 }
 
 void

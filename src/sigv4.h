@@ -7,7 +7,7 @@
  * Authorization header.  Every derived key and intermediate HMAC is wiped before
  * returning, on success and on error.
  *
- * Checked against the published AWS test suite (../shared/testdata/sigv4/v4) by
+ * Checked against the published AWS test suite (test/vectors/sigv4/v4) by
  * test/unit/test_sigv4.c.
  */
 #ifndef PG_ENVELOPE_SIGV4_H

@@ -2,11 +2,17 @@
 # Install the Debian packages pg_envelope builds and tests with.  Idempotent: does
 # nothing when they are all present.  Needs root (or passwordless sudo) only when
 # something is missing.
+#
+#   bash test/install_deps.sh           what the build and every default test level need
+#   bash test/install_deps.sh package   also what building the Debian package needs
 set -euo pipefail
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libcurl4-openssl-dev
-          libjson-c-dev libssl-dev libipc-run-perl make gcc python3
+          libjson-c-dev libssl-dev libipc-run-perl make gcc clang python3
           python3-pykmip)
+if [ "${1:-}" = package ]; then
+    packages+=(postgresql-server-dev-all debhelper dpkg-dev fakeroot)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2,16 +2,24 @@
 # Run every pg_envelope test: pure-C unit tests, pg_regress, isolation and TAP.
 #
 #   bash test/run_tests.sh            all of them
-#   bash test/run_tests.sh unit       one level: unit | regress | isolation | tap
+#   bash test/run_tests.sh unit       one level: unit | clang | sanitize | regress |
+#                                     isolation | tap
 #   TAP_TESTS='test/tap/03*.pl' bash test/run_tests.sh tap     some TAP files only
 #
 # Installs missing Debian packages, builds and installs the extension (as root, or
 # with sudo), then runs the server-side tests as the `postgres` OS user in a private
-# copy of the tree: PostgreSQL never runs as root.
+# copy of the tree: PostgreSQL never runs as root.  Every build here treats warnings as
+# errors (WERROR=1); a user's plain `make` does not.
+#
+#   clang       the extension and the unit tests built with clang, the unit tests run
+#   sanitize    the unit tests built with -fsanitize=address,undefined and run
+#   package     the Debian package built, installed, checked (pg_buildext
+#               installcheck) and removed: test/package_check.sh.  Not in the default
+#               list, as it writes to the system PostgreSQL; .ci/run runs it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LEVELS="${*:-unit regress isolation tap}"
+LEVELS="${*:-unit clang sanitize regress isolation tap}"
 PG_BINDIR="$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -20,17 +28,9 @@ bash "$ROOT/test/install_deps.sh"
 PG_BINDIR="$(pg_config --bindir)"
 PGXS_DIR="$(dirname "$(pg_config --pgxs)")/.."
 
-# Shared test vectors: ../shared/testdata beside the repository, or TESTDATA_DIR.
-if [ -z "${TESTDATA_DIR:-}" ]; then
-    for d in "$ROOT/../shared/testdata" "$ROOT/../../shared/testdata"; do
-        if [ -d "$d" ]; then TESTDATA_DIR="$(cd "$d" && pwd)"; break; fi
-    done
-fi
-export TESTDATA_DIR="${TESTDATA_DIR:-$ROOT/../shared/testdata}"
-
 echo "== build and install"
-make -C "$ROOT" -s -j2
-$SUDO make -C "$ROOT" -s install
+make -C "$ROOT" -s -j2 WERROR=1
+$SUDO make -C "$ROOT" -s install WERROR=1
 
 # A private copy, owned by whoever runs the server.
 if [ "$(id -u)" -eq 0 ]; then
@@ -48,6 +48,9 @@ rm -rf "$WORK/test/tmp" "$WORK/results" "$WORK/tmp_check"
 mkdir -p "$WORK/test/tmp"
 [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK"
 chmod 0755 "$WORK"
+# The server user's commands start in the working directory: one it can enter (a clone
+# under /root or in a mktemp -d directory is not).
+cd "$WORK"
 
 # The KMS tests run moto with the interpreter that has it (python3 of whoever runs
 # this script).  When that interpreter lives under root's home (pyenv), the server user
@@ -65,8 +68,30 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 as_server_user() {
-    "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" TESTDATA_DIR="$TESTDATA_DIR" \
+    "${RUN_AS[@]}" env PATH="$PG_BINDIR:$PATH" \
         ENVELOPE_PYTHON="$ENVELOPE_PYTHON" "$@"
+}
+
+# A clean copy of the tree under $WORK/build/NAME for a build with other flags, so
+# that its objects never mix with the ones installed above.
+build_copy() {
+    local dir="$WORK/build/$1"
+    mkdir -p "$dir"
+    cp -a "$ROOT/." "$dir/"
+    rm -rf "$dir/test/tmp" "$dir/results" "$dir/tmp_check"
+    [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK/build"
+    as_server_user make -C "$dir" -s clean >/dev/null
+    echo "$dir"
+}
+
+# PGXS passes the server's CFLAGS, chosen for the compiler PostgreSQL was built with
+# (gcc on Debian): drop the options clang does not know, and the gnu_printf format
+# attribute of the server headers, which clang ignores with a warning.
+clang_cflags() {
+    pg_config --cflags | sed -e 's/-fexcess-precision=standard//' \
+        -e 's/-Wimplicit-fallthrough=3/-Wimplicit-fallthrough/' \
+        -e 's/-Wno-format-truncation//' -e 's/-Wno-stringop-truncation//'
+    echo " -Wno-ignored-attributes"
 }
 
 failed=()
@@ -87,6 +112,22 @@ for level in $LEVELS; do
     case "$level" in
         unit)
             as_server_user make -C "$WORK" -s unit || failed+=(unit)
+            ;;
+        clang)
+            command -v clang >/dev/null || { echo "clang is not installed" >&2; failed+=(clang); continue; }
+            dir="$(build_copy clang)"
+            as_server_user make -C "$dir" -s -j2 all CC=clang CFLAGS="$(clang_cflags | tr '\n' ' ')" WERROR=1 \
+                && as_server_user make -C "$dir" -s unit CC=clang \
+                || failed+=(clang)
+            ;;
+        sanitize)
+            dir="$(build_copy sanitize)"
+            as_server_user env ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+                make -C "$dir" -s unit UNIT_SANITIZE=address,undefined \
+                || failed+=(sanitize)
+            ;;
+        package)
+            bash "$ROOT/test/package_check.sh" || failed+=(package)
             ;;
         regress)
             as_server_user bash "$WORK/test/prepare_keys.sh" "$WORK/test/tmp"

@@ -31,6 +31,8 @@ mkdir -p "$OUT"
 DIR="$(mktemp -d /tmp/pg_envelope_profile.XXXXXX)"
 chmod 755 "$DIR"
 if [ "$(id -u)" -eq 0 ]; then chown postgres: "$DIR"; AS_PG=(runuser -u postgres --); else AS_PG=(); fi
+# The server user's commands start in the working directory: one it can enter.
+cd "$DIR"
 pg() { "${AS_PG[@]}" env PATH="$PG_BINDIR:$PATH" "$@"; }
 stop() { pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
 trap stop EXIT

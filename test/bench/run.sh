@@ -102,6 +102,8 @@ UNIT_CFLAGS="$(make -C "$ROOT" -s --no-print-directory \
 DIR="$(mktemp -d /tmp/pg_envelope_bench.XXXXXX)"
 chmod 755 "$DIR"
 if [ "$(id -u)" -eq 0 ]; then chown postgres: "$DIR"; AS_PG=(runuser -u postgres --); else AS_PG=(); fi
+# The server user's commands start in the working directory: one it can enter.
+cd "$DIR"
 # The server's environment: credentials for moto (which accepts any while its
 # authentication is off), nothing from the caller's AWS settings.
 pg() {

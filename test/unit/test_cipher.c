@@ -28,9 +28,9 @@ test_wycheproof(void)
 				total_valid = 0,
 				total_invalid = 0;
 
-	snprintf(path, sizeof(path), "%s/wycheproof/aes_gcm_test.json", unit_testdata_dir());
+	snprintf(path, sizeof(path), "%s/wycheproof/aes_gcm_test.json", UNIT_VECTORS_DIR);
 	root = json_object_from_file(path);
-	CHECK(root != NULL, "Wycheproof vectors not found at %s (set TESTDATA_DIR)", path);
+	CHECK(root != NULL, "Wycheproof vectors not found at %s", path);
 	if (root == NULL)
 		return;
 	groups = json_object_object_get(root, "testGroups");
@@ -271,9 +271,9 @@ test_wycheproof_siv(void)
 	json_object *groups;
 	int			valid_ok = 0, invalid_ok = 0, empty = 0, total_valid = 0, total_invalid = 0;
 
-	snprintf(path, sizeof(path), "%s/wycheproof/aes_siv_cmac_test.json", unit_testdata_dir());
+	snprintf(path, sizeof(path), "%s/wycheproof/aes_siv_cmac_test.json", UNIT_VECTORS_DIR);
 	root = json_object_from_file(path);
-	CHECK(root != NULL, "Wycheproof AES-SIV vectors not found at %s (set TESTDATA_DIR)", path);
+	CHECK(root != NULL, "Wycheproof AES-SIV vectors not found at %s", path);
 	if (root == NULL)
 		return;
 	groups = json_object_object_get(root, "testGroups");

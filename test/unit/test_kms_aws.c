@@ -457,7 +457,7 @@ test_config_errors(void)
 			"\xe0\x80\xaf",		/* overlong "/" */
 			"\xed\xa0\x80",		/* surrogate U+D800 */
 			"\xf4\x90\x80\x80",	/* above U+10FFFF */
-			"\x80" "abc",			/* continuation byte first */
+			("\x80" "abc"),		/* continuation byte first */
 		};
 		uint8_t		out[KMS_DEK_LEN];
 		uint8_t		blob[64] = {1};

@@ -1,7 +1,7 @@
 /*
  * test_sigv4.c — sigv4.c against the AWS SigV4 test suite (header signing).
  *
- * Every case directory of <testdata>/sigv4/v4 is run: request.txt is parsed into a
+ * Every case directory of test/vectors/sigv4/v4 is run: request.txt is parsed into a
  * Sigv4Request, context.json gives credentials, region, service, time and flags, and
  * the canonical request, string to sign, signature and Authorization header are
  * compared with the suite's header-*.txt files.  A missing directory is a failure.
@@ -339,9 +339,9 @@ test_suite(void)
 	int			ncases = 0;
 	int			npassed = 0;
 
-	snprintf(suite, sizeof(suite), "%s/sigv4/v4", unit_testdata_dir());
+	snprintf(suite, sizeof(suite), "%s/sigv4/v4", UNIT_VECTORS_DIR);
 	n = scandir(suite, &list, only_dirs, alphasort);
-	CHECK(n > 0, "sigv4 test suite not found at %s (set TESTDATA_DIR)", suite);
+	CHECK(n > 0, "sigv4 test suite not found at %s", suite);
 	for (int i = 0; i < n; i++)
 	{
 		ncases++;

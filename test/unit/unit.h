@@ -36,14 +36,12 @@ unit_finish(const char *name)
 	return unit_failed == 0 && unit_passed > 0 ? 0 : 1;
 }
 
-/* Directory of ../shared/testdata; TESTDATA_DIR in the environment overrides. */
-static inline const char *
-unit_testdata_dir(void)
-{
-	const char *dir = getenv("TESTDATA_DIR");
-
-	return dir && *dir ? dir : "../shared/testdata";
-}
+/*
+ * The published test vectors, kept in the repository (test/vectors/README.md says where
+ * they come from).  The path is relative to the top of the tree, where `make unit`
+ * runs the test programs.
+ */
+#define UNIT_VECTORS_DIR "test/vectors"
 
 /* Read a whole file into a NUL-terminated malloc'd buffer; NULL if unreadable. */
 static inline char *
