@@ -1334,3 +1334,202 @@ REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
 REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
+-- Equality key versions.
+-- An equality key version is one of the tenant's DEK versions: deterministic values
+-- and blind indexes are made with its HKDF subkeys.  Every tenant starts at 1, the
+-- version 0.1.0 always used, so stored values and indexes keep matching.  The live
+-- equality versions are the tenant's active DEK versions up to equality_version.
+
+-- Under Citus the key tables are reference tables by now (above), and the coordinator
+-- sends this statement to workers that have run this script themselves: IF NOT EXISTS
+-- lets it pass there and still reach the shards.  No CHECK: Citus adds no column with
+-- a constraint to a reference table (only the extension's C code writes the column,
+-- with DEK versions, which are >= 1).
+ALTER TABLE envelope.tenant ADD COLUMN IF NOT EXISTS equality_version integer NOT NULL DEFAULT 1;
+
+-- Under the tenant's current equality version (0.1.0's symbols keep using version 1).
+CREATE OR REPLACE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext text, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_text_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE OR REPLACE FUNCTION envelope.encrypt_deterministic(tenant text, plaintext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_bytea_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- Version 1: the 32-byte HMAC of 0.1.0; version N >= 2: be32(N) || HMAC (36 bytes).
+CREATE OR REPLACE FUNCTION envelope.blind_index(tenant text, value text)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_v2'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- The token under every live equality version, current first: for
+-- WHERE col = ANY(envelope.blind_index_all(...)), which a btree index on col serves.
+CREATE FUNCTION envelope.blind_index_all(tenant text, value text)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_all'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.encrypt_deterministic_all(tenant text, plaintext text, context text DEFAULT NULL)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_all_text'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.encrypt_deterministic_all(tenant text, plaintext bytea, context text DEFAULT NULL)
+    RETURNS bytea[]
+    AS 'MODULE_PATHNAME', 'envelope_encrypt_deterministic_all_bytea'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- The equality version new deterministic values and blind indexes use.
+CREATE FUNCTION envelope.equality_key_version(tenant text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'envelope_equality_key_version'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+-- Rotate the tenant's DEK and make the new version the equality key version.
+CREATE FUNCTION envelope.rotate_equality_key(tenant text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'envelope_rotate_equality_key'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION
+    envelope.blind_index_all(text, text),
+    envelope.encrypt_deterministic_all(text, text, text),
+    envelope.encrypt_deterministic_all(text, bytea, text),
+    envelope.equality_key_version(text),
+    envelope.rotate_equality_key(text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    envelope.blind_index_all(text, text),
+    envelope.encrypt_deterministic_all(text, text, text),
+    envelope.encrypt_deterministic_all(text, bytea, text),
+    envelope.equality_key_version(text)
+    TO envelope_user;
+GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;
+
+-- Re-encryption moves deterministic values too: onto the tenant's equality key version,
+-- as randomized values move onto its active DEK version.  The engine's WHERE clause
+-- asks with the tenant (the C function reads both versions from the key cache), its
+-- SET clause re-encrypts either format, and reencrypt_all takes deterministic columns.
+-- Blind indexes are not recomputed: they need the plaintext, held by another column.
+CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, tenant text)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_needs_reencryption_v2'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+CREATE OR REPLACE FUNCTION envelope.reencrypt_value(tenant text, ciphertext bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_reencrypt_value_v2'
+    LANGUAGE C VOLATILE PARALLEL SAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.needs_reencryption(bytea, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, text) TO envelope_user;
+
+CREATE OR REPLACE FUNCTION envelope.reencrypt_step(run bigint, task_no integer, batch_size integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t envelope.rotation_task;
+    proc text;
+    rel_schema name;
+    rel_name name;
+    col name;
+    tenant_col name;
+    rows_per_block double precision;
+    block_end bigint;
+    moved bigint;
+    batch_start timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO t FROM envelope.rotation_task x
+     WHERE x.run_id = run AND x.task = task_no FOR UPDATE;
+    IF t.finished_at IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    SELECT n.nspname, c.relname,
+           CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+      INTO rel_schema, rel_name, rows_per_block
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = t.relation;
+    SELECT a.attname INTO col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO tenant_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+
+    IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
+        UPDATE envelope.rotation_task x
+           SET total = greatest(x.total, pg_relation_size(t.relation) / current_setting('block_size')::bigint),
+               tail_added = true
+         WHERE x.run_id = run AND x.task = task_no
+        RETURNING * INTO t;
+    END IF;
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
+        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
+            RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
+                proc, t.relation;
+        END IF;
+        UPDATE envelope.rotation_task x SET finished_at = clock_timestamp(),
+               updated_at = clock_timestamp(), done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+
+    block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
+    EXECUTE format(
+        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+        ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+        '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+        '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
+      USING t.context, t.done, block_end;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+
+    UPDATE envelope.rotation_task x
+       SET done = block_end, values_moved = x.values_moved + moved,
+           started_at = COALESCE(x.started_at, batch_start),
+           active_since = COALESCE(x.active_since, batch_start),
+           updated_at = clock_timestamp()
+     WHERE x.run_id = run AND x.task = task_no;
+    RAISE NOTICE 'envelope.%: %.%.%: re-encrypted % values (% in all); % of % blocks done',
+        proc, rel_schema, rel_name, col, moved, t.values_moved + moved, block_end, t.total;
+    RETURN moved;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION envelope.reencrypt_all_begin(batch_size integer, max_rows_per_second integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint;
+    c record;
+BEGIN
+    PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
+    run := envelope.rotation_run_begin('reencrypt_all', '{}');
+    RAISE NOTICE 'envelope.reencrypt_all: blind indexes are not recomputed: they need the plaintext of another column';
+    -- Columns registered since an interrupted run started join it; a partitioned
+    -- table is re-encrypted partition by partition.
+    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
+               FROM envelope.encrypted_columns e,
+                    LATERAL (SELECT p.relid AS rel FROM pg_partition_tree(e.relation) p
+                              WHERE p.isleaf
+                             UNION ALL
+                             SELECT e.relation
+                              WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
+              ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
+    LOOP
+        IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
+            RAISE NOTICE 'envelope.reencrypt_all: skipping %: it is not a table', c.rel::regclass;
+            CONTINUE;
+        END IF;
+        PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
+    END LOOP;
+    RETURN run;
+END
+$$;

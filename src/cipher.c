@@ -717,6 +717,40 @@ cipher_blind_index(const CipherKey *key, const CipherBinding *binding,
 	return ok ? CIPHER_OK : CIPHER_ERR_INTERNAL;
 }
 
+CipherStatus
+cipher_blind_index_versioned(const CipherKey *key, uint32_t version,
+							 const CipherBinding *binding,
+							 const uint8_t *value, size_t value_len,
+							 uint8_t *out, size_t *out_len)
+{
+	size_t		prefix = version >= 2 ? 4 : 0;
+
+	if (version == 0)
+		return CIPHER_ERR_FORMAT;
+	if (prefix)
+		put_be32(out, version);
+	*out_len = prefix + CIPHER_INDEX_LEN;
+	return cipher_blind_index(key, binding, value, value_len, out + prefix);
+}
+
+CipherStatus
+cipher_blind_index_version(const uint8_t *in, size_t in_len, uint32_t *version)
+{
+	if (in_len == CIPHER_INDEX_LEN)
+	{
+		*version = 1;
+		return CIPHER_OK;
+	}
+	if (in_len == CIPHER_INDEX_VERSIONED_MAX_LEN)
+	{
+		*version = ((uint32_t) in[0] << 24) | ((uint32_t) in[1] << 16) |
+			((uint32_t) in[2] << 8) | (uint32_t) in[3];
+		if (*version >= 2)
+			return CIPHER_OK;
+	}
+	return CIPHER_ERR_FORMAT;
+}
+
 static CipherStatus
 siv_raw(const uint8_t key[CIPHER_SIV_KEY_LEN], bool encrypting,
 		const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t in_len,

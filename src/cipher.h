@@ -37,6 +37,15 @@
  * Blind index: HMAC-SHA256 under another HKDF-derived key over len(tenant) || tenant
  * || value; equal values give equal indexes, and nothing else can be learnt from them
  * without the key.
+ *
+ * Versioned blind index (cipher_blind_index_versioned): the equality key version is
+ * the DEK version whose subkeys made the index.  Version 1 is the 32-byte HMAC above,
+ * unchanged, so indexes stored before equality keys rotated stay valid; every later
+ * version is prefixed with its version, so the two never collide and a stored index
+ * says which key made it:
+ *
+ *     version 1:   HMAC (32 bytes)
+ *     version >=2: version, big-endian (4 bytes) || HMAC (32 bytes)
  */
 #ifndef PG_ENVELOPE_CIPHER_H
 #define PG_ENVELOPE_CIPHER_H
@@ -59,6 +68,7 @@
 #define CIPHER_SIV_HEADER_LEN	(1 + 4)
 #define CIPHER_SIV_OVERHEAD		(CIPHER_SIV_HEADER_LEN + CIPHER_SIV_TAG_LEN + 1)
 #define CIPHER_INDEX_LEN		32
+#define CIPHER_INDEX_VERSIONED_MAX_LEN	(4 + CIPHER_INDEX_LEN)
 
 typedef enum CipherStatus
 {
@@ -138,6 +148,20 @@ extern CipherStatus cipher_encrypt_deterministic(const CipherKey *key, uint32_t 
 extern CipherStatus cipher_blind_index(const CipherKey *key, const CipherBinding *binding,
 									   const uint8_t *value, size_t value_len,
 									   uint8_t out[CIPHER_INDEX_LEN]);
+
+/*
+ * Blind index under equality key `version` (>= 1) in the versioned layout above; the
+ * index made with `key` (the subkeys of DEK `version`).  `out` has room for
+ * CIPHER_INDEX_VERSIONED_MAX_LEN bytes; *out_len receives 32 or 36.
+ */
+extern CipherStatus cipher_blind_index_versioned(const CipherKey *key, uint32_t version,
+												 const CipherBinding *binding,
+												 const uint8_t *value, size_t value_len,
+												 uint8_t *out, size_t *out_len);
+
+/* The equality key version of a stored blind index; CIPHER_ERR_FORMAT if it is none. */
+extern CipherStatus cipher_blind_index_version(const uint8_t *in, size_t in_len,
+											   uint32_t *version);
 
 /*
  * Plain AES-256-SIV with one AAD component, for published test vectors.  `out` of seal

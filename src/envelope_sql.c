@@ -145,14 +145,27 @@ envelope_encrypt_bytea(PG_FUNCTION_ARGS)
 }
 
 /*
- * Deterministic values and blind indexes use the tenant's first DEK version, so that
- * they stay equal across rotations: equality lookups and unique indexes keep working.
- * Retiring or destroying version 1 ends them.
+ * 0.1.0's deterministic values and blind indexes use the tenant's first DEK version,
+ * so that they stay equal across rotations of the DEK.  0.2.0's SQL calls the
+ * functions of equality_sql.c instead, which use the tenant's equality key version
+ * (1 until envelope.rotate_equality_key() moves it); these symbols stay for databases
+ * not yet updated, whose key store has no equality version.
  */
 #define ENVELOPE_EQUALITY_VERSION 1
 
 static bytea *
 encrypt_deterministic_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
+{
+	return envelope_encrypt_deterministic_under(fcinfo, ENVELOPE_EQUALITY_VERSION, data, len);
+}
+
+/*
+ * The deterministic value of (data, len) for the tenant in argument 0 and the context
+ * in argument 2, under equality key `version` (a DEK version of the tenant).
+ */
+bytea *
+envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint32 version,
+									 const char *data, size_t len)
 {
 	text	   *tenant = PG_GETARG_TEXT_PP(0);
 	CipherBinding binding = make_binding(fcinfo, tenant, 2);
@@ -166,10 +179,10 @@ encrypt_deterministic_bytes(FunctionCallInfo fcinfo, const char *data, size_t le
 				 errmsg("value is too large to encrypt"),
 				 errhidestmt(true)));
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_DETERMINISTIC);
+								   version, CIPHER_USE_DETERMINISTIC);
 	result = palloc(VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_SIV_OVERHEAD);
-	cs = cipher_encrypt_deterministic(key, ENVELOPE_EQUALITY_VERSION, &binding,
+	cs = cipher_encrypt_deterministic(key, version, &binding,
 									  (const uint8 *) data, len, (uint8 *) VARDATA(result));
 	if (cs != CIPHER_OK)
 		raise_cipher_internal(cs);
@@ -203,25 +216,34 @@ envelope_encrypt_deterministic_bytea(PG_FUNCTION_ARGS)
 Datum
 envelope_blind_index(PG_FUNCTION_ARGS)
 {
-	text	   *tenant;
-	text	   *value;
-	CipherBinding binding;
-	const CipherKey *key;
-	bytea	   *result;
-
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
-	tenant = PG_GETARG_TEXT_PP(0);
-	value = PG_GETARG_TEXT_PP(1);
-	binding = make_binding(fcinfo, tenant, 2);
+	PG_RETURN_BYTEA_P(envelope_blind_index_under(fcinfo, ENVELOPE_EQUALITY_VERSION));
+}
+
+/*
+ * The blind index of the value in argument 1 for the tenant in argument 0 under
+ * equality key `version`, in the versioned layout (version 1: the 32 bytes of 0.1.0).
+ */
+bytea *
+envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version)
+{
+	text	   *tenant = PG_GETARG_TEXT_PP(0);
+	text	   *value = PG_GETARG_TEXT_PP(1);
+	CipherBinding binding = make_binding(fcinfo, tenant, 2);
+	const CipherKey *key;
+	bytea	   *result;
+	size_t		len;
+
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-								   ENVELOPE_EQUALITY_VERSION, CIPHER_USE_INDEX);
-	result = palloc(VARHDRSZ + CIPHER_INDEX_LEN);
-	SET_VARSIZE(result, VARHDRSZ + CIPHER_INDEX_LEN);
-	if (cipher_blind_index(key, &binding, (const uint8 *) VARDATA_ANY(value),
-						   VARSIZE_ANY_EXHDR(value), (uint8 *) VARDATA(result)) != CIPHER_OK)
+								   version, CIPHER_USE_INDEX);
+	result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
+	if (cipher_blind_index_versioned(key, version, &binding,
+									 (const uint8 *) VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value),
+									 (uint8 *) VARDATA(result), &len) != CIPHER_OK)
 		raise_cipher_internal(CIPHER_ERR_INTERNAL);
-	PG_RETURN_BYTEA_P(result);
+	SET_VARSIZE(result, VARHDRSZ + len);
+	return result;
 }
 
 /* Decrypt a value of either format into a varlena of the same layout as bytea/text. */

@@ -658,6 +658,18 @@ keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
 /* ---------------------------------------------------------------------------
  * Invalidation
  */
+uint64
+keycache_generation(void)
+{
+	return l1_local_generation + l2_generation();
+}
+
+bool
+keycache_key_store_changed_here(void)
+{
+	return l1_pending_bump;
+}
+
 void
 keycache_note_key_store_change(void)
 {

@@ -59,6 +59,14 @@ extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tena
 /* The tenant's active version, 0 when it is disabled or destroyed. */
 extern uint32 keycache_active_version(const char *tenant, size_t tenant_len);
 
+/*
+ * A number that changes whenever what this backend knows of the key store may be
+ * stale (a change committed anywhere, or made by this transaction's last command), for
+ * per-backend caches of key store state beside this one.
+ */
+extern uint64 keycache_generation(void);
+/* Has this transaction changed the key store?  Then nothing it reads may be cached. */
+extern bool keycache_key_store_changed_here(void);
 /* The key store changed in this transaction: every backend re-reads states at commit. */
 extern void keycache_note_key_store_change(void);
 

@@ -162,7 +162,16 @@ keystore_leave(KeystoreSession *session)
  * used, so revocation takes effect from the next statement.
  */
 static void
+execute_latest_rows(const char *sql, int nargs, Oid *argtypes, Datum *values, long max_rows);
+
+static void
 execute_latest(const char *sql, int nargs, Oid *argtypes, Datum *values)
+{
+	execute_latest_rows(sql, nargs, argtypes, values, 1);
+}
+
+static void
+execute_latest_rows(const char *sql, int nargs, Oid *argtypes, Datum *values, long max_rows)
 {
 	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
 	Snapshot	snapshot = IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot();
@@ -171,7 +180,7 @@ execute_latest(const char *sql, int nargs, Oid *argtypes, Datum *values)
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	ret = SPI_execute_snapshot(plan, values, NULL, snapshot, InvalidSnapshot,
-							   true, false, 1);
+							   true, false, max_rows);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "SPI_execute_snapshot failed: %s", SPI_result_code_string(ret));
 	SPI_freeplan(plan);
@@ -639,6 +648,66 @@ keystore_set_tenant_kms_key(const char *tenant, const char *kms_key)
 	Datum		values[2] = {CStringGetTextDatum(tenant), CStringGetTextDatum(kms_key)};
 
 	keystore_modify("UPDATE envelope.tenant SET kms_key = $2"
+					" WHERE tenant OPERATOR(pg_catalog.=) $1",
+					2, argtypes, values, NULL);
+}
+
+/*
+ * The tenant's equality key version and the DEK versions that are live equality
+ * versions (active, and not newer than the equality version), newest first, read like
+ * keystore_read_tenant_key at the latest committed state.  A tenant row written by a
+ * 0.1.0 key store has no equality_version column: this is only called by 0.2.0's SQL.
+ */
+bool
+keystore_read_equality(const char *tenant, int32 *equality_version,
+					   int32 **live, int *nlive)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	KeystoreSession session;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
+	bool		found;
+
+	keystore_enter(&session);
+	execute_latest_rows("SELECT t.equality_version, k.version"
+						" FROM envelope.tenant t"
+						" LEFT JOIN envelope.data_key k"
+						"   ON k.tenant OPERATOR(pg_catalog.=) t.tenant"
+						"  AND k.state OPERATOR(pg_catalog.=) 'active'"
+						"  AND k.version OPERATOR(pg_catalog.<=) t.equality_version"
+						" WHERE t.tenant OPERATOR(pg_catalog.=) $1"
+						" ORDER BY k.version DESC",
+						1, argtypes, values, 0);
+	found = SPI_processed > 0;
+	*nlive = 0;
+	*live = NULL;
+	*equality_version = 0;
+	if (found)
+	{
+		MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+
+		*live = palloc(sizeof(int32) * SPI_processed);
+		MemoryContextSwitchTo(old);
+		*equality_version = int_column(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			int32		v = int_column(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+
+			if (v > 0)
+				(*live)[(*nlive)++] = v;
+		}
+	}
+	keystore_leave(&session);
+	return found;
+}
+
+void
+keystore_set_equality_version(const char *tenant, int32 version)
+{
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	Datum		values[2] = {CStringGetTextDatum(tenant), Int32GetDatum(version)};
+
+	keystore_modify("UPDATE envelope.tenant SET equality_version = $2"
 					" WHERE tenant OPERATOR(pg_catalog.=) $1",
 					2, argtypes, values, NULL);
 }

@@ -118,6 +118,15 @@ extern void keystore_set_key_state(const char *tenant, int32 version, KeyState s
 /* Erase every wrapped DEK of the tenant and mark it destroyed. */
 extern void keystore_destroy_tenant(const char *tenant);
 
+/*
+ * The tenant's equality key version, and its live equality versions (active DEK
+ * versions up to it) newest first, palloc'd in the caller's context; false if the
+ * tenant does not exist.  Latest committed state, like keystore_read_tenant_key.
+ */
+extern bool keystore_read_equality(const char *tenant, int32 *equality_version,
+								   int32 **live, int *nlive);
+/* Make DEK `version` the tenant's equality key version. */
+extern void keystore_set_equality_version(const char *tenant, int32 version);
 /* Forget the tables' OIDs and owner (called on invalidation of the key tables). */
 extern void keystore_forget_relations(void);
 

@@ -9,6 +9,7 @@
 
 #include "compat.h"
 
+#include "fmgr.h"
 #include "nodes/pg_list.h"
 
 #include "cipher.h"
@@ -37,6 +38,27 @@ extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
 extern int	envelope_kms_recheck_interval;
 extern bool envelope_preloaded;
+
+/* ---- envelope_sql.c ---- */
+/*
+ * The deterministic value of (data, len) for the tenant in argument 0 and the context
+ * in argument 2 of the calling SQL function, under equality key `version`.
+ */
+extern bytea *envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint32 version,
+												   const char *data, size_t len);
+
+/*
+ * The blind index of argument 1 for the tenant in argument 0 under equality key
+ * `version`, in the versioned layout of cipher.h.
+ */
+extern bytea *envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version);
+
+/* ---- equality_sql.c ---- */
+/*
+ * The tenant's current equality key version into *version; false if that version is
+ * not live (retired or destroyed).  Raises an error if the tenant does not exist.
+ */
+extern bool equality_current_version(const char *tenant, size_t tenant_len, uint32 *version);
 
 /* ---- sweeper.c ---- */
 /* Register the background worker that zeroes expired keys (preload only). */

@@ -4,6 +4,8 @@
  * The batch engine (envelope.reencrypt, envelope.reencrypt_all) is PL/pgSQL in the
  * update script; it asks this file which stored values need to move, so that the value
  * formats stay known in one place (cipher.h) rather than as format bytes in SQL.
+ * Randomized values move onto the tenant's active DEK version, deterministic values
+ * onto its equality key version (since the equality key rotates: the _v2 symbols).
  */
 #include "pg_envelope.h"
 
@@ -35,6 +37,7 @@ envelope_needs_reencryption(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(envelope_reencrypt_value);
+extern Datum envelope_reencrypt_value(PG_FUNCTION_ARGS);
 
 /*
  * The AAD binding of a value, as envelope_sql.c's make_binding builds it: tenant and
@@ -143,6 +146,116 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_INTERNAL_ERROR),
 					 errmsg("AES-256-GCM failed in OpenSSL"),
 					 errhidestmt(true)));
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(plain, plain_len > 0 ? plain_len : 1);
+		pfree(plain);
+	}
+	PG_END_TRY();
+	PG_RETURN_BYTEA_P(result);
+}
+
+PG_FUNCTION_INFO_V1(envelope_needs_reencryption_v2);
+
+/*
+ * envelope.needs_reencryption(ciphertext, tenant): true for a randomized value under
+ * a DEK version other than the tenant's active one, and for a deterministic value
+ * under an equality version other than its current one, when that one is live.  False
+ * for the values of a disabled or destroyed tenant and for anything that is not a
+ * pg_envelope value, never an error, so one stray value cannot stop a fleet-wide run
+ * (an unknown tenant is an error, as for every function that takes a tenant).
+ */
+Datum
+envelope_needs_reencryption_v2(PG_FUNCTION_ARGS)
+{
+	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(0);
+	text	   *tenant = PG_GETARG_TEXT_PP(1);
+	const uint8 *bytes = (const uint8 *) VARDATA_ANY(ciphertext);
+	size_t		len = VARSIZE_ANY_EXHDR(ciphertext);
+	uint32		version;
+	uint32		target;
+
+	if (cipher_peek_version(bytes, len, &version) != CIPHER_OK)
+		PG_RETURN_BOOL(false);
+	target = keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+	if (target == 0)
+		PG_RETURN_BOOL(false);	/* disabled or destroyed: nothing can move */
+	if (bytes[0] == CIPHER_FORMAT_SIV_V1 &&
+		!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
+		PG_RETURN_BOOL(false);	/* no live equality key to move onto */
+	PG_RETURN_BOOL(version != target);
+}
+
+PG_FUNCTION_INFO_V1(envelope_reencrypt_value_v2);
+
+/*
+ * envelope.reencrypt_value(tenant, ciphertext, context) of 0.2.0: a randomized value
+ * as envelope_reencrypt_value; a deterministic value decrypted and encrypted again
+ * under the tenant's current equality key version, the plaintext likewise only in a
+ * buffer of this function, wiped on every path.
+ */
+Datum
+envelope_reencrypt_value_v2(PG_FUNCTION_ARGS)
+{
+	text	   *tenant;
+	bytea	   *ciphertext;
+	CipherBinding binding;
+	const uint8 *in;
+	size_t		in_len;
+	size_t		plain_len;
+	uint32		version;
+	uint32		target;
+	uint8	   *plain;
+	bytea	   *volatile result = NULL;
+	CipherStatus cs;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	ciphertext = PG_GETARG_BYTEA_PP(1);
+	in = (const uint8 *) VARDATA_ANY(ciphertext);
+	in_len = VARSIZE_ANY_EXHDR(ciphertext);
+	if (in_len == 0 || in[0] != CIPHER_FORMAT_SIV_V1)
+		return envelope_reencrypt_value(fcinfo);	/* randomized, or its errors */
+
+	tenant = PG_GETARG_TEXT_PP(0);
+	binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
+		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("It is too short or has an unknown format byte."),
+				 errhidestmt(true)));
+	if (!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("equality key version %u of tenant \"%.*s\" is not active", target,
+						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
+				 errhidestmt(true)));
+	plain = palloc(plain_len > 0 ? plain_len : 1);
+	PG_TRY();
+	{
+		cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant),
+													 VARSIZE_ANY_EXHDR(tenant), version,
+													 CIPHER_USE_DETERMINISTIC),
+							&binding, in, in_len, plain);
+		if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+					 errmsg("could not decrypt value for tenant \"%.*s\"",
+							(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+					 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
+					 errhidestmt(true)));
+		if (cs != CIPHER_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("AES-256-SIV failed in OpenSSL"),
+					 errhidestmt(true)));
+		/* Arguments 0 and 2 are the tenant and the context, as the encryption wants. */
+		result = envelope_encrypt_deterministic_under(fcinfo, target, (const char *) plain,
+													  plain_len);
 	}
 	PG_FINALLY();
 	{

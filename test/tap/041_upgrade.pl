@@ -50,7 +50,8 @@ is($node->safe_psql('updated', q{SELECT state FROM envelope.tenant_keys WHERE te
 
 my $decrypt_sql = q{SELECT count(*) FILTER (WHERE envelope.decrypt_text(tenant, r, 'ctx') = 'r' || id
                                 AND envelope.decrypt_text(tenant, d) = 'd' || id
-                                AND envelope.blind_index(tenant, 'd' || id) = b),
+                                AND envelope.blind_index(tenant, 'd' || id) = b
+                                AND envelope.encrypt_deterministic(tenant, 'd' || id) = d),
        count(*) FROM data};
 is($node->safe_psql('updated', $decrypt_sql), '200|200', 'every value decrypts at 0.1.0');
 my $versions_before = $node->safe_psql('updated',
@@ -183,6 +184,18 @@ is($node->safe_psql('updated', q{SELECT string_agg(action, ',' ORDER BY id) FROM
 	'register,register', 'the audit trail starts with the update');
 is($node->safe_psql('updated', q{SELECT count(*) FROM envelope.check() WHERE status = 'error'}), '0',
 	'check() finds no error after the update');
+
+# Tokens written under 0.1.0 are equality version 1, and still match after the
+# equality key rotates; re-encryption moves the deterministic ones onto the new version.
+is($node->safe_psql('updated', q{SELECT envelope.equality_key_version('t5') || ',' || envelope.rotate_equality_key('t5')}),
+	'1,2', 'tenants start at equality version 1 after the update, and rotate');
+my $match_sql = q{SELECT count(*) FILTER (WHERE b = ANY (envelope.blind_index_all(tenant, 'd' || id))
+                                AND d = ANY (envelope.encrypt_deterministic_all(tenant, 'd' || id))),
+       count(*) FILTER (WHERE envelope.key_version(d) = 2)
+  FROM data WHERE tenant = 't5'};
+is($node->safe_psql('updated', $match_sql), '40|0', '0.1.0 tokens match through *_all after the rotation');
+$node->safe_psql('updated', q{CALL envelope.reencrypt('data', 'd', 'tenant')});
+is($node->safe_psql('updated', $match_sql), '40|40', 'and after their re-encryption onto version 2');
 
 $node->stop;
 done_testing();

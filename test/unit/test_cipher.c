@@ -412,6 +412,40 @@ test_deterministic(void)
 		CHECK(cipher_key_init(&key, dek) == CIPHER_OK &&
 			  cipher_blind_index(&key, &acme_plain, (const uint8_t *) "alice", 5, idx1) == CIPHER_OK &&
 			  memcmp(idx1, expected, CIPHER_INDEX_LEN) == 0, "blind index known answer");
+
+		/*
+		 * Versioned layout: version 1 is byte for byte the index above (stored indexes
+		 * stay valid); version 2 and later are be32(version) || the same HMAC.
+		 */
+		{
+			uint8_t		vidx[CIPHER_INDEX_VERSIONED_MAX_LEN];
+			size_t		vlen = 0;
+			uint32_t	v = 0;
+
+			CHECK(cipher_blind_index_versioned(&key, 1, &acme_plain, (const uint8_t *) "alice", 5,
+											   vidx, &vlen) == CIPHER_OK &&
+				  vlen == CIPHER_INDEX_LEN && memcmp(vidx, expected, CIPHER_INDEX_LEN) == 0,
+				  "versioned blind index, version 1, is the unversioned one");
+			CHECK(cipher_blind_index_version(vidx, vlen, &v) == CIPHER_OK && v == 1,
+				  "a 32-byte index is version 1");
+			CHECK(cipher_blind_index_versioned(&key, 0x01020304, &acme_plain, (const uint8_t *) "alice", 5,
+											   vidx, &vlen) == CIPHER_OK &&
+				  vlen == CIPHER_INDEX_VERSIONED_MAX_LEN &&
+				  vidx[0] == 1 && vidx[1] == 2 && vidx[2] == 3 && vidx[3] == 4 &&
+				  memcmp(vidx + 4, expected, CIPHER_INDEX_LEN) == 0,
+				  "versioned blind index, version >= 2: be32 version then the HMAC");
+			CHECK(cipher_blind_index_version(vidx, vlen, &v) == CIPHER_OK && v == 0x01020304,
+				  "the version of a 36-byte index");
+			CHECK(cipher_blind_index_versioned(&key, 0, &acme_plain, (const uint8_t *) "alice", 5,
+											   vidx, &vlen) == CIPHER_ERR_FORMAT,
+				  "version 0 is refused");
+			vidx[0] = vidx[1] = vidx[2] = 0;
+			vidx[3] = 1;
+			CHECK(cipher_blind_index_version(vidx, CIPHER_INDEX_VERSIONED_MAX_LEN, &v) == CIPHER_ERR_FORMAT,
+				  "a 36-byte index may not claim version 1");
+			CHECK(cipher_blind_index_version(vidx, 20, &v) == CIPHER_ERR_FORMAT,
+				  "an index of another length is refused");
+		}
 		cipher_key_free(&key);
 		free(expected);
 	}
