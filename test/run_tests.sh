@@ -2,7 +2,7 @@
 # Run every pg_envelope test: pure-C unit tests, pg_regress, isolation and TAP.
 #
 #   bash test/run_tests.sh            all of them
-#   bash test/run_tests.sh unit       one level: unit | clang | sanitize | regress |
+#   bash test/run_tests.sh unit       one level: unit | clang | sanitize | fuzz | regress |
 #                                     isolation | tap
 #   TAP_FILES='test/tap/03*.pl' bash test/run_tests.sh tap     some TAP files only
 #   (not TAP_TESTS: PGXS reads that name and would run prove inside make installcheck)
@@ -20,7 +20,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LEVELS="${*:-unit clang sanitize regress isolation tap}"
+LEVELS="${*:-unit clang sanitize fuzz regress isolation tap}"
 PG_BINDIR="$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -120,6 +120,12 @@ for level in $LEVELS; do
             as_server_user make -C "$dir" -s -j2 all CC=clang CFLAGS="$(clang_cflags | tr '\n' ' ')" WERROR=1 \
                 && as_server_user make -C "$dir" -s unit CC=clang \
                 || failed+=(clang)
+            ;;
+        fuzz)
+            # Each libFuzzer target for FUZZ_SECONDS (20 by default); the long runs are
+            # documented in test/fuzz/README.md.
+            as_server_user env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash "$WORK/test/fuzz/run.sh" \
+                || failed+=(fuzz)
             ;;
         sanitize)
             dir="$(build_copy sanitize)"
