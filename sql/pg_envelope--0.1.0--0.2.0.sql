@@ -346,15 +346,18 @@ GRANT EXECUTE ON FUNCTION envelope.retire_key_version(text, integer, boolean),
 -- after a cancel, a timeout, a terminated session or a crash the task rows say exactly
 -- what was committed, and calling the same procedure again resumes the run.
 
--- True for a randomized value under a DEK version other than active_version; false
--- for deterministic values and for anything that is not a pg_envelope value.
-CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, active_version integer)
+-- True for a randomized value under a DEK version other than the tenant's active one,
+-- and for a deterministic value under an equality key version other than its current
+-- one (see "Equality key versions" below); false for the values of a disabled or
+-- destroyed tenant and for anything that is not a pg_envelope value.
+CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, tenant text)
     RETURNS boolean
     AS 'MODULE_PATHNAME', 'envelope_needs_reencryption'
-    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
--- A randomized value decrypted and encrypted again under the tenant's active version
--- in one call (the plaintext never becomes a Datum): the batch engine's SET clause.
+-- A value decrypted and encrypted again in one call (the plaintext never becomes a
+-- Datum): randomized values under the tenant's active DEK version, deterministic ones
+-- under its equality key version.  The batch engine's SET clause.
 CREATE FUNCTION envelope.reencrypt_value(tenant text, ciphertext bytea, context text DEFAULT NULL)
     RETURNS bytea
     AS 'MODULE_PATHNAME', 'envelope_reencrypt_value'
@@ -617,7 +620,9 @@ AS $$
 $$;
 
 -- One batch of a re-encryption task: a single UPDATE of the next block range, which
--- re-encrypts the randomized values not under their tenant's active version.  Returns
+-- re-encrypts the randomized values not under their tenant's active version and the
+-- deterministic values not under its equality key version (blind indexes are not
+-- recomputed: they need the plaintext, which another column holds).  Returns
 -- how many values moved, or NULL once the task is finished.  Concurrent writers are
 -- safe: the UPDATE locks each row, and a row changed meanwhile is re-checked
 -- (EvalPlanQual) and re-encrypted from its new value, or skipped when its new value is
@@ -678,7 +683,7 @@ BEGIN
         'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
         ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
         '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-        '   AND envelope.needs_reencryption(%I, envelope.active_key_version(%I::pg_catalog.text))',
+        '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
         rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
       USING t.context, t.done, block_end;
     GET DIAGNOSTICS moved = ROW_COUNT;
@@ -792,7 +797,7 @@ DECLARE
 BEGIN
     PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
     run := envelope.rotation_run_begin('reencrypt_all', '{}');
-    RAISE NOTICE 'envelope.reencrypt_all: deterministic values and blind indexes are not re-encrypted: they stay under their equality key';
+    RAISE NOTICE 'envelope.reencrypt_all: blind indexes are not recomputed: they need the plaintext of another column';
     -- Columns registered since an interrupted run started join it; a partitioned
     -- table is re-encrypted partition by partition.
     FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
@@ -802,7 +807,6 @@ BEGIN
                              UNION ALL
                              SELECT e.relation
                               WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
-              WHERE e.value_kind IS DISTINCT FROM 'deterministic'
               ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
     LOOP
         IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
@@ -810,12 +814,6 @@ BEGIN
             CONTINUE;
         END IF;
         PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
-    END LOOP;
-    FOR c IN SELECT e.relation, e.column_name FROM envelope.encrypted_columns e
-              WHERE e.value_kind = 'deterministic'
-    LOOP
-        RAISE NOTICE 'envelope.reencrypt_all: skipping %.%: it holds deterministic values',
-            c.relation, c.column_name;
     END LOOP;
     RETURN run;
 END
@@ -1088,7 +1086,7 @@ $$;
 -- tables it re-encrypts); envelope_admin may call them and read the progress.
 
 REVOKE ALL ON FUNCTION
-    envelope.needs_reencryption(bytea, integer),
+    envelope.needs_reencryption(bytea, text),
     envelope.reencrypt_value(text, bytea, text),
     envelope.rotation_run_is_live(integer, timestamptz),
     envelope.rotation_run_begin(text, jsonb),
@@ -1116,7 +1114,7 @@ REVOKE ALL ON PROCEDURE
     envelope.rewrap_keys(text, text[])
     FROM PUBLIC;
 
-GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, integer) TO envelope_user;
+GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, text) TO envelope_user;
 GRANT EXECUTE ON FUNCTION
     envelope.reencrypt_value(text, bytea, text),
     envelope.rotation_run_is_live(integer, timestamptz),
@@ -1188,7 +1186,9 @@ ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicate
 -- Key cache statistics.
 -- New columns at the end: tenant states held in shared memory, keys unwrapped again
 -- within envelope.cache_ttl of being evicted to make room (the working set is larger
--- than envelope.cache_size), and a hint that says so.
+-- than envelope.cache_size), a hint that says so, and graced_loads, the loads that
+-- found the KMS unreachable and served the key's expired copy instead
+-- (envelope.cache_grace).
 
 DROP VIEW envelope.cache_stats;
 DROP FUNCTION envelope.cache_stats();
@@ -1198,7 +1198,7 @@ CREATE FUNCTION envelope.cache_stats(
     OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
     OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
     OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text)
+    OUT hint text, OUT graced_loads bigint)
     RETURNS record
     AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
     LANGUAGE C VOLATILE PARALLEL SAFE;
@@ -1311,31 +1311,6 @@ END
 $citus$;
 
 -- ---------------------------------------------------------------------------
--- Key cache grace.
--- A new column at the end: graced_loads, the loads that found the KMS unreachable and
--- served the key's expired copy instead (envelope.cache_grace).
-
-DROP VIEW envelope.cache_stats;
-DROP FUNCTION envelope.cache_stats();
-CREATE FUNCTION envelope.cache_stats(
-    OUT capacity bigint, OUT entries bigint, OUT hits bigint, OUT misses bigint,
-    OUT evictions bigint, OUT kms_generate_calls bigint, OUT kms_decrypt_calls bigint,
-    OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
-    OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
-    OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text, OUT graced_loads bigint)
-    RETURNS record
-    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
-    LANGUAGE C VOLATILE PARALLEL SAFE;
-
-CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
-
-REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
-REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
-GRANT SELECT ON envelope.cache_stats TO envelope_admin;
-
--- ---------------------------------------------------------------------------
 -- Equality key versions.
 -- An equality key version is one of the tenant's DEK versions: deterministic values
 -- and blind indexes are made with its HKDF subkeys.  Every tenant starts at 1, the
@@ -1410,126 +1385,3 @@ GRANT EXECUTE ON FUNCTION
     TO envelope_user;
 GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;
 
--- Re-encryption moves deterministic values too: onto the tenant's equality key version,
--- as randomized values move onto its active DEK version.  The engine's WHERE clause
--- asks with the tenant (the C function reads both versions from the key cache), its
--- SET clause re-encrypts either format, and reencrypt_all takes deterministic columns.
--- Blind indexes are not recomputed: they need the plaintext, held by another column.
-CREATE FUNCTION envelope.needs_reencryption(ciphertext bytea, tenant text)
-    RETURNS boolean
-    AS 'MODULE_PATHNAME', 'envelope_needs_reencryption_v2'
-    LANGUAGE C STABLE STRICT PARALLEL SAFE;
-
-CREATE OR REPLACE FUNCTION envelope.reencrypt_value(tenant text, ciphertext bytea, context text DEFAULT NULL)
-    RETURNS bytea
-    AS 'MODULE_PATHNAME', 'envelope_reencrypt_value_v2'
-    LANGUAGE C VOLATILE PARALLEL SAFE CALLED ON NULL INPUT;
-
-REVOKE ALL ON FUNCTION envelope.needs_reencryption(bytea, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION envelope.needs_reencryption(bytea, text) TO envelope_user;
-
-CREATE OR REPLACE FUNCTION envelope.reencrypt_step(run bigint, task_no integer, batch_size integer)
-    RETURNS bigint
-    LANGUAGE plpgsql VOLATILE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    t envelope.rotation_task;
-    proc text;
-    rel_schema name;
-    rel_name name;
-    col name;
-    tenant_col name;
-    rows_per_block double precision;
-    block_end bigint;
-    moved bigint;
-    batch_start timestamptz := clock_timestamp();
-BEGIN
-    SELECT * INTO t FROM envelope.rotation_task x
-     WHERE x.run_id = run AND x.task = task_no FOR UPDATE;
-    IF t.finished_at IS NOT NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
-    SELECT n.nspname, c.relname,
-           CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
-      INTO rel_schema, rel_name, rows_per_block
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = t.relation;
-    SELECT a.attname INTO col FROM pg_attribute a
-     WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
-    SELECT a.attname INTO tenant_col FROM pg_attribute a
-     WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
-
-    IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
-        UPDATE envelope.rotation_task x
-           SET total = greatest(x.total, pg_relation_size(t.relation) / current_setting('block_size')::bigint),
-               tail_added = true
-         WHERE x.run_id = run AND x.task = task_no
-        RETURNING * INTO t;
-    END IF;
-    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
-        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
-            RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
-                proc, t.relation;
-        END IF;
-        UPDATE envelope.rotation_task x SET finished_at = clock_timestamp(),
-               updated_at = clock_timestamp(), done = t.total
-         WHERE x.run_id = run AND x.task = task_no;
-        RETURN NULL;
-    END IF;
-
-    block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
-    EXECUTE format(
-        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
-        ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-        '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-        '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
-        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
-      USING t.context, t.done, block_end;
-    GET DIAGNOSTICS moved = ROW_COUNT;
-
-    UPDATE envelope.rotation_task x
-       SET done = block_end, values_moved = x.values_moved + moved,
-           started_at = COALESCE(x.started_at, batch_start),
-           active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp()
-     WHERE x.run_id = run AND x.task = task_no;
-    RAISE NOTICE 'envelope.%: %.%.%: re-encrypted % values (% in all); % of % blocks done',
-        proc, rel_schema, rel_name, col, moved, t.values_moved + moved, block_end, t.total;
-    RETURN moved;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION envelope.reencrypt_all_begin(batch_size integer, max_rows_per_second integer)
-    RETURNS bigint
-    LANGUAGE plpgsql VOLATILE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    run bigint;
-    c record;
-BEGIN
-    PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
-    run := envelope.rotation_run_begin('reencrypt_all', '{}');
-    RAISE NOTICE 'envelope.reencrypt_all: blind indexes are not recomputed: they need the plaintext of another column';
-    -- Columns registered since an interrupted run started join it; a partitioned
-    -- table is re-encrypted partition by partition.
-    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
-               FROM envelope.encrypted_columns e,
-                    LATERAL (SELECT p.relid AS rel FROM pg_partition_tree(e.relation) p
-                              WHERE p.isleaf
-                             UNION ALL
-                             SELECT e.relation
-                              WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
-              ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
-    LOOP
-        IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
-            RAISE NOTICE 'envelope.reencrypt_all: skipping %: it is not a table', c.rel::regclass;
-            CONTINUE;
-        END IF;
-        PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
-    END LOOP;
-    RETURN run;
-END
-$$;

@@ -41,7 +41,6 @@ PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
 PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
-PG_FUNCTION_INFO_V1(envelope_cache_stats_v3);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
@@ -612,11 +611,11 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 
 /*
  * The columns of envelope.cache_stats: the first twelve are those of 0.1.0
- * (envelope_cache_stats); 0.2.0 adds tenant_entries, evicted_reloads and hint.
+ * (envelope_cache_stats); 0.2.0 (envelope_cache_stats_v2) adds tenant_entries,
+ * evicted_reloads, hint and graced_loads.
  */
 #define CACHE_STATS_COLUMNS_V1 12
-#define CACHE_STATS_COLUMNS_V2 15
-#define CACHE_STATS_COLUMNS_V3 16	/* + graced_loads */
+#define CACHE_STATS_COLUMNS_V2 16
 
 static Datum
 cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
@@ -624,8 +623,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
 	KmsCallStats k;
-	Datum		values[CACHE_STATS_COLUMNS_V3];
-	bool		nulls[CACHE_STATS_COLUMNS_V3] = {0};
+	Datum		values[CACHE_STATS_COLUMNS_V2];
+	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -659,9 +658,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 													  (long long) s.capacity));
 		else
 			nulls[14] = true;
-	}
-	if (ncolumns > CACHE_STATS_COLUMNS_V2)
 		values[15] = Int64GetDatum(s.graced_loads);
+	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -672,18 +670,11 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
 }
 
-/* envelope.cache_stats() of 0.2.0 before graced_loads. */
+/* envelope.cache_stats() of 0.2.0. */
 Datum
 envelope_cache_stats_v2(PG_FUNCTION_ARGS)
 {
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
-}
-
-/* envelope.cache_stats() of 0.2.0. */
-Datum
-envelope_cache_stats_v3(PG_FUNCTION_ARGS)
-{
-	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V3);
 }
 
 /*

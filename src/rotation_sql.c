@@ -5,39 +5,13 @@
  * update script; it asks this file which stored values need to move, so that the value
  * formats stay known in one place (cipher.h) rather than as format bytes in SQL.
  * Randomized values move onto the tenant's active DEK version, deterministic values
- * onto its equality key version (since the equality key rotates: the _v2 symbols).
+ * onto its equality key version.
  */
 #include "pg_envelope.h"
 
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 
-PG_FUNCTION_INFO_V1(envelope_needs_reencryption);
-
-/*
- * True when `ciphertext` is a randomized (AES-256-GCM) value under a DEK version other
- * than `active_version`.  Deterministic values follow their equality key, not the
- * active version, and anything that is not a pg_envelope value is left alone: false
- * for both, never an error, so one stray value cannot stop a fleet-wide run.
- */
-Datum
-envelope_needs_reencryption(PG_FUNCTION_ARGS)
-{
-	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(0);
-	int32		active_version = PG_GETARG_INT32(1);
-	const uint8 *bytes = (const uint8 *) VARDATA_ANY(ciphertext);
-	size_t		len = VARSIZE_ANY_EXHDR(ciphertext);
-	uint32		version;
-
-	if (cipher_peek_version(bytes, len, &version) != CIPHER_OK)
-		PG_RETURN_BOOL(false);
-	if (bytes[0] != CIPHER_FORMAT_GCM_V1)
-		PG_RETURN_BOOL(false);
-	PG_RETURN_BOOL(version != (uint32) active_version);
-}
-
-PG_FUNCTION_INFO_V1(envelope_reencrypt_value);
-extern Datum envelope_reencrypt_value(PG_FUNCTION_ARGS);
 
 /*
  * The AAD binding of a value, as envelope_sql.c's make_binding builds it: tenant and
@@ -78,8 +52,8 @@ reencrypt_binding(text *tenant, text *context)
  * decryption finishes before the encryption key is looked up: fetching a new version
  * may move the tenant's array of cached keys.
  */
-Datum
-envelope_reencrypt_value(PG_FUNCTION_ARGS)
+static Datum
+reencrypt_randomized(FunctionCallInfo fcinfo)
 {
 	text	   *tenant;
 	bytea	   *ciphertext;
@@ -156,7 +130,7 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 	PG_RETURN_BYTEA_P(result);
 }
 
-PG_FUNCTION_INFO_V1(envelope_needs_reencryption_v2);
+PG_FUNCTION_INFO_V1(envelope_needs_reencryption);
 
 /*
  * envelope.needs_reencryption(ciphertext, tenant): true for a randomized value under
@@ -167,7 +141,7 @@ PG_FUNCTION_INFO_V1(envelope_needs_reencryption_v2);
  * (an unknown tenant is an error, as for every function that takes a tenant).
  */
 Datum
-envelope_needs_reencryption_v2(PG_FUNCTION_ARGS)
+envelope_needs_reencryption(PG_FUNCTION_ARGS)
 {
 	bytea	   *ciphertext = PG_GETARG_BYTEA_PP(0);
 	text	   *tenant = PG_GETARG_TEXT_PP(1);
@@ -187,16 +161,16 @@ envelope_needs_reencryption_v2(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(version != target);
 }
 
-PG_FUNCTION_INFO_V1(envelope_reencrypt_value_v2);
+PG_FUNCTION_INFO_V1(envelope_reencrypt_value);
 
 /*
- * envelope.reencrypt_value(tenant, ciphertext, context) of 0.2.0: a randomized value
- * as envelope_reencrypt_value; a deterministic value decrypted and encrypted again
+ * envelope.reencrypt_value(tenant, ciphertext, context): a randomized value as
+ * reencrypt_randomized does it; a deterministic value decrypted and encrypted again
  * under the tenant's current equality key version, the plaintext likewise only in a
  * buffer of this function, wiped on every path.
  */
 Datum
-envelope_reencrypt_value_v2(PG_FUNCTION_ARGS)
+envelope_reencrypt_value(PG_FUNCTION_ARGS)
 {
 	text	   *tenant;
 	bytea	   *ciphertext;
@@ -216,7 +190,7 @@ envelope_reencrypt_value_v2(PG_FUNCTION_ARGS)
 	in = (const uint8 *) VARDATA_ANY(ciphertext);
 	in_len = VARSIZE_ANY_EXHDR(ciphertext);
 	if (in_len == 0 || in[0] != CIPHER_FORMAT_SIV_V1)
-		return envelope_reencrypt_value(fcinfo);	/* randomized, or its errors */
+		return reencrypt_randomized(fcinfo);	/* randomized, or its errors */
 
 	tenant = PG_GETARG_TEXT_PP(0);
 	binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));

@@ -235,7 +235,7 @@ on_coord("CREATE TABLE old_value AS SELECT tenant, body FROM docs WHERE tenant =
 is(on_coord(q{
 SELECT bool_and(success) FROM run_command_on_shards('docs', $$
 UPDATE %s SET body = envelope.encrypt(tenant, envelope.decrypt(tenant, body))
- WHERE envelope.needs_reencryption(body, envelope.active_key_version(tenant))$$)}),
+ WHERE envelope.needs_reencryption(body, tenant)$$)}),
 	't', 're-encryption through run_command_on_shards');
 is(on_coord("SELECT string_agg(DISTINCT envelope.key_version(body)::text, ',') FROM docs WHERE tenant = '$tw2'"),
 	'2', 'every value of the rotated tenant is under version 2');
