@@ -96,14 +96,34 @@ UPDATE customer SET email_index = envelope.blind_index(tenant, envelope.decrypt_
 SELECT id FROM customer
  WHERE tenant = 'acme' AND email_index = envelope.blind_index('acme', 'bob@acme.example');
 
--- Rotate acme's key: new values use version 2, old ones still decrypt; re-encrypt the
--- stored values online, then retire version 1.
-SELECT envelope.rotate_tenant_key('acme');
+-- Rotation a DBA can prove finished.  Register the encrypted column, so that
+-- pg_envelope knows where ciphertext lives (it survives renames, dumps and restores).
+SELECT envelope.register_column('customer', 'email', 'tenant', 'customer.email');
+SELECT relation, column_name, tenant_column, context FROM envelope.encrypted_columns;
+
+-- Rotate acme's key (a fleet would pass older_than => '1 year' instead of a list):
+-- new values use version 2, old ones still decrypt.
+CALL envelope.rotate_keys(tenants => ARRAY['acme']);
 SELECT envelope.key_version(envelope.encrypt('acme', 'new value')) AS new_values_use_version;
-CALL envelope.reencrypt('customer', 'email', 'tenant', 1000, 'customer.email');
-SELECT id, tenant, envelope.key_version(email) AS version FROM customer ORDER BY id;
+
+-- Retiring version 1 now would strand acme's stored values: the guard refuses.
+DO $$
+BEGIN
+    PERFORM envelope.retire_key_version('acme', 1);
+EXCEPTION WHEN dependent_objects_still_exist THEN
+    RAISE NOTICE 'refused: %', SQLERRM;
+END $$;
+
+-- Re-encrypt every registered column online (committed batches, resumable), then count
+-- what each key version still protects: the proof that the rotation is finished.
+CALL envelope.reencrypt_all();
+CALL envelope.count_key_usage();
+SELECT tenant, version, value_count FROM envelope.key_usage ORDER BY tenant, version;
 SELECT envelope.retire_key_version('acme', 1);
 SELECT tenant, version, state FROM envelope.tenant_keys ORDER BY tenant, version;
+
+-- Every key action is in the audit trail, with who did it.
+SELECT action, tenant, versions, session_user FROM envelope.audit_log ORDER BY id;
 
 -- The cache: one unwrap per key, then every row is a hit.
 SELECT capacity, entries, kms_generate_calls, kms_decrypt_calls FROM envelope.cache_stats;
