@@ -171,7 +171,11 @@ read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
 	size_t		len = 0;
 	bool		stream;
 
-	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+	/*
+	 * O_NONBLOCK, so that opening a FIFO nobody writes to cannot hang the backend
+	 * before the file type is checked; it is cleared again for reading.
+	 */
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
 	if (fd < 0)
 		return NULL;
 	if (fstat(fd, &st) != 0)
@@ -189,6 +193,14 @@ read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
 		errno = S_ISREG(st.st_mode) ? EFBIG : EINVAL;
 		return NULL;
 	}
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+	{
+		int			save_errno = errno;
+
+		close(fd);
+		errno = save_errno;
+		return NULL;
+	}
 	/* One more byte than allowed, so that a stream longer than maxlen is noticed. */
 	capacity = stream ? maxlen + 1 : (size_t) st.st_size;
 	buf = malloc(capacity + 1);
@@ -203,7 +215,18 @@ read_small_file(const char *path, size_t maxlen, size_t *alloc_len)
 
 		if (r < 0 && errno == EINTR)
 			continue;
-		if (r <= 0)
+		if (r < 0)
+		{
+			/* A read error is not the end of the file: never use half a file. */
+			int			save_errno = errno;
+
+			close(fd);
+			explicit_bzero(buf, capacity + 1);
+			free(buf);
+			errno = save_errno;
+			return NULL;
+		}
+		if (r == 0)
 			break;
 		len += (size_t) r;
 	}

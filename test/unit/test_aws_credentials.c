@@ -610,6 +610,22 @@ test_shared_files_switched_off(void)
 	setenv("AWS_SHARED_CREDENTIALS_FILE", "/", 1);
 	CHECK(get(NULL, &c, &err) == KMS_ERR_CREDENTIALS && strstr(err.message, "\"/\""),
 		  "directory refused: %s", err.message);
+
+	/* A FIFO nobody writes to: refused at once, never a backend hung in open(). */
+	{
+		char		fifo[512];
+
+		snprintf(fifo, sizeof(fifo), "%s/credentials.fifo", tmpdir);
+		unlink(fifo);
+		CHECK(mkfifo(fifo, 0600) == 0, "mkfifo");
+		aws_credentials_invalidate();
+		setenv("AWS_SHARED_CREDENTIALS_FILE", fifo, 1);
+		alarm(10);				/* a hang fails the test instead of stalling it */
+		CHECK(get(NULL, &c, &err) == KMS_ERR_CREDENTIALS && strstr(err.message, "credentials.fifo"),
+			  "FIFO refused: %s", err.message);
+		alarm(0);
+		unlink(fifo);
+	}
 }
 
 static void
