@@ -148,6 +148,14 @@ extern const char *kms_status_name(KmsStatus status);
 extern int	kms_open_secret_file(const char *path, const char *setting, const char *what,
 								 const char *data_directory, KmsError *err);
 
+/*
+ * The retry pause of every provider: full jitter, uniform in [0, min(2 s, 50 ms *
+ * 2^retry)], and a sleep that polls cfg->interrupted every 10 ms (false when it asked
+ * to stop).
+ */
+extern int	kms_backoff_ms(int retry);
+extern bool kms_sleep_interruptible(const KmsConfig *cfg, int ms);
+
 /* Fill *err; `fmt` must never be given a secret. */
 extern KmsStatus kms_set_error(KmsError *err, KmsStatus status, const char *error_type,
 							   const char *fmt,...)

@@ -66,9 +66,6 @@
 
 #define AWS_KMS_DEFAULT_TIMEOUT_MS	10000
 #define AWS_KMS_MAX_RETRIES		10
-#define AWS_KMS_BACKOFF_BASE_MS	50
-#define AWS_KMS_BACKOFF_CAP_MS	2000
-#define AWS_KMS_SLEEP_SLICE_MS	10
 
 /* Base64 of KMS_WRAPPED_MAX bytes. */
 #define AWS_B64_WRAPPED_MAX		(4 * ((KMS_WRAPPED_MAX + 2) / 3))
@@ -338,39 +335,7 @@ aws_endpoint_parse(const KmsConfig *cfg, AwsEndpoint *ep, KmsError *err)
 	return KMS_OK;
 }
 
-/* Sleep ms milliseconds in small slices; false when interrupted. */
-static bool
-aws_sleep_interruptible(const KmsConfig *cfg, int ms)
-{
-	while (ms > 0)
-	{
-		int			slice = ms < AWS_KMS_SLEEP_SLICE_MS ? ms : AWS_KMS_SLEEP_SLICE_MS;
-		struct timespec ts = {0, (long) slice * 1000000L};
 
-		if (cfg->interrupted && cfg->interrupted())
-			return false;
-		/* EINTR (a signal, e.g. the cancel itself) just ends the slice early */
-		(void) nanosleep(&ts, NULL);
-		ms -= slice;
-	}
-	return !(cfg->interrupted && cfg->interrupted());
-}
-
-/* Full jitter: uniform in [0, min(cap, base * 2^retry)]. */
-static int
-aws_backoff_ms(int retry)
-{
-	long		ceiling = AWS_KMS_BACKOFF_BASE_MS;
-	uint32_t	r;
-
-	for (int i = 0; i < retry && ceiling < AWS_KMS_BACKOFF_CAP_MS; i++)
-		ceiling *= 2;
-	if (ceiling > AWS_KMS_BACKOFF_CAP_MS)
-		ceiling = AWS_KMS_BACKOFF_CAP_MS;
-	if (RAND_bytes((unsigned char *) &r, sizeof(r)) != 1)
-		return (int) (ceiling / 2);
-	return (int) (r % (uint32_t) (ceiling + 1));
-}
 
 /* ---------------------------------------------------------------------------
  * JSON
@@ -804,7 +769,7 @@ aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
 
 		if (!a.retryable || retries_used >= retries)
 			break;
-		if (!aws_sleep_interruptible(cfg, aws_backoff_ms(retries_used)))
+		if (!kms_sleep_interruptible(cfg, kms_backoff_ms(retries_used)))
 		{
 			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
 			a.http_status = 0;

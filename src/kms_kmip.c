@@ -63,9 +63,6 @@
 #define KMIP_KEY_PEM_MAX	16384
 #define KMIP_REQUEST_MAX	4096
 #define KMIP_MAX_RETRIES	10
-#define KMIP_BACKOFF_BASE_MS 50
-#define KMIP_BACKOFF_CAP_MS 2000
-#define KMIP_SLEEP_SLICE_MS 10
 
 static const char aad_label[] = "pg_envelope kmip wrap v1";
 
@@ -167,40 +164,8 @@ check_key_id(const char *key_id, KmsError *err)
 }
 
 /* ---------------------------------------------------------------------------
- * Retries
+ * Retries (paced by kms_backoff_ms and kms_sleep_interruptible, as every provider's)
  */
-
-static bool
-sleep_interruptible(const KmsConfig *cfg, int ms)
-{
-	while (ms > 0)
-	{
-		int			slice = ms < KMIP_SLEEP_SLICE_MS ? ms : KMIP_SLEEP_SLICE_MS;
-		struct timespec ts = {0, (long) slice * 1000000L};
-
-		if (cfg->interrupted && cfg->interrupted())
-			return false;
-		(void) nanosleep(&ts, NULL);
-		ms -= slice;
-	}
-	return !(cfg->interrupted && cfg->interrupted());
-}
-
-/* Full jitter: uniform in [0, min(cap, base * 2^retry)]. */
-static int
-backoff_ms(int retry)
-{
-	long		ceiling = KMIP_BACKOFF_BASE_MS;
-	uint32_t	r;
-
-	for (int i = 0; i < retry && ceiling < KMIP_BACKOFF_CAP_MS; i++)
-		ceiling *= 2;
-	if (ceiling > KMIP_BACKOFF_CAP_MS)
-		ceiling = KMIP_BACKOFF_CAP_MS;
-	if (RAND_bytes((unsigned char *) &r, sizeof(r)) != 1)
-		return (int) (ceiling / 2);
-	return (int) (r % (uint32_t) (ceiling + 1));
-}
 
 static KmsStatus
 io_status(KmipIoStatus st, bool *retryable)
@@ -265,7 +230,7 @@ roundtrip_with_retries(const KmsConfig *cfg, const KmipCallSettings *cs, uint32_
 			attempts--;			/* the TLS files failed to load: nothing was sent */
 		if (status == KMS_OK || !retryable || attempts > retries)
 			break;
-		if (!sleep_interruptible(cfg, backoff_ms(attempts - 1)))
+		if (!kms_sleep_interruptible(cfg, kms_backoff_ms(attempts - 1)))
 		{
 			status = KMS_ERR_CANCELED;
 			snprintf(detail, sizeof(detail), "request canceled");

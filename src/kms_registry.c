@@ -12,7 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#include <openssl/rand.h>
 
 #include "kms.h"
 
@@ -159,4 +162,42 @@ kms_open_secret_file(const char *path, const char *setting, const char *what,
 		return fd;
 	close(fd);
 	return -1;
+}
+
+/* Retries back off from 50 ms, doubling up to 2 s, with full jitter. */
+#define KMS_BACKOFF_BASE_MS 50
+#define KMS_BACKOFF_CAP_MS 2000
+/* How often a sleep looks at the interrupt callback. */
+#define KMS_SLEEP_SLICE_MS 10
+
+bool
+kms_sleep_interruptible(const KmsConfig *cfg, int ms)
+{
+	while (ms > 0)
+	{
+		int			slice = ms < KMS_SLEEP_SLICE_MS ? ms : KMS_SLEEP_SLICE_MS;
+		struct timespec ts = {0, (long) slice * 1000000L};
+
+		if (cfg->interrupted && cfg->interrupted())
+			return false;
+		/* EINTR (a signal, e.g. the cancel itself) just ends the slice early */
+		(void) nanosleep(&ts, NULL);
+		ms -= slice;
+	}
+	return !(cfg->interrupted && cfg->interrupted());
+}
+
+int
+kms_backoff_ms(int retry)
+{
+	long		ceiling = KMS_BACKOFF_BASE_MS;
+	uint32_t	r;
+
+	for (int i = 0; i < retry && ceiling < KMS_BACKOFF_CAP_MS; i++)
+		ceiling *= 2;
+	if (ceiling > KMS_BACKOFF_CAP_MS)
+		ceiling = KMS_BACKOFF_CAP_MS;
+	if (RAND_bytes((unsigned char *) &r, sizeof(r)) != 1)
+		return (int) (ceiling / 2);
+	return (int) (r % (uint32_t) (ceiling + 1));
 }
