@@ -355,8 +355,8 @@ envelope_active_key_version(PG_FUNCTION_ARGS)
 /* ---------------------------------------------------------------------------
  * Key management
  */
-static char *
-tenant_arg(FunctionCallInfo fcinfo, int argno)
+char *
+envelope_tenant_arg(FunctionCallInfo fcinfo, int argno)
 {
 	text	   *t;
 
@@ -370,8 +370,8 @@ tenant_arg(FunctionCallInfo fcinfo, int argno)
 }
 
 /* The tenant's row, locked against concurrent key management; errors if absent. */
-static TenantRecord
-lock_tenant(const char *tenant)
+TenantRecord
+envelope_lock_tenant(const char *tenant)
 {
 	TenantRecord rec;
 
@@ -437,7 +437,7 @@ store_next_key(const char *tenant, int32 version, const char *provider,
 Datum
 envelope_create_tenant(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 	const char *provider = envelope_kms_provider;
 	const char *kms_key = PG_ARGISNULL(1) ? envelope_kms_key : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TenantRecord existing;
@@ -469,8 +469,8 @@ envelope_create_tenant(PG_FUNCTION_ARGS)
 Datum
 envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
-	TenantRecord rec = lock_tenant(tenant);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
+	TenantRecord rec = envelope_lock_tenant(tenant);
 	int32		version;
 
 	if (rec.state != TENANT_ACTIVE)
@@ -487,9 +487,9 @@ envelope_rotate_tenant_key(PG_FUNCTION_ARGS)
 Datum
 envelope_disable_tenant(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 
-	(void) lock_tenant(tenant);
+	(void) envelope_lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_DISABLED);
 	audit_log_key_action("disable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
@@ -498,9 +498,9 @@ envelope_disable_tenant(PG_FUNCTION_ARGS)
 Datum
 envelope_enable_tenant(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 
-	(void) lock_tenant(tenant);
+	(void) envelope_lock_tenant(tenant);
 	keystore_set_tenant_state(tenant, TENANT_ACTIVE);
 	audit_log_key_action("enable", tenant, 0, NULL, NULL);
 	PG_RETURN_VOID();
@@ -509,9 +509,9 @@ envelope_enable_tenant(PG_FUNCTION_ARGS)
 Datum
 envelope_retire_key_version(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 	int32		version = PG_GETARG_INT32(1);
-	TenantRecord rec = lock_tenant(tenant);
+	TenantRecord rec = envelope_lock_tenant(tenant);
 	DataKeyRecord key;
 
 	if (!keystore_get_data_key(tenant, version, &key))
@@ -532,8 +532,8 @@ envelope_retire_key_version(PG_FUNCTION_ARGS)
 Datum
 envelope_destroy_tenant(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = tenant_arg(fcinfo, 0);
-	TenantRecord rec = lock_tenant(tenant);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
+	TenantRecord rec = envelope_lock_tenant(tenant);
 
 	keystore_destroy_tenant(tenant);
 	keycache_schedule_purge(rec.tenant_id, 0);
@@ -565,8 +565,8 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 	new_kms_key = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	if (!PG_ARGISNULL(1))
 	{
-		only_tenant = tenant_arg(fcinfo, 1);
-		(void) lock_tenant(only_tenant);
+		only_tenant = envelope_tenant_arg(fcinfo, 1);
+		(void) envelope_lock_tenant(only_tenant);
 	}
 
 	keys = keystore_lock_keys_for_rewrap(only_tenant);

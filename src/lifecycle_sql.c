@@ -35,34 +35,6 @@ require_argument(FunctionCallInfo fcinfo, int argno, const char *name)
 				 errmsg("%s must not be null", name)));
 }
 
-static char *
-checked_tenant(FunctionCallInfo fcinfo, int argno)
-{
-	text	   *t;
-
-	require_argument(fcinfo, argno, "tenant name");
-	t = PG_GETARG_TEXT_PP(argno);
-	envelope_check_tenant(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
-	return text_to_cstring(t);
-}
-
-/* The tenant's row, locked against concurrent key management; errors if absent. */
-static TenantRecord
-lock_live_tenant(const char *tenant)
-{
-	TenantRecord rec;
-
-	if (!keystore_get_tenant(tenant, true, &rec))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("tenant \"%s\" does not exist", tenant)));
-	if (rec.state == TENANT_DESTROYED)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("tenant \"%s\" has been destroyed", tenant)));
-	return rec;
-}
-
 /*
  * Values stored under DEK `version` of `tenant`, counted now in every registered
  * column (never from a stale usage count).  Runs as the caller, who must be able to
@@ -154,7 +126,7 @@ count_values_under_version(const char *tenant, int32 version, StringInfo columns
 Datum
 envelope_retire_key_version_guarded(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = checked_tenant(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 	int32		version;
 	bool		force;
 	StringInfoData columns;
@@ -200,13 +172,13 @@ envelope_retire_key_version_guarded(PG_FUNCTION_ARGS)
 Datum
 envelope_reactivate_key_version(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = checked_tenant(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 	int32		version;
 	DataKeyRecord key;
 
 	require_argument(fcinfo, 1, "key version");
 	version = PG_GETARG_INT32(1);
-	(void) lock_live_tenant(tenant);
+	(void) envelope_lock_tenant(tenant);
 	if (!keystore_get_data_key(tenant, version, &key))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -232,7 +204,7 @@ envelope_reactivate_key_version(PG_FUNCTION_ARGS)
 Datum
 envelope_destroy_tenant_confirmed(PG_FUNCTION_ARGS)
 {
-	char	   *tenant = checked_tenant(fcinfo, 0);
+	char	   *tenant = envelope_tenant_arg(fcinfo, 0);
 	TenantRecord rec;
 	int32		max_version;
 	int32	   *versions;
@@ -244,7 +216,7 @@ envelope_destroy_tenant_confirmed(PG_FUNCTION_ARGS)
 				 errdetail("Destroying a tenant erases its data keys: every value stored for it becomes unreadable for good."),
 				 errhint("Pass the tenant's name again as confirm: envelope.destroy_tenant(%s, %s).",
 						 quote_literal_cstr(tenant), quote_literal_cstr(tenant))));
-	rec = lock_live_tenant(tenant);
+	rec = envelope_lock_tenant(tenant);
 	max_version = keystore_max_version(tenant);
 	(void) DirectFunctionCall1(envelope_destroy_tenant, PointerGetDatum(PG_GETARG_TEXT_PP(0)));
 

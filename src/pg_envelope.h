@@ -40,6 +40,15 @@ extern int	envelope_kms_recheck_interval;
 extern bool envelope_preloaded;
 
 /* ---- envelope_sql.c ---- */
+/* Argument `argno` as a checked tenant name (palloc'd); an error if NULL or malformed. */
+extern char *envelope_tenant_arg(FunctionCallInfo fcinfo, int argno);
+
+/*
+ * The tenant's row, locked against concurrent key management; an error if it does not
+ * exist or was destroyed.
+ */
+extern TenantRecord envelope_lock_tenant(const char *tenant);
+
 /*
  * The deterministic value of (data, len) for the tenant in argument 0 and the context
  * in argument 2 of the calling SQL function, under equality key `version`.
