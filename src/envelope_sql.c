@@ -21,6 +21,7 @@
 
 #include "audit.h"
 #include "citus_support.h"
+#include "encryption_count.h"
 
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
@@ -109,7 +110,7 @@ encrypt_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
 						   (size_t) (MaxAllocSize - VARHDRSZ - CIPHER_OVERHEAD)),
 				 errhidestmt(true)));
 
-	ref = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+	ref = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
 	result = palloc(VARHDRSZ + len + CIPHER_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_OVERHEAD);
 	cs = cipher_next_nonce(nonce);
@@ -406,6 +407,7 @@ new_data_key(const char *tenant, int32 version, const char *provider, const char
 	{
 		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
 		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
+		encryption_count_add_key(tenant_id, (uint32) version);
 		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek);
 	}
 	PG_FINALLY();

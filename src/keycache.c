@@ -635,6 +635,7 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	EnvelopeKeyRef ref;
 
 	ref.version = lt->active_version;
+	ref.tenant_id = lt->tenant_id;
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	return ref;
 }

@@ -21,6 +21,7 @@ typedef struct EnvelopeKeyRef
 {
 	const CipherKey *key;
 	uint32		version;
+	int32		tenant_id;		/* names the key with version (encryption counts) */
 } EnvelopeKeyRef;
 
 typedef struct KeyCacheStats

@@ -12,6 +12,7 @@
 #include "storage/ipc.h"
 #include "utils/guc.h"
 
+#include "encryption_count.h"
 #include "http.h"
 #include "inventory.h"
 #include "kms_recheck.h"
@@ -200,6 +201,7 @@ define_settings(void)
 							300, 0, 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
+	encryption_count_define_settings();
 	MarkGUCPrefixReserved("envelope");
 }
 
