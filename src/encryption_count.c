@@ -432,9 +432,12 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 
 	if (!OidIsValid(relid))
 	{
-		/* Extension 0.1.0: nothing to count in; look again after each block. */
+		/*
+		 * Extension 0.1.0: nothing to count in.  Look again after a short block, so a
+		 * session that lives through ALTER EXTENSION ... UPDATE starts counting soon.
+		 */
 		b->next = 0;
-		b->end = ENCRYPTION_BLOCK_MAX;
+		b->end = 1024;
 		return true;
 	}
 	if (RecoveryInProgress())
