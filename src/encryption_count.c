@@ -6,11 +6,12 @@
  * Where the count lives: envelope.data_key_encryptions has one row per (tenant_id,
  * version), whose first column is the number of encryptions reserved so far under
  * that key.  A backend that has none left reserves a block by rewriting that number in
- * place, under the buffer's exclusive lock and WAL-logged through generic WAL, which is
- * how nextval() advances a sequence: the write is not transactional (a rollback keeps
- * it), it reaches a standby by replay, and it needs no row lock.  The block then
- * counts down in backend memory: per row, one compare and one increment in a
- * direct-mapped array, no lock and no shared memory.
+ * place under the buffer's exclusive lock, WAL-logged as heap_inplace_update() logs
+ * its writes, much as nextval() advances a sequence: the write is not transactional (a
+ * rollback keeps it), it reaches a standby by replay, and it needs no row lock.  The
+ * block is then used up in backend memory: per row, one compare and one increment in
+ * the backend's budget of the key, which the key cache keeps beside the key's cipher
+ * contexts (no lookup, no lock, no shared memory).
  *
  * Why the stored figure never under-counts: a count is handed out only from a block
  * whose reservation is WAL-logged, and WAL is replayed in order, so a crash that keeps
@@ -40,14 +41,15 @@
 
 #include <limits.h>
 
-#include "access/generic_xlog.h"
 #include "access/genam.h"
+#include "access/heapam_xlog.h"
 #include "access/htup_details.h"
 #include "access/parallel.h"
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "access/xloginsert.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -70,7 +72,7 @@ int			envelope_max_encryptions_per_key = 1 << 30;
 
 /*
  * A backend's first block under a key is small, so that a session encrypting a few
- * values overstates the count by little; each further block doubles, up to a size
+ * values overstates the count by little; each further block is 8 times larger, up to a size
  * whose reservation (one buffer write and one WAL record) costs well under 1 % of the
  * encryptions it covers.
  */
@@ -99,13 +101,12 @@ typedef struct EncryptionBudget
 	int64		block;			/* size of its next reservation */
 	bool		warned;			/* the 90 % warning was given in this backend */
 	bool		row_uncommitted;	/* its row was inserted by this transaction */
+	bool		tid_valid;		/* tid: where its row was last found, in file */
+	ItemPointerData tid;
+	Oid			tid_file;		/* relfilenode (VACUUM FULL makes a new one) */
 } EncryptionBudget;
 
 static HTAB *budgets = NULL;
-
-/* In front of the hash table: rows that switch tenant find theirs in one probe. */
-#define BUDGET_FRONT_SIZE 4096
-static EncryptionBudget *budget_front[BUDGET_FRONT_SIZE];
 
 /* WAL of reservations not yet known to be flushed; flushed before this backend commits. */
 static XLogRecPtr unflushed_reservation = InvalidXLogRecPtr;
@@ -113,14 +114,6 @@ static bool xact_callback_registered = false;
 
 /* Budgets whose row this transaction inserted (budget->row_uncommitted). */
 static int	budgets_on_uncommitted_rows = 0;
-
-static inline uint32
-budget_front_index(int32 tenant_id, uint32 version)
-{
-	uint32		h = (uint32) tenant_id * 0x9E3779B1u ^ version * 0x85EBCA6Bu;
-
-	return (h ^ (h >> 15)) & (BUDGET_FRONT_SIZE - 1);
-}
 
 /* ---------------------------------------------------------------------------
  * The setting
@@ -194,9 +187,13 @@ find_count_row(Relation rel, BudgetKey key, ItemPointer tid, bool *ours)
 	return found;
 }
 
-/* The count in the tuple at `tid` of a locked page, if it is the row of `key`. */
-static int64 *
-count_in_page(Page page, ItemPointer tid, BudgetKey key)
+/*
+ * The count row of `key` at `tid` in a locked page, or NULL if it is not there.  With
+ * `current_only`, also NULL for a row version someone has updated or deleted (by hand:
+ * the extension never does), so that a remembered tid is looked up again.
+ */
+static HeapTupleHeader
+count_tuple_in_page(Page page, ItemPointer tid, BudgetKey key, bool current_only)
 {
 	OffsetNumber off = ItemPointerGetOffsetNumber(tid);
 	ItemId		lp;
@@ -214,13 +211,16 @@ count_in_page(Page page, ItemPointer tid, BudgetKey key)
 	if (HeapTupleHeaderGetNatts(htup) != COUNT_NATTS || (htup->t_infomask & HEAP_HASNULL) ||
 		ItemIdGetLength(lp) != htup->t_hoff + COUNT_DATA_LEN)
 		return NULL;
+	if (current_only && !(htup->t_infomask & HEAP_XMAX_INVALID) &&
+		!HEAP_XMAX_IS_LOCKED_ONLY(htup->t_infomask) &&
+		TransactionIdIsValid(HeapTupleHeaderGetRawXmax(htup)))
+		return NULL;
 	data = (char *) htup + htup->t_hoff;
 	memcpy(&tenant_id, data + sizeof(int64), sizeof(int32));
 	memcpy(&version, data + sizeof(int64) + sizeof(int32), sizeof(int32));
 	if (tenant_id != key.tenant_id || (uint32) version != key.version)
 		return NULL;
-	/* t_hoff is MAXALIGNed: the bigint is aligned. */
-	return (int64 *) data;
+	return htup;
 }
 
 /*
@@ -240,45 +240,72 @@ block_to_grant(const EncryptionBudget *b, int64 reserved, int64 limit)
 	return Min(grant, limit - reserved);
 }
 
+typedef enum ReserveResult
+{
+	RESERVED,
+	KEY_SPENT,
+	ROW_NOT_THERE
+} ReserveResult;
+
 /*
  * Reserve this backend's next block under b->key in the row at `tid`: read, advance
  * and WAL-log the stored count under the buffer's exclusive lock, so concurrent
- * reservations never overlap.  False when the key has reached `limit`.
+ * reservations never overlap.  The WAL record is the one heap_inplace_update() writes
+ * (PostgreSQL's own non-transactional update of a tuple, replayed on standbys and
+ * after a crash); heap_inplace_update() itself cannot serve, as it writes a value read
+ * before its lock and refuses parallel mode, and generic WAL costs a page diff.
  */
-static bool
-reserve_in_place(Relation rel, ItemPointer tid, EncryptionBudget *b, int64 limit,
-				 int64 *start, XLogRecPtr *lsn)
+static ReserveResult
+reserve_in_place(Relation rel, ItemPointer tid, bool remembered, EncryptionBudget *b,
+				 int64 limit, int64 *start, XLogRecPtr *lsn)
 {
 	Buffer		buf = ReadBuffer(rel, ItemPointerGetBlockNumber(tid));
-	GenericXLogState *state;
 	Page		page;
-	int64	   *stored;
+	HeapTupleHeader htup;
 	int64		reserved;
+	int64		granted;
 
 	LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
-	state = GenericXLogStart(rel);
-	page = GenericXLogRegisterBuffer(state, buf, 0);
-	stored = count_in_page(page, tid, b->key);
-	if (stored == NULL)
+	page = BufferGetPage(buf);
+	htup = count_tuple_in_page(page, tid, b->key, remembered);
+	if (htup == NULL)
 	{
-		GenericXLogAbort(state);
 		UnlockReleaseBuffer(buf);
-		elog(ERROR, "pg_envelope: the count row of tenant id %d version %u moved",
-			 b->key.tenant_id, b->key.version);
+		return ROW_NOT_THERE;
 	}
-	reserved = *stored;
+	/* t_hoff is MAXALIGNed: the bigint is aligned. */
+	memcpy(&reserved, (char *) htup + htup->t_hoff, sizeof(int64));
 	if (reserved >= limit)
 	{
-		GenericXLogAbort(state);
 		UnlockReleaseBuffer(buf);
-		return false;
+		return KEY_SPENT;
 	}
-	*start = reserved;
-	*stored = reserved + block_to_grant(b, reserved, limit);
-	b->end = *stored;
-	*lsn = GenericXLogFinish(state);
+	granted = reserved + block_to_grant(b, reserved, limit);
+
+	START_CRIT_SECTION();
+	memcpy((char *) htup + htup->t_hoff, &granted, sizeof(int64));
+	MarkBufferDirty(buf);
+	*lsn = InvalidXLogRecPtr;
+	if (RelationNeedsWAL(rel))
+	{
+		xl_heap_inplace xlrec;
+
+		/* Later versions add fields (invalidations): none here. */
+		memset(&xlrec, 0, sizeof(xlrec));
+		xlrec.offnum = ItemPointerGetOffsetNumber(tid);
+		XLogBeginInsert();
+		XLogRegisterData((char *) &xlrec, SizeOfHeapInplace);
+		XLogRegisterBuffer(0, buf, REGBUF_STANDARD);
+		XLogRegisterBufData(0, (char *) htup + htup->t_hoff, COUNT_DATA_LEN);
+		*lsn = XLogInsert(RM_HEAP_ID, XLOG_HEAP_INPLACE);
+		PageSetLSN(page, *lsn);
+	}
+	END_CRIT_SECTION();
 	UnlockReleaseBuffer(buf);
-	return true;
+
+	*start = reserved;
+	b->end = granted;
+	return RESERVED;
 }
 
 /*
@@ -301,7 +328,10 @@ forget_uncommitted_rows(bool give_up_blocks)
 		if (b->row_uncommitted)
 		{
 			if (give_up_blocks)
+			{
 				b->end = b->next;
+				b->tid_valid = false;	/* the row may be dead */
+			}
 			b->row_uncommitted = false;
 		}
 	budgets_on_uncommitted_rows = 0;
@@ -401,8 +431,8 @@ budget_entry(int32 tenant_id, uint32 version)
 		b->block = ENCRYPTION_BLOCK_FIRST;
 		b->warned = false;
 		b->row_uncommitted = false;
+		b->tid_valid = false;
 	}
-	budget_front[budget_front_index(tenant_id, version)] = b;
 	return b;
 }
 
@@ -425,10 +455,10 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 	int64		limit = envelope_max_encryptions_per_key;
 	Oid			relid = count_table();
 	Relation	rel;
-	ItemPointerData tid;
-	bool		ours;
-	int64		start;
-	XLogRecPtr	lsn;
+	bool		ours = false;
+	ReserveResult result;
+	int64		start = 0;
+	XLogRecPtr	lsn = InvalidXLogRecPtr;
 
 	if (!OidIsValid(relid))
 	{
@@ -450,29 +480,39 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 
 	register_callbacks();
 	rel = table_open(relid, RowExclusiveLock);
-	if (!find_count_row(rel, b->key, &tid, &ours))
+	result = ROW_NOT_THERE;
+	if (b->tid_valid && b->tid_file == rel->rd_node.relNode)
+		result = reserve_in_place(rel, &b->tid, true, b, limit, &start, &lsn);
+	if (result == ROW_NOT_THERE)
 	{
-		/* A key stored without its row (a Citus worker's own table): add it now. */
-		encryption_count_add_key(b->key.tenant_id, b->key.version);
-		if (!find_count_row(rel, b->key, &tid, &ours))
-			elog(ERROR, "pg_envelope: no count row for tenant id %d version %u",
+		b->tid_valid = false;
+		if (!find_count_row(rel, b->key, &b->tid, &ours))
+		{
+			/* A key stored without its row (a Citus worker's own table): add it now. */
+			encryption_count_add_key(b->key.tenant_id, b->key.version);
+			if (!find_count_row(rel, b->key, &b->tid, &ours))
+				elog(ERROR, "pg_envelope: no count row for tenant id %d version %u",
+					 b->key.tenant_id, b->key.version);
+		}
+		result = reserve_in_place(rel, &b->tid, false, b, limit, &start, &lsn);
+		if (result == ROW_NOT_THERE)
+			elog(ERROR, "pg_envelope: the count row of tenant id %d version %u moved",
 				 b->key.tenant_id, b->key.version);
-	}
-	if (!reserve_in_place(rel, &tid, b, limit, &start, &lsn))
-	{
-		table_close(rel, NoLock);
-		return false;
+		b->tid_valid = true;
+		b->tid_file = rel->rd_node.relNode;
+		if (ours && !b->row_uncommitted)
+		{
+			b->row_uncommitted = true;
+			budgets_on_uncommitted_rows++;
+		}
 	}
 	table_close(rel, NoLock);
+	if (result == KEY_SPENT)
+		return false;
 	note_reservation_wal(lsn);
-	if (ours && !b->row_uncommitted)
-	{
-		b->row_uncommitted = true;
-		budgets_on_uncommitted_rows++;
-	}
 
 	b->next = start;
-	b->block = Min(b->block * 2, ENCRYPTION_BLOCK_MAX);
+	b->block = Min(b->block * 8, ENCRYPTION_BLOCK_MAX);
 	if (start >= limit - limit / 10 && !b->warned)
 	{
 		b->warned = true;
@@ -481,18 +521,24 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 	return true;
 }
 
-bool
-encryption_count_take(const char *tenant, size_t tenant_len, int32 tenant_id, uint32 version)
+/*
+ * Count one encryption under ref's key.  Per row: the backend's budget of the key,
+ * which the key cache keeps beside the key, and one compare.  The slot is written
+ * before anything that could run invalidations (and so move the key cache's entries).
+ */
+static inline bool
+count_encryption(const char *tenant, size_t tenant_len, EnvelopeKeyRef ref)
 {
-	EncryptionBudget *b = budget_front[budget_front_index(tenant_id, version)];
+	EncryptionBudget *b = *ref.budget;
 
-	if (likely(b != NULL && b->key.tenant_id == tenant_id && b->key.version == version &&
-			   b->next < b->end))
+	if (likely(b != NULL && b->next < b->end && b->key.tenant_id == ref.tenant_id &&
+			   b->key.version == ref.version))
 	{
 		b->next++;
 		return true;
 	}
-	b = budget_entry(tenant_id, version);
+	b = budget_entry(ref.tenant_id, ref.version);
+	*ref.budget = b;
 	if (b->next >= b->end && !reserve_block(b, tenant, tenant_len))
 		return false;
 	b->next++;
@@ -546,11 +592,11 @@ encryption_counted_key(const char *tenant, size_t tenant_len)
 	EnvelopeKeyRef ref = keycache_key_for_encrypt(tenant, tenant_len);
 
 #ifndef ENVELOPE_BENCH_UNCOUNTED
-	if (likely(encryption_count_take(tenant, tenant_len, ref.tenant_id, ref.version)))
+	if (likely(count_encryption(tenant, tenant_len, ref)))
 		return ref;
 	encryption_count_rotate_spent(tenant, tenant_len, ref.version);
 	ref = keycache_key_for_encrypt(tenant, tenant_len);
-	if (!encryption_count_take(tenant, tenant_len, ref.tenant_id, ref.version))
+	if (!count_encryption(tenant, tenant_len, ref))
 		raise_key_spent(pnstrdup(tenant, tenant_len), ref.version,
 						"its newest version is spent too");
 #endif

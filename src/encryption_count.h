@@ -25,15 +25,6 @@ extern int	envelope_max_encryptions_per_key;
 extern void encryption_count_define_settings(void);
 
 /*
- * Count one encryption under (tenant_id, version) of `tenant`.  False when the key has
- * reached envelope.max_encryptions_per_key: nothing more may be encrypted under it.
- * Raises an error where encryptions cannot be counted (a standby).  Per row: no lock,
- * no I/O, unless this backend's reserved block is used up.
- */
-extern bool encryption_count_take(const char *tenant, size_t tenant_len,
-								  int32 tenant_id, uint32 version);
-
-/*
  * The key new values of `tenant` are encrypted with, as keycache_key_for_encrypt()
  * returns it, with this encryption counted; when the active version has reached the
  * limit, the tenant's key is rotated first (encryption_count_rotate_spent).

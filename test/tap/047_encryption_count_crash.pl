@@ -88,9 +88,8 @@ is($standby->safe_psql('postgres', $count_sql), $node->safe_psql('postgres', $co
 	'the standby shows the primary\'s count (replayed)');
 my ($ret, $out, $err) = $standby->psql('postgres', q{SELECT envelope.encrypt('crash', 'x')});
 like($err, qr/cannot encrypt on a standby/, 'a standby refuses to encrypt');
-is($standby->safe_psql('postgres',
-	q{SELECT count(*) FROM sealed WHERE envelope.decrypt_text('crash', c) LIKE 'value %'}),
-	$node->safe_psql('postgres', q{SELECT count(*) FROM sealed WHERE c IS NOT NULL AND id <= } . $written . q{ AND envelope.decrypt_text('crash', c) LIKE 'value %'}),
+my $decrypted = q{SELECT count(*) FROM sealed WHERE envelope.decrypt_text('crash', c) LIKE 'value %'};
+is($standby->safe_psql('postgres', $decrypted), $node->safe_psql('postgres', $decrypted),
 	'and decrypts');
 $standby->stop;
 $node->stop;
