@@ -16,6 +16,7 @@
 #include "inventory.h"
 #include "kms_recheck.h"
 #include "plaintext_guard.h"
+#include "prewarm.h"
 
 PG_MODULE_MAGIC;
 
@@ -66,6 +67,7 @@ envelope_shmem_request(void)
 	keycache_shmem_request();
 	kms_glue_shmem_request();
 	kms_recheck_shmem_request();
+	prewarm_shmem_request();
 }
 #endif
 
@@ -77,6 +79,7 @@ envelope_shmem_startup(void)
 	keycache_shmem_startup();
 	kms_glue_shmem_startup();
 	kms_recheck_shmem_startup();
+	prewarm_shmem_startup();
 }
 
 static void
@@ -200,6 +203,7 @@ define_settings(void)
 							300, 0, 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
+	prewarm_define_settings();
 	MarkGUCPrefixReserved("envelope");
 }
 
@@ -223,6 +227,7 @@ _PG_init(void)
 		keycache_shmem_request();
 		kms_glue_shmem_request();
 		kms_recheck_shmem_request();
+		prewarm_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;
