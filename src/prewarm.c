@@ -25,8 +25,8 @@
  * the server is consistent, so a hot standby prewarms too.
  *
  * The rate.  Loads are made one at a time, and at most envelope.cache_prewarm_rate
- * (default 100) of them per second reach the KMS; keys found already cached do not
- * count.  AWS KMS allows 5,500 to 100,000 symmetric requests per second per account
+ * (default 100) of them per second reach the KMS, on a schedule of one per 1/rate
+ * (see prewarm_database); keys found already cached do not count.  AWS KMS allows 5,500 to 100,000 symmetric requests per second per account
  * and region, depending on the region, shared with every other application of the
  * account: 100 a second is under 2% of the smallest quota, leaves clients the rest,
  * and still loads the default envelope.cache_size (32,768 keys) in under six minutes.
@@ -404,7 +404,7 @@ prewarm_database(Oid dboid)
 {
 	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "pg_envelope prewarm",
 											  ALLOCSET_DEFAULT_SIZES);
-	TimestampTz next_request = 0;
+	TimestampTz next_request;
 	List	   *refs;
 	ListCell   *lc;
 	int64		limit;
@@ -419,19 +419,32 @@ prewarm_database(Oid dboid)
 	prewarm_shared->progress.total += list_length(refs);
 	SpinLockRelease(&prewarm_shared->mutex);
 
+	next_request = GetCurrentTimestamp();
 	foreach(lc, refs)
 	{
 		int64		calls_before;
+		TimestampTz started;
 		PrewarmOutcome outcome;
 
-		/* the pace: a key that needed the KMS delays the next by 1/rate */
 		wait_until(next_request);
+		started = GetCurrentTimestamp();
 		calls_before = kms_decrypt_calls();
 		outcome = prewarm_key(lfirst(lc), cxt);
-		/* other backends' calls count too: the pace can only be slower, never faster */
+
+		/*
+		 * The pace: the requests keep to a schedule of one per 1/rate, so that a
+		 * sleep that ran long (a busy machine wakes us late) is made up by the next
+		 * gap and the rate holds on average; but a request that started more than one
+		 * slot late (a slow KMS answer) moves the schedule, so that no burst ever
+		 * catches up on lost time.  Keys found in the cache need no request and take
+		 * no slot; other backends' calls, counted here too, can only slow the pace.
+		 */
 		if (kms_decrypt_calls() != calls_before)
-			next_request = Max(next_request, GetCurrentTimestamp()) +
-				USECS_PER_SEC / prewarm_rate;
+		{
+			TimestampTz interval = USECS_PER_SEC / prewarm_rate;
+
+			next_request = Max(next_request, started - interval) + interval;
+		}
 		SpinLockAcquire(&prewarm_shared->mutex);
 		if (outcome == PREWARM_LOADED)
 			prewarm_shared->progress.loaded++;
