@@ -21,6 +21,7 @@
 #include "utils/tuplestore.h"
 
 #include "aws_credentials.h"
+#include "kms_rate.h"
 
 PG_FUNCTION_INFO_V1(envelope_check);
 
@@ -202,6 +203,50 @@ check_cache(CheckOutput *out)
 		report(out, "key_cache", "ok", detail, NULL);
 }
 
+/*
+ * The request rate limit: its setting, the rate in force (lower after throttling
+ * answers), and what it cost (waits) and met (throttling answers).
+ */
+static void
+check_kms_rate(CheckOutput *out)
+{
+	KmsRateStatus r;
+	StringInfoData detail;
+	const char *hint = NULL;
+	const char *status = "ok";
+
+	kms_rate_get_status(&r);
+	initStringInfo(&detail);
+	if (r.configured_rate > 0)
+		appendStringInfo(&detail, "envelope.kms_max_requests_per_second = %.0f", r.configured_rate);
+	else
+		appendStringInfoString(&detail, "envelope.kms_max_requests_per_second = 0 (no limit)");
+	if (r.adaptive)
+		appendStringInfo(&detail, "; lowered to %.1f requests/s after throttling answers of the KMS",
+						 r.effective_rate);
+	appendStringInfo(&detail, "; %s bucket; measured rate %.1f requests/s; %lld requests, %lld of which waited (%.0f ms in all, at most %.0f ms); %lld throttling answers",
+					 r.shared ? "one shared" : "this backend's own",
+					 r.measured_rate, (long long) r.requests, (long long) r.waits,
+					 r.wait_ms_total, r.wait_ms_max, (long long) r.throttled);
+	if (r.seconds_since_throttle >= 0)
+		appendStringInfo(&detail, ", the last %.0f s ago", r.seconds_since_throttle);
+	appendStringInfoChar(&detail, '.');
+	if (strcmp(envelope_kms_provider, "local") == 0)
+		appendStringInfoString(&detail, " The local provider sends no requests: the limit does not apply to it.");
+
+	if (r.adaptive)
+	{
+		status = "warning";
+		hint = "The KMS is throttling this server's requests: raise the KMS request quota, or set envelope.kms_max_requests_per_second below it.";
+	}
+	else if (!r.shared)
+	{
+		status = "warning";
+		hint = "Preload pg_envelope: without it every backend has a bucket of its own and the limit is per backend.";
+	}
+	report(out, "kms_rate_limit", status, detail.data, hint);
+}
+
 /* Run a query that returns one text column; the rows joined with ", ", or NULL. */
 static char *
 joined_rows(const char *sql)
@@ -379,6 +424,7 @@ envelope_check(PG_FUNCTION_ARGS)
 	check_aws_credentials(&out);
 	check_local_key_file(&out);
 	check_cache(&out);
+	check_kms_rate(&out);
 	check_inventory(&out);
 	check_logging(&out);
 	SPI_finish();

@@ -228,6 +228,10 @@ sub count
 	return $c ? $c->{ $what // 'requests' } : 0;
 }
 
+# Every KMS request the proxy saw since the last reset, in arrival order:
+# [ [ seconds (monotonic), op, 'forwarded' or the fault's mode ], ... ].
+sub arrivals { my ($self) = @_; return $self->_control('GET', '/_arrivals')->{arrivals}; }
+
 # Requests signed with an access key id (any op), and requests with a session token.
 sub signed_by { my ($self, $akid) = @_; return $self->counts->{access_keys}{$akid} // 0; }
 sub session_tokens { my ($self) = @_; return $self->counts->{session_tokens}; }
