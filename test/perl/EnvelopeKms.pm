@@ -126,6 +126,7 @@ sub admin
 }
 
 sub create_key   { my ($self) = @_; return $self->admin(['create-key']); }
+sub create_keys  { my ($self, $n) = @_; return $self->admin([ 'create-keys', $n ]); }
 sub create_alias { my ($self, $alias, $key_id) = @_; return $self->admin([ 'create-alias', $alias, $key_id ]); }
 sub disable_key  { my ($self, $key_id) = @_; return $self->admin([ 'disable-key', $key_id ]); }
 sub enable_key   { my ($self, $key_id) = @_; return $self->admin([ 'enable-key', $key_id ]); }
