@@ -1226,7 +1226,8 @@ GRANT SELECT, INSERT, UPDATE ON envelope.rotation_run, envelope.rotation_task TO
 -- Health check.
 
 -- One row per check: preload, provider and KMS (one cheap request), credentials or
--- key file, cache, inventory, values under retired versions, settings that log
+-- key file, cache, the KMS request rate limit (kms_rate_limit), the re-checks of master
+-- keys (kms_recheck), inventory, values under retired versions, settings that log
 -- plaintext.  VOLATILE and PARALLEL UNSAFE: it calls the KMS.
 CREATE FUNCTION envelope.check(OUT name text, OUT status text, OUT detail text, OUT hint text)
     RETURNS SETOF record
