@@ -16,6 +16,7 @@
 #include "inventory.h"
 #include "kms_recheck.h"
 #include "plaintext_guard.h"
+#include "tenant_access.h"
 
 PG_MODULE_MAGIC;
 
@@ -236,6 +237,7 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	tenant_access_init_backend();
 	/* Registrations of encrypted columns are security labels of this provider. */
 	inventory_register_label_provider();
 }
