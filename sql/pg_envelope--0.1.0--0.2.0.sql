@@ -1289,6 +1289,59 @@ GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
+-- Per-tenant access.
+-- A tenant without rows here is open to every envelope_user member, as in 0.1.0.  Once
+-- it has one, only roles with the privileges of a granted role (pg_has_role(...,
+-- 'USAGE'), checked against current_user at each call) and envelope_admin's may
+-- encrypt, decrypt or compute deterministic values and blind indexes with its keys
+-- (src/tenant_access.c).  Its rows are key-store rows: the key-store trigger makes a
+-- grant or revoke take effect in every session when it commits, on standbys and
+-- logical-replication subscribers too; pg_dump keeps them (roles by name, so create
+-- the roles before restoring).
+CREATE TABLE envelope.tenant_grant (
+    tenant      text NOT NULL REFERENCES envelope.tenant (tenant),
+    role        regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (tenant, role)
+);
+
+COMMENT ON TABLE envelope.tenant_grant IS
+    'pg_envelope: roles allowed to use a tenant''s keys (none: every envelope_user)';
+
+REVOKE ALL ON envelope.tenant_grant FROM PUBLIC;
+GRANT SELECT ON envelope.tenant_grant TO envelope_admin;
+SELECT pg_catalog.pg_extension_config_dump('envelope.tenant_grant', '');
+
+CREATE TRIGGER key_store_changed
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_truncate
+    AFTER TRUNCATE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+ALTER TABLE envelope.tenant_grant ENABLE REPLICA TRIGGER key_store_changed_replicated;
+
+-- True if the grant (the revocation) changed anything; audited when it did.
+CREATE FUNCTION envelope.grant_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_grant_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.revoke_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_revoke_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
 -- Citus: key tables as reference tables.
 --
 -- Under Citus every node encrypts and decrypts (pushed-down queries run the functions

@@ -17,6 +17,7 @@
 #include "kms_recheck.h"
 #include "kms_rate.h"
 #include "plaintext_guard.h"
+#include "tenant_access.h"
 
 PG_MODULE_MAGIC;
 
@@ -248,6 +249,7 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	tenant_access_init_backend();
 	/* Registrations of encrypted columns are security labels of this provider. */
 	inventory_register_label_provider();
 }
