@@ -30,8 +30,8 @@
  * and region, depending on the region, shared with every other application of the
  * account: 100 a second is under 2% of the smallest quota, leaves clients the rest,
  * and still loads the default envelope.cache_size (32,768 keys) in under six minutes.
- * The KMS calls go through the KMS glue like every other, so they also obey anything
- * that limits the cluster's KMS requests as a whole.
+ * The KMS calls go through the KMS glue like every other, so they also obey
+ * envelope.kms_max_requests_per_second, the cluster-wide limit (kms_rate.c).
  *
  * Progress: envelope.cache_stats shows prewarm_state (off, starting, running, done,
  * failed) and prewarm_total (listed so far; it grows as each database is listed),
