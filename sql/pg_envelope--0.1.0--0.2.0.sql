@@ -1264,9 +1264,11 @@ ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicate
 -- Key cache statistics.
 -- New columns at the end: tenant states held in shared memory, keys unwrapped again
 -- within envelope.cache_ttl of being evicted to make room (the working set is larger
--- than envelope.cache_size), a hint that says so, and graced_loads, the loads that
+-- than envelope.cache_size), a hint that says so, graced_loads, the loads that
 -- found the KMS unreachable and served the key's expired copy instead
--- (envelope.cache_grace).
+-- (envelope.cache_grace), and the progress of envelope.cache_prewarm since the last
+-- start: prewarm_state (off, starting, running, done, failed), prewarm_total (key
+-- versions listed so far), prewarm_loaded, prewarm_failed.
 
 DROP VIEW envelope.cache_stats;
 DROP FUNCTION envelope.cache_stats();
@@ -1276,9 +1278,10 @@ CREATE FUNCTION envelope.cache_stats(
     OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
     OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
     OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text, OUT graced_loads bigint)
+    OUT hint text, OUT graced_loads bigint, OUT prewarm_state text,
+    OUT prewarm_total bigint, OUT prewarm_loaded bigint, OUT prewarm_failed bigint)
     RETURNS record
-    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
     LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
@@ -1287,6 +1290,59 @@ REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
 REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
+-- Per-tenant access.
+-- A tenant without rows here is open to every envelope_user member, as in 0.1.0.  Once
+-- it has one, only roles with the privileges of a granted role (pg_has_role(...,
+-- 'USAGE'), checked against current_user at each call) and envelope_admin's may
+-- encrypt, decrypt or compute deterministic values and blind indexes with its keys
+-- (src/tenant_access.c).  Its rows are key-store rows: the key-store trigger makes a
+-- grant or revoke take effect in every session when it commits, on standbys and
+-- logical-replication subscribers too; pg_dump keeps them (roles by name, so create
+-- the roles before restoring).
+CREATE TABLE envelope.tenant_grant (
+    tenant      text NOT NULL REFERENCES envelope.tenant (tenant),
+    role        regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (tenant, role)
+);
+
+COMMENT ON TABLE envelope.tenant_grant IS
+    'pg_envelope: roles allowed to use a tenant''s keys (none: every envelope_user)';
+
+REVOKE ALL ON envelope.tenant_grant FROM PUBLIC;
+GRANT SELECT ON envelope.tenant_grant TO envelope_admin;
+SELECT pg_catalog.pg_extension_config_dump('envelope.tenant_grant', '');
+
+CREATE TRIGGER key_store_changed
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_truncate
+    AFTER TRUNCATE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+ALTER TABLE envelope.tenant_grant ENABLE REPLICA TRIGGER key_store_changed_replicated;
+
+-- True if the grant (the revocation) changed anything; audited when it did.
+CREATE FUNCTION envelope.grant_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_grant_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.revoke_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_revoke_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Citus: key tables as reference tables.
