@@ -104,6 +104,7 @@ typedef struct L1FrontSlot
 {
 	LocalTenant *lt;
 	uint32		name_len;
+	uint32		name_hash;		/* l1_name_hash(): a different tenant rarely costs a look at lt */
 } L1FrontSlot;
 
 static L1FrontSlot l1_front[L1_FRONT_SIZE];
@@ -123,6 +124,23 @@ static inline uint32
 l1_front_index(const char *tenant, size_t tenant_len)
 {
 	return l1_name_hash(tenant, tenant_len) & (L1_FRONT_SIZE - 1);
+}
+
+/*
+ * How many L1 entries have each value of (name hash mod L1_PRESENCE_SIZE): where it is
+ * 0, the tenant is not in L1 and the hash table need not be searched.  A scan cycling
+ * through more tenants than L1 holds misses it on most rows; this saves each of those
+ * rows a walk to a cold bucket.  Exact, not a guess: every insertion and removal
+ * counts.
+ */
+#define L1_PRESENCE_SIZE 32768
+
+static uint16 l1_presence[L1_PRESENCE_SIZE];
+
+static inline uint16 *
+l1_presence_of(uint32 name_hash)
+{
+	return &l1_presence[name_hash & (L1_PRESENCE_SIZE - 1)];
 }
 
 /*
@@ -311,6 +329,7 @@ l1_reset(void)
 		hash_destroy(local_tenants);
 		local_tenants = NULL;
 	}
+	memset(l1_presence, 0, sizeof(l1_presence));
 	l1_free_versions(&l1_transient);
 	memset(&l1_transient, 0, sizeof(l1_transient));	/* its versions go with local_cxt */
 	memset(l1_admit_filter, 0, sizeof(l1_admit_filter));
@@ -362,6 +381,7 @@ l1_evict_one(void)
 	if (victim->versions)
 		pfree(victim->versions);
 	dlist_delete(&victim->lru);
+	(*l1_presence_of(l1_name_hash(victim->name, victim->name_len)))--;
 	if (front->lt == victim)
 		front->lt = NULL;
 	if (last_tenant == victim)
@@ -453,6 +473,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	uint64		shared_gen = l2_generation();
 	uint64		generation = local_gen + shared_gen;
 	L1FrontSlot *front;
+	uint32		name_hash;
 	char		key[ENVELOPE_TENANT_MAX + 1];
 	LocalTenant *lt;
 	bool		found;
@@ -466,8 +487,9 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		return last_tenant;
 
 	/* Next hottest: a tenant this backend has seen, through the front array. */
-	front = &l1_front[l1_front_index(tenant, tenant_len)];
-	if (front->lt != NULL && front->name_len == tenant_len &&
+	name_hash = l1_name_hash(tenant, tenant_len);
+	front = &l1_front[name_hash & (L1_FRONT_SIZE - 1)];
+	if (front->lt != NULL && front->name_hash == name_hash && front->name_len == tenant_len &&
 		front->lt->generation == generation &&
 		(front->lt->state == TENANT_ACTIVE || !must_be_active) &&
 		memcmp(front->lt->name, tenant, tenant_len) == 0)
@@ -512,7 +534,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 
 	l1_ensure();
 	l1_prefetch_wipe();
-	lt = hash_search(local_tenants, key, HASH_FIND, NULL);
+	lt = *l1_presence_of(name_hash) == 0 ? NULL :
+		hash_search(local_tenants, key, HASH_FIND, NULL);
 	if (lt == NULL || lt->generation != generation)
 	{
 		last_tenant = NULL;
@@ -544,6 +567,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
 				l1_evict_one();
 			lt = hash_search(local_tenants, key, HASH_ENTER, &found);
+			Assert(!found);
+			(*l1_presence_of(name_hash))++;
 			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;
@@ -585,6 +610,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		dlist_move_head(&l1_lru, &lt->lru);
 		front->lt = lt;
 		front->name_len = (uint32) tenant_len;
+		front->name_hash = name_hash;
 	}
 	return lt;
 }
