@@ -20,6 +20,11 @@
  * backend's L1, and the tenant states in shared memory, stale when the commit is
  * replayed.
  *
+ * Per-tenant access: each tenant's state carries the roles granted its keys (none:
+ * open to every envelope_user), read and invalidated with the rest of the state; the
+ * key functions check current_user against them (tenant_access.h) before a key is
+ * handed out, at the cost of one branch per row for a tenant without grants.
+ *
  * Revocation in the KMS: when the background worker finds a master key refused
  * (kms_recheck.c), it evicts the key's DEKs from L2 and bumps the shared revocation
  * epoch and then the generation.  The next row of every backend misses on the
@@ -31,6 +36,7 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "tenant_access.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -67,6 +73,7 @@ typedef struct LocalTenant
 	int			nversions;
 	int			maxversions;
 	LocalVersion *versions;
+	TenantAccess access;		/* its granted roles, as of `generation` */
 } LocalTenant;
 
 /*
@@ -380,6 +387,7 @@ l1_evict_one(void)
 	l1_versions_to_spare(victim);
 	if (victim->versions)
 		pfree(victim->versions);
+	tenant_access_free(&victim->access);
 	dlist_delete(&victim->lru);
 	(*l1_presence_of(l1_name_hash(victim->name, victim->name_len)))--;
 	if (front->lt == victim)
@@ -478,6 +486,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	LocalTenant *lt;
 	bool		found;
 	TenantView	view;
+	const Oid  *grant_roles = view.grant_roles;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -553,6 +562,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			view.has_version = rec.key_found;
 			view.version_state = rec.key.wrapped ? rec.key.state : KEY_DESTROYED;
 			view.wrapped_hash = rec.key.wrapped ? l2_wrapped_hash(rec.key.wrapped) : 0;
+			view.ngrants = rec.ngrants;
+			grant_roles = rec.grant_roles;	/* may be more than a view holds */
 
 			/* SPI may process invalidations; no pointer into the hash survives it. */
 			l1_ensure();
@@ -572,6 +583,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;
+			tenant_access_init(&lt->access);
 			lt->tenant_id = view.tenant_id;
 			dlist_push_head(&l1_lru, &lt->lru);
 		}
@@ -580,6 +592,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		lt->tenant_id = view.tenant_id;
 		lt->state = view.state;
 		lt->active_version = view.active_version;
+		tenant_access_set(&lt->access, grant_roles, view.ngrants, local_cxt);
 		/* Versions must be re-checked at this generation too. */
 		for (int i = 0; i < lt->nversions; i++)
 			lt->versions[i].state = (KeyState) 0;
@@ -820,6 +833,9 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0);
 	EnvelopeKeyRef ref;
 
+	if (lt->access.nroles != 0)
+		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
+	tenant_access_require(&lt->access, lt->name);
 	ref.version = lt->active_version;
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	l1_prefetch_wipe();
@@ -840,9 +856,13 @@ const CipherKey *
 keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
 						 CipherUse use)
 {
-	const CipherKey *key = l1_key(l1_tenant_entry(tenant, tenant_len, true, version),
-								  version, use);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, version);
+	const CipherKey *key;
 
+	if (lt->access.nroles != 0)
+		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
+	tenant_access_require(&lt->access, lt->name);
+	key = l1_key(lt, version, use);
 	l1_prefetch_wipe();
 	return key;
 }
