@@ -5,10 +5,12 @@
  *
  * L1 (per backend, no locks): tenant name -> {tenant state, per version a CipherKey
  * whose contexts are set up as values need them}.  At most L1_MAX_TENANTS tenants,
- * evicted least recently used first (a list, O(1)).  The per-row path of
- * encrypt/decrypt touches only this level plus one atomic read of the shared
- * generation counter.  A miss is answered from shared memory (tenant state and DEK)
- * when it holds them, else from the key store (a prepared plan) and the KMS.
+ * evicted least recently used first (a list, O(1)); once full, it admits a tenant
+ * only on its second miss, and serves the others through one transient entry
+ * (l1_admit).  The per-row path of encrypt/decrypt touches only this level plus one
+ * atomic read of the shared generation counter.  A miss is answered from shared
+ * memory (tenant state and DEK, in one lookup) when it holds them, else from the key
+ * store (a prepared plan) and the KMS.
  *
  * Revocation: the key store tables carry statement triggers that call
  * keycache_note_key_store_change().  At commit (never at rollback) that bumps the

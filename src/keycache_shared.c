@@ -6,11 +6,12 @@
  *   keys: (database, tenant id, version, hash of the wrapped DEK) -> the 32-byte DEK.
  *      One KMS Decrypt per key per cluster, not per backend.  The DEK bytes sit in a
  *      separate page-aligned array marked MADV_DONTDUMP and locked in memory where
- *      RLIMIT_MEMLOCK allows.
+ *      RLIMIT_MEMLOCK allows, one cache line per slot with what serving them needs.
  *   tenants: (database, key store incarnation, tenant name) -> tenant id, state,
  *      active version and the states of a few versions, as read from the key store at
- *      a given generation.  A backend whose own level misses a key that is here reads
- *      all it needs here: no SPI, no parse, no walk of any table.
+ *      a given generation, each version with a hint to its DEK's slot.  A backend whose
+ *      own level misses a key that is here reads all it needs here, the DEK included,
+ *      in one lookup: no SPI, no parse, no walk of any table.
  *
  * envelope.cache_size entries of each.  Both evict the least recently used of a window
  * of slots that a hand moves along (bounded work per eviction, exact LRU for caches up
@@ -18,7 +19,10 @@
  *
  * Locking protocol (one LWLock of tranche "pg_envelope"):
  *   - lookups take the lock in LW_SHARED mode, copy what they need out and release it;
- *     the entry's last-use time is set with an atomic write, which is harmless to race;
+ *     the entry's last-use time is set with an atomic write, which is harmless to race,
+ *     and so is a tenant version's hint to the slot of its DEK (two atomic writes, of
+ *     a slot and of a sequence number unique to one assignment of that slot: a hint
+ *     mixed from two lookups matches no slot, see SharedVersionState);
  *   - inserts, removals, eviction, expiry and flush take it LW_EXCLUSIVE;
  *   - the statistics live under their own spinlock (stats_mutex).  It is taken while
  *     the LWLock is held, exclusively (eviction and reload counts), and on its own
