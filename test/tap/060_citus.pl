@@ -410,7 +410,16 @@ is( on_coord(q{SELECT detail ->> 'moved' FROM envelope.audit_log WHERE action = 
 ok($copies_agree->('envelope.rotation_task') && $copies_agree->('envelope.rotation_run'),
 	'the progress tables are the same on every node (batches wrote them from the workers)');
 
+# Another session of the coordinator counting at the same time: its partial counts are
+# its own, and stay, on every node's copy (whether it is alive is the coordinator's to say).
+my $other = $coord->background_psql('postgres');
+my $other_pid = $other->query('SELECT pg_backend_pid()');
+on_coord("INSERT INTO envelope.column_usage_scan VALUES ($other_pid, 1, 1, 'f1', 1, 1, 5)");
 on_coord('CALL envelope.count_key_usage()');
+is($every_node->("SELECT count(*) FROM envelope.column_usage_scan WHERE pid = $other_pid"), '1 1 1 1',
+	'count_key_usage leaves the partial counts of a live session alone, on every node');
+$other->quit;
+on_coord("DELETE FROM envelope.column_usage_scan WHERE pid = $other_pid");
 is(on_coord($key_usage), on_coord($direct_count),
 	'count_key_usage after reencrypt_all: the counts equal a direct count');
 unlike(on_coord($key_usage), qr/f[2-6]:1:/, 'and only the reference table keeps a value under version 1');
