@@ -45,13 +45,15 @@ extern void keycache_init_backend(void);
 
 /*
  * The key new values of `tenant` are encrypted with, and its version; raises an error
- * if the tenant does not exist or is not active.
+ * if the tenant does not exist or is not active, or (42501) if current_user may not use
+ * its keys (tenant_access.h).
  */
 extern EnvelopeKeyRef keycache_key_for_encrypt(const char *tenant, size_t tenant_len);
 
 /*
  * The key of (tenant, version) with the context `use` needs set up; raises an error if
- * the tenant or the version does not exist or is not active.
+ * the tenant or the version does not exist or is not active, or (42501) if current_user
+ * may not use the tenant's keys (checked before any KMS call).
  */
 extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tenant_len,
 												 uint32 version, CipherUse use);

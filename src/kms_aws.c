@@ -747,7 +747,16 @@ aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
 			break;
 		}
 
+		if (!kms_before_request(cfg))
+		{
+			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
+			a.http_status = 0;
+			a.error_type[0] = '\0';
+			break;
+		}
 		aws_kms_attempt(cfg, &ep, op, body_copy, body_len, result, &a, &attempts);
+		if (a.http_status != 0)
+			kms_after_answer(cfg, a.status == KMS_ERR_THROTTLED);
 		if (a.status == KMS_OK)
 			break;
 

@@ -18,6 +18,8 @@
 #include "storage/spin.h"
 #include "utils/builtins.h"
 
+#include "kms_rate.h"
+
 typedef struct KmsGlueShared
 {
 	slock_t		mutex;
@@ -127,6 +129,8 @@ fill_config(KmsConfig *cfg)
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;
 	cfg->interrupted = backend_interrupted;
+	cfg->await_request_slot = kms_rate_await_slot;
+	cfg->note_answer = kms_rate_note_answer;
 }
 
 /*

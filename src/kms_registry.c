@@ -187,6 +187,19 @@ kms_sleep_interruptible(const KmsConfig *cfg, int ms)
 	return !(cfg->interrupted && cfg->interrupted());
 }
 
+bool
+kms_before_request(const KmsConfig *cfg)
+{
+	return cfg->await_request_slot == NULL || cfg->await_request_slot(cfg);
+}
+
+void
+kms_after_answer(const KmsConfig *cfg, bool throttled)
+{
+	if (cfg->note_answer != NULL)
+		cfg->note_answer(throttled);
+}
+
 int
 kms_backoff_ms(int retry)
 {

@@ -14,6 +14,7 @@ environment when set and moto's dummy one otherwise.
   assume-role ROLE_ARN                 same, from sts:AssumeRole
   create-role NAME                     {"Arn"} (a role anyone may assume, kms:* allowed)
   auth on | auth off                   switch moto's request authentication
+  create-keys N                        [{"KeyId": ..., "Arn": ...}, ...]: N keys at once
 """
 
 import argparse
@@ -109,6 +110,12 @@ def main():
         with urllib.request.urlopen(req, timeout=10) as r:
             r.read()
         out = {"auth": rest[0]}
+    elif cmd == "create-keys":
+        kms = client(args, "kms")
+        out = []
+        for _ in range(int(rest[0])):
+            md = kms.create_key(Description=args.description)["KeyMetadata"]
+            out.append({"KeyId": md["KeyId"], "Arn": md["Arn"]})
     else:
         ap.error("unknown command " + cmd)
     json.dump(out, sys.stdout)

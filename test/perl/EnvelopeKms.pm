@@ -126,6 +126,7 @@ sub admin
 }
 
 sub create_key   { my ($self) = @_; return $self->admin(['create-key']); }
+sub create_keys  { my ($self, $n) = @_; return $self->admin([ 'create-keys', $n ]); }
 sub create_alias { my ($self, $alias, $key_id) = @_; return $self->admin([ 'create-alias', $alias, $key_id ]); }
 sub disable_key  { my ($self, $key_id) = @_; return $self->admin([ 'disable-key', $key_id ]); }
 sub enable_key   { my ($self, $key_id) = @_; return $self->admin([ 'enable-key', $key_id ]); }
@@ -227,6 +228,10 @@ sub count
 	my $c = $self->counts->{ops}{$op};
 	return $c ? $c->{ $what // 'requests' } : 0;
 }
+
+# Every KMS request the proxy saw since the last reset, in arrival order:
+# [ [ seconds (monotonic), op, 'forwarded' or the fault's mode ], ... ].
+sub arrivals { my ($self) = @_; return $self->_control('GET', '/_arrivals')->{arrivals}; }
 
 # Requests signed with an access key id (any op), and requests with a session token.
 sub signed_by { my ($self, $akid) = @_; return $self->counts->{access_keys}{$akid} // 0; }

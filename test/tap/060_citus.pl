@@ -64,8 +64,8 @@ SELECT string_agg(logicalrelid::text || ':' || partmethod::text || repmodel::tex
   FROM pg_dist_partition WHERE logicalrelid::text LIKE 'envelope.%'}),
 	'envelope.audit_log:nt envelope.column_usage:nt envelope.column_usage_scan:nt '
 	  . 'envelope.counted_column:nt envelope.data_key:nt envelope.rotation_run:nt '
-	  . 'envelope.rotation_task:nt envelope.tenant:nt',
-	'the key, inventory, audit and progress tables are reference tables');
+	  . 'envelope.rotation_task:nt envelope.tenant:nt envelope.tenant_grant:nt',
+	'the key, access, inventory, audit and progress tables are reference tables');
 # Per key table: the statement triggers for changes and for TRUNCATE, and the row
 # trigger that fires only in logical-replication apply workers.
 for my $node ($coord, $w1, $w2)
@@ -305,16 +305,20 @@ ok($w3->safe_psql('postgres', 'SELECT kms_decrypt_calls FROM envelope.cache_stat
 	'the added worker unwrapped the key itself');
 
 # ---- The fleet procedures on the cluster, now of a coordinator and three workers: a
-# distributed table (a task per shard, each batch run on the shard's node), a table of
-# the coordinator, and a reference table (skipped by re-encryption, counted).
+# distributed table (a task per shard, each batch run on the shard's node) with a
+# stored blind index made from one of its columns, a table of the coordinator, and a
+# reference table (skipped by re-encryption, counted).
 my @fleet_tenants = map { "f$_" } 1 .. 6;
 my $fleet_list = join(', ', map { "'$_'" } @fleet_tenants);
 on_coord(qq{
 SELECT envelope.create_tenant(t) FROM unnest(ARRAY[$fleet_list]) t;
-CREATE TABLE fleet_docs (tenant text NOT NULL, id int NOT NULL, body bytea, plain text);
+CREATE TABLE fleet_docs (tenant text NOT NULL, id int NOT NULL, body bytea, plain text,
+                         email bytea, email_bi bytea);
 SELECT create_distributed_table('fleet_docs', 'tenant');
 INSERT INTO fleet_docs
-SELECT t, i, envelope.encrypt(t, 'fleet ' || i, 'fleet.body'), 'fleet ' || i
+SELECT t, i, envelope.encrypt(t, 'fleet ' || i, 'fleet.body'), 'fleet ' || i,
+       envelope.encrypt(t, 'e' || i || '\@example.com', 'fleet.email'),
+       envelope.blind_index(t, 'e' || i || '\@example.com')
   FROM generate_series(1, 600) i, LATERAL (SELECT 'f' || (i % 6 + 1) AS t) s;
 CREATE TABLE fleet_local (tenant text NOT NULL, body bytea, plain text);
 INSERT INTO fleet_local SELECT 'f' || (i % 6 + 1), envelope.encrypt('f' || (i % 6 + 1), 'local ' || i), 'local ' || i
@@ -323,6 +327,8 @@ CREATE TABLE fleet_ref (tenant text NOT NULL, body bytea);
 SELECT create_reference_table('fleet_ref');
 INSERT INTO fleet_ref VALUES ('f1', envelope.encrypt('f1', 'ref'));
 SELECT envelope.register_column('fleet_docs', 'body', 'tenant', 'fleet.body');
+SELECT envelope.register_column('fleet_docs', 'email', 'tenant', 'fleet.email');
+SELECT envelope.register_blind_index('fleet_docs', 'email_bi', 'email');
 SELECT envelope.register_column('fleet_local', 'body', 'tenant');
 SELECT envelope.register_column('fleet_ref', 'body', 'tenant');
 });
@@ -331,7 +337,8 @@ SELECT envelope.register_column('fleet_ref', 'body', 'tenant');
 my $direct_count = q{
 SELECT string_agg(tenant || ':' || v || ':' || n, ',' ORDER BY tenant, v)
   FROM (SELECT tenant, envelope.key_version(body) AS v, count(*) AS n
-          FROM (SELECT tenant, body FROM fleet_docs UNION ALL SELECT tenant, body FROM fleet_local
+          FROM (SELECT tenant, body FROM fleet_docs UNION ALL SELECT tenant, email FROM fleet_docs
+                UNION ALL SELECT tenant, body FROM fleet_local
                 UNION ALL SELECT tenant, body FROM fleet_ref) x
          GROUP BY 1, 2) y};
 my $key_usage = q{
@@ -368,6 +375,8 @@ is( $every_node->(qq{SELECT string_agg(DISTINCT envelope.key_version(envelope.en
 	'2 2 2 2', 'and every node encrypts under it');
 is(on_coord(q{SELECT done || '/' || total || ' ' || state FROM envelope.rotation_progress WHERE procedure = 'rotate_keys'}),
 	'6/6 done', 'rotate_keys: the run is complete in the progress view');
+# f1's equality key version moves too (version 3): its blind indexes are to be recomputed.
+is(on_coord(q{SELECT envelope.rotate_equality_key('f1')}), '3', 'rotate_equality_key');
 
 # reencrypt_all, interrupted by a value that does not decrypt (a wrong context) in one
 # shard: the batches committed before stay, and the next call resumes.
@@ -380,8 +389,11 @@ is( on_coord(q{SELECT count(*) FILTER (WHERE state = 'interrupted') > 0 AND sum(
                  FROM envelope.rotation_progress WHERE procedure = 'reencrypt_all'}),
 	't', 'the run is interrupted, and the batches committed before the error are recorded');
 # The shards' values and the task rows commit together: what the tasks say they moved
-# is exactly what is on the new version.
-is( on_coord(q{SELECT count(*) FROM fleet_docs WHERE envelope.key_version(body) = 2}),
+# is exactly what is on the new versions (and the blind indexes, 36 bytes under a
+# version >= 2).
+is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(body) > 1)
+                    + count(*) FILTER (WHERE envelope.key_version(email) > 1)
+                    + count(*) FILTER (WHERE octet_length(email_bi) = 36) FROM fleet_docs}),
 	on_coord(q{SELECT sum(values_moved) FROM envelope.rotation_progress
   WHERE procedure = 'reencrypt_all' AND relation = 'fleet_docs'::regclass}),
 	'the values moved by the interrupted run are exactly those its task rows count');
@@ -394,6 +406,11 @@ is( on_coord(q{SELECT count(*) || ' ' || count(*) FILTER (WHERE envelope.key_ver
                   || ' ' || count(*) FILTER (WHERE envelope.decrypt_text(tenant, body, 'fleet.body') = plain)
                  FROM fleet_docs}),
 	'600 600 600', 'reencrypt_all: every value of the distributed table is on the active version, and decrypts');
+is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(email) = envelope.active_key_version(tenant))
+                  || ' ' || count(*) FILTER (WHERE email_bi = envelope.blind_index(tenant, envelope.decrypt_text(tenant, email, 'fleet.email')))
+                  || ' ' || count(*) FILTER (WHERE tenant = 'f1' AND octet_length(email_bi) = 36)
+                 FROM fleet_docs}),
+	'600 600 100', 'and of its second column; the blind indexes made from it are recomputed on the shards');
 is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(body) = envelope.active_key_version(tenant))
                   || ' ' || count(*) FILTER (WHERE envelope.decrypt_text(tenant, body) = plain)
                  FROM fleet_local}),
@@ -401,12 +418,12 @@ is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(body) = envelo
 is( on_coord(q{SELECT count(*) || ' ' || count(*) FILTER (WHERE t.finished_at IS NOT NULL) || ' ' || sum(values_moved)
                  FROM envelope.rotation_task t JOIN envelope.rotation_run r USING (run_id)
                 WHERE r.procedure = 'reencrypt_all' AND t.shard_id IS NOT NULL}),
-	on_coord(q{SELECT count(*) || ' ' || count(*) || ' 600' FROM pg_dist_shard WHERE logicalrelid = 'fleet_docs'::regclass}),
-	'one task per shard, each finished, 600 values moved');
+	on_coord(q{SELECT 3 * count(*) || ' ' || 3 * count(*) || ' 1300' FROM pg_dist_shard WHERE logicalrelid = 'fleet_docs'::regclass}),
+	'one task per shard and column, each finished, 1300 values moved (600 + 600 + 100 blind indexes)');
 is(on_coord(q{SELECT envelope.key_version(body) FROM fleet_ref}), '1',
 	'the reference table was skipped: its copies are written only through Citus');
 is( on_coord(q{SELECT detail ->> 'moved' FROM envelope.audit_log WHERE action = 'reencrypt_all'}),
-	'660', 'the audit trail records the run and what it moved');
+	'1360', 'the audit trail records the run and what it moved');
 ok($copies_agree->('envelope.rotation_task') && $copies_agree->('envelope.rotation_run'),
 	'the progress tables are the same on every node (batches wrote them from the workers)');
 
@@ -430,7 +447,7 @@ ok($copies_agree->('envelope.column_usage') && $copies_agree->('envelope.counted
 # the tenants move to the master key named, on every node, and still decrypt everywhere.
 on_coord("CALL envelope.rewrap_keys('local', ARRAY[$fleet_list])");
 is(on_coord(q{SELECT done || '/' || total || ' ' || state FROM envelope.rotation_progress WHERE procedure = 'rewrap_keys'}),
-	'12/12 done', 'rewrap_keys: the run handled the 12 DEKs of the six tenants');
+	'13/13 done', 'rewrap_keys: the run handled the 13 DEKs of the six tenants');
 is( $every_node->(qq{SELECT string_agg(DISTINCT kms_key, ',') FROM envelope.tenant WHERE tenant IN ($fleet_list)}),
 	'local local local local', 'every node\'s copy of the key store names the new master key');
 on_coord(q{SELECT envelope.cache_flush(); SELECT run_command_on_workers('SELECT envelope.cache_flush()')});
@@ -461,7 +478,7 @@ ALTER EXTENSION pg_envelope UPDATE;
 SELECT create_distributed_table('d', 'tenant');
 });
 is($coord->safe_psql('upd', q{SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text LIKE 'envelope.%'}),
-	'8', 'after the update every table of the extension is a reference table');
+	'9', 'after the update every table of the extension is a reference table');
 is($coord->safe_psql('upd', q{SELECT string_agg(result, ',') FROM run_command_on_workers(
   $$SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'$$)}),
 	'0.2.0,0.2.0', 'the workers are at 0.2.0');
