@@ -1728,9 +1728,11 @@ ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicate
 -- Key cache statistics.
 -- New columns at the end: tenant states held in shared memory, keys unwrapped again
 -- within envelope.cache_ttl of being evicted to make room (the working set is larger
--- than envelope.cache_size), a hint that says so, and graced_loads, the loads that
+-- than envelope.cache_size), a hint that says so, graced_loads, the loads that
 -- found the KMS unreachable and served the key's expired copy instead
--- (envelope.cache_grace).
+-- (envelope.cache_grace), and the progress of envelope.cache_prewarm since the last
+-- start: prewarm_state (off, starting, running, done, failed), prewarm_total (key
+-- versions listed so far), prewarm_loaded, prewarm_failed.
 
 DROP VIEW envelope.cache_stats;
 DROP FUNCTION envelope.cache_stats();
@@ -1740,9 +1742,10 @@ CREATE FUNCTION envelope.cache_stats(
     OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
     OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
     OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text, OUT graced_loads bigint)
+    OUT hint text, OUT graced_loads bigint, OUT prewarm_state text,
+    OUT prewarm_total bigint, OUT prewarm_loaded bigint, OUT prewarm_failed bigint)
     RETURNS record
-    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
     LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();

@@ -790,6 +790,46 @@ keycache_flush(void)
 	l2_flush_database();
 }
 
+/* Could a lookup use this record's key?  Tenant and version active, key stored. */
+static bool
+prewarm_usable(const TenantKeyRecord *rec)
+{
+	return rec->state == TENANT_ACTIVE && rec->key_found &&
+		rec->key.state == KEY_ACTIVE && rec->key.wrapped != NULL;
+}
+
+/*
+ * The prewarm's load: what a lookup that misses does (key store at the latest
+ * snapshot, then the single-flight load, whose entry a purge or a refused master key
+ * dooms while it is in flight), minus this backend's copy.  A revocation that commits
+ * after the key store was read purges at commit, but possibly before our entry
+ * existed, and bumps the generation only after that: so the key store is read again
+ * once the key is in, and the key purged if it may no longer be used.
+ */
+bool
+keycache_prewarm(const char *tenant, uint32 version)
+{
+	TenantKeyRecord rec;
+	TenantKeyRecord again;
+	uint8		dek[KMS_DEK_LEN];
+	TimestampTz expires_at;
+	uint64		hash;
+
+	if (!l2_available() || !keystore_read_tenant_key(tenant, (int32) version, &rec) ||
+		!prewarm_usable(&rec))
+		return false;
+	hash = l2_wrapped_hash(rec.key.wrapped);
+	l2_load_key(tenant, rec.tenant_id, version, &rec.key, dek, &expires_at);
+	explicit_bzero(dek, sizeof(dek));
+	if (!keystore_read_tenant_key(tenant, (int32) version, &again) || !prewarm_usable(&again) ||
+		again.tenant_id != rec.tenant_id || l2_wrapped_hash(again.key.wrapped) != hash)
+	{
+		l2_purge(rec.tenant_id, version);
+		return false;
+	}
+	return true;
+}
+
 /* ---------------------------------------------------------------------------
  * Statistics
  */

@@ -90,6 +90,15 @@ extern void keycache_prime(const char *tenant, int32 tenant_id, uint32 version,
 						   const bytea *wrapped, const uint8 dek[KMS_DEK_LEN]);
 
 /*
+ * For the cache prewarm: load the DEK of (tenant, version) into the shared cache as a
+ * lookup would (the same key store checks, single-flight load and revocation checks),
+ * keeping no copy in this backend.  False, and nothing cached, if the tenant or the
+ * version may no longer be used, also when that changed during the load; raises the
+ * KMS's error.  Needs shared memory (false without).
+ */
+extern bool keycache_prewarm(const char *tenant, uint32 version);
+
+/*
  * The KMS refused a master key (kms_recheck slot): evict its DEKs from shared memory
  * and from every backend's first level before its next row.  No I/O; for the worker.
  */

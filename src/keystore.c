@@ -821,3 +821,51 @@ keystore_count_tenant_grants(const char *tenant)
 	keystore_leave(&session);
 	return count;
 }
+
+/*
+ * The DEK versions the cache prewarm loads, most useful first: the active version of
+ * every active tenant, then (all_versions) their other active versions, newest first;
+ * at most `limit` of them.  Retired and destroyed versions, and the versions of
+ * disabled or destroyed tenants, never decrypt, so they are never listed.
+ */
+List *
+keystore_prewarm_candidates(bool all_versions, int64 limit)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			argtypes[2] = {BOOLOID, INT8OID};
+	Datum		values[2] = {BoolGetDatum(all_versions), Int64GetDatum(limit)};
+	List	   *keys = NIL;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT d.tenant, d.version"
+								"  FROM envelope.data_key d"
+								"  JOIN envelope.tenant t ON t.tenant OPERATOR(pg_catalog.=) d.tenant"
+								" WHERE t.state OPERATOR(pg_catalog.=) 'active'"
+								"   AND d.state OPERATOR(pg_catalog.=) 'active'"
+								"   AND d.wrapped_dek IS NOT NULL"
+								"   AND ($1 OR d.version OPERATOR(pg_catalog.=) t.active_version)"
+								" ORDER BY d.version OPERATOR(pg_catalog.<>) t.active_version,"
+								"          t.tenant_id, d.version DESC"
+								" LIMIT $2",
+								2, argtypes, values, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+		KeyVersionRef *ref = palloc0(sizeof(KeyVersionRef));
+
+		MemoryContextSwitchTo(old);
+		ref->tenant = copy_text_column(tuple, desc, 1, caller_cxt);
+		ref->version = int_column(tuple, desc, 2);
+		old = MemoryContextSwitchTo(caller_cxt);
+		keys = lappend(keys, ref);
+		MemoryContextSwitchTo(old);
+	}
+	keystore_leave(&session);
+	return keys;
+}

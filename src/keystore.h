@@ -144,4 +144,18 @@ extern int64 keystore_count_tenant_grants(const char *tenant);
 /* Could an invalidation of `relid` concern the key store?  True while unknown. */
 extern bool keystore_is_key_table(Oid relid);
 
+/* A DEK version named by its tenant, as the cache prewarm walks them. */
+typedef struct KeyVersionRef
+{
+	char	   *tenant;
+	int32		version;
+} KeyVersionRef;
+
+/*
+ * The DEK versions worth loading into the cache at start (KeyVersionRef, palloc'd in
+ * the caller's context): each active tenant's active version first, then, with
+ * all_versions, the other active versions; at most `limit`.
+ */
+extern List *keystore_prewarm_candidates(bool all_versions, int64 limit);
+
 #endif							/* PG_ENVELOPE_KEYSTORE_H */

@@ -46,7 +46,9 @@ typedef enum KmsStatus
 	KMS_ERR_TIMEOUT,			/* no answer within the configured timeout */
 	KMS_ERR_CANCELED,			/* the interrupt callback asked to stop */
 	KMS_ERR_PROTOCOL,			/* the answer made no sense (garbage, wrong size, wrong key) */
-	KMS_ERR_INTERNAL			/* out of memory, library failure */
+	KMS_ERR_INTERNAL,			/* out of memory, library failure */
+	KMS_ERR_WRONG_REGION		/* a single-Region master key of another region than the
+								 * configured one: only a multi-Region key has a replica here */
 } KmsStatus;
 
 /* What the KMS binds to every wrapped DEK, and logs in its audit trail. */

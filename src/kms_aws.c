@@ -338,6 +338,77 @@ aws_endpoint_parse(const KmsConfig *cfg, AwsEndpoint *ep, KmsError *err)
 
 
 /* ---------------------------------------------------------------------------
+ * Multi-Region keys
+ */
+
+/*
+ * The master key to name in a request to the configured region.  A stored DEK records
+ * the key ARN of the region it was wrapped in; a hot standby or a restore in another
+ * region reads the same rows.  A multi-Region key (key id "mrk-…") has a replica of
+ * the same key material, under the same key id, in each region it was replicated to,
+ * and the KMS of a region only knows its own replica: so the ARN of another region is
+ * rewritten to the configured region (same partition, account and key id), and the
+ * replica decrypts and re-wraps what the primary wrapped.  KMS then answers with that
+ * region's ARN, which is what a new or re-wrapped DEK records.  A single-Region key
+ * has no replica: asking another region for it could only fail, so it is refused here
+ * with KMS_ERR_WRONG_REGION, before anything is sent, and so is an alias ARN of another
+ * region (aliases are per region; name the alias without its ARN to use the local one).
+ * Key ids and alias names carry no region and are left as they are.
+ */
+static KmsStatus
+aws_key_for_region(const KmsConfig *cfg, const char *op, const char *key_id,
+				   char *out, size_t outlen, KmsError *err)
+{
+	const char *field[6];		/* arn, partition, service, region, account, resource */
+	const char *p = key_id;
+	size_t		region_len;
+	const char *region = cfg->aws_region;
+
+	if (strncmp(key_id, "arn:", 4) != 0 || region == NULL || !aws_region_valid(region))
+	{
+		snprintf(out, outlen, "%s", key_id);
+		return KMS_OK;
+	}
+	for (int i = 0; i < 6; i++)
+	{
+		field[i] = p;
+		if (i < 5 && (p = strchr(p, ':')) == NULL)
+		{
+			/* not an ARN we can read: KMS will say what is wrong with it */
+			snprintf(out, outlen, "%s", key_id);
+			return KMS_OK;
+		}
+		if (i < 5)
+			p++;
+	}
+	region_len = (size_t) (field[4] - field[3] - 1);
+	if (strncmp(field[2], "kms:", 4) != 0 ||
+		(region_len == strlen(region) && strncmp(field[3], region, region_len) == 0))
+	{
+		snprintf(out, outlen, "%s", key_id);
+		return KMS_OK;
+	}
+
+	if (strncmp(field[5], "key/mrk-", 8) == 0)
+	{
+		int			n = snprintf(out, outlen, "%.*s%s%s", (int) (field[3] - key_id), key_id,
+								 region, field[4] - 1);
+
+		if (n < 0 || (size_t) n >= outlen)
+			return kms_set_error(err, KMS_ERR_CONFIG, "",
+								 "KMS %s failed: master key id is too long", op);
+		return KMS_OK;
+	}
+	if (strncmp(field[5], "key/", 4) == 0)
+		return kms_set_error(err, KMS_ERR_WRONG_REGION, "",
+							 "KMS %s failed: master key %s is a single-Region key of region %.*s, and envelope.aws_region is %s",
+							 op, field[5] + 4, (int) region_len, field[3], region);
+	return kms_set_error(err, KMS_ERR_WRONG_REGION, "",
+						 "KMS %s failed: the alias ARN names region %.*s, and envelope.aws_region is %s; give the alias name alone to use the alias of the configured region",
+						 op, (int) region_len, field[3], region);
+}
+
+/* ---------------------------------------------------------------------------
  * JSON
  */
 
@@ -1075,15 +1146,21 @@ aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 	const char *op = "GenerateDataKey";
 	json_object *req = aws_request_start(op, key_id, ec, false, NULL, 0, err);
 	json_object *resp;
+	char		regional_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
 	if (req == NULL)
 		return err->status;
-	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	if (aws_key_for_region(cfg, op, key_id, regional_key, sizeof(regional_key), err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds no secret yet */
+		return err->status;
+	}
+	json_object_object_add(req, "KeyId", json_object_new_string(regional_key));
 	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_exchange(cfg, op, req, key_id, key_arn, &resp, err);
+	st = aws_exchange(cfg, op, req, regional_key, key_arn, &resp, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
 	return aws_finish_with_dek(st, resp, op, dek, err);
@@ -1098,15 +1175,22 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 	const char *op = "Decrypt";
 	json_object *req = aws_request_start(op, key_id, ec, true, wrapped, wrapped_len, err);
 	json_object *resp;
+	char		regional_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
 	if (req == NULL)
 		return err->status;
+	if (aws_key_for_region(cfg, op, key_id, regional_key, sizeof(regional_key), err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds only the wrapped DEK, no secret */
+		OPENSSL_cleanse(dek, KMS_DEK_LEN);
+		return err->status;
+	}
 	/* KeyId makes KMS refuse a blob wrapped under any other key */
-	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	json_object_object_add(req, "KeyId", json_object_new_string(regional_key));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_exchange(cfg, op, req, key_id, NULL, &resp, err);
+	st = aws_exchange(cfg, op, req, regional_key, NULL, &resp, err);
 	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
@@ -1121,26 +1205,30 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 	const char *op = "ReEncrypt";
 	json_object *req;
 	json_object *resp;
+	char		source_key[KMS_KEY_ID_MAX];
+	char		dest_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
 	req = aws_request_start(op, source_key_id, ec, true, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return err->status;
-	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK)
+	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK ||
+		aws_key_for_region(cfg, op, source_key_id, source_key, sizeof(source_key), err) != KMS_OK ||
+		aws_key_for_region(cfg, op, dest_key_id, dest_key, sizeof(dest_key), err) != KMS_OK)
 	{
 		json_object_put(req);	/* holds only the wrapped DEK, no secret */
 		return err->status;
 	}
-	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
-	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
+	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key));
+	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key));
 	/* same tenant and version: the DEK moves keys, not owners */
 	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
 	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
 
-	st = aws_exchange(cfg, op, req, dest_key_id, dest_key_arn, &resp, err);
+	st = aws_exchange(cfg, op, req, dest_key, dest_key_arn, &resp, err);
 	/* SourceKeyId is documented but optional in practice; check it when present */
 	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
-		st = aws_check_key_id(resp, "SourceKeyId", source_key_id, op, NULL, err);
+		st = aws_check_key_id(resp, "SourceKeyId", source_key, op, NULL, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, new_wrapped, new_wrapped_len, err);
 	aws_json_free(resp);

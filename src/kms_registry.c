@@ -93,6 +93,8 @@ kms_status_name(KmsStatus status)
 			return "protocol error";
 		case KMS_ERR_INTERNAL:
 			return "internal error";
+		case KMS_ERR_WRONG_REGION:
+			return "master key in another region";
 	}
 	return "unknown status";
 }

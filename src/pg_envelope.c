@@ -17,6 +17,7 @@
 #include "kms_recheck.h"
 #include "kms_rate.h"
 #include "plaintext_guard.h"
+#include "prewarm.h"
 #include "tenant_access.h"
 
 PG_MODULE_MAGIC;
@@ -69,6 +70,7 @@ envelope_shmem_request(void)
 	keycache_shmem_request();
 	kms_glue_shmem_request();
 	kms_recheck_shmem_request();
+	prewarm_shmem_request();
 	kms_rate_shmem_request();
 }
 #endif
@@ -81,6 +83,7 @@ envelope_shmem_startup(void)
 	keycache_shmem_startup();
 	kms_glue_shmem_startup();
 	kms_recheck_shmem_startup();
+	prewarm_shmem_startup();
 	kms_rate_shmem_startup();
 }
 
@@ -205,6 +208,7 @@ define_settings(void)
 							300, 0, 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
+	prewarm_define_settings();
 	DefineCustomIntVariable("envelope.kms_max_requests_per_second",
 							"Most requests per second that the whole server sends to the KMS.",
 							"Shared by every backend and the background worker, retries included; throttling answers of the KMS lower the rate further for a while.  0 means no limit.",
@@ -235,6 +239,7 @@ _PG_init(void)
 		keycache_shmem_request();
 		kms_glue_shmem_request();
 		kms_recheck_shmem_request();
+		prewarm_shmem_request();
 		kms_rate_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
