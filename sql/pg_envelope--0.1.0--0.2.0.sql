@@ -1390,6 +1390,13 @@ BEGIN
         RETURN false;
     END IF;
     SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    IF NOT envelope.citus_fleet() THEN
+        -- the batches on the workers could not write the progress tables
+        RAISE EXCEPTION 'cannot re-encrypt %: the pg_envelope tables are not Citus reference tables', rel
+            USING ERRCODE = '55000',
+                  DETAIL = 'Citus was installed after pg_envelope, which left its tables local to the coordinator.',
+                  HINT = 'See "Deployment" in doc/citus.md.';
+    END IF;
     IF EXISTS (SELECT FROM envelope.citus_shards(rel) s WHERE s.placements <> 1) THEN
         RAISE NOTICE 'envelope.%: skipping %: its shards have copies on several nodes', proc, rel
             USING DETAIL = 'A reference table or a replicated distributed table can only be written through Citus, which refuses encrypt in an UPDATE.',
