@@ -1420,13 +1420,13 @@ $$;
 -- column, tenant_column, source_column (a blind-index column's source, or null),
 -- context, done, total, batch_size, batch_start.  Re-encrypts the values that need it
 -- (recomputes the blind indexes, as reencrypt_step does) in the next block range
--- after `done`, up to `total`, and
--- advances the task in the same transaction, only from `done` (a task advanced
--- meanwhile by another session is an error, and nothing commits).  Returns {"moved", "done", "blocks": the relation's
--- size now}; once done reaches total, only {"blocks"}.  An error of the UPDATE (a
--- value that does not decrypt, say) is returned as {"sqlstate", "message", "detail",
--- "hint"}, with nothing done, so that the coordinator can raise it with its SQLSTATE:
--- the connection it comes back through carries only an error's text.
+-- after `done`, up to `total`, and advances the task in the same transaction, only
+-- from `done` (a task advanced meanwhile by another session is an error, and nothing
+-- commits).  Returns {"moved", "done", "blocks": the relation's size now}; once done
+-- reaches total, only {"blocks"}.  An error of the UPDATE (a value that does not
+-- decrypt, say) is returned as {"sqlstate", "message", "detail", "hint"}, with nothing
+-- done, so that the coordinator can raise it with its SQLSTATE: the connection it comes
+-- back through carries only an error's text.  (A cancel is not caught: it stops all.)
 CREATE FUNCTION envelope.reencrypt_relation_batch(batch jsonb)
     RETURNS jsonb
     LANGUAGE plpgsql VOLATILE
