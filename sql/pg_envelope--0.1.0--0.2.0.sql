@@ -700,7 +700,11 @@ BEGIN
 END
 $$;
 
--- Every task of a run, one committed batch after another.
+-- Every task of a run, one committed batch after another.  A batch commits without
+-- waiting for its WAL to reach disk (synchronous_commit off, for that transaction
+-- only): a crash may lose the last batches, but each batch's values and the progress
+-- row that counts them commit together, so the rerun simply does them again.  The
+-- run's last commit (rotation_run_end) waits, and flushes every batch before it.
 CREATE PROCEDURE envelope.reencrypt_run(run bigint, batch_size integer, max_rows_per_second integer)
 LANGUAGE plpgsql
 AS $$
@@ -714,6 +718,7 @@ BEGIN
         EXIT WHEN task_no IS NULL;
         LOOP
             batch_start := pg_catalog.clock_timestamp();
+            PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
             moved := envelope.reencrypt_step(run, task_no, batch_size);
             COMMIT;
             EXIT WHEN moved IS NULL;
