@@ -700,11 +700,7 @@ BEGIN
 END
 $$;
 
--- Every task of a run, one committed batch after another.  A batch commits without
--- waiting for its WAL to reach disk (synchronous_commit off, for that transaction
--- only): a crash may lose the last batches, but each batch's values and the progress
--- row that counts them commit together, so the rerun simply does them again.  The
--- run's last commit (rotation_run_end) waits, and flushes every batch before it.
+-- Every task of a run, one committed batch after another.
 CREATE PROCEDURE envelope.reencrypt_run(run bigint, batch_size integer, max_rows_per_second integer)
 LANGUAGE plpgsql
 AS $$
@@ -718,7 +714,6 @@ BEGIN
         EXIT WHEN task_no IS NULL;
         LOOP
             batch_start := pg_catalog.clock_timestamp();
-            PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
             moved := envelope.reencrypt_step(run, task_no, batch_size);
             COMMIT;
             EXIT WHEN moved IS NULL;
@@ -1026,10 +1021,20 @@ BEGIN
 END
 $$;
 
--- One batch of rewrap_keys: whole tenants, until at least 25 DEKs have been handled.
--- The KMS requests go one after another (each envelope.rewrap call waits for its
--- ReEncrypt); the KMS's throttling answers are retried by the client.  Returns the
--- number of DEKs handled, or NULL when none is left.
+-- envelope.rewrap for every tenant listed, in one transaction, with their DEKs'
+-- ReEncrypt requests in flight together (up to envelope.kms_max_concurrent_requests
+-- with the aws provider; the local and kmip providers send one after another).  The
+-- new wrappings are written once every request is back: until the commit each DEK
+-- stays under its old master key (see src/rewrap_sql.c).
+CREATE FUNCTION envelope.rewrap_tenants(new_kms_key text, tenants text[])
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'envelope_rewrap_tenants'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- One batch of rewrap_keys: whole tenants, until at least 64 DEKs have been handled,
+-- re-wrapped by one envelope.rewrap_tenants call (several KMS requests in flight);
+-- the KMS's throttling answers are retried by the client.  Returns the number of
+-- DEKs handled, or NULL when none is left.
 CREATE FUNCTION envelope.rewrap_keys_step(run bigint, new_kms_key text, tenants text[])
     RETURNS bigint
     LANGUAGE plpgsql VOLATILE
@@ -1040,14 +1045,18 @@ DECLARE
     c record;
     handled bigint := 0;
     moved bigint := 0;
+    batch text[] := '{}';
     t envelope.rotation_task;
 BEGIN
     FOR c IN SELECT * FROM envelope.rewrap_candidates(new_kms_key, tenants)
     LOOP
-        moved := moved + envelope.rewrap(new_kms_key, c.tenant);
+        batch := batch || c.tenant;
         handled := handled + c.key_count;
-        EXIT WHEN handled >= 25;
+        EXIT WHEN handled >= 64;
     END LOOP;
+    IF batch <> '{}' THEN
+        moved := envelope.rewrap_tenants(new_kms_key, batch);
+    END IF;
     UPDATE envelope.rotation_task x
        SET done = x.done + handled, values_moved = x.values_moved + moved,
            total = greatest(x.total, x.done + handled),
@@ -1109,6 +1118,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     FROM PUBLIC;
@@ -1138,6 +1148,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     TO envelope_admin;
