@@ -385,6 +385,7 @@ CREATE TABLE envelope.rotation_task (
     relation       oid NOT NULL,          -- the table re-encrypted, or the key table
     column_attnum  smallint,              -- re-encryption: the ciphertext column
     tenant_attnum  smallint,              -- re-encryption: the tenant column
+    source_attnum  smallint,              -- a blind-index column: the column it is made from
     context        text,
     unit           text NOT NULL CHECK (unit IN ('blocks', 'tenants', 'keys')),
     done           bigint NOT NULL DEFAULT 0,
@@ -609,6 +610,33 @@ BEGIN
 END
 $$;
 
+-- Add a task that recomputes the blind indexes of column `column_name` of `rel` from
+-- the encrypted column `source_column` (see "Stored blind indexes" below).
+CREATE FUNCTION envelope.reencrypt_add_blind_index_task(run bigint, rel regclass,
+                                                        column_name name, source_column name,
+                                                        tenant_column name, context text)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col_num smallint;
+    source_num smallint;
+BEGIN
+    SELECT a.attnum INTO source_num FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = source_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF source_num IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', source_column, rel
+            USING ERRCODE = '42703';
+    END IF;
+    PERFORM envelope.reencrypt_add_task(run, rel, column_name, tenant_column, context);
+    SELECT a.attnum INTO col_num FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    UPDATE envelope.rotation_task t SET source_attnum = source_num
+     WHERE t.run_id = run AND t.relation = rel AND t.column_attnum = col_num;
+END
+$$;
+
 -- The first unfinished task of a run, or NULL.
 CREATE FUNCTION envelope.rotation_next_task(run bigint)
     RETURNS integer
@@ -621,8 +649,9 @@ $$;
 
 -- One batch of a re-encryption task: a single UPDATE of the next block range, which
 -- re-encrypts the randomized values not under their tenant's active version and the
--- deterministic values not under its equality key version (blind indexes are not
--- recomputed: they need the plaintext, which another column holds).  Returns
+-- deterministic values not under its equality key version, or, for a blind-index
+-- column, recomputes from its source column the blind indexes not under the equality
+-- key version.  Returns
 -- how many values moved, or NULL once the task is finished.  Concurrent writers are
 -- safe: the UPDATE locks each row, and a row changed meanwhile is re-checked
 -- (EvalPlanQual) and re-encrypted from its new value, or skipped when its new value is
@@ -639,6 +668,7 @@ DECLARE
     rel_name name;
     col name;
     tenant_col name;
+    source_col name;
     rows_per_block double precision;
     block_end bigint;
     moved bigint;
@@ -659,6 +689,8 @@ BEGIN
      WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
     SELECT a.attname INTO tenant_col FROM pg_attribute a
      WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO source_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.source_attnum AND NOT a.attisdropped;
 
     IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
         UPDATE envelope.rotation_task x
@@ -667,8 +699,10 @@ BEGIN
          WHERE x.run_id = run AND x.task = task_no
         RETURNING * INTO t;
     END IF;
-    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
-        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL
+       OR (t.source_attnum IS NOT NULL AND source_col IS NULL) OR t.done >= t.total THEN
+        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL
+           OR (t.source_attnum IS NOT NULL AND source_col IS NULL) THEN
             RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
                 proc, t.relation;
         END IF;
@@ -679,13 +713,26 @@ BEGIN
     END IF;
 
     block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
-    EXECUTE format(
-        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
-        ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-        '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-        '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
-        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
-      USING t.context, t.done, block_end;
+    IF t.source_attnum IS NULL THEN
+        EXECUTE format(
+            'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+            rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
+          USING t.context, t.done, block_end;
+    ELSE
+        -- A row whose source a concurrent update changed is re-checked (EvalPlanQual)
+        -- and its blind index made from the new source value.
+        EXECUTE format(
+            'UPDATE %I.%I SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND %I IS NOT NULL'
+            '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
+            rel_schema, rel_name, col, tenant_col, source_col, source_col, col, tenant_col)
+          USING t.context, t.done, block_end;
+    END IF;
     GET DIAGNOSTICS moved = ROW_COUNT;
 
     UPDATE envelope.rotation_task x
@@ -765,6 +812,12 @@ BEGIN
         jsonb_build_object('relation', rel::oid, 'column', ciphertext_column,
                            'tenant_column', tenant_column, 'context', context));
     PERFORM envelope.reencrypt_add_task(run, rel, ciphertext_column, tenant_column, context);
+    -- Blind-index columns registered as made from this column follow it.
+    PERFORM envelope.reencrypt_add_blind_index_task(run, rel, b.column_name, b.source_column,
+                                                     reencrypt_begin.tenant_column,
+                                                     reencrypt_begin.context)
+       FROM envelope.blind_index_columns b
+      WHERE b.relation = rel AND b.source_column = ciphertext_column;
     RETURN run;
 END
 $$;
@@ -797,23 +850,45 @@ DECLARE
 BEGIN
     PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
     run := envelope.rotation_run_begin('reencrypt_all', '{}');
-    RAISE NOTICE 'envelope.reencrypt_all: blind indexes are not recomputed: they need the plaintext of another column';
+    FOR c IN SELECT b.relation, b.column_name FROM envelope.blind_index_columns b
+              WHERE b.source_column IS NULL ORDER BY 1, 2
+    LOOP
+        RAISE WARNING 'envelope.reencrypt_all: skipping blind index column "%" of %: the column it is made from is gone',
+            c.column_name, c.relation
+            USING HINT = 'Unregister it with envelope.unregister_column(), or register it again with envelope.register_blind_index().';
+    END LOOP;
     -- Columns registered since an interrupted run started join it; a partitioned
-    -- table is re-encrypted partition by partition.
-    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
-               FROM envelope.encrypted_columns e,
+    -- table is re-encrypted partition by partition.  Blind-index columns come with
+    -- the column they are made from (source_column).
+    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context, e.source_column
+               FROM (SELECT r.relation, r.column_name, r.tenant_column, r.context,
+                            NULL::name AS source_column
+                       FROM envelope.encrypted_columns r
+                     UNION ALL
+                     SELECT b.relation, b.column_name, b.tenant_column, b.context,
+                            b.source_column
+                       FROM envelope.blind_index_columns b
+                      WHERE b.source_column IS NOT NULL) e,
                     LATERAL (SELECT p.relid AS rel FROM pg_partition_tree(e.relation) p
                               WHERE p.isleaf
                              UNION ALL
                              SELECT e.relation
                               WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
-              ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
+              ORDER BY e.relation::text, e.source_column NULLS FIRST, e.column_name,
+                       l.rel::regclass::text
     LOOP
         IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
             RAISE NOTICE 'envelope.reencrypt_all: skipping %: it is not a table', c.rel::regclass;
             CONTINUE;
         END IF;
-        PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
+        IF c.source_column IS NULL THEN
+            PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column,
+                                                c.context);
+        ELSE
+            PERFORM envelope.reencrypt_add_blind_index_task(run, c.rel, c.column_name,
+                                                            c.source_column, c.tenant_column,
+                                                            c.context);
+        END IF;
     END LOOP;
     RETURN run;
 END
@@ -1107,6 +1182,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotation_run_end(bigint),
     envelope.rotation_throttle(bigint, timestamptz, integer),
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
@@ -1137,6 +1213,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotation_run_end(bigint),
     envelope.rotation_throttle(bigint, timestamptz, integer),
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
@@ -1165,7 +1242,8 @@ GRANT SELECT, INSERT, UPDATE ON envelope.rotation_run, envelope.rotation_task TO
 -- Health check.
 
 -- One row per check: preload, provider and KMS (one cheap request), credentials or
--- key file, cache, inventory, values under retired versions, settings that log
+-- key file, cache, the KMS request rate limit (kms_rate_limit), the re-checks of master
+-- keys (kms_recheck), inventory, values under retired versions, settings that log
 -- plaintext.  VOLATILE and PARALLEL UNSAFE: it calls the KMS.
 CREATE FUNCTION envelope.check(OUT name text, OUT status text, OUT detail text, OUT hint text)
     RETURNS SETOF record
@@ -1202,9 +1280,11 @@ ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicate
 -- Key cache statistics.
 -- New columns at the end: tenant states held in shared memory, keys unwrapped again
 -- within envelope.cache_ttl of being evicted to make room (the working set is larger
--- than envelope.cache_size), a hint that says so, and graced_loads, the loads that
+-- than envelope.cache_size), a hint that says so, graced_loads, the loads that
 -- found the KMS unreachable and served the key's expired copy instead
--- (envelope.cache_grace).
+-- (envelope.cache_grace), and the progress of envelope.cache_prewarm since the last
+-- start: prewarm_state (off, starting, running, done, failed), prewarm_total (key
+-- versions listed so far), prewarm_loaded, prewarm_failed.
 
 DROP VIEW envelope.cache_stats;
 DROP FUNCTION envelope.cache_stats();
@@ -1214,9 +1294,10 @@ CREATE FUNCTION envelope.cache_stats(
     OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
     OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
     OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text, OUT graced_loads bigint)
+    OUT hint text, OUT graced_loads bigint, OUT prewarm_state text,
+    OUT prewarm_total bigint, OUT prewarm_loaded bigint, OUT prewarm_failed bigint)
     RETURNS record
-    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
     LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
@@ -1225,6 +1306,59 @@ REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
 REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
+-- Per-tenant access.
+-- A tenant without rows here is open to every envelope_user member, as in 0.1.0.  Once
+-- it has one, only roles with the privileges of a granted role (pg_has_role(...,
+-- 'USAGE'), checked against current_user at each call) and envelope_admin's may
+-- encrypt, decrypt or compute deterministic values and blind indexes with its keys
+-- (src/tenant_access.c).  Its rows are key-store rows: the key-store trigger makes a
+-- grant or revoke take effect in every session when it commits, on standbys and
+-- logical-replication subscribers too; pg_dump keeps them (roles by name, so create
+-- the roles before restoring).
+CREATE TABLE envelope.tenant_grant (
+    tenant      text NOT NULL REFERENCES envelope.tenant (tenant),
+    role        regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (tenant, role)
+);
+
+COMMENT ON TABLE envelope.tenant_grant IS
+    'pg_envelope: roles allowed to use a tenant''s keys (none: every envelope_user)';
+
+REVOKE ALL ON envelope.tenant_grant FROM PUBLIC;
+GRANT SELECT ON envelope.tenant_grant TO envelope_admin;
+SELECT pg_catalog.pg_extension_config_dump('envelope.tenant_grant', '');
+
+CREATE TRIGGER key_store_changed
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_truncate
+    AFTER TRUNCATE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+ALTER TABLE envelope.tenant_grant ENABLE REPLICA TRIGGER key_store_changed_replicated;
+
+-- True if the grant (the revocation) changed anything; audited when it did.
+CREATE FUNCTION envelope.grant_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_grant_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.revoke_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_revoke_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Citus: key tables as reference tables.
@@ -1401,3 +1535,72 @@ GRANT EXECUTE ON FUNCTION
     TO envelope_user;
 GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;
 
+
+-- ---------------------------------------------------------------------------
+-- Stored blind indexes.
+--
+-- A blind index is a keyed hash of a plaintext the database holds only encrypted, so
+-- moving it onto a new equality key version needs that plaintext.  A registered
+-- blind-index column names the registered encrypted column it is made from (a security
+-- label, like every registration: see src/inventory.c), and reencrypt_all and
+-- reencrypt recompute it from that column's value, decrypted in C and never a Datum.
+-- The rule: the column holds envelope.blind_index(tenant, envelope.decrypt_text(tenant,
+-- source, context)), the source's tenant column and context; an index of a normalised
+-- form (lower(), trim()) is not recomputable this way and must not be registered.
+
+CREATE FUNCTION envelope.register_blind_index(rel regclass, "column" name, source_column name)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_register_blind_index'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- True for a stored blind index under an equality key version other than the tenant's
+-- current one (when that one is live); false for anything else, never an error.
+CREATE FUNCTION envelope.blind_index_needs_recompute(blind_index bytea, tenant text)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_needs_recompute'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- envelope.blind_index(tenant, envelope.decrypt_text(tenant, source, context)) under
+-- the tenant's current equality key version, the plaintext never a Datum.  The batch
+-- engine's SET clause for blind-index columns.
+CREATE FUNCTION envelope.blind_index_recompute(tenant text, source bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_recompute'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE VIEW envelope.blind_index_columns AS
+    SELECT l.objoid::pg_catalog.regclass AS relation,
+           a.attname AS column_name,
+           sa.attname AS source_column,
+           e.tenant_column,
+           e.context
+      FROM pg_catalog.pg_seclabel l
+      JOIN pg_catalog.pg_attribute a
+        ON a.attrelid = l.objoid AND a.attnum = l.objsubid AND NOT a.attisdropped
+      LEFT JOIN pg_catalog.pg_seclabel sl
+        ON sl.provider = l.provider AND sl.classoid = l.classoid AND sl.objoid = l.objoid
+       AND sl.objsubid > 0
+       AND (sl.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'role') = 'encrypted'
+       AND (sl.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'tag')
+           = (l.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'source')
+      LEFT JOIN pg_catalog.pg_attribute sa
+        ON sa.attrelid = sl.objoid AND sa.attnum = sl.objsubid AND NOT sa.attisdropped
+      LEFT JOIN envelope.encrypted_columns e
+        ON e.relation OPERATOR(pg_catalog.=) l.objoid::pg_catalog.regclass
+       AND e.column_name OPERATOR(pg_catalog.=) sa.attname
+     WHERE l.provider = 'pg_envelope'
+       AND l.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND l.objsubid > 0
+       AND (l.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'role') = 'blind_index';
+
+REVOKE ALL ON envelope.blind_index_columns FROM PUBLIC;
+GRANT SELECT ON envelope.blind_index_columns TO envelope_admin;
+REVOKE ALL ON FUNCTION
+    envelope.register_blind_index(regclass, name, name),
+    envelope.blind_index_needs_recompute(bytea, text),
+    envelope.blind_index_recompute(text, bytea, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.register_blind_index(regclass, name, name) TO envelope_admin;
+GRANT EXECUTE ON FUNCTION envelope.blind_index_needs_recompute(bytea, text) TO envelope_user;
+-- As reencrypt_value: for the batch engine, which its caller (an admin) runs.
+GRANT EXECUTE ON FUNCTION envelope.blind_index_recompute(text, bytea, text) TO envelope_admin;

@@ -20,6 +20,11 @@
  * backend's L1, and the tenant states in shared memory, stale when the commit is
  * replayed.
  *
+ * Per-tenant access: each tenant's state carries the roles granted its keys (none:
+ * open to every envelope_user), read and invalidated with the rest of the state; the
+ * key functions check current_user against them (tenant_access.h) before a key is
+ * handed out, at the cost of one branch per row for a tenant without grants.
+ *
  * Revocation in the KMS: when the background worker finds a master key refused
  * (kms_recheck.c), it evicts the key's DEKs from L2 and bumps the shared revocation
  * epoch and then the generation.  The next row of every backend misses on the
@@ -31,6 +36,7 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "tenant_access.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -67,6 +73,7 @@ typedef struct LocalTenant
 	int			nversions;
 	int			maxversions;
 	LocalVersion *versions;
+	TenantAccess access;		/* its granted roles, as of `generation` */
 } LocalTenant;
 
 /*
@@ -225,6 +232,7 @@ l1_evict_one(void)
 	victim->nversions = 0;
 	if (victim->versions)
 		pfree(victim->versions);
+	tenant_access_free(&victim->access);
 	dlist_delete(&victim->lru);
 	if (front->lt == victim)
 		front->lt = NULL;
@@ -321,6 +329,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	LocalTenant *lt;
 	bool		found;
 	TenantView	view;
+	const Oid  *grant_roles = view.grant_roles;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -394,6 +403,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			view.has_version = rec.key_found;
 			view.version_state = rec.key.wrapped ? rec.key.state : KEY_DESTROYED;
 			view.wrapped_hash = rec.key.wrapped ? l2_wrapped_hash(rec.key.wrapped) : 0;
+			view.ngrants = rec.ngrants;
+			grant_roles = rec.grant_roles;	/* may be more than a view holds */
 		}
 
 		l1_ensure();
@@ -406,6 +417,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;
+			tenant_access_init(&lt->access);
 			lt->tenant_id = view.tenant_id;
 			dlist_push_head(&l1_lru, &lt->lru);
 		}
@@ -414,6 +426,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		lt->tenant_id = view.tenant_id;
 		lt->state = view.state;
 		lt->active_version = view.active_version;
+		tenant_access_set(&lt->access, grant_roles, view.ngrants, local_cxt);
 		/* Versions must be re-checked at this generation too. */
 		for (int i = 0; i < lt->nversions; i++)
 			lt->versions[i].state = (KeyState) 0;
@@ -634,6 +647,7 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0);
 	EnvelopeKeyRef ref;
 
+	tenant_access_require(&lt->access, lt->name);
 	ref.version = lt->active_version;
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	return ref;
@@ -652,7 +666,10 @@ const CipherKey *
 keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
 						 CipherUse use)
 {
-	return l1_key(l1_tenant_entry(tenant, tenant_len, true, version), version, use);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, version);
+
+	tenant_access_require(&lt->access, lt->name);
+	return l1_key(lt, version, use);
 }
 
 /* ---------------------------------------------------------------------------
@@ -771,6 +788,46 @@ keycache_flush(void)
 {
 	l1_reset();
 	l2_flush_database();
+}
+
+/* Could a lookup use this record's key?  Tenant and version active, key stored. */
+static bool
+prewarm_usable(const TenantKeyRecord *rec)
+{
+	return rec->state == TENANT_ACTIVE && rec->key_found &&
+		rec->key.state == KEY_ACTIVE && rec->key.wrapped != NULL;
+}
+
+/*
+ * The prewarm's load: what a lookup that misses does (key store at the latest
+ * snapshot, then the single-flight load, whose entry a purge or a refused master key
+ * dooms while it is in flight), minus this backend's copy.  A revocation that commits
+ * after the key store was read purges at commit, but possibly before our entry
+ * existed, and bumps the generation only after that: so the key store is read again
+ * once the key is in, and the key purged if it may no longer be used.
+ */
+bool
+keycache_prewarm(const char *tenant, uint32 version)
+{
+	TenantKeyRecord rec;
+	TenantKeyRecord again;
+	uint8		dek[KMS_DEK_LEN];
+	TimestampTz expires_at;
+	uint64		hash;
+
+	if (!l2_available() || !keystore_read_tenant_key(tenant, (int32) version, &rec) ||
+		!prewarm_usable(&rec))
+		return false;
+	hash = l2_wrapped_hash(rec.key.wrapped);
+	l2_load_key(tenant, rec.tenant_id, version, &rec.key, dek, &expires_at);
+	explicit_bzero(dek, sizeof(dek));
+	if (!keystore_read_tenant_key(tenant, (int32) version, &again) || !prewarm_usable(&again) ||
+		again.tenant_id != rec.tenant_id || l2_wrapped_hash(again.key.wrapped) != hash)
+	{
+		l2_purge(rec.tenant_id, version);
+		return false;
+	}
+	return true;
 }
 
 /* ---------------------------------------------------------------------------

@@ -136,6 +136,8 @@ typedef struct SharedTenantEntry
 	int			nversions;
 	int			next_version_slot;	/* round robin once versions[] is full */
 	SharedVersionState versions[SHARED_TENANT_VERSIONS];
+	int			ngrants;		/* > SHARED_TENANT_GRANTS: not held, read it again */
+	Oid			grant_roles[SHARED_TENANT_GRANTS];
 	uint32		name_len;
 	char		name[ENVELOPE_TENANT_MAX];
 } SharedTenantEntry;
@@ -965,9 +967,12 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 	LWLockAcquire(shared->lock, LW_SHARED);
 	entry = hash_search(shared_tenants, &tag, HASH_FIND, NULL);
 	if (entry != NULL && entry->generation == generation &&
+		entry->ngrants <= SHARED_TENANT_GRANTS &&
 		tenant_entry_matches(entry, name, name_len))
 	{
 		found = true;
+		view->ngrants = entry->ngrants;
+		memcpy(view->grant_roles, entry->grant_roles, sizeof(Oid) * entry->ngrants);
 		view->tenant_id = entry->tenant_id;
 		view->state = entry->state;
 		view->active_version = entry->active_version;
@@ -1040,6 +1045,9 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 	entry->tenant_id = rec->tenant_id;
 	entry->state = rec->state;
 	entry->active_version = (uint32) rec->active_version;
+	entry->ngrants = rec->ngrants;
+	if (rec->ngrants > 0 && rec->ngrants <= SHARED_TENANT_GRANTS)
+		memcpy(entry->grant_roles, rec->grant_roles, sizeof(Oid) * rec->ngrants);
 	if (rec->key_found)
 	{
 		SharedVersionState *vs = NULL;

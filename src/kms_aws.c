@@ -338,6 +338,77 @@ aws_endpoint_parse(const KmsConfig *cfg, AwsEndpoint *ep, KmsError *err)
 
 
 /* ---------------------------------------------------------------------------
+ * Multi-Region keys
+ */
+
+/*
+ * The master key to name in a request to the configured region.  A stored DEK records
+ * the key ARN of the region it was wrapped in; a hot standby or a restore in another
+ * region reads the same rows.  A multi-Region key (key id "mrk-…") has a replica of
+ * the same key material, under the same key id, in each region it was replicated to,
+ * and the KMS of a region only knows its own replica: so the ARN of another region is
+ * rewritten to the configured region (same partition, account and key id), and the
+ * replica decrypts and re-wraps what the primary wrapped.  KMS then answers with that
+ * region's ARN, which is what a new or re-wrapped DEK records.  A single-Region key
+ * has no replica: asking another region for it could only fail, so it is refused here
+ * with KMS_ERR_WRONG_REGION, before anything is sent, and so is an alias ARN of another
+ * region (aliases are per region; name the alias without its ARN to use the local one).
+ * Key ids and alias names carry no region and are left as they are.
+ */
+static KmsStatus
+aws_key_for_region(const KmsConfig *cfg, const char *op, const char *key_id,
+				   char *out, size_t outlen, KmsError *err)
+{
+	const char *field[6];		/* arn, partition, service, region, account, resource */
+	const char *p = key_id;
+	size_t		region_len;
+	const char *region = cfg->aws_region;
+
+	if (strncmp(key_id, "arn:", 4) != 0 || region == NULL || !aws_region_valid(region))
+	{
+		snprintf(out, outlen, "%s", key_id);
+		return KMS_OK;
+	}
+	for (int i = 0; i < 6; i++)
+	{
+		field[i] = p;
+		if (i < 5 && (p = strchr(p, ':')) == NULL)
+		{
+			/* not an ARN we can read: KMS will say what is wrong with it */
+			snprintf(out, outlen, "%s", key_id);
+			return KMS_OK;
+		}
+		if (i < 5)
+			p++;
+	}
+	region_len = (size_t) (field[4] - field[3] - 1);
+	if (strncmp(field[2], "kms:", 4) != 0 ||
+		(region_len == strlen(region) && strncmp(field[3], region, region_len) == 0))
+	{
+		snprintf(out, outlen, "%s", key_id);
+		return KMS_OK;
+	}
+
+	if (strncmp(field[5], "key/mrk-", 8) == 0)
+	{
+		int			n = snprintf(out, outlen, "%.*s%s%s", (int) (field[3] - key_id), key_id,
+								 region, field[4] - 1);
+
+		if (n < 0 || (size_t) n >= outlen)
+			return kms_set_error(err, KMS_ERR_CONFIG, "",
+								 "KMS %s failed: master key id is too long", op);
+		return KMS_OK;
+	}
+	if (strncmp(field[5], "key/", 4) == 0)
+		return kms_set_error(err, KMS_ERR_WRONG_REGION, "",
+							 "KMS %s failed: master key %s is a single-Region key of region %.*s, and envelope.aws_region is %s",
+							 op, field[5] + 4, (int) region_len, field[3], region);
+	return kms_set_error(err, KMS_ERR_WRONG_REGION, "",
+						 "KMS %s failed: the alias ARN names region %.*s, and envelope.aws_region is %s; give the alias name alone to use the alias of the configured region",
+						 op, (int) region_len, field[3], region);
+}
+
+/* ---------------------------------------------------------------------------
  * JSON
  */
 
@@ -862,7 +933,14 @@ aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
 			break;
 		}
 
+		if (!kms_before_request(cfg))
+		{
+			aws_attempt_canceled(&a);
+			break;
+		}
 		aws_kms_attempt(cfg, &ep, op, body, body_len, result, &a, &r.attempts);
+		if (a.http_status != 0)
+			kms_after_answer(cfg, a.status == KMS_ERR_THROTTLED);
 		if (a.status == KMS_OK || !aws_retry_next(&r, &a, &pause))
 			break;
 		if (pause)
@@ -1150,15 +1228,21 @@ aws_generate_data_key(const KmsConfig *cfg, const char *key_id,
 	const char *op = "GenerateDataKey";
 	json_object *req = aws_request_start(op, key_id, ec, false, NULL, 0, err);
 	json_object *resp;
+	char		regional_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
 	if (req == NULL)
 		return err->status;
-	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	if (aws_key_for_region(cfg, op, key_id, regional_key, sizeof(regional_key), err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds no secret yet */
+		return err->status;
+	}
+	json_object_object_add(req, "KeyId", json_object_new_string(regional_key));
 	json_object_object_add(req, "KeySpec", json_object_new_string("AES_256"));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_exchange(cfg, op, req, key_id, key_arn, &resp, err);
+	st = aws_exchange(cfg, op, req, regional_key, key_arn, &resp, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, wrapped, wrapped_len, err);
 	return aws_finish_with_dek(st, resp, op, dek, err);
@@ -1173,23 +1257,35 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 	const char *op = "Decrypt";
 	json_object *req = aws_request_start(op, key_id, ec, true, wrapped, wrapped_len, err);
 	json_object *resp;
+	char		regional_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
 	if (req == NULL)
 		return err->status;
+	if (aws_key_for_region(cfg, op, key_id, regional_key, sizeof(regional_key), err) != KMS_OK)
+	{
+		json_object_put(req);	/* holds only the wrapped DEK, no secret */
+		OPENSSL_cleanse(dek, KMS_DEK_LEN);
+		return err->status;
+	}
 	/* KeyId makes KMS refuse a blob wrapped under any other key */
-	json_object_object_add(req, "KeyId", json_object_new_string(key_id));
+	json_object_object_add(req, "KeyId", json_object_new_string(regional_key));
 	json_object_object_add(req, "EncryptionContext", aws_json_context(ec));
 
-	st = aws_exchange(cfg, op, req, key_id, NULL, &resp, err);
+	st = aws_exchange(cfg, op, req, regional_key, NULL, &resp, err);
 	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
-/* The ReEncrypt request of one DEK; NULL with err set. */
+/*
+ * The ReEncrypt request of one DEK; NULL with err set.  source_key and dest_key
+ * (KMS_KEY_ID_MAX bytes each) receive the key ids sent, those of the configured
+ * region (aws_key_for_region), which the answer must name.
+ */
 static json_object *
-aws_reencrypt_request(const char *source_key_id, const char *dest_key_id,
-					  const KmsEncryptionContext *ec,
-					  const uint8_t *wrapped, size_t wrapped_len, KmsError *err)
+aws_reencrypt_request(const KmsConfig *cfg, const char *source_key_id,
+					  const char *dest_key_id, const KmsEncryptionContext *ec,
+					  const uint8_t *wrapped, size_t wrapped_len,
+					  char *source_key, char *dest_key, KmsError *err)
 {
 	const char *op = "ReEncrypt";
 	json_object *req;
@@ -1197,13 +1293,15 @@ aws_reencrypt_request(const char *source_key_id, const char *dest_key_id,
 	req = aws_request_start(op, source_key_id, ec, true, wrapped, wrapped_len, err);
 	if (req == NULL)
 		return NULL;
-	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK)
+	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK ||
+		aws_key_for_region(cfg, op, source_key_id, source_key, KMS_KEY_ID_MAX, err) != KMS_OK ||
+		aws_key_for_region(cfg, op, dest_key_id, dest_key, KMS_KEY_ID_MAX, err) != KMS_OK)
 	{
 		json_object_put(req);	/* holds only the wrapped DEK, no secret */
 		return NULL;
 	}
-	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key_id));
-	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key_id));
+	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key));
+	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key));
 	/* same tenant and version: the DEK moves keys, not owners */
 	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
 	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
@@ -1212,20 +1310,21 @@ aws_reencrypt_request(const char *source_key_id, const char *dest_key_id,
 
 /*
  * Check a ReEncrypt answer (KeyId the destination key, its ARN into dest_key_arn;
- * SourceKeyId, documented but optional in practice, the source key when present)
- * and take the new wrapped DEK from it.  Frees resp.
+ * SourceKeyId, documented but optional in practice, the source key when present:
+ * both as sent, see aws_reencrypt_request) and take the new wrapped DEK from it.
+ * Frees resp.
  */
 static KmsStatus
-aws_reencrypt_answer(json_object *resp, const char *source_key_id, const char *dest_key_id,
+aws_reencrypt_answer(json_object *resp, const char *source_key, const char *dest_key,
 					 uint8_t *new_wrapped, size_t *new_wrapped_len,
 					 char *dest_key_arn, KmsError *err)
 {
 	const char *op = "ReEncrypt";
 	KmsStatus	st;
 
-	st = aws_check_key_id(resp, "KeyId", dest_key_id, op, dest_key_arn, err);
+	st = aws_check_key_id(resp, "KeyId", dest_key, op, dest_key_arn, err);
 	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
-		st = aws_check_key_id(resp, "SourceKeyId", source_key_id, op, NULL, err);
+		st = aws_check_key_id(resp, "SourceKeyId", source_key, op, NULL, err);
 	if (st == KMS_OK)
 		st = aws_take_ciphertext(resp, op, new_wrapped, new_wrapped_len, err);
 	aws_json_free(resp);
@@ -1242,15 +1341,18 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 {
 	json_object *req;
 	json_object *resp;
+	char		source_key[KMS_KEY_ID_MAX];
+	char		dest_key[KMS_KEY_ID_MAX];
 	KmsStatus	st;
 
-	req = aws_reencrypt_request(source_key_id, dest_key_id, ec, wrapped, wrapped_len, err);
+	req = aws_reencrypt_request(cfg, source_key_id, dest_key_id, ec, wrapped, wrapped_len,
+								source_key, dest_key, err);
 	if (req == NULL)
 		return err->status;
 	st = aws_kms_call(cfg, "ReEncrypt", req, &resp, err);
 	if (st != KMS_OK)
 		return st;
-	return aws_reencrypt_answer(resp, source_key_id, dest_key_id, new_wrapped,
+	return aws_reencrypt_answer(resp, source_key, dest_key, new_wrapped,
 								new_wrapped_len, dest_key_arn, err);
 }
 
@@ -1259,6 +1361,8 @@ typedef struct AwsManyItem
 {
 	char	   *body;			/* its request, NULL once it is done */
 	size_t		body_len;
+	char		source_key[KMS_KEY_ID_MAX]; /* the key ids sent (aws_reencrypt_request) */
+	char		dest_key[KMS_KEY_ID_MAX];
 	AwsRetry	retry;
 	AwsAttempt	last;			/* how its last attempt went */
 } AwsManyItem;
@@ -1304,7 +1408,8 @@ aws_many_round_free(AwsManyRound *round, int n)
 
 /*
  * Sign a request for every item still pending (those whose signing fails are done,
- * with their error); returns how many requests the round sends.
+ * with their error), each once the rate limit lets it go (kms_before_request);
+ * returns how many requests the round sends, or -1 when a cancel came while waiting.
  */
 static int
 aws_many_sign(const KmsConfig *cfg, const AwsEndpoint *ep, AwsManyItem *st, int n,
@@ -1316,6 +1421,8 @@ aws_many_sign(const KmsConfig *cfg, const AwsEndpoint *ep, AwsManyItem *st, int 
 	{
 		if (st[i].body == NULL)
 			continue;
+		if (!kms_before_request(cfg))
+			return -1;
 		if (!aws_sign(cfg, ep, "ReEncrypt", st[i].body, st[i].body_len,
 					  &round->signed_[m], &round->reqs[m], &st[i].last))
 		{
@@ -1336,8 +1443,8 @@ aws_many_sign(const KmsConfig *cfg, const AwsEndpoint *ep, AwsManyItem *st, int 
  * round (-1: none, 0 or more: kms_backoff_ms of that many retries used).
  */
 static int
-aws_many_read(KmsRewrapItem *items, AwsManyItem *st, AwsManyRound *round, int m,
-			  const char *dest_key_id)
+aws_many_read(const KmsConfig *cfg, KmsRewrapItem *items, AwsManyItem *st,
+			  AwsManyRound *round, int m)
 {
 	int			backoff = -1;
 
@@ -1351,10 +1458,12 @@ aws_many_read(KmsRewrapItem *items, AwsManyItem *st, AwsManyRound *round, int m,
 						round->errbufs + (size_t) j * AWS_MANY_ERRLEN, &resp, &st[i].last);
 		http_response_free(&round->resps[j]);
 		aws_signed_wipe(&round->signed_[j]);
+		if (st[i].last.http_status != 0)
+			kms_after_answer(cfg, st[i].last.status == KMS_ERR_THROTTLED);
 		if (st[i].last.status == KMS_OK)
 		{
 			items[i].err.attempts = st[i].retry.attempts;
-			aws_reencrypt_answer(resp, items[i].source_key_id, dest_key_id,
+			aws_reencrypt_answer(resp, st[i].source_key, st[i].dest_key,
 								 items[i].new_wrapped, &items[i].new_wrapped_len,
 								 items[i].dest_key_arn, &items[i].err);
 		}
@@ -1379,7 +1488,9 @@ aws_many_read(KmsRewrapItem *items, AwsManyItem *st, AwsManyRound *round, int m,
  * rounds: every pending DEK's request is signed and the round is sent through
  * http_perform_many; the DEKs whose answer calls for a retry (aws_retry_next, as for
  * one request) are sent again in the next round, after the longest backoff any of
- * them is due.  A cancel stops the round at once (http.c abandons what is on the wire)
+ * them is due.  Every request takes its turn from the rate limit (kms_before_request)
+ * and reports its answer to it (kms_after_answer), retries included, as the single
+ * path's do.  A cancel stops the round at once (http.c abandons what is on the wire)
  * and leaves every DEK not done with KMS_ERR_CANCELED.
  */
 static KmsStatus
@@ -1419,9 +1530,10 @@ aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem 
 
 	for (int i = 0; i < n; i++)
 	{
-		json_object *req = aws_reencrypt_request(items[i].source_key_id, dest_key_id,
+		json_object *req = aws_reencrypt_request(cfg, items[i].source_key_id, dest_key_id,
 												 &items[i].ec, items[i].wrapped,
-												 items[i].wrapped_len, &items[i].err);
+												 items[i].wrapped_len, st[i].source_key,
+												 st[i].dest_key, &items[i].err);
 
 		aws_retry_init(&st[i].retry, cfg);
 		if (req != NULL)
@@ -1436,11 +1548,11 @@ aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem 
 		if (cfg->interrupted && cfg->interrupted())
 			break;
 		m = aws_many_sign(cfg, &ep, st, n, &round);
-		if (m == 0)
-			break;
+		if (m <= 0)
+			break;				/* nothing left, or canceled */
 		http_perform_many(round.reqs, m, max_in_flight, round.resps, round.statuses,
 						  round.errbufs, AWS_MANY_ERRLEN);
-		backoff = aws_many_read(items, st, &round, m, dest_key_id);
+		backoff = aws_many_read(cfg, items, st, &round, m);
 		if (backoff >= 0 && !kms_sleep_interruptible(cfg, kms_backoff_ms(backoff)))
 			break;
 	}

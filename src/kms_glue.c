@@ -18,6 +18,8 @@
 #include "storage/spin.h"
 #include "utils/builtins.h"
 
+#include "kms_rate.h"
+
 typedef struct KmsGlueShared
 {
 	slock_t		mutex;
@@ -127,6 +129,8 @@ fill_config(KmsConfig *cfg)
 	cfg->timeout_ms = envelope_kms_timeout;
 	cfg->retries = envelope_kms_retries;
 	cfg->interrupted = backend_interrupted;
+	cfg->await_request_slot = kms_rate_await_slot;
+	cfg->note_answer = kms_rate_note_answer;
 }
 
 /*
@@ -151,6 +155,7 @@ status_errcode(KmsStatus status)
 		case KMS_OK:
 			break;
 		case KMS_ERR_CONFIG:
+		case KMS_ERR_WRONG_REGION:
 			return ERRCODE_CONFIG_FILE_ERROR;
 		case KMS_ERR_CREDENTIALS:
 			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
@@ -193,6 +198,8 @@ status_hint(KmsStatus status)
 			return "Grant the server's identity the KMS permissions on this key.";
 		case KMS_ERR_DISABLED:
 			return "The master key is disabled or pending deletion in the KMS.";
+		case KMS_ERR_WRONG_REGION:
+			return "Only a multi-Region key (a key id that begins with \"mrk-\") can be used from another region. Set envelope.aws_region to the key's region, or, with that region configured, move the data keys to a multi-Region key with envelope.rewrap.";
 		case KMS_ERR_THROTTLED:
 			return "The KMS is rate-limiting requests; retry later or raise envelope.kms_retries.";
 		case KMS_ERR_UNAVAILABLE:

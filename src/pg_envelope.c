@@ -15,7 +15,10 @@
 #include "http.h"
 #include "inventory.h"
 #include "kms_recheck.h"
+#include "kms_rate.h"
 #include "plaintext_guard.h"
+#include "prewarm.h"
+#include "tenant_access.h"
 
 PG_MODULE_MAGIC;
 
@@ -38,6 +41,7 @@ int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
 int			envelope_kms_max_concurrent_requests = 8;
 int			envelope_kms_recheck_interval = 300;
+int			envelope_kms_max_requests_per_second = 0;
 bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
@@ -67,6 +71,8 @@ envelope_shmem_request(void)
 	keycache_shmem_request();
 	kms_glue_shmem_request();
 	kms_recheck_shmem_request();
+	prewarm_shmem_request();
+	kms_rate_shmem_request();
 }
 #endif
 
@@ -78,6 +84,8 @@ envelope_shmem_startup(void)
 	keycache_shmem_startup();
 	kms_glue_shmem_startup();
 	kms_recheck_shmem_startup();
+	prewarm_shmem_startup();
+	kms_rate_shmem_startup();
 }
 
 static void
@@ -208,6 +216,14 @@ define_settings(void)
 							300, 0, 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
 							NULL, NULL, NULL);
+	prewarm_define_settings();
+	DefineCustomIntVariable("envelope.kms_max_requests_per_second",
+							"Most requests per second that the whole server sends to the KMS.",
+							"Shared by every backend and the background worker, retries included; throttling answers of the KMS lower the rate further for a while.  0 means no limit.",
+							&envelope_kms_max_requests_per_second,
+							0, 0, 1000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
 	MarkGUCPrefixReserved("envelope");
 }
 
@@ -231,6 +247,8 @@ _PG_init(void)
 		keycache_shmem_request();
 		kms_glue_shmem_request();
 		kms_recheck_shmem_request();
+		prewarm_shmem_request();
+		kms_rate_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;
@@ -244,6 +262,7 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	tenant_access_init_backend();
 	/* Registrations of encrypted columns are security labels of this provider. */
 	inventory_register_label_provider();
 }

@@ -17,7 +17,9 @@ Control API (requests without X-Amz-Target, never counted):
                  The first rule whose op matches and whose
                  count is not used up answers the request instead of moto; count -1
                  (the default is 1) never runs out.  Optional "seconds" bounds a hang
-                 or a slow body (default 30, at most 120).
+                 or a slow body (default 30, at most 120).  Mode "rate" takes
+                 "rate": R and matches only while the proxy has forwarded R or more
+                 requests in the last second (a KMS request quota).
   GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n,
                                       "max_in_flight": n}},
                   "total": {...}, "access_keys": {"AKIA...": n}, "session_tokens": n}
@@ -30,7 +32,10 @@ Control API (requests without X-Amz-Target, never counted):
                  the Authorization header's Credential=, never the signature) and
                  session_tokens the requests that carried X-Amz-Security-Token, so a
                  test can tell which credential source the client used.
-  POST /_reset   forget rules and counts, release hung requests.
+  GET  /_arrivals {"arrivals": [[t, op, "forwarded" | MODE], ...]} — every
+                 KMS request in arrival order, t in seconds of a monotonic clock, so a
+                 test can count the requests of any one-second window.
+  POST /_reset   forget rules, counts and arrivals, release hung requests.
   POST /_release release hung and held requests; rules and counts stay.
 
 MODE is one of
@@ -57,6 +62,9 @@ MODE is one of
   wrong_keyid     forward, then replace KeyId with another key's ARN
   bad_base64      forward, then put a non-base64 character into Plaintext (or, when
                   there is none, CiphertextBlob)
+  rate            400 ThrottlingException, but only while R requests or more were
+                  forwarded within the last second (the rule's "rate": R); otherwise
+                  the request goes on to the next rule or to moto
 
 Bounded: at most 64 requests in flight, every wait has a deadline, and the process
 exits on SIGTERM/SIGINT, when its parent dies (--parent-pid), or after --lifetime
@@ -88,12 +96,14 @@ CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
               "te", "trailer", "upgrade", "content-length"}
 
-MODES = {"throttle", "429", "500", "503", "reset", "hang", "hold", "delay", "slow_body", "garbage", "big",
+MODES = {"rate", "throttle", "429", "500", "503", "reset", "hang", "hold", "delay", "slow_body", "garbage",
+         "big",
          "disabled", "invalid_state", "access_denied", "expired_token",
          "xml_auth_error", "short_plaintext", "wrong_keyid", "bad_base64"}
 
 JSON_ERRORS = {
     "throttle": (400, "ThrottlingException", "Rate exceeded"),
+    "rate": (400, "ThrottlingException", "Rate exceeded"),
     "500": (500, "KMSInternalException", "Internal failure"),
     "disabled": (400, "DisabledException", "The key is disabled."),
     "invalid_state": (400, "KMSInvalidStateException", "The key is pending deletion."),
@@ -111,6 +121,8 @@ class State:
         self.session_tokens = 0
         self.in_flight = {}                 # op -> requests being handled now
         self.max_in_flight = {}             # op ("*": any) -> most at one moment
+        self.arrivals = []                  # [t, op, outcome] of every KMS request
+        self.forwarded_times = []           # monotonic times of forwarded requests
         self.release = threading.Event()    # set to free hung requests
         self.stop = threading.Event()
 
@@ -138,6 +150,8 @@ class State:
             self.access_keys = {}
             self.session_tokens = 0
             self.max_in_flight = {}
+            self.arrivals = []
+            self.forwarded_times = []
             old = self.release
             self.release = threading.Event()
         old.set()
@@ -153,17 +167,31 @@ class State:
                     "mode": mode,
                     "count": int(r.get("count", 1)),
                     "seconds": min(float(r.get("seconds", 30)), 120.0),
+                    "rate": float(r.get("rate", 0)),
                 })
+
+    def forwarded_last_second(self, now):
+        while self.forwarded_times and self.forwarded_times[0] <= now - 1.0:
+            self.forwarded_times.pop(0)
+        return len(self.forwarded_times)
 
     def take_rule(self, op):
         # "*" means every KMS operation; other requests (STS) only match "other"
         ops = (op,) if op == "other" else ("*", op)
+        now = time.monotonic()
         with self.lock:
             for r in self.rules:
                 if r["count"] != 0 and r["op"] in ops:
+                    if r["mode"] == "rate" and self.forwarded_last_second(now) < r["rate"]:
+                        continue
                     if r["count"] > 0:
                         r["count"] -= 1
+                    if op != "other":
+                        self.arrivals.append([now, op, r["mode"]])
                     return dict(r), self.release
+            if op != "other":
+                self.arrivals.append([now, op, "forwarded"])
+            self.forwarded_times.append(now)
         return None, self.release
 
     def count(self, op, what):
@@ -275,7 +303,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         path = urllib.parse.urlsplit(self.path).path
         target = self.headers.get("X-Amz-Target")
-        if target is None and path in ("/_fault", "/_counts", "/_reset", "/_release"):
+        if target is None and path in ("/_fault", "/_counts", "/_arrivals", "/_reset",
+                                       "/_release"):
             self.control(path, body)
             return
 
@@ -299,6 +328,8 @@ class Handler(BaseHTTPRequestHandler):
                 if client_gone(self.connection, min(0.05, max(0.0, deadline - time.monotonic()))):
                     self.close_connection = True
                     return
+            with STATE.lock:
+                STATE.forwarded_times.append(time.monotonic())
             rule = None
         if rule is None:
             STATE.count(op, "forwarded")
@@ -310,6 +341,10 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, path, body):
         if path == "/_counts" and self.command == "GET":
             self.answer_json(200, STATE.snapshot())
+        elif path == "/_arrivals" and self.command == "GET":
+            with STATE.lock:
+                arrivals = [list(a) for a in STATE.arrivals]
+            self.answer_json(200, {"arrivals": arrivals})
         elif path == "/_reset" and self.command == "POST":
             STATE.reset()
             self.answer_json(200, {"ok": True})

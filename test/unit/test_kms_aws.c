@@ -483,6 +483,42 @@ test_config_errors(void)
 				  "ReEncrypt, bad tenant %zu: %s", i, err.message);
 		}
 	}
+
+	/*
+	 * A single-Region key, or an alias ARN, of another region than envelope.aws_region
+	 * has no replica here: refused before any request, by every operation, naming
+	 * both regions.  (Multi-Region keys are rewritten to the configured region; the
+	 * round trip through a replica is test/tap/029_aws_multi_region.pl.)
+	 */
+	{
+		const char *other = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+		const char *other_alias = "arn:aws:kms:eu-west-1:123456789012:alias/pg";
+		KmsEncryptionContext ec = {"acme", 1};
+		uint8_t		out[KMS_DEK_LEN];
+		uint8_t		blob[64] = {1};
+		uint8_t		nw[KMS_WRAPPED_MAX];
+		size_t		nwlen;
+		char		arn[KMS_KEY_ID_MAX];
+
+		cfg = cfg_for(moto_url, 0, 2000);
+		CHECK(gen(&cfg, other, "acme", 1, &d, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0 && strstr(err.message, "single-Region") != NULL &&
+			  strstr(err.message, "eu-west-1") != NULL && strstr(err.message, "us-east-1") != NULL,
+			  "GenerateDataKey, single-Region key of another region: %s", err.message);
+		memset(out, 0x5a, sizeof(out));
+		CHECK(aws->decrypt(&cfg, other, &ec, blob, sizeof(blob), out, &err) ==
+			  KMS_ERR_WRONG_REGION && err.attempts == 0 && all_zero(out, sizeof(out)),
+			  "Decrypt, single-Region key of another region: %s", err.message);
+		CHECK(aws->reencrypt(&cfg, other, "alias/y", &ec, blob, sizeof(blob),
+							 nw, &nwlen, arn, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0, "ReEncrypt from another region: %s", err.message);
+		CHECK(aws->reencrypt(&cfg, "alias/y", other, &ec, blob, sizeof(blob),
+							 nw, &nwlen, arn, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0, "ReEncrypt to another region: %s", err.message);
+		CHECK(gen(&cfg, other_alias, "acme", 1, &d, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0 && strstr(err.message, "alias") != NULL,
+			  "alias ARN of another region: %s", err.message);
+	}
 }
 
 static void
