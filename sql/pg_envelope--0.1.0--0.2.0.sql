@@ -1189,10 +1189,20 @@ BEGIN
 END
 $$;
 
--- One batch of rewrap_keys: whole tenants, until at least 25 DEKs have been handled.
--- The KMS requests go one after another (each envelope.rewrap call waits for its
--- ReEncrypt); the KMS's throttling answers are retried by the client.  Returns the
--- number of DEKs handled, or NULL when none is left.
+-- envelope.rewrap for every tenant listed, in one transaction, with their DEKs'
+-- ReEncrypt requests in flight together (up to envelope.kms_max_concurrent_requests
+-- with the aws provider; the local and kmip providers send one after another).  The
+-- new wrappings are written once every request is back: until the commit each DEK
+-- stays under its old master key (see src/rewrap_sql.c).
+CREATE FUNCTION envelope.rewrap_tenants(new_kms_key text, tenants text[])
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'envelope_rewrap_tenants'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- One batch of rewrap_keys: whole tenants, until at least 64 DEKs have been handled,
+-- re-wrapped by one envelope.rewrap_tenants call (several KMS requests in flight);
+-- the KMS's throttling answers are retried by the client.  Returns the number of
+-- DEKs handled, or NULL when none is left.
 CREATE FUNCTION envelope.rewrap_keys_step(run bigint, new_kms_key text, tenants text[])
     RETURNS bigint
     LANGUAGE plpgsql VOLATILE
@@ -1203,15 +1213,19 @@ DECLARE
     c record;
     handled bigint := 0;
     moved bigint := 0;
+    batch text[] := '{}';
     t envelope.rotation_task;
     batch_end timestamptz;  -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     FOR c IN SELECT * FROM envelope.rewrap_candidates(new_kms_key, tenants)
     LOOP
-        moved := moved + envelope.rewrap(new_kms_key, c.tenant);
+        batch := batch || c.tenant;
         handled := handled + c.key_count;
-        EXIT WHEN handled >= 25;
+        EXIT WHEN handled >= 64;
     END LOOP;
+    IF batch <> '{}' THEN
+        moved := envelope.rewrap_tenants(new_kms_key, batch);
+    END IF;
     batch_end := clock_timestamp();
     UPDATE envelope.rotation_task x
        SET done = x.done + handled, values_moved = x.values_moved + moved,
@@ -1651,6 +1665,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     FROM PUBLIC;
@@ -1681,6 +1696,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     TO envelope_admin;

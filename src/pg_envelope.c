@@ -39,6 +39,7 @@ int			envelope_cache_ttl = 3600;
 int			envelope_cache_grace = 0;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+int			envelope_kms_max_concurrent_requests = 8;
 int			envelope_kms_recheck_interval = 300;
 int			envelope_kms_max_requests_per_second = 0;
 bool		envelope_preloaded = false;
@@ -199,6 +200,13 @@ define_settings(void)
 							NULL,
 							&envelope_kms_retries,
 							3, 0, 10,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_max_concurrent_requests",
+							"How many KMS requests a bulk key operation keeps in flight at once.",
+							"Used by envelope.rewrap_keys with the aws provider (ReEncrypt); other providers, and every other call, send one request at a time.",
+							&envelope_kms_max_concurrent_requests,
+							8, 1, 64,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.kms_recheck_interval",
