@@ -54,3 +54,10 @@ SELECT * FROM envelope.check();
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
 DROP ROLE regress_hc_nobody;
+
+-- The KMS request rate limit and the re-checks of master keys have a row each; the
+-- local provider sends no requests, so the limit does not apply to it.
+SELECT name, status, detail ~ '^envelope\.kms_max_requests_per_second = 0 \(no limit\); one shared bucket; .*The local provider sends no requests: the limit does not apply to it\.$' AS detail_ok
+  FROM envelope.check() WHERE name = 'kms_rate_limit';
+SELECT name, status, detail ~ '^envelope\.kms_recheck_interval = \d+ s; \d+ of at most 128 master keys tracked; ' AS detail_ok
+  FROM envelope.check() WHERE name = 'kms_recheck';

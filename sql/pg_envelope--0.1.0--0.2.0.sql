@@ -133,6 +133,85 @@ CREATE FUNCTION envelope.scan_key_usage(rel regclass, "column" name, tenant_colu
     AS 'MODULE_PATHNAME', 'envelope_scan_key_usage'
     LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
 
+-- Under Citus (see "Citus: key tables as reference tables") the count tables are
+-- reference tables, and Citus evaluates a function with column arguments in a DELETE
+-- of one on each node's copy separately: the helpers below decide what to delete here,
+-- on the coordinator, and pass it as a parameter.
+
+-- Partial counts left by runs whose backend is gone, and this backend's own.
+CREATE FUNCTION envelope.count_key_usage_clear_stale()
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stale integer[];
+BEGIN
+    SELECT array_agg(DISTINCT s.pid) INTO stale FROM envelope.column_usage_scan s
+     WHERE s.pid = pg_backend_pid()
+        OR NOT EXISTS (SELECT FROM pg_stat_get_activity(s.pid));
+    DELETE FROM envelope.column_usage_scan s WHERE s.pid = ANY (stale);
+END
+$$;
+
+-- Forget counts of columns no longer registered.
+CREATE FUNCTION envelope.count_key_usage_forget_unregistered()
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    registered text[];
+BEGIN
+    SELECT array_agg(e.relation::oid || '/' || a.attnum) INTO registered
+      FROM envelope.encrypted_columns e
+      JOIN pg_attribute a ON a.attrelid = e.relation AND a.attname = e.column_name;
+    registered := COALESCE(registered, '{}');
+    DELETE FROM envelope.column_usage u WHERE NOT (u.relid || '/' || u.attnum = ANY (registered));
+    DELETE FROM envelope.counted_column c WHERE NOT (c.relid || '/' || c.attnum = ANY (registered));
+END
+$$;
+
+-- Count one column of a Citus table shard by shard, each shard read in one transaction
+-- on the node of its first copy, and add the counts to this backend's partial counts;
+-- return true.  A distributed table is empty on the coordinator, so its blocks cannot
+-- be read from here.  Return false for a table Citus does not manage.
+CREATE FUNCTION envelope.count_key_usage_shards(part regclass, column_name name,
+                                                tenant_column name, counted_relid oid,
+                                                counted_attnum smallint)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shards bigint[];
+    nodes text[];
+    ports integer[];
+    commands text[];
+    me integer := pg_backend_pid();
+BEGIN
+    SELECT array_agg(s.shard_id ORDER BY s.shard_id), array_agg(s.node_name ORDER BY s.shard_id),
+           array_agg(s.node_port ORDER BY s.shard_id),
+           array_agg(format('SELECT COALESCE(pg_catalog.jsonb_agg(u), ''[]'')'
+                            '  FROM envelope.scan_key_usage(%L::pg_catalog.regclass, %L, %L) u',
+                            s.shard_name, column_name, tenant_column) ORDER BY s.shard_id)
+      INTO shards, nodes, ports, commands
+      FROM envelope.citus_shards(part) s;
+    IF shards IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO envelope.column_usage_scan AS s
+    SELECT me, counted_relid, counted_attnum, u.tenant, u.version, u.format, sum(u.value_count)
+      FROM envelope.citus_run_on_shards('count_key_usage', shards, nodes, ports, commands) r,
+           jsonb_to_recordset(r::jsonb) AS u(tenant text, version integer, format smallint,
+                                             value_count bigint)
+     GROUP BY u.tenant, u.version, u.format
+    ON CONFLICT ON CONSTRAINT column_usage_scan_pkey
+    DO UPDATE SET value_count = s.value_count + excluded.value_count;
+    RETURN true;
+END
+$$;
+
 -- Count stored values per (tenant, DEK version) in every registered column.  Like
 -- reencrypt, each table (each partition of a partitioned one) is read in block ranges
 -- of about batch_size rows, one transaction per range, so no snapshot is held for the
@@ -153,12 +232,12 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
     END IF;
-    DELETE FROM envelope.column_usage_scan s
-     WHERE s.pid = pg_catalog.pg_backend_pid()
-        OR NOT EXISTS (SELECT FROM pg_catalog.pg_stat_get_activity(s.pid));
+    PERFORM envelope.count_key_usage_clear_stale();
     COMMIT;
+    -- relid: the table's oid as an oid, which Citus sends to the other copies of the
+    -- count tables as a number (a regclass would go as a name, and mean nothing there)
     FOR col IN
-        SELECT e.relation, e.column_name, e.tenant_column, a.attnum
+        SELECT e.relation, e.relation::pg_catalog.oid AS relid, e.column_name, e.tenant_column, a.attnum
           FROM envelope.encrypted_columns e
           JOIN pg_catalog.pg_attribute a ON a.attrelid = e.relation AND a.attname = e.column_name
          WHERE e.tenant_column IS NOT NULL
@@ -174,6 +253,9 @@ BEGIN
              WHERE c.relkind = 'r'
              ORDER BY p.relid::pg_catalog.oid
         LOOP
+            -- a Citus table: counted shard by shard, where the shards are
+            CONTINUE WHEN envelope.count_key_usage_shards(part, col.column_name, col.tenant_column,
+                                                          col.relation, col.attnum);
             total_blocks := pg_catalog.pg_relation_size(part)
                             / pg_catalog.current_setting('block_size')::bigint;
             SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
@@ -195,32 +277,22 @@ BEGIN
         -- The column's count is complete: publish it in one transaction (a concurrent
         -- run publishing the same column waits, then replaces it).
         LOCK TABLE envelope.column_usage IN SHARE ROW EXCLUSIVE MODE;
-        DELETE FROM envelope.column_usage WHERE relid = col.relation AND attnum = col.attnum;
+        DELETE FROM envelope.column_usage WHERE relid = col.relid AND attnum = col.attnum;
         INSERT INTO envelope.column_usage
             SELECT s.relid, s.attnum, s.tenant, s.version, s.format, s.value_count
               FROM envelope.column_usage_scan s
              WHERE s.pid = pg_catalog.pg_backend_pid()
-               AND s.relid = col.relation AND s.attnum = col.attnum;
+               AND s.relid = col.relid AND s.attnum = col.attnum;
         DELETE FROM envelope.column_usage_scan s
          WHERE s.pid = pg_catalog.pg_backend_pid()
-           AND s.relid = col.relation AND s.attnum = col.attnum;
-        INSERT INTO envelope.counted_column VALUES (col.relation, col.attnum, pg_catalog.now())
+           AND s.relid = col.relid AND s.attnum = col.attnum;
+        INSERT INTO envelope.counted_column VALUES (col.relid, col.attnum, pg_catalog.now())
             ON CONFLICT (relid, attnum) DO UPDATE SET counted_at = excluded.counted_at;
         COMMIT;
         columns_done := columns_done + 1;
         RAISE NOTICE 'counted %.%', col.relation, pg_catalog.quote_ident(col.column_name);
     END LOOP;
-    -- Forget counts of columns no longer registered.
-    DELETE FROM envelope.column_usage u
-     WHERE NOT EXISTS (SELECT FROM envelope.encrypted_columns e
-                         JOIN pg_catalog.pg_attribute a
-                           ON a.attrelid = e.relation AND a.attname = e.column_name
-                        WHERE e.relation::pg_catalog.oid = u.relid AND a.attnum = u.attnum);
-    DELETE FROM envelope.counted_column c
-     WHERE NOT EXISTS (SELECT FROM envelope.encrypted_columns e
-                         JOIN pg_catalog.pg_attribute a
-                           ON a.attrelid = e.relation AND a.attname = e.column_name
-                        WHERE e.relation::pg_catalog.oid = c.relid AND a.attnum = c.attnum);
+    PERFORM envelope.count_key_usage_forget_unregistered();
     RAISE NOTICE 'counted % registered columns', columns_done;
 END
 $count_key_usage$;
@@ -230,6 +302,12 @@ REVOKE ALL ON envelope.counted_column, envelope.column_usage, envelope.column_us
 REVOKE ALL ON FUNCTION envelope.register_column(regclass, name, name, text),
     envelope.unregister_column(regclass, name) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE envelope.count_key_usage(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION envelope.count_key_usage_clear_stale(),
+    envelope.count_key_usage_forget_unregistered(),
+    envelope.count_key_usage_shards(regclass, name, name, oid, smallint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.count_key_usage_clear_stale(),
+    envelope.count_key_usage_forget_unregistered(),
+    envelope.count_key_usage_shards(regclass, name, name, oid, smallint) TO envelope_admin;
 REVOKE ALL ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint)
     TO envelope_admin;
@@ -385,6 +463,7 @@ CREATE TABLE envelope.rotation_task (
     relation       oid NOT NULL,          -- the table re-encrypted, or the key table
     column_attnum  smallint,              -- re-encryption: the ciphertext column
     tenant_attnum  smallint,              -- re-encryption: the tenant column
+    source_attnum  smallint,              -- a blind-index column: the column it is made from
     context        text,
     unit           text NOT NULL CHECK (unit IN ('blocks', 'tenants', 'keys')),
     done           bigint NOT NULL DEFAULT 0,
@@ -398,6 +477,7 @@ CREATE TABLE envelope.rotation_task (
     active_since   timestamptz,
     done_at_start  bigint NOT NULL DEFAULT 0,
     moved_at_start bigint NOT NULL DEFAULT 0,
+    shard_id       bigint,                -- Citus: the shard of `relation` re-encrypted
     PRIMARY KEY (run_id, task)
 );
 
@@ -441,7 +521,8 @@ CREATE VIEW envelope.rotation_progress AS
                 WHEN t.finished_at IS NOT NULL THEN 'done'
                 WHEN envelope.rotation_run_is_live(r.backend_pid, r.backend_start) THEN 'running'
                 ELSE 'interrupted'
-           END AS state
+           END AS state,
+           t.shard_id
       FROM envelope.rotation_run r
       JOIN envelope.rotation_task t USING (run_id)
       LEFT JOIN pg_catalog.pg_attribute a
@@ -461,6 +542,7 @@ DECLARE
     same_work boolean;
     r envelope.rotation_run;
     my_start timestamptz;
+    now_ts timestamptz;     -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     PERFORM pg_advisory_xact_lock(pg_catalog.hashtext('envelope.rotation_run'));
     SELECT a.backend_start INTO my_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
@@ -489,10 +571,11 @@ BEGIN
                       HINT = 'Values already under the active version are skipped, not re-encrypted.';
             same_work := false;
         END IF;
+        now_ts := clock_timestamp();
         IF same_work THEN
             UPDATE envelope.rotation_run x
                SET backend_pid = pg_backend_pid(), backend_start = my_start,
-                   resumed_at = clock_timestamp()
+                   resumed_at = now_ts
              WHERE x.run_id = r.run_id;
             UPDATE envelope.rotation_task t
                SET active_since = NULL, done_at_start = t.done, moved_at_start = t.values_moved
@@ -502,7 +585,7 @@ BEGIN
             RETURN r.run_id;
         END IF;
         -- an interrupted run of other work: a new run replaces it
-        UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'abandoned'
+        UPDATE envelope.rotation_run x SET finished_at = now_ts, outcome = 'abandoned'
          WHERE x.run_id = r.run_id;
     END LOOP;
 
@@ -523,8 +606,9 @@ DECLARE
     r envelope.rotation_run;
     counts jsonb;
     moved bigint;
+    now_ts timestamptz := clock_timestamp();
 BEGIN
-    UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'done'
+    UPDATE envelope.rotation_run x SET finished_at = now_ts, outcome = 'done'
      WHERE x.run_id = run RETURNING * INTO r;
     SELECT jsonb_agg(jsonb_build_object('relation', t.relation::regclass::text,
                                         'column', a.attname, 'unit', t.unit,
@@ -600,12 +684,43 @@ BEGIN
                 WHERE t.run_id = run AND t.relation = rel AND t.column_attnum = col_num) THEN
         RETURN;
     END IF;
+    IF envelope.citus_shard_tasks(run, rel, col_num, tenant_num, context) THEN
+        RETURN;         -- a Citus table: a task per shard (see "Citus" below)
+    END IF;
     INSERT INTO envelope.rotation_task (run_id, task, relation, column_attnum, tenant_attnum,
                                         context, unit, total)
     SELECT run, COALESCE(max(t.task), 0) + 1, rel, col_num, tenant_num,
            reencrypt_add_task.context, 'blocks',
            pg_relation_size(rel) / current_setting('block_size')::bigint
       FROM envelope.rotation_task t WHERE t.run_id = run;
+END
+$$;
+
+-- Add a task that recomputes the blind indexes of column `column_name` of `rel` from
+-- the encrypted column `source_column` (see "Stored blind indexes" below).
+CREATE FUNCTION envelope.reencrypt_add_blind_index_task(run bigint, rel regclass,
+                                                        column_name name, source_column name,
+                                                        tenant_column name, context text)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    col_num smallint;
+    source_num smallint;
+    rel_oid oid := rel;     -- Citus sends a regclass parameter by name, an oid as a number
+BEGIN
+    SELECT a.attnum INTO source_num FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = source_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF source_num IS NULL THEN
+        RAISE EXCEPTION 'column "%" of relation % does not exist', source_column, rel
+            USING ERRCODE = '42703';
+    END IF;
+    PERFORM envelope.reencrypt_add_task(run, rel, column_name, tenant_column, context);
+    SELECT a.attnum INTO col_num FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    UPDATE envelope.rotation_task t SET source_attnum = source_num
+     WHERE t.run_id = run AND t.relation = rel_oid AND t.column_attnum = col_num;
 END
 $$;
 
@@ -621,8 +736,9 @@ $$;
 
 -- One batch of a re-encryption task: a single UPDATE of the next block range, which
 -- re-encrypts the randomized values not under their tenant's active version and the
--- deterministic values not under its equality key version (blind indexes are not
--- recomputed: they need the plaintext, which another column holds).  Returns
+-- deterministic values not under its equality key version, or, for a blind-index
+-- column, recomputes from its source column the blind indexes not under the equality
+-- key version.  Returns
 -- how many values moved, or NULL once the task is finished.  Concurrent writers are
 -- safe: the UPDATE locks each row, and a row changed meanwhile is re-checked
 -- (EvalPlanQual) and re-encrypted from its new value, or skipped when its new value is
@@ -639,11 +755,16 @@ DECLARE
     rel_name name;
     col name;
     tenant_col name;
+    source_col name;
     rows_per_block double precision;
     block_end bigint;
     moved bigint;
     batch_start timestamptz := clock_timestamp();
 BEGIN
+    IF envelope.citus_fleet() THEN
+        -- before any lock: the batch may run on another node (see "Citus" below)
+        RETURN envelope.citus_reencrypt_step(run, task_no, batch_size);
+    END IF;
     SELECT * INTO t FROM envelope.rotation_task x
      WHERE x.run_id = run AND x.task = task_no FOR UPDATE;
     IF t.finished_at IS NOT NULL THEN
@@ -659,6 +780,8 @@ BEGIN
      WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
     SELECT a.attname INTO tenant_col FROM pg_attribute a
      WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO source_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.source_attnum AND NOT a.attisdropped;
 
     IF rel_name IS NOT NULL AND t.done >= t.total AND NOT t.tail_added THEN
         UPDATE envelope.rotation_task x
@@ -667,8 +790,10 @@ BEGIN
          WHERE x.run_id = run AND x.task = task_no
         RETURNING * INTO t;
     END IF;
-    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR t.done >= t.total THEN
-        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL THEN
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL
+       OR (t.source_attnum IS NOT NULL AND source_col IS NULL) OR t.done >= t.total THEN
+        IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL
+           OR (t.source_attnum IS NOT NULL AND source_col IS NULL) THEN
             RAISE NOTICE 'envelope.%: skipping relation %: it or its columns no longer exist',
                 proc, t.relation;
         END IF;
@@ -679,13 +804,26 @@ BEGIN
     END IF;
 
     block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
-    EXECUTE format(
-        'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
-        ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-        '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-        '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
-        rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
-      USING t.context, t.done, block_end;
+    IF t.source_attnum IS NULL THEN
+        EXECUTE format(
+            'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+            rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
+          USING t.context, t.done, block_end;
+    ELSE
+        -- A row whose source a concurrent update changed is re-checked (EvalPlanQual)
+        -- and its blind index made from the new source value.
+        EXECUTE format(
+            'UPDATE %I.%I SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND %I IS NOT NULL'
+            '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
+            rel_schema, rel_name, col, tenant_col, source_col, source_col, col, tenant_col)
+          USING t.context, t.done, block_end;
+    END IF;
     GET DIAGNOSTICS moved = ROW_COUNT;
 
     UPDATE envelope.rotation_task x
@@ -765,6 +903,12 @@ BEGIN
         jsonb_build_object('relation', rel::oid, 'column', ciphertext_column,
                            'tenant_column', tenant_column, 'context', context));
     PERFORM envelope.reencrypt_add_task(run, rel, ciphertext_column, tenant_column, context);
+    -- Blind-index columns registered as made from this column follow it.
+    PERFORM envelope.reencrypt_add_blind_index_task(run, rel, b.column_name, b.source_column,
+                                                     reencrypt_begin.tenant_column,
+                                                     reencrypt_begin.context)
+       FROM envelope.blind_index_columns b
+      WHERE b.relation = rel AND b.source_column = ciphertext_column;
     RETURN run;
 END
 $$;
@@ -797,23 +941,45 @@ DECLARE
 BEGIN
     PERFORM envelope.reencrypt_check_batch(batch_size, max_rows_per_second);
     run := envelope.rotation_run_begin('reencrypt_all', '{}');
-    RAISE NOTICE 'envelope.reencrypt_all: blind indexes are not recomputed: they need the plaintext of another column';
+    FOR c IN SELECT b.relation, b.column_name FROM envelope.blind_index_columns b
+              WHERE b.source_column IS NULL ORDER BY 1, 2
+    LOOP
+        RAISE WARNING 'envelope.reencrypt_all: skipping blind index column "%" of %: the column it is made from is gone',
+            c.column_name, c.relation
+            USING HINT = 'Unregister it with envelope.unregister_column(), or register it again with envelope.register_blind_index().';
+    END LOOP;
     -- Columns registered since an interrupted run started join it; a partitioned
-    -- table is re-encrypted partition by partition.
-    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context
-               FROM envelope.encrypted_columns e,
+    -- table is re-encrypted partition by partition.  Blind-index columns come with
+    -- the column they are made from (source_column).
+    FOR c IN SELECT l.rel, e.column_name, e.tenant_column, e.context, e.source_column
+               FROM (SELECT r.relation, r.column_name, r.tenant_column, r.context,
+                            NULL::name AS source_column
+                       FROM envelope.encrypted_columns r
+                     UNION ALL
+                     SELECT b.relation, b.column_name, b.tenant_column, b.context,
+                            b.source_column
+                       FROM envelope.blind_index_columns b
+                      WHERE b.source_column IS NOT NULL) e,
                     LATERAL (SELECT p.relid AS rel FROM pg_partition_tree(e.relation) p
                               WHERE p.isleaf
                              UNION ALL
                              SELECT e.relation
                               WHERE NOT EXISTS (SELECT FROM pg_partition_tree(e.relation))) l
-              ORDER BY e.relation::text, e.column_name, l.rel::regclass::text
+              ORDER BY e.relation::text, e.source_column NULLS FIRST, e.column_name,
+                       l.rel::regclass::text
     LOOP
         IF (SELECT c2.relkind FROM pg_class c2 WHERE c2.oid = c.rel) <> 'r' THEN
             RAISE NOTICE 'envelope.reencrypt_all: skipping %: it is not a table', c.rel::regclass;
             CONTINUE;
         END IF;
-        PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column, c.context);
+        IF c.source_column IS NULL THEN
+            PERFORM envelope.reencrypt_add_task(run, c.rel, c.column_name, c.tenant_column,
+                                                c.context);
+        ELSE
+            PERFORM envelope.reencrypt_add_blind_index_task(run, c.rel, c.column_name,
+                                                            c.source_column, c.tenant_column,
+                                                            c.context);
+        END IF;
     END LOOP;
     RETURN run;
 END
@@ -929,6 +1095,7 @@ DECLARE
     one text;
     rotated bigint := 0;
     t envelope.rotation_task;
+    batch_end timestamptz;  -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     FOR one IN SELECT c FROM envelope.rotate_keys_candidates(
                    envelope.rotate_keys_cutoff(run, older_than), tenants) c LIMIT 50
@@ -936,13 +1103,14 @@ BEGIN
         PERFORM envelope.rotate_tenant_key(one);
         rotated := rotated + 1;
     END LOOP;
+    batch_end := clock_timestamp();
     UPDATE envelope.rotation_task x
        SET done = x.done + rotated, values_moved = x.values_moved + rotated,
            total = greatest(x.total, x.done + rotated),
            started_at = COALESCE(x.started_at, batch_start),
            active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp(),
-           finished_at = CASE WHEN rotated = 0 THEN clock_timestamp() END
+           updated_at = batch_end,
+           finished_at = CASE WHEN rotated = 0 THEN batch_end END
      WHERE x.run_id = run AND x.task = 1
     RETURNING * INTO t;
     IF rotated = 0 THEN
@@ -1021,10 +1189,20 @@ BEGIN
 END
 $$;
 
--- One batch of rewrap_keys: whole tenants, until at least 25 DEKs have been handled.
--- The KMS requests go one after another (each envelope.rewrap call waits for its
--- ReEncrypt); the KMS's throttling answers are retried by the client.  Returns the
--- number of DEKs handled, or NULL when none is left.
+-- envelope.rewrap for every tenant listed, in one transaction, with their DEKs'
+-- ReEncrypt requests in flight together (up to envelope.kms_max_concurrent_requests
+-- with the aws provider; the local and kmip providers send one after another).  The
+-- new wrappings are written once every request is back: until the commit each DEK
+-- stays under its old master key (see src/rewrap_sql.c).
+CREATE FUNCTION envelope.rewrap_tenants(new_kms_key text, tenants text[])
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'envelope_rewrap_tenants'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- One batch of rewrap_keys: whole tenants, until at least 64 DEKs have been handled,
+-- re-wrapped by one envelope.rewrap_tenants call (several KMS requests in flight);
+-- the KMS's throttling answers are retried by the client.  Returns the number of
+-- DEKs handled, or NULL when none is left.
 CREATE FUNCTION envelope.rewrap_keys_step(run bigint, new_kms_key text, tenants text[])
     RETURNS bigint
     LANGUAGE plpgsql VOLATILE
@@ -1035,21 +1213,27 @@ DECLARE
     c record;
     handled bigint := 0;
     moved bigint := 0;
+    batch text[] := '{}';
     t envelope.rotation_task;
+    batch_end timestamptz;  -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     FOR c IN SELECT * FROM envelope.rewrap_candidates(new_kms_key, tenants)
     LOOP
-        moved := moved + envelope.rewrap(new_kms_key, c.tenant);
+        batch := batch || c.tenant;
         handled := handled + c.key_count;
-        EXIT WHEN handled >= 25;
+        EXIT WHEN handled >= 64;
     END LOOP;
+    IF batch <> '{}' THEN
+        moved := envelope.rewrap_tenants(new_kms_key, batch);
+    END IF;
+    batch_end := clock_timestamp();
     UPDATE envelope.rotation_task x
        SET done = x.done + handled, values_moved = x.values_moved + moved,
            total = greatest(x.total, x.done + handled),
            started_at = COALESCE(x.started_at, batch_start),
            active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp(),
-           finished_at = CASE WHEN handled = 0 THEN clock_timestamp() END
+           updated_at = batch_end,
+           finished_at = CASE WHEN handled = 0 THEN batch_end END
      WHERE x.run_id = run AND x.task = 1
     RETURNING * INTO t;
     IF handled = 0 THEN
@@ -1082,6 +1266,382 @@ BEGIN
 END
 $$;
 
+-- ---- Citus: the procedures on a coordinator
+--
+-- Under Citus the progress tables are reference tables (see "Citus: key tables as
+-- reference tables"), written on every node with two-phase commit.  Citus refuses an
+-- UPDATE of one that calls a VOLATILE function, and evaluates a function with column
+-- arguments on each copy separately, so the procedures compute timestamps and other
+-- values into variables first and pass them as parameters.
+--
+-- A distributed table is empty on the coordinator: its rows are in its shards, tables
+-- of the workers, and no block range of it can be read from here.  So each shard is a
+-- task of its own (rotation_task.shard_id), and each batch runs on the node that holds
+-- the shard, through a connection of its own (master_run_on_worker, as
+-- run_command_on_shards uses): there reencrypt_relation_batch re-encrypts a block range
+-- of the shard and advances the task, in one transaction.  Citus writes the task row on
+-- every node (two-phase commit, from the worker), so the shard's values and the task
+-- row commit together, as on one node, and the task rows still say exactly what was
+-- committed.  A table of the coordinator (not distributed) takes the same function,
+-- called here.  Shards go one after another, batch by batch, in shard order.
+
+-- Are the progress tables Citus reference tables?  (Citus installed after pg_envelope
+-- leaves them local, and the single-node path is then the right one.)
+CREATE FUNCTION envelope.citus_fleet()
+    RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    distributed boolean := false;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition p
+                                 WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1)'
+           INTO distributed USING 'envelope.rotation_task'::regclass;
+    END IF;
+    RETURN distributed;
+END
+$$;
+
+-- The shards of a Citus table, each with the node of its first active placement (the
+-- one run_command_on_shards uses), the number of its active placements, and its name
+-- as that node knows it, schema-qualified.  No rows for a table Citus does not manage.
+CREATE FUNCTION envelope.citus_shards(rel regclass)
+    RETURNS TABLE (shard_id bigint, shard_name text, node_name text, node_port integer,
+                   placements integer)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid,
+           -- shard_name() leaves names in public unqualified
+           CASE WHEN n.nspname = 'public' THEN 'public.' ELSE '' END
+           || pg_catalog.shard_name(s.logicalrelid, s.shardid),
+           (array_agg(p.nodename::text ORDER BY p.nodename, p.nodeport))[1],
+           (array_agg(p.nodeport::integer ORDER BY p.nodename, p.nodeport))[1],
+           count(p.nodeport)::integer
+      FROM pg_catalog.pg_dist_shard s
+      JOIN pg_class c ON c.oid = s.logicalrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_catalog.pg_dist_shard_placement p
+             ON p.shardid = s.shardid AND p.shardstate = 1
+     WHERE s.logicalrelid = rel
+     GROUP BY s.shardid, s.logicalrelid, n.nspname
+     ORDER BY s.shardid;
+END
+$$;
+
+-- Run one command per shard, each on the node of its shard and in a transaction of its
+-- own, all at once; the answers in the order of the commands.  A command that failed
+-- (or could not be sent) is an error here, naming the shard, with the node's message
+-- as detail.
+CREATE FUNCTION envelope.citus_run_on_shards(procedure text, shard_ids bigint[],
+                                             node_names text[], node_ports integer[],
+                                             commands text[])
+    RETURNS SETOF text
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+BEGIN
+    IF cardinality(commands) = 0 THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT x.success, x.result, x.i
+               FROM pg_catalog.master_run_on_worker(node_names, node_ports, commands,
+                                                    cardinality(commands) > 1)
+                    WITH ORDINALITY x(node_name, node_port, success, result, i)
+    LOOP
+        IF NOT r.success THEN
+            RAISE EXCEPTION 'envelope.%: could not run a batch on shard % on node %:%',
+                            procedure, shard_ids[r.i], node_names[r.i], node_ports[r.i]
+                USING ERRCODE = '08000',
+                      DETAIL = format('The node answered: %s', r.result),
+                      HINT = 'Calling the procedure again resumes from the last committed batch.';
+        END IF;
+        RETURN NEXT r.result;
+    END LOOP;
+END
+$$;
+
+-- Add the tasks of column col_num of a Citus table `rel`, one per shard, and return
+-- true; return false for a table Citus does not manage (the caller adds one task for
+-- the whole table).  A table whose shards have copies on several nodes (a reference
+-- table, or shards replicated by Citus) is skipped with a notice: its copies must be
+-- written through Citus, which refuses encrypt in an UPDATE, and writing each copy
+-- separately would leave them different (every encryption draws a new nonce).
+CREATE FUNCTION envelope.citus_shard_tasks(run bigint, rel regclass,
+                                                         col_num smallint, tenant_num smallint,
+                                                         context text)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    proc text;
+    shards bigint[];
+    names text[];
+    nodes text[];
+    ports integer[];
+    commands text[];
+    sizes bigint[];
+    first_task integer;
+BEGIN
+    SELECT array_agg(s.shard_id ORDER BY s.shard_id), array_agg(s.shard_name ORDER BY s.shard_id),
+           array_agg(s.node_name ORDER BY s.shard_id), array_agg(s.node_port ORDER BY s.shard_id),
+           array_agg(format('SELECT pg_catalog.pg_relation_size(%L::pg_catalog.regclass)'
+                            ' OPERATOR(pg_catalog./) pg_catalog.current_setting(''block_size'')::pg_catalog.int8',
+                            s.shard_name) ORDER BY s.shard_id)
+      INTO shards, names, nodes, ports, commands
+      FROM envelope.citus_shards(rel) s;
+    IF shards IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    IF NOT envelope.citus_fleet() THEN
+        -- the batches on the workers could not write the progress tables
+        RAISE EXCEPTION 'cannot re-encrypt %: the pg_envelope tables are not Citus reference tables', rel
+            USING ERRCODE = '55000',
+                  DETAIL = 'Citus was installed after pg_envelope, which left its tables local to the coordinator.',
+                  HINT = 'See "Deployment" in doc/citus.md.';
+    END IF;
+    IF EXISTS (SELECT FROM envelope.citus_shards(rel) s WHERE s.placements <> 1) THEN
+        RAISE NOTICE 'envelope.%: skipping %: its shards have copies on several nodes', proc, rel
+            USING DETAIL = 'A reference table or a replicated distributed table can only be written through Citus, which refuses encrypt in an UPDATE.',
+                  HINT = 'Re-encrypt it with INSERT ... SELECT into a new table, or make it a distributed table with one copy of each shard.';
+        RETURN true;
+    END IF;
+    SELECT array_agg(x::bigint) INTO sizes
+      FROM envelope.citus_run_on_shards(proc, shards, nodes, ports, commands) x;
+    SELECT COALESCE(max(t.task), 0) + 1 INTO first_task
+      FROM envelope.rotation_task t WHERE t.run_id = run;
+    INSERT INTO envelope.rotation_task (run_id, task, relation, column_attnum, tenant_attnum,
+                                        context, unit, total, shard_id)
+    SELECT run, first_task + i - 1, rel, col_num, tenant_num, context, 'blocks', sizes[i], shards[i]
+      FROM generate_subscripts(shards, 1) i;
+    RETURN true;
+END
+$$;
+
+-- One batch of a re-encryption task, on the node that holds relation `rel` (the
+-- task's shard, or a table of the coordinator), described by `batch`: run, task, rel,
+-- column, tenant_column, source_column (a blind-index column's source, or null),
+-- context, done, total, batch_size, batch_start.  Re-encrypts the values that need it
+-- (recomputes the blind indexes, as reencrypt_step does) in the next block range
+-- after `done`, up to `total`, and advances the task in the same transaction, only
+-- from `done` (a task advanced meanwhile by another session is an error, and nothing
+-- commits).  Returns {"moved", "done", "blocks": the relation's size now}; once done
+-- reaches total, only {"blocks"}.  An error of the UPDATE (a value that does not
+-- decrypt, say) is returned as {"sqlstate", "message", "detail", "hint"}, with nothing
+-- done, so that the coordinator can raise it with its SQLSTATE: the connection it comes
+-- back through carries only an error's text.  (A cancel is not caught: it stops all.)
+CREATE FUNCTION envelope.reencrypt_relation_batch(batch jsonb)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint := batch ->> 'run';
+    task_no integer := batch ->> 'task';
+    relid regclass := (batch ->> 'rel')::regclass;
+    column_name name := batch ->> 'column';
+    tenant_column name := batch ->> 'tenant_column';
+    source_column name := batch ->> 'source_column';
+    context text := batch ->> 'context';
+    done_before bigint := batch ->> 'done';
+    total bigint := batch ->> 'total';
+    batch_size integer := batch ->> 'batch_size';
+    batch_start timestamptz := batch ->> 'batch_start';
+    rows_per_block double precision;
+    block_end bigint;
+    moved bigint;
+    advanced bigint;
+    batch_end timestamptz;
+    blocks bigint;
+    err_state text;
+    err_message text;
+    err_detail text;
+    err_hint text;
+BEGIN
+    IF done_before < total THEN
+        SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+          INTO rows_per_block FROM pg_class c WHERE c.oid = relid;
+        block_end := least(total, done_before + greatest(1, ceil(batch_size / rows_per_block))::bigint);
+        BEGIN
+            IF source_column IS NULL THEN
+                EXECUTE format(
+                    'UPDATE %s SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+                    '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+                    relid, column_name, tenant_column, column_name, column_name, tenant_column)
+                  USING context, done_before, block_end;
+            ELSE
+                EXECUTE format(
+                    'UPDATE %s SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
+                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+                    '   AND %I IS NOT NULL'
+                    '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
+                    relid, column_name, tenant_column, source_column, source_column, column_name,
+                    tenant_column)
+                  USING context, done_before, block_end;
+            END IF;
+            GET DIAGNOSTICS moved = ROW_COUNT;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
+                                    err_detail = PG_EXCEPTION_DETAIL, err_hint = PG_EXCEPTION_HINT;
+            RETURN jsonb_build_object('sqlstate', err_state, 'message', err_message,
+                                      'detail', NULLIF(err_detail, ''), 'hint', NULLIF(err_hint, ''));
+        END;
+        batch_end := clock_timestamp();
+        UPDATE envelope.rotation_task x
+           SET done = block_end, values_moved = x.values_moved + moved,
+               started_at = COALESCE(x.started_at, batch_start),
+               active_since = COALESCE(x.active_since, batch_start),
+               updated_at = batch_end
+         WHERE x.run_id = run AND x.task = task_no AND x.done = done_before
+           AND x.finished_at IS NULL;
+        GET DIAGNOSTICS advanced = ROW_COUNT;
+        IF advanced <> 1 THEN
+            RAISE EXCEPTION 'task % of run % was advanced by another session', task_no, run
+                USING ERRCODE = '40001';
+        END IF;
+    END IF;
+    blocks := pg_relation_size(relid) / current_setting('block_size')::bigint;
+    IF block_end IS NULL THEN
+        RETURN jsonb_build_object('blocks', blocks);
+    END IF;
+    RETURN jsonb_build_object('moved', moved, 'done', block_end, 'blocks', blocks);
+END
+$$;
+
+-- reencrypt_step under Citus: one batch of the task, on the node of its shard (or here,
+-- for a table of the coordinator).  Returns how many values moved, or NULL once the
+-- task is finished.  Nothing here holds a lock on the task row while the batch runs:
+-- the batch writes that row from the other node.
+CREATE FUNCTION envelope.citus_reencrypt_step(run bigint, task_no integer, batch_size integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t envelope.rotation_task;
+    proc text;
+    rel_schema name;
+    rel_name name;
+    col name;
+    tenant_col name;
+    source_col name;
+    shard record;
+    target text;
+    label text;             -- the column for notices, and its shard
+    call text;
+    answer jsonb;
+    moved bigint;
+    now_ts timestamptz;
+    batch_start timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO t FROM envelope.rotation_task x WHERE x.run_id = run AND x.task = task_no;
+    IF t.finished_at IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    SELECT n.nspname, c.relname INTO rel_schema, rel_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = t.relation;
+    SELECT a.attname INTO col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO tenant_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO source_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.source_attnum AND NOT a.attisdropped;
+    target := format('%I.%I', rel_schema, rel_name);
+    label := format('%s.%s.%s', rel_schema, rel_name, col)
+             || COALESCE(format(' (shard %s)', t.shard_id), '');
+    IF t.shard_id IS NOT NULL THEN
+        SELECT * INTO shard FROM envelope.citus_shards(t.relation) s
+         WHERE s.shard_id = t.shard_id AND s.placements = 1;
+        target := shard.shard_name;
+    END IF;
+
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR target IS NULL
+       OR (t.source_attnum IS NOT NULL AND source_col IS NULL) THEN
+        RAISE NOTICE 'envelope.%: skipping relation %: it, its columns or its shard no longer exist',
+            proc, t.relation || COALESCE(format(' (shard %s)', t.shard_id), '');
+        now_ts := clock_timestamp();
+        UPDATE envelope.rotation_task x SET finished_at = now_ts, updated_at = now_ts, done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+
+    call := format('SELECT envelope.reencrypt_relation_batch(%L::pg_catalog.jsonb)',
+                   jsonb_build_object('run', run, 'task', task_no, 'rel', target, 'column', col,
+                                      'tenant_column', tenant_col, 'source_column', source_col,
+                                      'context', t.context,
+                                      'done', t.done, 'total', t.total,
+                                      'batch_size', batch_size, 'batch_start', batch_start));
+    IF t.shard_id IS NULL THEN
+        EXECUTE call INTO answer;
+    ELSE
+        answer := envelope.citus_run_on_shards(proc, ARRAY[t.shard_id], ARRAY[shard.node_name],
+                                               ARRAY[shard.node_port], ARRAY[call])::jsonb;
+    END IF;
+    IF answer ? 'sqlstate' THEN
+        -- the batch's own error, raised again as it was (RAISE takes no NULL option)
+        IF answer ->> 'hint' IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message',
+                                  DETAIL = COALESCE(answer ->> 'detail', ''), HINT = answer ->> 'hint';
+        ELSIF answer ->> 'detail' IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message',
+                                  DETAIL = answer ->> 'detail';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message';
+    END IF;
+
+    IF NOT answer ? 'moved' THEN
+        -- done reached total: once more over the blocks added since, then finished
+        now_ts := clock_timestamp();
+        IF NOT t.tail_added THEN
+            UPDATE envelope.rotation_task x
+               SET total = greatest(x.total, (answer ->> 'blocks')::bigint), tail_added = true
+             WHERE x.run_id = run AND x.task = task_no;
+            RETURN 0;
+        END IF;
+        UPDATE envelope.rotation_task x SET finished_at = now_ts, updated_at = now_ts, done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+    moved := (answer ->> 'moved')::bigint;
+    RAISE NOTICE 'envelope.%: %: re-encrypted % values (% in all); % of % blocks done',
+        proc, label, moved, t.values_moved + moved, answer ->> 'done', t.total;
+    RETURN moved;
+END
+$$;
+
+-- Run as the caller of the procedures (envelope_admin), here and on the workers.
+REVOKE ALL ON FUNCTION
+    envelope.citus_fleet(),
+    envelope.citus_shards(regclass),
+    envelope.citus_run_on_shards(text, bigint[], text[], integer[], text[]),
+    envelope.citus_shard_tasks(bigint, regclass, smallint, smallint, text),
+    envelope.reencrypt_relation_batch(jsonb),
+    envelope.citus_reencrypt_step(bigint, integer, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    envelope.citus_fleet(),
+    envelope.citus_shards(regclass),
+    envelope.citus_run_on_shards(text, bigint[], text[], integer[], text[]),
+    envelope.citus_shard_tasks(bigint, regclass, smallint, smallint, text),
+    envelope.reencrypt_relation_batch(jsonb),
+    envelope.citus_reencrypt_step(bigint, integer, integer)
+    TO envelope_admin;
+
 -- ---- privileges: the procedures run as their caller (who needs UPDATE on the
 -- tables it re-encrypts); envelope_admin may call them and read the progress.
 
@@ -1093,6 +1653,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotation_run_end(bigint),
     envelope.rotation_throttle(bigint, timestamptz, integer),
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
@@ -1104,6 +1665,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     FROM PUBLIC;
@@ -1122,6 +1684,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotation_run_end(bigint),
     envelope.rotation_throttle(bigint, timestamptz, integer),
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
+    envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
@@ -1133,6 +1696,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     TO envelope_admin;
@@ -1149,7 +1713,8 @@ GRANT SELECT, INSERT, UPDATE ON envelope.rotation_run, envelope.rotation_task TO
 -- Health check.
 
 -- One row per check: preload, provider and KMS (one cheap request), credentials or
--- key file, cache, inventory, values under retired versions, settings that log
+-- key file, cache, the KMS request rate limit (kms_rate_limit), the re-checks of master
+-- keys (kms_recheck), inventory, values under retired versions, settings that log
 -- plaintext.  VOLATILE and PARALLEL UNSAFE: it calls the KMS.
 CREATE FUNCTION envelope.check(OUT name text, OUT status text, OUT detail text, OUT hint text)
     RETURNS SETOF record
@@ -1186,9 +1751,11 @@ ALTER TABLE envelope.data_key ENABLE REPLICA TRIGGER key_store_changed_replicate
 -- Key cache statistics.
 -- New columns at the end: tenant states held in shared memory, keys unwrapped again
 -- within envelope.cache_ttl of being evicted to make room (the working set is larger
--- than envelope.cache_size), a hint that says so, and graced_loads, the loads that
+-- than envelope.cache_size), a hint that says so, graced_loads, the loads that
 -- found the KMS unreachable and served the key's expired copy instead
--- (envelope.cache_grace).
+-- (envelope.cache_grace), and the progress of envelope.cache_prewarm since the last
+-- start: prewarm_state (off, starting, running, done, failed), prewarm_total (key
+-- versions listed so far), prewarm_loaded, prewarm_failed.
 
 DROP VIEW envelope.cache_stats;
 DROP FUNCTION envelope.cache_stats();
@@ -1198,9 +1765,10 @@ CREATE FUNCTION envelope.cache_stats(
     OUT kms_reencrypt_calls bigint, OUT kms_errors bigint,
     OUT kms_mean_latency_ms double precision, OUT kms_max_latency_ms double precision,
     OUT shared boolean, OUT tenant_entries bigint, OUT evicted_reloads bigint,
-    OUT hint text, OUT graced_loads bigint)
+    OUT hint text, OUT graced_loads bigint, OUT prewarm_state text,
+    OUT prewarm_total bigint, OUT prewarm_loaded bigint, OUT prewarm_failed bigint)
     RETURNS record
-    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v2'
+    AS 'MODULE_PATHNAME', 'envelope_cache_stats_v3'
     LANGUAGE C VOLATILE PARALLEL SAFE;
 
 CREATE VIEW envelope.cache_stats AS SELECT * FROM envelope.cache_stats();
@@ -1209,6 +1777,59 @@ REVOKE ALL ON FUNCTION envelope.cache_stats() FROM PUBLIC;
 REVOKE ALL ON envelope.cache_stats FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.cache_stats() TO envelope_admin;
 GRANT SELECT ON envelope.cache_stats TO envelope_admin;
+
+-- ---------------------------------------------------------------------------
+-- Per-tenant access.
+-- A tenant without rows here is open to every envelope_user member, as in 0.1.0.  Once
+-- it has one, only roles with the privileges of a granted role (pg_has_role(...,
+-- 'USAGE'), checked against current_user at each call) and envelope_admin's may
+-- encrypt, decrypt or compute deterministic values and blind indexes with its keys
+-- (src/tenant_access.c).  Its rows are key-store rows: the key-store trigger makes a
+-- grant or revoke take effect in every session when it commits, on standbys and
+-- logical-replication subscribers too; pg_dump keeps them (roles by name, so create
+-- the roles before restoring).
+CREATE TABLE envelope.tenant_grant (
+    tenant      text NOT NULL REFERENCES envelope.tenant (tenant),
+    role        regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (tenant, role)
+);
+
+COMMENT ON TABLE envelope.tenant_grant IS
+    'pg_envelope: roles allowed to use a tenant''s keys (none: every envelope_user)';
+
+REVOKE ALL ON envelope.tenant_grant FROM PUBLIC;
+GRANT SELECT ON envelope.tenant_grant TO envelope_admin;
+SELECT pg_catalog.pg_extension_config_dump('envelope.tenant_grant', '');
+
+CREATE TRIGGER key_store_changed
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_truncate
+    AFTER TRUNCATE ON envelope.tenant_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION envelope.key_store_changed();
+CREATE TRIGGER key_store_changed_replicated
+    AFTER INSERT OR UPDATE OR DELETE ON envelope.tenant_grant
+    FOR EACH ROW EXECUTE FUNCTION envelope.key_store_changed();
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed;
+ALTER TABLE envelope.tenant_grant ENABLE ALWAYS TRIGGER key_store_changed_truncate;
+ALTER TABLE envelope.tenant_grant ENABLE REPLICA TRIGGER key_store_changed_replicated;
+
+-- True if the grant (the revocation) changed anything; audited when it did.
+CREATE FUNCTION envelope.grant_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_grant_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+CREATE FUNCTION envelope.revoke_tenant(tenant text, role regrole)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_revoke_tenant'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+REVOKE ALL ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.grant_tenant(text, regrole),
+    envelope.revoke_tenant(text, regrole) TO envelope_admin;
 
 -- ---------------------------------------------------------------------------
 -- Citus: key tables as reference tables.
@@ -1437,3 +2058,72 @@ CREATE OR REPLACE VIEW envelope.tenant_keys AS
       FROM envelope.data_key d JOIN envelope.tenant t USING (tenant)
       LEFT JOIN envelope.data_key_encryptions c
         ON c.tenant_id = t.tenant_id AND c.version = d.version;
+
+-- ---------------------------------------------------------------------------
+-- Stored blind indexes.
+--
+-- A blind index is a keyed hash of a plaintext the database holds only encrypted, so
+-- moving it onto a new equality key version needs that plaintext.  A registered
+-- blind-index column names the registered encrypted column it is made from (a security
+-- label, like every registration: see src/inventory.c), and reencrypt_all and
+-- reencrypt recompute it from that column's value, decrypted in C and never a Datum.
+-- The rule: the column holds envelope.blind_index(tenant, envelope.decrypt_text(tenant,
+-- source, context)), the source's tenant column and context; an index of a normalised
+-- form (lower(), trim()) is not recomputable this way and must not be registered.
+
+CREATE FUNCTION envelope.register_blind_index(rel regclass, "column" name, source_column name)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'envelope_register_blind_index'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- True for a stored blind index under an equality key version other than the tenant's
+-- current one (when that one is live); false for anything else, never an error.
+CREATE FUNCTION envelope.blind_index_needs_recompute(blind_index bytea, tenant text)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_needs_recompute'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- envelope.blind_index(tenant, envelope.decrypt_text(tenant, source, context)) under
+-- the tenant's current equality key version, the plaintext never a Datum.  The batch
+-- engine's SET clause for blind-index columns.
+CREATE FUNCTION envelope.blind_index_recompute(tenant text, source bytea, context text DEFAULT NULL)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'envelope_blind_index_recompute'
+    LANGUAGE C STABLE PARALLEL SAFE CALLED ON NULL INPUT;
+
+CREATE VIEW envelope.blind_index_columns AS
+    SELECT l.objoid::pg_catalog.regclass AS relation,
+           a.attname AS column_name,
+           sa.attname AS source_column,
+           e.tenant_column,
+           e.context
+      FROM pg_catalog.pg_seclabel l
+      JOIN pg_catalog.pg_attribute a
+        ON a.attrelid = l.objoid AND a.attnum = l.objsubid AND NOT a.attisdropped
+      LEFT JOIN pg_catalog.pg_seclabel sl
+        ON sl.provider = l.provider AND sl.classoid = l.classoid AND sl.objoid = l.objoid
+       AND sl.objsubid > 0
+       AND (sl.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'role') = 'encrypted'
+       AND (sl.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'tag')
+           = (l.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'source')
+      LEFT JOIN pg_catalog.pg_attribute sa
+        ON sa.attrelid = sl.objoid AND sa.attnum = sl.objsubid AND NOT sa.attisdropped
+      LEFT JOIN envelope.encrypted_columns e
+        ON e.relation OPERATOR(pg_catalog.=) l.objoid::pg_catalog.regclass
+       AND e.column_name OPERATOR(pg_catalog.=) sa.attname
+     WHERE l.provider = 'pg_envelope'
+       AND l.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND l.objsubid > 0
+       AND (l.label::pg_catalog.jsonb OPERATOR(pg_catalog.->>) 'role') = 'blind_index';
+
+REVOKE ALL ON envelope.blind_index_columns FROM PUBLIC;
+GRANT SELECT ON envelope.blind_index_columns TO envelope_admin;
+REVOKE ALL ON FUNCTION
+    envelope.register_blind_index(regclass, name, name),
+    envelope.blind_index_needs_recompute(bytea, text),
+    envelope.blind_index_recompute(text, bytea, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.register_blind_index(regclass, name, name) TO envelope_admin;
+GRANT EXECUTE ON FUNCTION envelope.blind_index_needs_recompute(bytea, text) TO envelope_user;
+-- As reencrypt_value: for the batch engine, which its caller (an admin) runs.
+GRANT EXECUTE ON FUNCTION envelope.blind_index_recompute(text, bytea, text) TO envelope_admin;

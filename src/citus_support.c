@@ -67,15 +67,17 @@ citus_allow_nested_key_store_reads(int *guc_nest_level)
 }
 
 /*
- * The key-store triggers exist on envelope.tenant and envelope.data_key and, under
- * Citus, on their placements, which carry a shard id suffix.
+ * The key-store triggers exist on envelope.tenant, envelope.data_key and
+ * envelope.tenant_grant and, under Citus, on their placements, which carry a shard id
+ * suffix.
  */
 bool
 citus_is_key_table_placement(Relation rel)
 {
 	const char *name = RelationGetRelationName(rel);
 
-	return strcmp(name, "tenant") != 0 && strcmp(name, "data_key") != 0;
+	return strcmp(name, "tenant") != 0 && strcmp(name, "data_key") != 0 &&
+		strcmp(name, "tenant_grant") != 0;
 }
 
 void

@@ -22,6 +22,7 @@
 #include "audit.h"
 #include "citus_support.h"
 #include "encryption_count.h"
+#include "prewarm.h"
 
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
 PG_FUNCTION_INFO_V1(envelope_encrypt_bytea);
@@ -42,6 +43,7 @@ PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
 PG_FUNCTION_INFO_V1(envelope_cache_stats_v2);
+PG_FUNCTION_INFO_V1(envelope_cache_stats_v3);
 PG_FUNCTION_INFO_V1(envelope_key_store_changed);
 
 /*
@@ -613,11 +615,14 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 
 /*
  * The columns of envelope.cache_stats: the first twelve are those of 0.1.0
- * (envelope_cache_stats); 0.2.0 (envelope_cache_stats_v2) adds tenant_entries,
- * evicted_reloads, hint and graced_loads.
+ * (envelope_cache_stats); envelope_cache_stats_v2 adds tenant_entries,
+ * evicted_reloads, hint and graced_loads, and envelope_cache_stats_v3 (0.2.0's) the
+ * progress of envelope.cache_prewarm: prewarm_state, prewarm_total, prewarm_loaded,
+ * prewarm_failed.
  */
 #define CACHE_STATS_COLUMNS_V1 12
 #define CACHE_STATS_COLUMNS_V2 16
+#define CACHE_STATS_COLUMNS_V3 20
 
 static Datum
 cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
@@ -625,8 +630,8 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 	TupleDesc	tupdesc;
 	KeyCacheStats s;
 	KmsCallStats k;
-	Datum		values[CACHE_STATS_COLUMNS_V2];
-	bool		nulls[CACHE_STATS_COLUMNS_V2] = {0};
+	Datum		values[CACHE_STATS_COLUMNS_V3];
+	bool		nulls[CACHE_STATS_COLUMNS_V3] = {0};
 	int64		calls;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -662,6 +667,16 @@ cache_stats_row(FunctionCallInfo fcinfo, int ncolumns)
 			nulls[14] = true;
 		values[15] = Int64GetDatum(s.graced_loads);
 	}
+	if (ncolumns > CACHE_STATS_COLUMNS_V2)
+	{
+		PrewarmProgress p;
+
+		prewarm_get_progress(&p);
+		values[16] = CStringGetTextDatum(prewarm_state_name(p.state));
+		values[17] = Int64GetDatum(p.total);
+		values[18] = Int64GetDatum(p.loaded);
+		values[19] = Int64GetDatum(p.failed);
+	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -672,11 +687,18 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V1);
 }
 
-/* envelope.cache_stats() of 0.2.0. */
+/* envelope.cache_stats() before the prewarm columns. */
 Datum
 envelope_cache_stats_v2(PG_FUNCTION_ARGS)
 {
 	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V2);
+}
+
+/* envelope.cache_stats() of 0.2.0. */
+Datum
+envelope_cache_stats_v3(PG_FUNCTION_ARGS)
+{
+	return cache_stats_row(fcinfo, CACHE_STATS_COLUMNS_V3);
 }
 
 /*

@@ -21,6 +21,8 @@
 #include "utils/tuplestore.h"
 
 #include "aws_credentials.h"
+#include "kms_rate.h"
+#include "kms_recheck.h"
 
 PG_FUNCTION_INFO_V1(envelope_check);
 
@@ -202,6 +204,110 @@ check_cache(CheckOutput *out)
 		report(out, "key_cache", "ok", detail, NULL);
 }
 
+/*
+ * The request rate limit: its setting, the rate in force (lower after throttling
+ * answers), and what it cost (waits) and met (throttling answers).
+ */
+static void
+check_kms_rate(CheckOutput *out)
+{
+	KmsRateStatus r;
+	StringInfoData detail;
+	const char *hint = NULL;
+	const char *status = "ok";
+
+	kms_rate_get_status(&r);
+	initStringInfo(&detail);
+	if (r.configured_rate > 0)
+		appendStringInfo(&detail, "envelope.kms_max_requests_per_second = %.0f", r.configured_rate);
+	else
+		appendStringInfoString(&detail, "envelope.kms_max_requests_per_second = 0 (no limit)");
+	if (r.adaptive)
+		appendStringInfo(&detail, "; lowered to %.1f requests/s after throttling answers of the KMS",
+						 r.effective_rate);
+	appendStringInfo(&detail, "; %s bucket; measured rate %.1f requests/s; %lld requests, %lld of which waited (%.0f ms in all, at most %.0f ms); %lld throttling answers",
+					 r.shared ? "one shared" : "this backend's own",
+					 r.measured_rate, (long long) r.requests, (long long) r.waits,
+					 r.wait_ms_total, r.wait_ms_max, (long long) r.throttled);
+	if (r.seconds_since_throttle >= 0)
+		appendStringInfo(&detail, ", the last %.0f s ago", r.seconds_since_throttle);
+	appendStringInfoChar(&detail, '.');
+	if (strcmp(envelope_kms_provider, "local") == 0)
+		appendStringInfoString(&detail, " The local provider sends no requests: the limit does not apply to it.");
+
+	if (r.adaptive)
+	{
+		status = "warning";
+		hint = "The KMS is throttling this server's requests: raise the KMS request quota, or set envelope.kms_max_requests_per_second below it.";
+	}
+	else if (!r.shared)
+	{
+		status = "warning";
+		hint = "Preload pg_envelope: without it every backend has a bucket of its own and the limit is per backend.";
+	}
+	report(out, "kms_rate_limit", status, detail.data, hint);
+}
+
+/*
+ * The background worker's re-checks of the master keys in use (kms_recheck.c): on or
+ * off, keys the KMS refuses now, the latest answer, and keys the table had no room for.
+ */
+static void
+check_kms_recheck(CheckOutput *out)
+{
+	KmsRecheckStatus r;
+	StringInfoData detail;
+	int			cached_for = envelope_cache_ttl + envelope_cache_grace;
+
+	if (envelope_kms_recheck_interval == 0)
+	{
+		report(out, "kms_recheck", "warning",
+			   psprintf("envelope.kms_recheck_interval = 0: a master key disabled or revoked in the KMS keeps decrypting through its cached data keys until they expire (envelope.cache_ttl = %d s).",
+						envelope_cache_ttl),
+			   "Set envelope.kms_recheck_interval (300 s by default) so that a revocation stops decryption within that time.");
+		return;
+	}
+	kms_recheck_get_status(&r);
+	if (!r.available)
+	{
+		report(out, "kms_recheck", "warning",
+			   "Master keys are not re-checked: the re-check runs in the background worker, which needs pg_envelope in shared_preload_libraries.",
+			   "Add pg_envelope to shared_preload_libraries and restart the server.");
+		return;
+	}
+
+	initStringInfo(&detail);
+	appendStringInfo(&detail, "envelope.kms_recheck_interval = %d s; %d of at most %d master keys tracked",
+					 envelope_kms_recheck_interval, r.tracked, KMS_RECHECK_MAX_KEYS);
+	if (r.seconds_since_check < 0)
+		appendStringInfoString(&detail, "; no re-check yet");
+	else
+		appendStringInfo(&detail, "; the latest re-check, %.0f s ago, of \"%s\": %s",
+						 r.seconds_since_check, r.last_key,
+						 r.last_status == KMS_OK ? "usable" : r.last_error);
+	appendStringInfo(&detail, "; %lld re-checks answered (%lld refusals), %lld unanswered",
+					 (long long) r.checks, (long long) r.refusals, (long long) r.unanswered);
+	if (r.untracked > 0)
+		appendStringInfo(&detail, "; %lld loads under keys beyond the table, the latest %.0f s ago",
+						 (long long) r.untracked, r.seconds_since_untracked);
+	appendStringInfoChar(&detail, '.');
+
+	if (r.refused > 0)
+		report(out, "kms_recheck", "error",
+			   psprintf("The KMS refuses master key%s %s: their cached data keys are evicted and every decrypt under them fails. %s",
+						r.refused > 1 ? "s" : "", r.refused_keys, detail.data),
+			   "Enable the key in the KMS again (or restore its key policy or grant), or, if it was revoked on purpose, the data under it stays unreadable.");
+	else if (r.untracked > 0 && r.seconds_since_untracked < cached_for)
+		report(out, "kms_recheck", "warning", detail.data,
+			   psprintf("The table of master keys was full: a revocation of a key beyond its %d is noticed only when the key's cached data keys expire (envelope.cache_ttl). Use fewer master keys per server.",
+						KMS_RECHECK_MAX_KEYS));
+	else if (r.seconds_since_check >= 0 && r.last_status != KMS_OK)
+		report(out, "kms_recheck", "warning", detail.data,
+			   "The latest re-check got no answer from the KMS: check the network path to it and the kms_rate_limit row.");
+	else
+		report(out, "kms_recheck", "ok", detail.data, NULL);
+}
+
 /* Run a query that returns one text column; the rows joined with ", ", or NULL. */
 static char *
 joined_rows(const char *sql)
@@ -379,6 +485,8 @@ envelope_check(PG_FUNCTION_ARGS)
 	check_aws_credentials(&out);
 	check_local_key_file(&out);
 	check_cache(&out);
+	check_kms_rate(&out);
+	check_kms_recheck(&out);
 	check_inventory(&out);
 	check_logging(&out);
 	SPI_finish();

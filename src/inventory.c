@@ -9,13 +9,17 @@
  * would need an event trigger to follow drops and renames, and stored oids or names
  * that a restore or a rename breaks.
  *
- * Two kinds of label, both JSON objects:
- *   encrypted column   {"role": "encrypted", "tenant": "<tag>", "context": <text|null>}
- *   tenant column      {"role": "tenant", "tag": "<tag>"}
- * The encrypted column names its tenant column through a tag held in the tenant
- * column's own label, never by name, so renaming the tenant column breaks nothing.
- * The tag is the tenant column's name when it was first registered (made unique in
- * the table).  The view envelope.encrypted_columns resolves tags to current names.
+ * Three kinds of label, all JSON objects:
+ *   encrypted column    {"role": "encrypted", "tenant": "<tag>", "context": <text|null>
+ *                        [, "tag": "<own tag>"]}
+ *   tenant column       {"role": "tenant", "tag": "<tag>"}
+ *   blind-index column  {"role": "blind_index", "source": "<tag>"}
+ * A column names another (its tenant column, or the encrypted column a blind index is
+ * made from) through a tag held in that column's own label, never by name, so renaming
+ * either breaks nothing.  A tag is the column's name when it was first referred to
+ * (made unique in the table); an encrypted column has one only once a blind index
+ * refers to it.  The views envelope.encrypted_columns and envelope.blind_index_columns
+ * resolve tags to current names.
  */
 #include "pg_envelope.h"
 
@@ -49,14 +53,17 @@ typedef enum LabelRole
 {
 	LABEL_NONE = 0,
 	LABEL_ENCRYPTED,
-	LABEL_TENANT
+	LABEL_TENANT,
+	LABEL_BLIND_INDEX
 } LabelRole;
 
 typedef struct ColumnLabel
 {
 	LabelRole	role;
-	char	   *tag;			/* encrypted: its tenant column's tag; tenant: own tag */
+	char	   *tag;			/* encrypted: its tenant column's tag; tenant: own tag;
+								 * blind index: its source column's tag */
 	char	   *context;		/* encrypted only; NULL for "no context" */
+	char	   *own_tag;		/* encrypted only; NULL until a blind index refers to it */
 } ColumnLabel;
 
 static char *
@@ -79,6 +86,7 @@ parse_label(const char *label, ColumnLabel *out, const char **why)
 	bool		present;
 	bool		is_null;
 	char	   *role;
+	int			members;
 
 	memset(out, 0, sizeof(*out));
 	if (!JB_ROOT_IS_OBJECT(jb))
@@ -102,9 +110,27 @@ parse_label(const char *label, ColumnLabel *out, const char **why)
 			*why = "The \"context\" of an \"encrypted\" label is a string or null.";
 			return false;
 		}
-		if (JsonContainerSize(&jb->root) != (present ? 3 : 2))
+		members = present ? 3 : 2;
+		out->own_tag = json_string_member(jb, "tag", &present, &is_null);
+		if (present && (out->own_tag == NULL || out->own_tag[0] == '\0'))
 		{
-			*why = "An \"encrypted\" label has only \"role\", \"tenant\" and \"context\".";
+			*why = "The \"tag\" of an \"encrypted\" label is a non-empty string.";
+			return false;
+		}
+		if (JsonContainerSize(&jb->root) != members + (present ? 1 : 0))
+		{
+			*why = "An \"encrypted\" label has only \"role\", \"tenant\", \"context\" and \"tag\".";
+			return false;
+		}
+		return true;
+	}
+	if (role != NULL && strcmp(role, "blind_index") == 0)
+	{
+		out->role = LABEL_BLIND_INDEX;
+		out->tag = json_string_member(jb, "source", &present, &is_null);
+		if (out->tag == NULL || out->tag[0] == '\0' || JsonContainerSize(&jb->root) != 2)
+		{
+			*why = "A \"blind_index\" label has a non-empty string \"source\" and nothing else.";
 			return false;
 		}
 		return true;
@@ -120,12 +146,12 @@ parse_label(const char *label, ColumnLabel *out, const char **why)
 		}
 		return true;
 	}
-	*why = "The \"role\" of a pg_envelope label is \"encrypted\" or \"tenant\".";
+	*why = "The \"role\" of a pg_envelope label is \"encrypted\", \"tenant\" or \"blind_index\".";
 	return false;
 }
 
 static char *
-encrypted_label_text(const char *tag, const char *context)
+encrypted_label_text(const char *tag, const char *context, const char *own_tag)
 {
 	StringInfoData buf;
 
@@ -137,6 +163,23 @@ encrypted_label_text(const char *tag, const char *context)
 		escape_json(&buf, context);
 	else
 		appendStringInfoString(&buf, "null");
+	if (own_tag)
+	{
+		appendStringInfoString(&buf, ", \"tag\": ");
+		escape_json(&buf, own_tag);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
+}
+
+static char *
+blind_index_label_text(const char *source_tag)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"role\": \"blind_index\", \"source\": ");
+	escape_json(&buf, source_tag);
 	appendStringInfoChar(&buf, '}');
 	return buf.data;
 }
@@ -243,6 +286,63 @@ find_tenant_tag(Relation rel, const char *tag)
 	return InvalidAttrNumber;
 }
 
+/*
+ * The column whose own tag this is (a tenant column's, or an encrypted column's that a
+ * blind index refers to), or 0: tags are unique in a table across both kinds.
+ */
+static AttrNumber
+find_tag(Relation rel, const char *tag)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		ColumnLabel l;
+
+		if (att->attisdropped)
+			continue;
+		l = column_label(RelationGetRelid(rel), att->attnum);
+		if ((l.role == LABEL_TENANT && strcmp(l.tag, tag) == 0) ||
+			(l.role == LABEL_ENCRYPTED && l.own_tag != NULL && strcmp(l.own_tag, tag) == 0))
+			return att->attnum;
+	}
+	return InvalidAttrNumber;
+}
+
+/* A tag not yet used in the table: the column's name, with a suffix if need be. */
+static char *
+new_tag(Relation rel, const char *column_name)
+{
+	char	   *tag = pstrdup(column_name);
+
+	for (int n = 2; find_tag(rel, tag) != InvalidAttrNumber; n++)
+		tag = psprintf("%s_%d", column_name, n);
+	return tag;
+}
+
+/* The name of a blind-index column of the table made from this source tag, or NULL. */
+static const char *
+blind_index_of_tag(Relation rel, const char *source_tag)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	if (source_tag == NULL)
+		return NULL;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		ColumnLabel l;
+
+		if (att->attisdropped)
+			continue;
+		l = column_label(RelationGetRelid(rel), att->attnum);
+		if (l.role == LABEL_BLIND_INDEX && strcmp(l.tag, source_tag) == 0)
+			return NameStr(att->attname);
+	}
+	return NULL;
+}
+
 /* Does any encrypted column of the table still name this tenant tag? */
 static bool
 tenant_tag_in_use(Relation rel, const char *tag)
@@ -271,12 +371,11 @@ static char *
 tenant_column_tag(Relation rel, AttrNumber tenant_attnum, const char *tenant_name)
 {
 	ColumnLabel existing = column_label(RelationGetRelid(rel), tenant_attnum);
-	char	   *tag = pstrdup(tenant_name);
+	char	   *tag;
 
 	if (existing.role == LABEL_TENANT)
 		return existing.tag;
-	for (int n = 2; find_tenant_tag(rel, tag) != InvalidAttrNumber; n++)
-		tag = psprintf("%s_%d", tenant_name, n);
+	tag = new_tag(rel, tenant_name);
 	set_column_label(RelationGetRelid(rel), tenant_attnum, tenant_label_text(tag));
 	return tag;
 }
@@ -415,6 +514,12 @@ envelope_register_column(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("column \"%s\" is the tenant column of a registered column",
 						NameStr(*PG_GETARG_NAME(1)))));
+	if (current.role == LABEL_BLIND_INDEX)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("column \"%s\" is registered as a blind index",
+						NameStr(*PG_GETARG_NAME(1))),
+				 errhint("Unregister it first with envelope.unregister_column().")));
 	if (column_label(RelationGetRelid(rel), tenant_attnum).role == LABEL_ENCRYPTED)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -423,7 +528,10 @@ envelope_register_column(PG_FUNCTION_ARGS)
 				 errdetail("A tenant column holds plaintext tenant names.")));
 
 	tag = tenant_column_tag(rel, tenant_attnum, NameStr(*PG_GETARG_NAME(2)));
-	set_column_label(RelationGetRelid(rel), attnum, encrypted_label_text(tag, context));
+	/* Blind indexes made from this column keep referring to it. */
+	set_column_label(RelationGetRelid(rel), attnum,
+					 encrypted_label_text(tag, context,
+										  current.role == LABEL_ENCRYPTED ? current.own_tag : NULL));
 	/* A tenant column that no longer serves any column loses its label. */
 	if (current.role == LABEL_ENCRYPTED && strcmp(current.tag, tag) != 0 &&
 		!tenant_tag_in_use(rel, current.tag))
@@ -453,13 +561,19 @@ envelope_unregister_column(PG_FUNCTION_ARGS)
 	rel = open_registered_table(PG_GETARG_OID(0));
 	attnum = column_of(rel, PG_GETARG_NAME(1), "an encrypted column");
 	current = column_label(RelationGetRelid(rel), attnum);
-	if (current.role != LABEL_ENCRYPTED)
+	if (current.role != LABEL_ENCRYPTED && current.role != LABEL_BLIND_INDEX)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("column \"%s\" of relation \"%s\" is not registered",
 						NameStr(*PG_GETARG_NAME(1)), RelationGetRelationName(rel))));
+	if (current.role == LABEL_ENCRYPTED && blind_index_of_tag(rel, current.own_tag) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
+				 errmsg("column \"%s\" is the source of blind index column \"%s\"",
+						NameStr(*PG_GETARG_NAME(1)), blind_index_of_tag(rel, current.own_tag)),
+				 errhint("Unregister the blind index column first.")));
 	set_column_label(RelationGetRelid(rel), attnum, NULL);
-	if (!tenant_tag_in_use(rel, current.tag))
+	if (current.role == LABEL_ENCRYPTED && !tenant_tag_in_use(rel, current.tag))
 	{
 		AttrNumber	tenant_attnum = find_tenant_tag(rel, current.tag);
 
@@ -468,6 +582,74 @@ envelope_unregister_column(PG_FUNCTION_ARGS)
 	}
 	audit_log_action("unregister", NULL, NULL, 0, NULL,
 					 registration_detail(rel, NameStr(*PG_GETARG_NAME(1)), NULL, NULL));
+	table_close(rel, NoLock);
+	PG_RETURN_VOID();
+}
+
+PG_FUNCTION_INFO_V1(envelope_register_blind_index);
+
+/*
+ * envelope.register_blind_index(rel, column, source_column): record that `column`
+ * holds envelope.blind_index(tenant, envelope.decrypt_text(tenant, source_column,
+ * context)) for the tenant and context of the registered encrypted column
+ * `source_column`, so that re-encryption can recompute it under a new equality key
+ * version.  Registering it again with another source replaces the source.
+ */
+Datum
+envelope_register_blind_index(PG_FUNCTION_ARGS)
+{
+	Relation	rel;
+	AttrNumber	attnum;
+	AttrNumber	source_attnum;
+	ColumnLabel current;
+	ColumnLabel source;
+	StringInfoData detail;
+
+	require_argument(fcinfo, 0, "relation");
+	require_argument(fcinfo, 1, "column");
+	require_argument(fcinfo, 2, "source column");
+	rel = open_registered_table(PG_GETARG_OID(0));
+	attnum = column_of(rel, PG_GETARG_NAME(1), "a blind index column");
+	source_attnum = column_of(rel, PG_GETARG_NAME(2), "a source column");
+	if (attnum == source_attnum)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a blind index cannot be made from its own column")));
+	check_column_type(rel, attnum, false);
+	current = column_label(RelationGetRelid(rel), attnum);
+	if (current.role == LABEL_ENCRYPTED || current.role == LABEL_TENANT)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("column \"%s\" is registered as %s",
+						NameStr(*PG_GETARG_NAME(1)),
+						current.role == LABEL_ENCRYPTED ? "an encrypted column" : "a tenant column"),
+				 errdetail("A blind-index column holds only blind indexes.")));
+	source = column_label(RelationGetRelid(rel), source_attnum);
+	if (source.role != LABEL_ENCRYPTED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("column \"%s\" of relation \"%s\" is not a registered encrypted column",
+						NameStr(*PG_GETARG_NAME(2)), RelationGetRelationName(rel)),
+				 errdetail("A blind index is recomputed from the plaintext of its source column, with that column's tenant column and context."),
+				 errhint("Register it first with envelope.register_column().")));
+	if (source.own_tag == NULL)
+	{
+		source.own_tag = new_tag(rel, NameStr(*PG_GETARG_NAME(2)));
+		set_column_label(RelationGetRelid(rel), source_attnum,
+						 encrypted_label_text(source.tag, source.context, source.own_tag));
+	}
+	set_column_label(RelationGetRelid(rel), attnum, blind_index_label_text(source.own_tag));
+
+	initStringInfo(&detail);
+	appendStringInfoString(&detail, "{\"relation\": ");
+	escape_json(&detail, quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+													RelationGetRelationName(rel)));
+	appendStringInfoString(&detail, ", \"column\": ");
+	escape_json(&detail, NameStr(*PG_GETARG_NAME(1)));
+	appendStringInfoString(&detail, ", \"blind_index_of\": ");
+	escape_json(&detail, NameStr(*PG_GETARG_NAME(2)));
+	appendStringInfoChar(&detail, '}');
+	audit_log_action("register", NULL, NULL, 0, NULL, detail.data);
 	table_close(rel, NoLock);
 	PG_RETURN_VOID();
 }

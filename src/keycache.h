@@ -54,13 +54,15 @@ extern void keycache_init_backend(void);
 
 /*
  * The key new values of `tenant` are encrypted with, and its version; raises an error
- * if the tenant does not exist or is not active.
+ * if the tenant does not exist or is not active, or (42501) if current_user may not use
+ * its keys (tenant_access.h).
  */
 extern EnvelopeKeyRef keycache_key_for_encrypt(const char *tenant, size_t tenant_len);
 
 /*
  * The key of (tenant, version) with the context `use` needs set up; raises an error if
- * the tenant or the version does not exist or is not active.
+ * the tenant or the version does not exist or is not active, or (42501) if current_user
+ * may not use the tenant's keys (checked before any KMS call).
  */
 extern const CipherKey *keycache_key_for_decrypt(const char *tenant, size_t tenant_len,
 												 uint32 version, CipherUse use);
@@ -95,6 +97,15 @@ extern int	keycache_sweep(void);
 extern void keycache_prime(const char *tenant, int32 tenant_id, uint32 version,
 						   const char *provider, const char *key_arn,
 						   const bytea *wrapped, const uint8 dek[KMS_DEK_LEN]);
+
+/*
+ * For the cache prewarm: load the DEK of (tenant, version) into the shared cache as a
+ * lookup would (the same key store checks, single-flight load and revocation checks),
+ * keeping no copy in this backend.  False, and nothing cached, if the tenant or the
+ * version may no longer be used, also when that changed during the load; raises the
+ * KMS's error.  Needs shared memory (false without).
+ */
+extern bool keycache_prewarm(const char *tenant, uint32 version);
 
 /*
  * The KMS refused a master key (kms_recheck slot): evict its DEKs from shared memory

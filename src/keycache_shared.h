@@ -15,6 +15,12 @@
 #include "keycache.h"
 #include "keystore.h"
 
+/*
+ * Roles granted a tenant that shared memory holds with its state; a tenant with more
+ * is not held there (each backend reads it from the key store once per generation).
+ */
+#define SHARED_TENANT_GRANTS 8
+
 /* What shared memory holds of a tenant and one of its versions at one generation. */
 typedef struct TenantView
 {
@@ -25,6 +31,8 @@ typedef struct TenantView
 	bool		has_version;	/* its state is known: */
 	KeyState	version_state;
 	uint64		wrapped_hash;
+	int			ngrants;		/* roles granted the tenant (0: not restricted) */
+	Oid			grant_roles[SHARED_TENANT_GRANTS];
 } TenantView;
 
 /* Is the cache in shared memory?  Any call. */
@@ -42,13 +50,24 @@ extern uint64 l2_revocation_epoch(void);
 /* Make every tenant state read before now stale, in every backend.  Any call. */
 extern void l2_bump_generation(void);
 
+/* A DEK copied out of shared memory, and until when copies of it may be used. */
+typedef struct SharedDekCopy
+{
+	bool		found;
+	uint8		dek[KMS_DEK_LEN];
+	TimestampTz expires_at;
+} SharedDekCopy;
+
 /*
- * The state of tenant `name` and of its `version` (0: the active one) as read from the
- * key store at shared generation `generation`; false if not held for that generation
- * (has_version is false if the tenant is held but not that version).
+ * The state of tenant `name`, its granted roles, and the state of its `version` (0:
+ * the active one) as read from the key store at shared generation `generation`; false
+ * if not held for that generation (has_version is false if the tenant is held but not
+ * that version).  With `dek`, also the version's DEK (dek->found) when the tenant and
+ * the version are active and the DEK is ready in shared memory: state and key in one
+ * look, under one lock.  The caller wipes dek->dek.
  */
 extern bool l2_find_tenant(const char *name, size_t name_len, uint64 generation,
-						   uint32 version, TenantView *view);
+						   uint32 version, TenantView *view, SharedDekCopy *dek);
 
 /*
  * Hold what the key store said of a tenant (and of rec->version if key_found), read

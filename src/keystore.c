@@ -21,6 +21,7 @@
 #include "nodes/pg_list.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
@@ -37,6 +38,8 @@ typedef struct KeystoreSession
 static Oid	key_store_owner = InvalidOid;
 static Oid	tenant_relid = InvalidOid;
 static Oid	data_key_relid = InvalidOid;
+/* envelope.tenant_grant (0.2.0 and later); InvalidOid in a database still at 0.1.0. */
+static Oid	tenant_grant_relid = InvalidOid;
 
 /* Forget what we looked up about the tables (DROP/CREATE EXTENSION may change it). */
 void
@@ -45,6 +48,7 @@ keystore_forget_relations(void)
 	key_store_owner = InvalidOid;
 	tenant_relid = InvalidOid;
 	data_key_relid = InvalidOid;
+	tenant_grant_relid = InvalidOid;
 }
 
 /*
@@ -56,7 +60,8 @@ keystore_is_key_table(Oid relid)
 {
 	if (!OidIsValid(tenant_relid) || !OidIsValid(data_key_relid))
 		return true;
-	return relid == tenant_relid || relid == data_key_relid;
+	return relid == tenant_relid || relid == data_key_relid ||
+		(OidIsValid(tenant_grant_relid) && relid == tenant_grant_relid);
 }
 
 /*
@@ -101,6 +106,7 @@ lookup_key_store_owner(void)
 	nsp = get_namespace_oid("envelope", true);
 	relid = OidIsValid(nsp) ? get_relname_relid("data_key", nsp) : InvalidOid;
 	tenant_relid = OidIsValid(nsp) ? get_relname_relid("tenant", nsp) : InvalidOid;
+	tenant_grant_relid = OidIsValid(nsp) ? get_relname_relid("tenant_grant", nsp) : InvalidOid;
 	data_key_relid = relid;
 	if (!OidIsValid(relid))
 		ereport(ERROR,
@@ -345,11 +351,73 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 
 /*
  * The key cache's one question to the key store: a tenant and one of its versions (0:
- * the active one), with the latest committed state.  The plan is prepared once per
- * backend and kept (SPI_keepplan), so a cache miss parses nothing; the plan cache
- * re-plans it by itself should the tables be dropped and created again.
+ * the active one), with the latest committed state, and the roles granted the tenant.
+ * The plan is prepared once per backend and kept (SPI_keepplan), so a cache miss
+ * parses nothing; the plan cache re-plans it by itself should the tables be dropped
+ * and created again.  A database still at 0.1.0 has no envelope.tenant_grant: its
+ * plan reads no grants, and is prepared again once the table appears (the update
+ * invalidates envelope.tenant, which makes this backend look the tables up again).
  */
 static SPIPlanPtr tenant_key_plan = NULL;
+static bool tenant_key_plan_reads_grants = false;
+
+static SPIPlanPtr
+prepare_tenant_key_plan(bool read_grants)
+{
+	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	SPIPlanPtr	plan;
+
+	plan = SPI_prepare(read_grants ?
+					   "SELECT t.tenant_id, t.state, t.active_version,"
+					   "       d.version, d.state, d.kms_provider, d.kms_key, d.wrapped_dek,"
+					   "       (SELECT pg_catalog.array_agg(g.role::pg_catalog.oid ORDER BY g.role::pg_catalog.oid)"
+					   "          FROM envelope.tenant_grant g"
+					   "         WHERE g.tenant OPERATOR(pg_catalog.=) t.tenant)"
+					   "  FROM envelope.tenant t"
+					   "  LEFT JOIN envelope.data_key d"
+					   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
+					   "   AND d.version OPERATOR(pg_catalog.=)"
+					   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
+					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1" :
+					   "SELECT t.tenant_id, t.state, t.active_version,"
+					   "       d.version, d.state, d.kms_provider, d.kms_key, d.wrapped_dek"
+					   "  FROM envelope.tenant t"
+					   "  LEFT JOIN envelope.data_key d"
+					   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
+					   "   AND d.version OPERATOR(pg_catalog.=)"
+					   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
+					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1",
+					   2, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+/* Column `col` (an oid[] or NULL) as a palloc'd array in `cxt`; its length in *n. */
+static Oid *
+oid_array_column(HeapTuple tuple, TupleDesc desc, int col, MemoryContext cxt, int *n)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+	ArrayType  *arr;
+	Oid		   *oids;
+	MemoryContext old;
+
+	*n = 0;
+	if (isnull)
+		return NULL;
+	arr = DatumGetArrayTypeP(d);
+	if (ARR_NDIM(arr) != 1 || ARR_HASNULL(arr) || ARR_ELEMTYPE(arr) != OIDOID)
+		elog(ERROR, "unexpected array of roles granted a tenant");
+	*n = ArrayGetNItems(ARR_NDIM(arr), ARR_DIMS(arr));
+	old = MemoryContextSwitchTo(cxt);
+	oids = palloc(sizeof(Oid) * Max(*n, 1));
+	MemoryContextSwitchTo(old);
+	memcpy(oids, ARR_DATA_PTR(arr), sizeof(Oid) * *n);
+	return oids;
+}
 
 bool
 keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out)
@@ -363,25 +431,15 @@ keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out
 
 	memset(out, 0, sizeof(*out));
 	keystore_enter(&session);
+	if (tenant_key_plan != NULL && tenant_key_plan_reads_grants != OidIsValid(tenant_grant_relid))
+	{
+		SPI_freeplan(tenant_key_plan);
+		tenant_key_plan = NULL;
+	}
 	if (tenant_key_plan == NULL)
 	{
-		Oid			argtypes[2] = {TEXTOID, INT4OID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("SELECT t.tenant_id, t.state, t.active_version,"
-						   "       d.version, d.state, d.kms_provider, d.kms_key, d.wrapped_dek"
-						   "  FROM envelope.tenant t"
-						   "  LEFT JOIN envelope.data_key d"
-						   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
-						   "   AND d.version OPERATOR(pg_catalog.=)"
-						   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
-						   " WHERE t.tenant OPERATOR(pg_catalog.=) $1",
-						   2, argtypes);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		tenant_key_plan = plan;
+		tenant_key_plan = prepare_tenant_key_plan(OidIsValid(tenant_grant_relid));
+		tenant_key_plan_reads_grants = OidIsValid(tenant_grant_relid);
 	}
 	/* As execute_latest(): a revocation committed a moment ago stops this reader too. */
 	snapshot = IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot();
@@ -419,6 +477,8 @@ keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out
 				MemoryContextSwitchTo(old);
 			}
 		}
+		if (tenant_key_plan_reads_grants)
+			out->grant_roles = oid_array_column(tuple, desc, 9, caller_cxt, &out->ngrants);
 		found = true;
 	}
 	keystore_leave(&session);
@@ -710,4 +770,102 @@ keystore_set_equality_version(const char *tenant, int32 version)
 	keystore_modify("UPDATE envelope.tenant SET equality_version = $2"
 					" WHERE tenant OPERATOR(pg_catalog.=) $1",
 					2, argtypes, values, NULL);
+}
+
+/*
+ * Per-tenant access (src/tenant_access.c): the roles granted a tenant.  Rows of
+ * envelope.tenant_grant are key-store rows, so the key-store trigger makes a change
+ * take effect in every session when it commits.
+ */
+bool
+keystore_add_tenant_grant(const char *tenant, Oid role)
+{
+	Oid			argtypes[2] = {TEXTOID, OIDOID};
+	Datum		values[2] = {CStringGetTextDatum(tenant), ObjectIdGetDatum(role)};
+
+	return keystore_modify("INSERT INTO envelope.tenant_grant (tenant, role)"
+						   " VALUES ($1, $2::pg_catalog.regrole) ON CONFLICT DO NOTHING",
+						   2, argtypes, values, NULL) > 0;
+}
+
+bool
+keystore_remove_tenant_grant(const char *tenant, Oid role)
+{
+	Oid			argtypes[2] = {TEXTOID, OIDOID};
+	Datum		values[2] = {CStringGetTextDatum(tenant), ObjectIdGetDatum(role)};
+
+	return keystore_modify("DELETE FROM envelope.tenant_grant"
+						   " WHERE tenant OPERATOR(pg_catalog.=) $1"
+						   "   AND role::pg_catalog.oid OPERATOR(pg_catalog.=) $2",
+						   2, argtypes, values, NULL) > 0;
+}
+
+/* Not read-only: it must see the rows this statement has just changed. */
+int64
+keystore_count_tenant_grants(const char *tenant)
+{
+	KeystoreSession session;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
+	bool		isnull;
+	int64		count;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT pg_catalog.count(*) FROM envelope.tenant_grant"
+								" WHERE tenant OPERATOR(pg_catalog.=) $1",
+								1, argtypes, values, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	count = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	keystore_leave(&session);
+	return count;
+}
+
+/*
+ * The DEK versions the cache prewarm loads, most useful first: the active version of
+ * every active tenant, then (all_versions) their other active versions, newest first;
+ * at most `limit` of them.  Retired and destroyed versions, and the versions of
+ * disabled or destroyed tenants, never decrypt, so they are never listed.
+ */
+List *
+keystore_prewarm_candidates(bool all_versions, int64 limit)
+{
+	KeystoreSession session;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			argtypes[2] = {BOOLOID, INT8OID};
+	Datum		values[2] = {BoolGetDatum(all_versions), Int64GetDatum(limit)};
+	List	   *keys = NIL;
+	int			ret;
+
+	keystore_enter(&session);
+	ret = SPI_execute_with_args("SELECT d.tenant, d.version"
+								"  FROM envelope.data_key d"
+								"  JOIN envelope.tenant t ON t.tenant OPERATOR(pg_catalog.=) d.tenant"
+								" WHERE t.state OPERATOR(pg_catalog.=) 'active'"
+								"   AND d.state OPERATOR(pg_catalog.=) 'active'"
+								"   AND d.wrapped_dek IS NOT NULL"
+								"   AND ($1 OR d.version OPERATOR(pg_catalog.=) t.active_version)"
+								" ORDER BY d.version OPERATOR(pg_catalog.<>) t.active_version,"
+								"          t.tenant_id, d.version DESC"
+								" LIMIT $2",
+								2, argtypes, values, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+		KeyVersionRef *ref = palloc0(sizeof(KeyVersionRef));
+
+		MemoryContextSwitchTo(old);
+		ref->tenant = copy_text_column(tuple, desc, 1, caller_cxt);
+		ref->version = int_column(tuple, desc, 2);
+		old = MemoryContextSwitchTo(caller_cxt);
+		keys = lappend(keys, ref);
+		MemoryContextSwitchTo(old);
+	}
+	keystore_leave(&session);
+	return keys;
 }

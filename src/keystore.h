@@ -57,6 +57,8 @@ typedef struct TenantKeyRecord
 	int32		version;		/* the version asked for, or the active one */
 	bool		key_found;		/* false: the tenant has no such version */
 	DataKeyRecord key;
+	int			ngrants;		/* roles granted the tenant (0: open to envelope_user) */
+	Oid		   *grant_roles;	/* ngrants role oids, ascending; NULL when none */
 } TenantKeyRecord;
 
 /* One stored DEK, as rewrap walks them. */
@@ -130,7 +132,30 @@ extern void keystore_set_equality_version(const char *tenant, int32 version);
 /* Forget the tables' OIDs and owner (called on invalidation of the key tables). */
 extern void keystore_forget_relations(void);
 
+/*
+ * Grant `role` access to the tenant's keys (envelope.tenant_grant); false if it already
+ * had it.  Revoke it; false if it had none.  The caller locks the tenant row first.
+ */
+extern bool keystore_add_tenant_grant(const char *tenant, Oid role);
+extern bool keystore_remove_tenant_grant(const char *tenant, Oid role);
+/* How many roles are granted the tenant, as this transaction sees it. */
+extern int64 keystore_count_tenant_grants(const char *tenant);
+
 /* Could an invalidation of `relid` concern the key store?  True while unknown. */
 extern bool keystore_is_key_table(Oid relid);
+
+/* A DEK version named by its tenant, as the cache prewarm walks them. */
+typedef struct KeyVersionRef
+{
+	char	   *tenant;
+	int32		version;
+} KeyVersionRef;
+
+/*
+ * The DEK versions worth loading into the cache at start (KeyVersionRef, palloc'd in
+ * the caller's context): each active tenant's active version first, then, with
+ * all_versions, the other active versions; at most `limit`.
+ */
+extern List *keystore_prewarm_candidates(bool all_versions, int64 limit);
 
 #endif							/* PG_ENVELOPE_KEYSTORE_H */

@@ -46,7 +46,9 @@ typedef enum KmsStatus
 	KMS_ERR_TIMEOUT,			/* no answer within the configured timeout */
 	KMS_ERR_CANCELED,			/* the interrupt callback asked to stop */
 	KMS_ERR_PROTOCOL,			/* the answer made no sense (garbage, wrong size, wrong key) */
-	KMS_ERR_INTERNAL			/* out of memory, library failure */
+	KMS_ERR_INTERNAL,			/* out of memory, library failure */
+	KMS_ERR_WRONG_REGION		/* a single-Region master key of another region than the
+								 * configured one: only a multi-Region key has a replica here */
 } KmsStatus;
 
 /* What the KMS binds to every wrapped DEK, and logs in its audit trail. */
@@ -60,7 +62,9 @@ typedef struct KmsEncryptionContext
  * Settings the SQL layer hands down on each call (from the envelope.* GUCs).  Strings
  * may be NULL or empty when unset.
  */
-typedef struct KmsConfig
+typedef struct KmsConfig KmsConfig;
+
+struct KmsConfig
 {
 	const char *local_master_key_file;	/* local provider */
 	const char *data_directory; /* refuse key files inside it */
@@ -81,7 +85,15 @@ typedef struct KmsConfig
 	 * abandoned (query cancel, statement_timeout, shutdown).  May be NULL.
 	 */
 	bool		(*interrupted) (void);
-} KmsConfig;
+
+	/*
+	 * The cluster-wide request rate limit (kms_rate.c), for providers that send
+	 * requests: kms_before_request and kms_after_answer below call these, either of
+	 * which may be NULL (no limit).
+	 */
+	bool		(*await_request_slot) (const struct KmsConfig *cfg);
+	void		(*note_answer) (bool throttled);
+};
 
 /*
  * The error of a failed call.  Nothing here may ever contain key bytes, a response
@@ -96,6 +108,22 @@ typedef struct KmsError
 	int			http_status;	/* 0 if none */
 	int			attempts;		/* requests actually sent */
 } KmsError;
+
+/*
+ * One DEK of a re-wrap batch (KmsProvider.reencrypt_many): what reencrypt takes, room
+ * for what it gives back, and the item's own outcome.
+ */
+typedef struct KmsRewrapItem
+{
+	const char *source_key_id;	/* the master key recorded with the DEK */
+	KmsEncryptionContext ec;
+	const uint8_t *wrapped;
+	size_t		wrapped_len;
+	uint8_t    *new_wrapped;	/* room for KMS_WRAPPED_MAX bytes */
+	size_t		new_wrapped_len;
+	char	   *dest_key_arn;	/* room for KMS_KEY_ID_MAX bytes */
+	KmsError	err;			/* status KMS_OK, or why this DEK was not re-wrapped */
+} KmsRewrapItem;
 
 typedef struct KmsProvider
 {
@@ -131,6 +159,17 @@ typedef struct KmsProvider
 							  const uint8_t *wrapped, size_t wrapped_len,
 							  uint8_t *new_wrapped, size_t *new_wrapped_len,
 							  char *dest_key_arn, KmsError *err);
+
+	/*
+	 * Optional (NULL: callers call reencrypt for each DEK in turn).  reencrypt for
+	 * every item, to the same `dest_key_id`, with up to `max_in_flight` requests to
+	 * the KMS at once; retries and error classification per item as reencrypt's.
+	 * Returns KMS_OK when every item succeeded, otherwise the status of the first item
+	 * that did not (each item's err says how it went).  After a cancel, the items not
+	 * done have KMS_ERR_CANCELED.
+	 */
+	KmsStatus	(*reencrypt_many) (const KmsConfig *cfg, const char *dest_key_id,
+								   KmsRewrapItem *items, int nitems, int max_in_flight);
 } KmsProvider;
 
 /* kms_registry.c */
@@ -155,6 +194,15 @@ extern int	kms_open_secret_file(const char *path, const char *setting, const cha
  */
 extern int	kms_backoff_ms(int retry);
 extern bool kms_sleep_interruptible(const KmsConfig *cfg, int ms);
+
+/*
+ * Every request a provider sends, retries included, goes through these: before it,
+ * kms_before_request waits for the rate limit (false: interrupted while waiting, so
+ * send nothing and return KMS_ERR_CANCELED); after an answer (an HTTP status, a KMIP
+ * response), kms_after_answer says whether it was a throttling error.
+ */
+extern bool kms_before_request(const KmsConfig *cfg);
+extern void kms_after_answer(const KmsConfig *cfg, bool throttled);
 
 /* Fill *err; `fmt` must never be given a secret. */
 extern KmsStatus kms_set_error(KmsError *err, KmsStatus status, const char *error_type,

@@ -222,10 +222,19 @@ roundtrip_with_retries(const KmsConfig *cfg, const KmipCallSettings *cs, uint32_
 			snprintf(detail, sizeof(detail), "request canceled");
 			break;
 		}
+		if (!kms_before_request(cfg))
+		{
+			status = KMS_ERR_CANCELED;
+			snprintf(detail, sizeof(detail), "request canceled");
+			break;
+		}
 		attempts++;
 		io = kmip_conn_roundtrip(&cs->conn, req, req_len, out->buf, sizeof(out->buf),
 								 &out->len, &reused, detail, sizeof(detail));
 		status = io_status(io, &retryable);
+		/* KMIP defines no throttling answer: every response counts as a plain one */
+		if (io == KMIP_IO_OK)
+			kms_after_answer(cfg, false);
 		if (io == KMIP_IO_CONFIG)
 			attempts--;			/* the TLS files failed to load: nothing was sent */
 		if (status == KMS_OK || !retryable || attempts > retries)

@@ -28,6 +28,7 @@
 
 #include "kms_recheck.h"
 
+#include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -47,6 +48,7 @@ typedef struct MasterKeySlot
 	TimestampTz last_noted;		/* last DEK unwrapped or generated under it */
 	TimestampTz next_check;		/* worker's: when to ask the KMS again */
 	bool		refused;		/* the last check was a refusal */
+	TimestampTz refused_at;		/* when it was recorded */
 	/* the sample: a wrapped DEK the KMS unwrapped under this key, and its context */
 	char		tenant_utf8[RECHECK_TENANT_MAX];
 	uint32		version;
@@ -58,6 +60,16 @@ typedef struct MasterKeyTable
 {
 	LWLock	   *lock;
 	MasterKeySlot slots[KMS_RECHECK_MAX_KEYS];
+	/* for envelope.check(), under the lock */
+	int64		checks;
+	int64		refusals;
+	int64		unanswered;
+	TimestampTz last_check;		/* 0: none yet */
+	KmsStatus	last_status;
+	char		last_key[KMS_KEY_ID_MAX];
+	char		last_error[64];
+	int64		untracked;
+	TimestampTz last_untracked; /* 0: never */
 } MasterKeyTable;
 
 static MasterKeyTable *table = NULL;
@@ -136,7 +148,12 @@ kms_recheck_track(const char *provider, const char *key_id, const char *tenant,
 		strlcpy(s->key_id, key_id, sizeof(s->key_id));
 		s->next_check = 0;		/* the worker schedules it */
 	}
-	if (slot != KMS_RECHECK_NO_SLOT)
+	if (slot == KMS_RECHECK_NO_SLOT)
+	{
+		table->untracked++;
+		table->last_untracked = now;
+	}
+	else
 	{
 		s = &table->slots[slot];
 		s->last_noted = now;
@@ -241,9 +258,31 @@ record_answer(const DueCheck *due, bool refused)
 	{
 		was_refused = s->refused;
 		s->refused = refused;
+		if (refused)
+			s->refused_at = GetCurrentTimestamp();
 	}
 	LWLockRelease(table->lock);
 	return was_refused;
+}
+
+/* Remember the latest re-check and count it, for envelope.check(). */
+static void
+record_outcome(const DueCheck *due, KmsStatus status, const KmsError *err, bool refused)
+{
+	LWLockAcquire(table->lock, LW_EXCLUSIVE);
+	if (status == KMS_OK || refused)
+		table->checks++;
+	else
+		table->unanswered++;
+	if (refused)
+		table->refusals++;
+	table->last_check = GetCurrentTimestamp();
+	table->last_status = status;
+	strlcpy(table->last_key, due->key_id, sizeof(table->last_key));
+	strlcpy(table->last_error,
+			status == KMS_OK ? "" : err->error_type[0] ? err->error_type : kms_status_name(status),
+			sizeof(table->last_error));
+	LWLockRelease(table->lock);
 }
 
 static void
@@ -258,6 +297,7 @@ check_one(const DueCheck *due, KmsRefusedCallback on_refused, bool (*interrupted
 										interrupted, &err);
 	if (status == KMS_ERR_CANCELED)
 		return;
+	record_outcome(due, status, &err, is_refusal(status));
 	if (is_refusal(status))
 	{
 		was_refused = record_answer(due, true);
@@ -304,4 +344,56 @@ kms_recheck_run(KmsRefusedCallback on_refused, bool (*interrupted) (void),
 	}
 	pfree(due);
 	return next_due_ms;
+}
+
+/* How many refused keys check() names before it says "and N more". */
+#define STATUS_REFUSED_LISTED 5
+
+static double
+seconds_since(TimestampTz then, TimestampTz now)
+{
+	return then == 0 ? -1 : (double) (now - then) / 1e6;
+}
+
+void
+kms_recheck_get_status(KmsRecheckStatus *out)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	StringInfoData refused;
+
+	memset(out, 0, sizeof(*out));
+	out->seconds_since_check = -1;
+	out->seconds_since_untracked = -1;
+	out->last_status = KMS_OK;
+	out->refused_keys = out->last_key = out->last_error = "";
+	if (table == NULL)
+		return;
+	out->available = true;
+	initStringInfo(&refused);
+	LWLockAcquire(table->lock, LW_SHARED);
+	for (int i = 0; i < KMS_RECHECK_MAX_KEYS; i++)
+	{
+		MasterKeySlot *s = &table->slots[i];
+
+		if (!s->in_use)
+			continue;
+		out->tracked++;
+		/* a DEK unwrapped under it since the refusal says the key works again */
+		if (s->refused && s->last_noted <= s->refused_at &&
+			out->refused++ < STATUS_REFUSED_LISTED)
+			appendStringInfo(&refused, "%s\"%s\"", refused.len > 0 ? ", " : "", s->key_id);
+	}
+	out->checks = table->checks;
+	out->refusals = table->refusals;
+	out->unanswered = table->unanswered;
+	out->seconds_since_check = seconds_since(table->last_check, now);
+	out->last_status = table->last_status;
+	out->last_key = pstrdup(table->last_key);
+	out->last_error = pstrdup(table->last_error);
+	out->untracked = table->untracked;
+	out->seconds_since_untracked = seconds_since(table->last_untracked, now);
+	LWLockRelease(table->lock);
+	if (out->refused > STATUS_REFUSED_LISTED)
+		appendStringInfo(&refused, " and %d more", out->refused - STATUS_REFUSED_LISTED);
+	out->refused_keys = refused.data;
 }

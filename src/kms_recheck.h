@@ -48,4 +48,25 @@ typedef void (*KmsRefusedCallback) (int slot, bool newly_refused);
 extern long kms_recheck_run(KmsRefusedCallback on_refused, bool (*interrupted) (void),
 							long idle_after_ms);
 
+/* What envelope.check() shows of the re-checks (strings palloc'd, never NULL). */
+typedef struct KmsRecheckStatus
+{
+	bool		available;		/* the shared table exists (preload) */
+	int			tracked;		/* master keys in the table */
+	int			refused;		/* of which the KMS refused at their latest answered
+								 * re-check, with no DEK unwrapped under them since */
+	char	   *refused_keys;	/* their ids, quoted, comma-separated (the first few) */
+	int64		checks;			/* re-checks that got an answer from the KMS */
+	int64		refusals;		/* of which refusals */
+	int64		unanswered;		/* re-checks that got none (unreachable, throttled) */
+	double		seconds_since_check;	/* -1: none yet */
+	KmsStatus	last_status;	/* of the latest re-check */
+	char	   *last_key;		/* its master key, "" if none */
+	char	   *last_error;		/* its error type or status name, "" if ok */
+	int64		untracked;		/* notes of a key that found the table full */
+	double		seconds_since_untracked;	/* -1: never */
+} KmsRecheckStatus;
+
+extern void kms_recheck_get_status(KmsRecheckStatus *out);
+
 #endif							/* PG_ENVELOPE_KMS_RECHECK_H */

@@ -93,6 +93,8 @@ kms_status_name(KmsStatus status)
 			return "protocol error";
 		case KMS_ERR_INTERNAL:
 			return "internal error";
+		case KMS_ERR_WRONG_REGION:
+			return "master key in another region";
 	}
 	return "unknown status";
 }
@@ -185,6 +187,19 @@ kms_sleep_interruptible(const KmsConfig *cfg, int ms)
 		ms -= slice;
 	}
 	return !(cfg->interrupted && cfg->interrupted());
+}
+
+bool
+kms_before_request(const KmsConfig *cfg)
+{
+	return cfg->await_request_slot == NULL || cfg->await_request_slot(cfg);
+}
+
+void
+kms_after_answer(const KmsConfig *cfg, bool throttled)
+{
+	if (cfg->note_answer != NULL)
+		cfg->note_answer(throttled);
 }
 
 int

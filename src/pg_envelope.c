@@ -16,7 +16,10 @@
 #include "http.h"
 #include "inventory.h"
 #include "kms_recheck.h"
+#include "kms_rate.h"
 #include "plaintext_guard.h"
+#include "prewarm.h"
+#include "tenant_access.h"
 
 PG_MODULE_MAGIC;
 
@@ -37,7 +40,9 @@ int			envelope_cache_ttl = 3600;
 int			envelope_cache_grace = 0;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+int			envelope_kms_max_concurrent_requests = 8;
 int			envelope_kms_recheck_interval = 300;
+int			envelope_kms_max_requests_per_second = 0;
 bool		envelope_preloaded = false;
 
 #ifdef ENVELOPE_HAS_SHMEM_REQUEST_HOOK
@@ -67,6 +72,8 @@ envelope_shmem_request(void)
 	keycache_shmem_request();
 	kms_glue_shmem_request();
 	kms_recheck_shmem_request();
+	prewarm_shmem_request();
+	kms_rate_shmem_request();
 }
 #endif
 
@@ -78,6 +85,8 @@ envelope_shmem_startup(void)
 	keycache_shmem_startup();
 	kms_glue_shmem_startup();
 	kms_recheck_shmem_startup();
+	prewarm_shmem_startup();
+	kms_rate_shmem_startup();
 }
 
 static void
@@ -194,12 +203,27 @@ define_settings(void)
 							3, 0, 10,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_max_concurrent_requests",
+							"How many KMS requests a bulk key operation keeps in flight at once.",
+							"Used by envelope.rewrap_keys with the aws provider (ReEncrypt); other providers, and every other call, send one request at a time.",
+							&envelope_kms_max_concurrent_requests,
+							8, 1, 64,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.kms_recheck_interval",
 							"How often the background worker checks that each master key in use still works.",
 							"A key the KMS refuses (disabled, pending deletion, deleted, access denied) has its cached data keys evicted within this time plus one KMS request.  0 turns the check off.",
 							&envelope_kms_recheck_interval,
 							300, 0, 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S | GUC_SUPERUSER_ONLY,
+							NULL, NULL, NULL);
+	prewarm_define_settings();
+	DefineCustomIntVariable("envelope.kms_max_requests_per_second",
+							"Most requests per second that the whole server sends to the KMS.",
+							"Shared by every backend and the background worker, retries included; throttling answers of the KMS lower the rate further for a while.  0 means no limit.",
+							&envelope_kms_max_requests_per_second,
+							0, 0, 1000000,
+							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 	encryption_count_define_settings();
 	MarkGUCPrefixReserved("envelope");
@@ -225,6 +249,8 @@ _PG_init(void)
 		keycache_shmem_request();
 		kms_glue_shmem_request();
 		kms_recheck_shmem_request();
+		prewarm_shmem_request();
+		kms_rate_shmem_request();
 #endif
 		prev_shmem_startup_hook = shmem_startup_hook;
 		shmem_startup_hook = envelope_shmem_startup;
@@ -238,6 +264,7 @@ _PG_init(void)
 
 	plaintext_guard_install();
 	keycache_init_backend();
+	tenant_access_init_backend();
 	/* Registrations of encrypted columns are security labels of this provider. */
 	inventory_register_label_provider();
 }

@@ -36,7 +36,9 @@ extern int	envelope_cache_ttl;
 extern int	envelope_cache_grace;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
+extern int	envelope_kms_max_concurrent_requests;
 extern int	envelope_kms_recheck_interval;
+extern int	envelope_kms_max_requests_per_second;
 extern bool envelope_preloaded;
 
 /* ---- envelope_sql.c ---- */

@@ -240,3 +240,156 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 	PG_END_TRY();
 	PG_RETURN_BYTEA_P(result);
 }
+
+/* ---------------------------------------------------------------------------
+ * Stored blind indexes
+ *
+ * A blind index is a keyed hash of a plaintext that the database holds only encrypted,
+ * so moving it onto a new equality key version needs that plaintext: a registered
+ * blind-index column names the encrypted column it indexes (its source, see
+ * envelope.register_blind_index), and the batch engine recomputes the index from the
+ * source's value, decrypted in a buffer of this file and wiped on every path.
+ */
+
+/*
+ * Decrypt a stored value of either format into `plain` (room for its plaintext
+ * length), with the errors of envelope.decrypt.
+ */
+static void
+decrypt_into(text *tenant, const CipherBinding *binding, const uint8 *in, size_t in_len,
+			 uint32 version, uint8 *plain)
+{
+	CipherStatus cs;
+
+	cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
+												 version,
+												 in[0] == CIPHER_FORMAT_SIV_V1 ?
+												 CIPHER_USE_DETERMINISTIC : CIPHER_USE_DECRYPT),
+						binding, in, in_len, plain);
+	if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("could not decrypt value for tenant \"%.*s\"",
+						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+				 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
+				 errhidestmt(true)));
+	if (cs != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("decryption failed in OpenSSL"),
+				 errhidestmt(true)));
+}
+
+PG_FUNCTION_INFO_V1(envelope_blind_index_needs_recompute);
+
+/*
+ * envelope.blind_index_needs_recompute(blind_index, tenant): true for a stored blind
+ * index under an equality key version other than the tenant's current one, when that
+ * one is live.  False for a disabled or destroyed tenant and for anything that is not
+ * a blind index (never an error), as needs_reencryption does for values.
+ */
+Datum
+envelope_blind_index_needs_recompute(PG_FUNCTION_ARGS)
+{
+	bytea	   *stored = PG_GETARG_BYTEA_PP(0);
+	text	   *tenant = PG_GETARG_TEXT_PP(1);
+	uint32		version;
+	uint32		target;
+
+	if (cipher_blind_index_version((const uint8 *) VARDATA_ANY(stored),
+								   VARSIZE_ANY_EXHDR(stored), &version) != CIPHER_OK)
+		PG_RETURN_BOOL(false);
+	if (keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)) == 0)
+		PG_RETURN_BOOL(false);	/* disabled or destroyed */
+	if (!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
+		PG_RETURN_BOOL(false);	/* no live equality key to move onto */
+	PG_RETURN_BOOL(version != target);
+}
+
+PG_FUNCTION_INFO_V1(envelope_blind_index_recompute);
+
+/*
+ * envelope.blind_index_recompute(tenant, source, context): the blind index of the
+ * plaintext of `source` (a value of either format, encrypted with `context`) under
+ * the tenant's current equality key version; the same bytes as
+ * envelope.blind_index(tenant, envelope.decrypt_text(tenant, source, context)),
+ * without the plaintext ever becoming a Datum.  NULL when the source is NULL.
+ */
+Datum
+envelope_blind_index_recompute(PG_FUNCTION_ARGS)
+{
+	text	   *tenant;
+	bytea	   *source;
+	CipherBinding value_binding;
+	CipherBinding index_binding;
+	const uint8 *in;
+	size_t		in_len;
+	size_t		plain_len;
+	uint32		version;
+	uint32		target;
+	uint8	   *plain;
+	bytea	   *volatile result = NULL;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	tenant = PG_GETARG_TEXT_PP(0);
+	source = PG_GETARG_BYTEA_PP(1);
+	value_binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));
+	/* A blind index binds the tenant only, as envelope.blind_index makes it. */
+	index_binding = reencrypt_binding(tenant, NULL);
+	in = (const uint8 *) VARDATA_ANY(source);
+	in_len = VARSIZE_ANY_EXHDR(source);
+	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
+		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("It is too short or has an unknown format byte."),
+				 errhidestmt(true)));
+	if (!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
+	{
+		/* A disabled or destroyed tenant: say that, as every other function does. */
+		if (keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)) == 0)
+			(void) keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("equality key version %u of tenant \"%.*s\" is not active", target,
+						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
+				 errhidestmt(true)));
+	}
+
+	plain = palloc(plain_len > 0 ? plain_len : 1);
+	PG_TRY();
+	{
+		const CipherKey *index_key;
+		size_t		index_len;
+
+		decrypt_into(tenant, &value_binding, in, in_len, version, plain);
+		/* What blind_index(tenant, decrypt_text(...)) would refuse, so must this. */
+		if (!pg_verifymbstr((const char *) plain, (int) plain_len, true))
+			ereport(ERROR,
+					(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+					 errmsg("decrypted value is not valid text in encoding \"%s\"",
+							GetDatabaseEncodingName()),
+					 errdetail("A blind index is made from text; this source value was encrypted from bytes."),
+					 errhidestmt(true)));
+		index_key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
+											 target, CIPHER_USE_INDEX);
+		result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
+		if (cipher_blind_index_versioned(index_key, target, &index_binding, plain, plain_len,
+										 (uint8 *) VARDATA(result), &index_len) != CIPHER_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("HMAC-SHA256 failed in OpenSSL"),
+					 errhidestmt(true)));
+		SET_VARSIZE(result, VARHDRSZ + index_len);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(plain, plain_len > 0 ? plain_len : 1);
+		pfree(plain);
+	}
+	PG_END_TRY();
+	PG_RETURN_BYTEA_P(result);
+}

@@ -11,6 +11,9 @@
  * cached DEKs were unwrapped under (kms_recheck.c), and evicts the DEKs of a key the
  * KMS refuses.  That is a KMS call, made with no lock held; a shutdown request
  * interrupts it, so the worker never holds up a shutdown for longer than a poll.
+ *
+ * At its start it launches the cache prewarm (prewarm.c), once per start of shared
+ * memory.
  */
 #include "pg_envelope.h"
 
@@ -23,6 +26,7 @@
 #include "utils/guc.h"
 
 #include "kms_recheck.h"
+#include "prewarm.h"
 
 PGDLLEXPORT void envelope_sweeper_main(Datum arg);
 
@@ -65,6 +69,8 @@ envelope_sweeper_main(Datum arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
+	/* envelope.cache_prewarm: its own workers, since this one has no database */
+	prewarm_launch_once();
 
 	for (;;)
 	{

@@ -17,15 +17,25 @@ Control API (requests without X-Amz-Target, never counted):
                  The first rule whose op matches and whose
                  count is not used up answers the request instead of moto; count -1
                  (the default is 1) never runs out.  Optional "seconds" bounds a hang
-                 or a slow body (default 30, at most 120).
-  GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n}},
+                 or a slow body (default 30, at most 120).  Mode "rate" takes
+                 "rate": R and matches only while the proxy has forwarded R or more
+                 requests in the last second (a KMS request quota).
+  GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n,
+                                      "max_in_flight": n}},
                   "total": {...}, "access_keys": {"AKIA...": n}, "session_tokens": n}
                  — ops named after X-Amz-Target's operation ("other" without one);
+                 max_in_flight is the most requests of that op (in "total": of any
+                 op) the proxy was handling at one moment, from the request's first
+                 byte read to the answer's last byte written, so a test can tell
+                 that a client kept several requests in flight;
                  access_keys counts the access key ids that signed requests (from
                  the Authorization header's Credential=, never the signature) and
                  session_tokens the requests that carried X-Amz-Security-Token, so a
                  test can tell which credential source the client used.
-  POST /_reset   forget rules and counts, release hung requests.
+  GET  /_arrivals {"arrivals": [[t, op, "forwarded" | MODE], ...]} — every
+                 KMS request in arrival order, t in seconds of a monotonic clock, so a
+                 test can count the requests of any one-second window.
+  POST /_reset   forget rules, counts and arrivals, release hung requests.
   POST /_release release hung and held requests; rules and counts stay.
 
 MODE is one of
@@ -37,6 +47,8 @@ MODE is one of
   hang            read the request, answer nothing until released or "seconds"
   hold            read the request, wait until released (or "seconds"), then forward
                   it and relay moto's answer: a call that is slow but succeeds
+  delay           wait "seconds" (fractions allowed), then forward: network latency.
+                  Counted as forwarded, not faulted.
   slow_body       200 and headers at once, then one body byte a second
   garbage         200 with a body that is not JSON
   big             200 with a 100 KiB body (above the client's response cap)
@@ -50,6 +62,9 @@ MODE is one of
   wrong_keyid     forward, then replace KeyId with another key's ARN
   bad_base64      forward, then put a non-base64 character into Plaintext (or, when
                   there is none, CiphertextBlob)
+  rate            400 ThrottlingException, but only while R requests or more were
+                  forwarded within the last second (the rule's "rate": R); otherwise
+                  the request goes on to the next rule or to moto
 
 Bounded: at most 64 requests in flight, every wait has a deadline, and the process
 exits on SIGTERM/SIGINT, when its parent dies (--parent-pid), or after --lifetime
@@ -81,12 +96,14 @@ CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
               "te", "trailer", "upgrade", "content-length"}
 
-MODES = {"throttle", "429", "500", "503", "reset", "hang", "hold", "slow_body", "garbage", "big",
+MODES = {"rate", "throttle", "429", "500", "503", "reset", "hang", "hold", "delay", "slow_body", "garbage",
+         "big",
          "disabled", "invalid_state", "access_denied", "expired_token",
          "xml_auth_error", "short_plaintext", "wrong_keyid", "bad_base64"}
 
 JSON_ERRORS = {
     "throttle": (400, "ThrottlingException", "Rate exceeded"),
+    "rate": (400, "ThrottlingException", "Rate exceeded"),
     "500": (500, "KMSInternalException", "Internal failure"),
     "disabled": (400, "DisabledException", "The key is disabled."),
     "invalid_state": (400, "KMSInvalidStateException", "The key is pending deletion."),
@@ -102,8 +119,23 @@ class State:
         self.counts = {}
         self.access_keys = {}
         self.session_tokens = 0
+        self.in_flight = {}                 # op -> requests being handled now
+        self.max_in_flight = {}             # op ("*": any) -> most at one moment
+        self.arrivals = []                  # [t, op, outcome] of every KMS request
+        self.forwarded_times = []           # monotonic times of forwarded requests
         self.release = threading.Event()    # set to free hung requests
         self.stop = threading.Event()
+
+    def enter(self, op):
+        with self.lock:
+            self.in_flight[op] = self.in_flight.get(op, 0) + 1
+            self.max_in_flight[op] = max(self.max_in_flight.get(op, 0), self.in_flight[op])
+            every = sum(self.in_flight.values())
+            self.max_in_flight["*"] = max(self.max_in_flight.get("*", 0), every)
+
+    def leave(self, op):
+        with self.lock:
+            self.in_flight[op] -= 1
 
     def release_held(self):
         with self.lock:
@@ -117,6 +149,9 @@ class State:
             self.counts = {}
             self.access_keys = {}
             self.session_tokens = 0
+            self.max_in_flight = {}
+            self.arrivals = []
+            self.forwarded_times = []
             old = self.release
             self.release = threading.Event()
         old.set()
@@ -132,17 +167,31 @@ class State:
                     "mode": mode,
                     "count": int(r.get("count", 1)),
                     "seconds": min(float(r.get("seconds", 30)), 120.0),
+                    "rate": float(r.get("rate", 0)),
                 })
+
+    def forwarded_last_second(self, now):
+        while self.forwarded_times and self.forwarded_times[0] <= now - 1.0:
+            self.forwarded_times.pop(0)
+        return len(self.forwarded_times)
 
     def take_rule(self, op):
         # "*" means every KMS operation; other requests (STS) only match "other"
         ops = (op,) if op == "other" else ("*", op)
+        now = time.monotonic()
         with self.lock:
             for r in self.rules:
                 if r["count"] != 0 and r["op"] in ops:
+                    if r["mode"] == "rate" and self.forwarded_last_second(now) < r["rate"]:
+                        continue
                     if r["count"] > 0:
                         r["count"] -= 1
+                    if op != "other":
+                        self.arrivals.append([now, op, r["mode"]])
                     return dict(r), self.release
+            if op != "other":
+                self.arrivals.append([now, op, "forwarded"])
+            self.forwarded_times.append(now)
         return None, self.release
 
     def count(self, op, what):
@@ -160,12 +209,16 @@ class State:
     def snapshot(self):
         with self.lock:
             ops = {k: dict(v) for k, v in self.counts.items()}
+            for k, v in ops.items():
+                v["max_in_flight"] = self.max_in_flight.get(k, 0)
             keys = dict(self.access_keys)
             tokens = self.session_tokens
+            most = self.max_in_flight.get("*", 0)
         total = {"requests": 0, "forwarded": 0, "faulted": 0}
         for v in ops.values():
             for k in total:
                 total[k] += v[k]
+        total["max_in_flight"] = most
         return {"ops": ops, "total": total, "access_keys": keys, "session_tokens": tokens}
 
 
@@ -250,16 +303,34 @@ class Handler(BaseHTTPRequestHandler):
             return
         path = urllib.parse.urlsplit(self.path).path
         target = self.headers.get("X-Amz-Target")
-        if target is None and path in ("/_fault", "/_counts", "/_reset", "/_release"):
+        if target is None and path in ("/_fault", "/_counts", "/_arrivals", "/_reset",
+                                       "/_release"):
             self.control(path, body)
             return
 
         op = target.split(".", 1)[-1] if target else "other"
+        STATE.enter(op)
+        try:
+            self.handle_kms(op, body)
+        finally:
+            STATE.leave(op)
+
+    def handle_kms(self, op, body):
         STATE.count(op, "requests")
         m = CREDENTIAL_RE.search(self.headers.get("Authorization") or "")
         STATE.signer(m.group(1) if m else None,
                      bool(self.headers.get("X-Amz-Security-Token")))
         rule, release = STATE.take_rule(op)
+        if rule is not None and rule["mode"] == "delay":
+            deadline = time.monotonic() + rule["seconds"]
+            while time.monotonic() < deadline and not release.is_set() \
+                    and not STATE.stop.is_set():
+                if client_gone(self.connection, min(0.05, max(0.0, deadline - time.monotonic()))):
+                    self.close_connection = True
+                    return
+            with STATE.lock:
+                STATE.forwarded_times.append(time.monotonic())
+            rule = None
         if rule is None:
             STATE.count(op, "forwarded")
             self.forward(body)
@@ -270,6 +341,10 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, path, body):
         if path == "/_counts" and self.command == "GET":
             self.answer_json(200, STATE.snapshot())
+        elif path == "/_arrivals" and self.command == "GET":
+            with STATE.lock:
+                arrivals = [list(a) for a in STATE.arrivals]
+            self.answer_json(200, {"arrivals": arrivals})
         elif path == "/_reset" and self.command == "POST":
             STATE.reset()
             self.answer_json(200, {"ok": True})

@@ -5,7 +5,10 @@ Test harness layer.  Every command talks to the endpoint given by --endpoint (al
 loopback moto) with boto3, in region --region, using the access key from the
 environment when set and moto's dummy one otherwise.
 
-  create-key [--description D]         {"KeyId": ..., "Arn": ...}
+  create-key [--description D] [--multi-region]
+                                       {"KeyId": ..., "Arn": ...}
+  replicate-key KEY REGION             {"KeyId": ..., "Arn": ...} of the replica of
+                                       multi-Region key KEY in REGION
   create-alias ALIAS KEY               {"AliasName": ...}
   disable-key KEY | enable-key KEY     {"KeyId": ...}
   create-user NAME                     {"AccessKeyId", "SecretAccessKey", "Arn"}
@@ -14,6 +17,7 @@ environment when set and moto's dummy one otherwise.
   assume-role ROLE_ARN                 same, from sts:AssumeRole
   create-role NAME                     {"Arn"} (a role anyone may assume, kms:* allowed)
   auth on | auth off                   switch moto's request authentication
+  create-keys N                        [{"KeyId": ..., "Arn": ...}, ...]: N keys at once
 """
 
 import argparse
@@ -57,13 +61,19 @@ def main():
     ap.add_argument("command")
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--description", default="pg_envelope test key")
+    ap.add_argument("--multi-region", action="store_true")
     args = ap.parse_args()
     if not args.endpoint.startswith(("http://127.", "http://localhost")):
         ap.error("--endpoint must be a loopback http URL")
 
     cmd, rest = args.command, args.rest
     if cmd == "create-key":
-        md = client(args, "kms").create_key(Description=args.description)["KeyMetadata"]
+        md = client(args, "kms").create_key(Description=args.description,
+                                            MultiRegion=args.multi_region)["KeyMetadata"]
+        out = {"KeyId": md["KeyId"], "Arn": md["Arn"]}
+    elif cmd == "replicate-key":
+        md = client(args, "kms").replicate_key(KeyId=rest[0],
+                                               ReplicaRegion=rest[1])["ReplicaKeyMetadata"]
         out = {"KeyId": md["KeyId"], "Arn": md["Arn"]}
     elif cmd == "create-alias":
         client(args, "kms").create_alias(AliasName=rest[0], TargetKeyId=rest[1])
@@ -109,6 +119,12 @@ def main():
         with urllib.request.urlopen(req, timeout=10) as r:
             r.read()
         out = {"auth": rest[0]}
+    elif cmd == "create-keys":
+        kms = client(args, "kms")
+        out = []
+        for _ in range(int(rest[0])):
+            md = kms.create_key(Description=args.description)["KeyMetadata"]
+            out.append({"KeyId": md["KeyId"], "Arn": md["Arn"]})
     else:
         ap.error("unknown command " + cmd)
     json.dump(out, sys.stdout)

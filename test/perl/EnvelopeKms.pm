@@ -125,7 +125,24 @@ sub admin
 	return decode_json($out);
 }
 
-sub create_key   { my ($self) = @_; return $self->admin(['create-key']); }
+# create_key(multi_region => 1, region => 'eu-west-1'): both optional; the region
+# defaults to the instance's.
+sub create_key
+{
+	my ($self, %o) = @_;
+	local $self->{region} = $o{region} if defined $o{region};
+	return $self->admin([ 'create-key', $o{multi_region} ? ('--multi-region') : () ]);
+}
+
+# The replica of multi-Region key $key (id or ARN) in $region, made from the key's own
+# region $from (default the instance's): { KeyId, Arn }.
+sub replicate_key
+{
+	my ($self, $key, $region, %o) = @_;
+	local $self->{region} = $o{from} if defined $o{from};
+	return $self->admin([ 'replicate-key', $key, $region ]);
+}
+sub create_keys  { my ($self, $n) = @_; return $self->admin([ 'create-keys', $n ]); }
 sub create_alias { my ($self, $alias, $key_id) = @_; return $self->admin([ 'create-alias', $alias, $key_id ]); }
 sub disable_key  { my ($self, $key_id) = @_; return $self->admin([ 'disable-key', $key_id ]); }
 sub enable_key   { my ($self, $key_id) = @_; return $self->admin([ 'enable-key', $key_id ]); }
@@ -153,13 +170,14 @@ sub auth
 }
 
 # Settings for postgresql.conf that point the aws provider at the proxy (or, with
-# direct => 1, at moto itself).
+# direct => 1, at moto itself), in the instance's region unless region => is given.
 sub server_conf
 {
 	my ($self, %o) = @_;
 	my $endpoint = $o{direct} ? $self->{moto_url} : $self->{proxy_url};
+	my $region = $o{region} // $self->{region};
 	my $conf = "envelope.kms_provider = 'aws'\n"
-	  . "envelope.aws_region = '$self->{region}'\n"
+	  . "envelope.aws_region = '$region'\n"
 	  . "envelope.aws_endpoint = '$endpoint'\n";
 	$conf .= "envelope.kms_key = '$o{key}'\n" if defined $o{key};
 	$conf .= "envelope.kms_timeout = $o{timeout}\n" if defined $o{timeout};
@@ -169,11 +187,12 @@ sub server_conf
 
 # A started cluster with pg_envelope preloaded, configured for the aws provider
 # (server_conf's options), and the extension created in database postgres.
+# allows_streaming => 1 makes it ready for a streaming standby.
 sub init_node
 {
 	my ($self, $name, %o) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(allows_streaming => $o{allows_streaming} ? 1 : 0);
 	$node->append_conf('postgresql.conf',
 		"shared_preload_libraries = 'pg_envelope'\n" . $self->server_conf(%o)
 		  . ($o{extra_conf} // ''));
@@ -227,6 +246,10 @@ sub count
 	my $c = $self->counts->{ops}{$op};
 	return $c ? $c->{ $what // 'requests' } : 0;
 }
+
+# Every KMS request the proxy saw since the last reset, in arrival order:
+# [ [ seconds (monotonic), op, 'forwarded' or the fault's mode ], ... ].
+sub arrivals { my ($self) = @_; return $self->_control('GET', '/_arrivals')->{arrivals}; }
 
 # Requests signed with an access key id (any op), and requests with a session token.
 sub signed_by { my ($self, $akid) = @_; return $self->counts->{access_keys}{$akid} // 0; }

@@ -30,6 +30,9 @@ SELECT envelope.create_tenant('t' || i) FROM generate_series(1, $ntenants) i;
 CREATE TABLE data AS
 SELECT 't' || i AS tenant, envelope.encrypt('t' || i, 'value ' || i) AS v
   FROM generate_series(1, $ntenants) i;
+CREATE ROLE ta_reader LOGIN IN ROLE envelope_user;
+CREATE ROLE ta_other;
+GRANT SELECT ON data TO ta_reader;
 });
 
 sub stat_value
@@ -92,6 +95,25 @@ $reader->query("SELECT envelope.decrypt_text('t1', v) FROM data WHERE tenant = '
 like($reader->{stderr}, qr/tenant "t1" is disabled/,
 	'a standby session that had the key cached sees the disable after replay');
 $reader->quit;
+
+# Per-tenant access on the standby: a grant committed on the primary restricts the
+# tenant for a standby session that had its key cached, once replayed; its revocation
+# opens it again.
+$reader = $standby->background_psql('postgres', on_error_stop => 0);
+$reader->query_safe('SET ROLE ta_reader');
+is($reader->query_safe("SELECT envelope.decrypt_text('t2', v) FROM data WHERE tenant = 't2'"),
+	'value 2', 'a standby session of an envelope_user decrypts an unrestricted tenant');
+$primary->safe_psql('postgres', "SELECT envelope.grant_tenant('t2', 'ta_other')");
+$primary->wait_for_catchup($standby, 'replay');
+$reader->query("SELECT envelope.decrypt_text('t2', v) FROM data WHERE tenant = 't2'");
+like($reader->{stderr}, qr/permission denied for tenant "t2"/,
+	'a grant to another role, replayed, stops that standby session');
+$reader->{stderr} = '';
+$primary->safe_psql('postgres', "SELECT envelope.revoke_tenant('t2', 'ta_other')");
+$primary->wait_for_catchup($standby, 'replay');
+is($reader->query("SELECT envelope.decrypt_text('t2', v) FROM data WHERE tenant = 't2'"),
+	'value 2', 'and its revocation, replayed, lets it decrypt again');
+$reader->quit;
 is($standby->safe_psql('postgres', "SELECT envelope.decrypt_text('t2', v) FROM data WHERE tenant = 't2'"),
 	'value 2', 'other tenants still decrypt on the standby');
 $standby->stop;
@@ -113,7 +135,11 @@ is(stat_value($primary, 'kms_decrypt_calls'), 1, 'with one new KMS call');
 $primary->psql('postgres',
 	"SELECT envelope.decrypt_text('t2', envelope.encrypt('t3', 'attack at dawn'))");
 $primary->psql('postgres', "SELECT envelope.encrypt('no such tenant', 'launch codes 1234')");
+$primary->safe_psql('postgres', "SELECT envelope.grant_tenant('t5', 'ta_other')");
+$primary->psql('postgres', "SET ROLE ta_reader; SELECT envelope.encrypt('t5', 'eyes only 5678')");
 my $log = slurp_file($primary->logfile);
+like($log, qr/permission denied for tenant "t5"/, 'a refused tenant is logged');
+unlike($log, qr/eyes only/, 'but not the plaintext of the refused statement');
 like($log, qr/could not decrypt value for tenant "t2"/, 'the failure is logged');
 unlike($log, qr/attack at dawn/, 'the plaintext of a failing statement is not logged');
 unlike($log, qr/launch codes/, 'nor is the plaintext of a statement naming an unknown tenant');

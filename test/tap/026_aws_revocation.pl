@@ -6,6 +6,9 @@
 # moto does not refuse a disabled key's Decrypt, so the revocation is played by the
 # fault proxy answering every Decrypt with DisabledException (or AccessDeniedException),
 # as the KMS does for a disabled key (or a key policy that no longer lets this role in).
+#
+# envelope.check() reports the re-checks in its kms_recheck row at each step: usable,
+# refused (an error naming the key), unanswered, off, and a full table of master keys.
 
 use strict;
 use warnings;
@@ -36,6 +39,14 @@ sql("SELECT envelope.create_tenant('acme')");
 sql("CREATE TABLE t AS SELECT envelope.encrypt('acme', 'top secret') AS c");
 
 my $decrypt = "SELECT envelope.decrypt_text('acme', c) FROM t";
+
+# envelope.check()'s kms_recheck row: (status, detail).
+sub recheck_row
+{
+	my $row = $node->safe_psql('postgres',
+		"SELECT status || '|' || detail FROM envelope.check() WHERE name = 'kms_recheck'");
+	return split /\|/, $row, 2;
+}
 
 # One query in a live session: (value, SQLSTATE or '', error text).
 sub attempt
@@ -75,6 +86,10 @@ ok($checks >= 2 && $checks <= 4,
 ($out) = attempt($s);
 is($out, 'top secret', 'the session still decrypts from its own copy');
 is($kms->count('Decrypt', 'requests'), $checks, 'without a KMS call of its own');
+my ($status, $detail) = recheck_row();
+is($status, 'ok', 'check(): the re-check is ok');
+like($detail, qr/envelope\.kms_recheck_interval = $interval s; 1 of at most 128 master keys tracked; the latest re-check, \d+ s ago, of "\Q$key->{Arn}\E": usable; [2-4] re-checks answered \(0 refusals\), 0 unanswered\./,
+	'check() shows the interval, the key tracked, the latest answer and the counts');
 
 # ---- Disabled: the live session is refused within one interval and one round trip.
 $kms->reset_proxy;
@@ -92,6 +107,10 @@ my ($ret, $stdout, $stderr) = $node->psql('postgres', $decrypt);
 like($stderr, qr/DisabledException/, 'a new session is refused: nothing is left in shared memory');
 like(slurp_file($node->logfile), qr/KMS refused master key "\Q$key->{Arn}\E": DisabledException; its cached data keys are evicted/,
 	'the server log says which key was refused and why');
+($status, $detail) = recheck_row();
+is($status, 'error', 'check(): a refused master key is an error');
+like($detail, qr/^The KMS refuses master key "\Q$key->{Arn}\E": .*of "\Q$key->{Arn}\E": DisabledException; \d+ re-checks answered \([1-9]\d* refusals\)/,
+	'naming the key and the answer of the KMS');
 
 # ---- Enabled again: the next load goes to the KMS, which answers.
 $kms->reset_proxy;
@@ -100,6 +119,8 @@ is($out, 'top secret', 'decryption is back as soon as the KMS accepts the key');
 sleep($interval + 1);
 like(slurp_file($node->logfile), qr/KMS accepts master key "\Q$key->{Arn}\E" again/,
 	'the worker notices the key works again');
+($status) = recheck_row();
+is($status, 'ok', 'check(): ok again once the KMS accepts the key');
 
 # ---- Access denied (a key policy that no longer grants this role) counts the same.
 ($out) = attempt($s);
@@ -119,6 +140,10 @@ sleep(2 * $interval + 1);
 ok($kms->count('Decrypt', 'faulted') >= 1, 'the worker met the outage');
 ($out, $state) = attempt($s);
 is($out, 'top secret', 'an outage of the KMS evicts nothing');
+($status, $detail) = recheck_row();
+is($status, 'warning', 'check(): a re-check without an answer is a warning');
+like($detail, qr/: (KMSInternalException|unavailable|server error)[^;]*; \d+ re-checks answered \(\d+ refusals\), [1-9]\d* unanswered/,
+	'with the outcome and the count of unanswered re-checks');
 $kms->reset_proxy;
 
 # ---- 0 turns the re-check off: a cached key then lives out its envelope.cache_ttl.
@@ -132,6 +157,25 @@ is($kms->count('Decrypt', 'requests'), 0, 'with the re-check off the worker asks
 ($out) = attempt($s);
 is($out, 'top secret', 'and the cached key keeps decrypting');
 $s->quit;
+($status, $detail) = recheck_row();
+is($status, 'warning', 'check(): the re-check turned off is a warning');
+like($detail, qr/^envelope\.kms_recheck_interval = 0: a master key disabled or revoked in the KMS keeps decrypting/,
+	'that says what it costs');
+$kms->reset_proxy;
+
+# ---- A full table: 128 master keys are tracked, a 129th is not, and check() says so.
+$node->append_conf('postgresql.conf', "envelope.kms_recheck_interval = 3600\n");
+$node->reload;
+my @more = map { $_->{Arn} } @{ $kms->create_keys(128) };
+my $arns = join(',', map { "'$_'" } @more);
+my ($ret2, $stdout2, $stderr2) = $node->psql('postgres',
+	"SELECT count(envelope.create_tenant('k' || n, arn)) FROM unnest(ARRAY[$arns]) WITH ORDINALITY AS a(arn, n)");
+is($stdout2, '128', 'tenants under 128 more master keys');
+like($stderr2, qr/WARNING:  pg_envelope tracks at most 128 master keys/, 'the 129th key is warned about');
+($status, $detail) = recheck_row();
+is($status, 'warning', 'check(): a full table of master keys is a warning');
+like($detail, qr/128 of at most 128 master keys tracked; .*; 1 loads under keys beyond the table, the latest \d+ s ago\./,
+	'with the count of loads it had no room for');
 
 # ---- The worker never holds up a shutdown, even in the middle of a hung KMS call.
 $node->append_conf('postgresql.conf',

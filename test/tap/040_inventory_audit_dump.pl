@@ -33,12 +33,16 @@ ALTER TABLE app.orders_v2 RENAME card TO card_ct;
 SELECT envelope.disable_tenant('globex');
 SELECT envelope.enable_tenant('globex');
 SELECT envelope.audit_record('restore drill', detail => '{"note": "before the dump"}');
+CREATE ROLE dump_app;
+SELECT envelope.grant_tenant('acme', 'dump_app');
 });
 
 my $inventory_sql = q{SELECT relation::text, column_name, tenant_column, context
   FROM envelope.encrypted_columns ORDER BY 1, 2};
 my $audit_sql = q{SELECT id, logged_at, "session_user", "current_user", action, tenant,
        versions, kms_key, detail, xid FROM envelope.audit_log ORDER BY id};
+# Grants name their roles: a restore into another cluster needs the roles first.
+my $grants_sql = q{SELECT tenant, role::text FROM envelope.tenant_grant ORDER BY 1, 2};
 my $decrypt_sql = q{SELECT count(*) FROM app.orders_v2
  WHERE envelope.decrypt_text(tenant, card_ct, 'card') = 'card ' || id
    AND envelope.decrypt_text(tenant, email) = 'e' || id};
@@ -63,6 +67,7 @@ $node->command_ok([ 'pg_restore', '--exit-on-error', '-d', $node->connstr('resto
 is($node->safe_psql('restored', $inventory_sql), $inventory, 'inventory restored (custom format)');
 is($node->safe_psql('restored', $audit_sql), $audit, 'audit rows restored unchanged (custom format)');
 is($node->safe_psql('restored', $decrypt_sql), '50', 'every value decrypts in the restored database');
+is($node->safe_psql('restored', $grants_sql), 'acme|dump_app', 'tenant grants restored (custom format)');
 
 # New actions continue the trail after the restored ids.
 my $max_id = $node->safe_psql('restored', 'SELECT max(id) FROM envelope.audit_log');
@@ -80,6 +85,7 @@ like($stderr, qr/still use it/, 'restored registrations guard retire_key_version
 # ---- Plain format into a second cluster with the same master key.
 my $other = local_node('target', $keyfile);
 $other->start;
+$other->safe_psql('postgres', 'CREATE ROLE dump_app');
 $node->command_ok([ 'pg_dump', '-Fp', '-f', "$tmp/source.sql", '-d', $node->connstr('postgres') ],
 	'pg_dump -Fp');
 $other->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $other->connstr('postgres'),
@@ -87,6 +93,11 @@ $other->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $other->
 is($other->safe_psql('postgres', $inventory_sql), $inventory, 'inventory restored (plain format, other cluster)');
 is($other->safe_psql('postgres', $audit_sql), $audit, 'audit rows restored unchanged (plain format, other cluster)');
 is($other->safe_psql('postgres', $decrypt_sql), '50', 'every value decrypts in the other cluster');
+is($other->safe_psql('postgres', $grants_sql), 'acme|dump_app', 'tenant grants restored (plain format, other cluster)');
+$other->safe_psql('postgres', q{CREATE ROLE dump_reader IN ROLE envelope_user; GRANT USAGE ON SCHEMA app TO dump_reader; GRANT SELECT ON app.orders_v2 TO dump_reader});
+my ($g_ret, $g_out, $g_err) = $other->psql('postgres',
+	q{SET ROLE dump_reader; SELECT envelope.decrypt_text(tenant, card_ct, 'card') FROM app.orders_v2 WHERE tenant = 'acme'});
+like($g_err, qr/permission denied for tenant "acme"/, 'a restored grant restricts its tenant');
 
 # Without preload the labels still restore: CREATE EXTENSION loads the library, whose
 # initialisation registers the label provider before the labels come.
@@ -94,6 +105,7 @@ my $bare = PostgreSQL::Test::Cluster->new('bare');
 $bare->init;
 $bare->append_conf('postgresql.conf', "envelope.local_master_key_file = '$keyfile'\n");
 $bare->start;
+$bare->safe_psql('postgres', 'CREATE ROLE dump_app');
 $bare->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $bare->connstr('postgres'),
 	'-f', "$tmp/source.sql" ], 'plain dump restored into a cluster without preload');
 is($bare->safe_psql('postgres', $inventory_sql), $inventory, 'inventory restored without preload');

@@ -57,6 +57,18 @@ is($node->safe_psql('updated', $decrypt_sql), '200|200', 'every value decrypts a
 my $versions_before = $node->safe_psql('updated',
 	q{SELECT tenant, version, state, kms_key FROM envelope.tenant_keys ORDER BY 1, 2});
 
+# A session that has used the key store at 0.1.0 (which has no grants table) and
+# lives on through the update.
+$node->safe_psql('updated', q{
+CREATE ROLE upd_reader LOGIN IN ROLE envelope_user;
+CREATE ROLE upd_other;
+GRANT SELECT ON data TO upd_reader;
+});
+my $long_lived = $node->background_psql('updated', on_error_stop => 0);
+$long_lived->query_safe('SET ROLE upd_reader');
+is($long_lived->query_safe(q{SELECT count(envelope.decrypt_text(tenant, r, 'ctx')) FROM data WHERE tenant = 't1'}),
+	'40', 'a session at 0.1.0 decrypts');
+
 # ---- The update.
 $node->safe_psql('updated', 'ALTER EXTENSION pg_envelope UPDATE');
 is($node->safe_psql('updated', q{SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'}),
@@ -78,6 +90,14 @@ ok($node->safe_psql('updated',
 	q{SELECT encryptions FROM envelope.tenant_keys WHERE tenant = 't1' AND version = 2}) >= 10,
 	'and encryptions after it are counted');
 $node->safe_psql('updated', q{DELETE FROM data WHERE id > 1000});
+
+# Per-tenant access works after the update, also in the session that lived through it.
+$node->safe_psql('updated', q{SELECT envelope.grant_tenant('t1', 'upd_other')});
+$long_lived->query(q{SELECT count(envelope.decrypt_text(tenant, r, 'ctx')) FROM data WHERE tenant = 't1'});
+like($long_lived->{stderr}, qr/permission denied for tenant "t1"/,
+	'a grant made after the update restricts the tenant in a session that began at 0.1.0');
+$long_lived->quit;
+$node->safe_psql('updated', q{SELECT envelope.revoke_tenant('t1', 'upd_other')});
 
 # ---- The fresh install.
 $node->safe_psql('fresh', 'CREATE EXTENSION pg_envelope');
@@ -193,7 +213,7 @@ like($stderr, qr/cannot retire key version 1 of tenant "t1"/, 'the retire guard 
 like($stderr, qr/function envelope.destroy_tenant\(unknown\) does not exist/,
 	'the one-argument destroy_tenant is gone after the update');
 is($node->safe_psql('updated', q{SELECT string_agg(action, ',' ORDER BY id) FROM envelope.audit_log}),
-	'register,register', 'the audit trail starts with the update');
+	'grant,revoke,register,register', 'the audit trail starts with the update (the grant and revocation above)');
 is($node->safe_psql('updated', q{SELECT count(*) FROM envelope.check() WHERE status = 'error'}), '0',
 	'check() finds no error after the update');
 

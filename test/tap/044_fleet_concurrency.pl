@@ -170,5 +170,54 @@ ok($elapsed >= 0.9 * $to_move / 3000,
 	sprintf('max_rows_per_second holds the rate down (%d values in %.1f s)', $to_move, $elapsed));
 is(on_active(), $rows, 'and the run completes');
 
+# ---------------------------------------------------------------------------
+# A registered blind-index column recomputed from its source after an equality key
+# rotation, while a session changes 10 % of the sources (and their indexes) again and
+# again: every index ends up equal to the blind index of its row's current plaintext.
+sql("ALTER TABLE account ADD COLUMN secret_idx bytea");
+sql("UPDATE account SET secret_idx = envelope.blind_index(tenant, plain)");
+sql("SELECT envelope.register_blind_index('account', 'secret_idx', 'secret')");
+sql("SELECT count(envelope.rotate_equality_key('t' || i)) FROM generate_series(1, 20) i");
+$reenc = start_sql($node, "CALL envelope.reencrypt_all(2000, 6000)");
+ok( wait_for(
+		$node,
+		"SELECT coalesce(bool_or(state = 'running'), false) FROM envelope.rotation_progress "
+		  . "WHERE procedure = 'reencrypt_all'"),
+	'reencrypt_all is running with a blind-index column');
+$updater = start_sql(
+	$node, q{
+DO $$
+DECLARE
+    r record;
+    changed integer := 0;
+BEGIN
+    LOOP
+        FOR r IN SELECT id FROM account WHERE id % 10 = 7 ORDER BY md5(id::text || changed) LOOP
+            UPDATE account
+               SET plain = plain || '*',
+                   secret = envelope.encrypt(tenant, plain || '*', 'account.secret'),
+                   secret_idx = envelope.blind_index(tenant, plain || '*')
+             WHERE id = r.id;
+            changed := changed + 1;
+            COMMIT;
+        END LOOP;
+        EXIT WHEN changed >= 100000 OR NOT EXISTS (
+            SELECT FROM envelope.rotation_progress
+             WHERE procedure = 'reencrypt_all' AND state = 'running');
+    END LOOP;
+END
+$$;
+});
+($ret, $out, $err) = finish_sql($updater);
+is($ret, 0, 'the source updater finished') or diag($err);
+($ret, $out, $err) = finish_sql($reenc);
+is($ret, 0, 'reencrypt_all finished') or diag($err);
+sql("CALL envelope.reencrypt_all()");
+is( sql("SELECT count(*) FROM account WHERE secret_idx = envelope.blind_index(tenant, plain)"),
+	$rows, 'every blind index is the index of its row\'s current plaintext, under the new version');
+is(sql("SELECT count(*) FROM account WHERE octet_length(secret_idx) = 36"),
+	$rows, 'and every one carries the new equality version');
+is(all_decrypt(), $rows, 'every value still decrypts to its row\'s plaintext');
+
 $node->stop;
 done_testing();

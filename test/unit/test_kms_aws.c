@@ -483,6 +483,42 @@ test_config_errors(void)
 				  "ReEncrypt, bad tenant %zu: %s", i, err.message);
 		}
 	}
+
+	/*
+	 * A single-Region key, or an alias ARN, of another region than envelope.aws_region
+	 * has no replica here: refused before any request, by every operation, naming
+	 * both regions.  (Multi-Region keys are rewritten to the configured region; the
+	 * round trip through a replica is test/tap/029_aws_multi_region.pl.)
+	 */
+	{
+		const char *other = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+		const char *other_alias = "arn:aws:kms:eu-west-1:123456789012:alias/pg";
+		KmsEncryptionContext ec = {"acme", 1};
+		uint8_t		out[KMS_DEK_LEN];
+		uint8_t		blob[64] = {1};
+		uint8_t		nw[KMS_WRAPPED_MAX];
+		size_t		nwlen;
+		char		arn[KMS_KEY_ID_MAX];
+
+		cfg = cfg_for(moto_url, 0, 2000);
+		CHECK(gen(&cfg, other, "acme", 1, &d, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0 && strstr(err.message, "single-Region") != NULL &&
+			  strstr(err.message, "eu-west-1") != NULL && strstr(err.message, "us-east-1") != NULL,
+			  "GenerateDataKey, single-Region key of another region: %s", err.message);
+		memset(out, 0x5a, sizeof(out));
+		CHECK(aws->decrypt(&cfg, other, &ec, blob, sizeof(blob), out, &err) ==
+			  KMS_ERR_WRONG_REGION && err.attempts == 0 && all_zero(out, sizeof(out)),
+			  "Decrypt, single-Region key of another region: %s", err.message);
+		CHECK(aws->reencrypt(&cfg, other, "alias/y", &ec, blob, sizeof(blob),
+							 nw, &nwlen, arn, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0, "ReEncrypt from another region: %s", err.message);
+		CHECK(aws->reencrypt(&cfg, "alias/y", other, &ec, blob, sizeof(blob),
+							 nw, &nwlen, arn, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0, "ReEncrypt to another region: %s", err.message);
+		CHECK(gen(&cfg, other_alias, "acme", 1, &d, &err) == KMS_ERR_WRONG_REGION &&
+			  err.attempts == 0 && strstr(err.message, "alias") != NULL,
+			  "alias ARN of another region: %s", err.message);
+	}
 }
 
 static void
@@ -583,6 +619,74 @@ test_round_trips(const char *arn, const char *key_id, const char *alias,
 	d.wrapped[d.wrapped_len / 2] ^= 1;
 	CHECK(dec(&cfg, arn, "acme", 1, &d, out, &err) == KMS_ERR_INVALID_CIPHERTEXT,
 		  "tampered: %s", err.message);
+}
+
+/* The rate limit's hooks, as the backend's kms_rate.c would be called. */
+static int	slots_asked;
+static int	answers_noted;
+static int	throttles_noted;
+static bool refuse_slots;
+
+static bool
+count_slot(const KmsConfig *cfg)
+{
+	(void) cfg;
+	slots_asked++;
+	return !refuse_slots;
+}
+
+static void
+count_answer(bool throttled)
+{
+	answers_noted++;
+	if (throttled)
+		throttles_noted++;
+}
+
+/*
+ * Every request waits for a slot first, retries included, and every answer is noted
+ * with whether it was a throttling one; a refused slot (an interrupt during the wait)
+ * sends nothing.
+ */
+static void
+test_pacing_hooks(const char *arn)
+{
+	KmsConfig	cfg = cfg_for(proxy_url, 3, 5000);
+	Dek			d;
+	KmsError	err;
+
+	cfg.await_request_slot = count_slot;
+	cfg.note_answer = count_answer;
+	proxy_reset();
+	CHECK(gen(&cfg, arn, "acme", 1, &d, &err) == KMS_OK, "paced generate: %s", err.message);
+	CHECK(slots_asked == 1 && answers_noted == 1 && throttles_noted == 0,
+		  "one request, one slot, one answer: %d %d %d", slots_asked, answers_noted,
+		  throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	proxy_reset();
+	proxy_fault("Decrypt", "throttle", 1);
+	proxy_fault("Decrypt", "429", 1);
+	EXPECT_DEC(&cfg, arn, &d, KMS_OK, 3);
+	CHECK(slots_asked == 3 && answers_noted == 3 && throttles_noted == 2,
+		  "a slot for each retry, throttles noted: %d %d %d", slots_asked, answers_noted,
+		  throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	proxy_reset();
+	proxy_fault("Decrypt", "access_denied", 1);
+	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_ACCESS_DENIED, 1);
+	CHECK(answers_noted == 1 && throttles_noted == 0, "a refusal is no throttle: %d %d",
+		  answers_noted, throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	refuse_slots = true;
+	proxy_reset();
+	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_CANCELED, 0);
+	CHECK(slots_asked == 1 && answers_noted == 0 && proxy_count("Decrypt", "requests") == 0,
+		  "an interrupted wait sends nothing: %d slots, %d requests", slots_asked,
+		  proxy_count("Decrypt", "requests"));
+	refuse_slots = false;
 }
 
 /* Faults through the proxy; every Decrypt below is of one valid DEK. */
@@ -1029,6 +1133,7 @@ main(int argc, char **argv)
 		test_round_trips(arn, key_id, jstr(al, "AliasName"), alias_arn, arn2);
 	}
 	test_faults(arn);
+	test_pacing_hooks(arn);
 	test_timeouts(arn);
 	test_no_leaks(arn);
 	test_signatures(arn);
