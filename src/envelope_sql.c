@@ -230,22 +230,28 @@ envelope_blind_index(PG_FUNCTION_ARGS)
 bytea *
 envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version)
 {
+	bytea	   *result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
+
+	envelope_blind_index_into(fcinfo, version, result);
+	return result;
+}
+
+void
+envelope_blind_index_into(FunctionCallInfo fcinfo, uint32 version, bytea *result)
+{
 	text	   *tenant = PG_GETARG_TEXT_PP(0);
 	text	   *value = PG_GETARG_TEXT_PP(1);
 	CipherBinding binding = make_binding(fcinfo, tenant, 2);
 	const CipherKey *key;
-	bytea	   *result;
 	size_t		len;
 
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
 								   version, CIPHER_USE_INDEX);
-	result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
 	if (cipher_blind_index_versioned(key, version, &binding,
 									 (const uint8 *) VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value),
 									 (uint8 *) VARDATA(result), &len) != CIPHER_OK)
 		raise_cipher_internal(CIPHER_ERR_INTERNAL);
 	SET_VARSIZE(result, VARHDRSZ + len);
-	return result;
 }
 
 /* Decrypt a value of either format into a varlena of the same layout as bytea/text. */
