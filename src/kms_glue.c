@@ -3,7 +3,9 @@
  *
  * The one place where a provider's KmsStatus becomes an ereport, where KMS calls are
  * counted and timed for envelope.cache_stats, and where a cancel or statement_timeout
- * reaches a provider blocked in I/O.  No LWLock is ever held here: callers release
+ * reaches a provider blocked in I/O.  Every call's KmsConfig carries the cluster-wide
+ * request rate limit (kms_rate.c), which providers consult before each request they
+ * send and tell about each answer.  No LWLock is ever held here: callers release
  * theirs before asking the KMS anything.  The counters live in a small shared struct
  * of their own under a spinlock (in each backend without preload).
  */
