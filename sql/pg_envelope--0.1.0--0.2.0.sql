@@ -2008,6 +2008,58 @@ GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;
 
 
 -- ---------------------------------------------------------------------------
+-- Encryption counts per DEK version.
+-- Randomized encryptions (AES-GCM, random nonces) under each DEK version, which must
+-- stay under 2^32 per key.  The figure is reserved ahead in blocks and rewritten in
+-- place by the extension's C code (WAL-logged, not transactional, as a sequence is),
+-- so it is an upper bound that a crash never lowers: see src/encryption_count.c.
+-- The count is the first column, where the in-place update finds it; nothing but the
+-- extension writes this table.  A key stored before 0.2.0 starts from 0 here.
+-- Created after the Citus conversion above: under Citus each node counts the
+-- encryptions it makes itself, in its own table.
+CREATE TABLE envelope.data_key_encryptions (
+    encryptions bigint NOT NULL DEFAULT 0,
+    tenant_id   integer NOT NULL,
+    version     integer NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+);
+
+COMMENT ON TABLE envelope.data_key_encryptions IS
+    'pg_envelope: randomized encryptions reserved per DEK version (an upper bound of those made)';
+
+REVOKE ALL ON envelope.data_key_encryptions FROM PUBLIC;
+
+-- pg_dump keeps the counts with the keys they count.
+SELECT pg_catalog.pg_extension_config_dump('envelope.data_key_encryptions', '');
+
+-- Every stored key gets its row (under Citus a node adds its rows as it encrypts).
+DO $counts$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
+        INSERT INTO envelope.data_key_encryptions (tenant_id, version)
+            SELECT t.tenant_id, d.version
+              FROM envelope.data_key d JOIN envelope.tenant t ON t.tenant OPERATOR(pg_catalog.=) d.tenant
+            ON CONFLICT DO NOTHING;
+    END IF;
+END
+$counts$;
+
+-- Two columns at the end: encryptions (the reserved count above; NULL where this node
+-- has not counted the key) and the tenant's equality key version.
+CREATE OR REPLACE VIEW envelope.tenant_keys AS
+    SELECT d.tenant, d.version,
+           CASE WHEN t.state <> 'active' THEN t.state
+                WHEN d.version = t.active_version THEN 'active'
+                WHEN d.state = 'active' THEN 'decrypt-only'
+                ELSE d.state END AS state,
+           d.kms_provider, d.kms_key, d.created_at,
+           c.encryptions,
+           t.equality_version
+      FROM envelope.data_key d JOIN envelope.tenant t USING (tenant)
+      LEFT JOIN envelope.data_key_encryptions c
+        ON c.tenant_id = t.tenant_id AND c.version = d.version;
+
+-- ---------------------------------------------------------------------------
 -- Stored blind indexes.
 --
 -- A blind index is a keyed hash of a plaintext the database holds only encrypted, so

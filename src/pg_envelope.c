@@ -12,6 +12,7 @@
 #include "storage/ipc.h"
 #include "utils/guc.h"
 
+#include "encryption_count.h"
 #include "http.h"
 #include "inventory.h"
 #include "kms_recheck.h"
@@ -224,6 +225,7 @@ define_settings(void)
 							0, 0, 1000000,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
+	encryption_count_define_settings();
 	MarkGUCPrefixReserved("envelope");
 }
 

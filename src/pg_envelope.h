@@ -63,6 +63,8 @@ extern bytea *envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint
  * `version`, in the versioned layout of cipher.h.
  */
 extern bytea *envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version);
+/* The same, written into `result` (room for CIPHER_INDEX_VERSIONED_MAX_LEN + VARHDRSZ). */
+extern void envelope_blind_index_into(FunctionCallInfo fcinfo, uint32 version, bytea *result);
 
 /* ---- equality_sql.c ---- */
 /*
