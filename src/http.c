@@ -822,7 +822,7 @@ slots_interrupted(HttpSlot *slots, int nslots)
 }
 
 void
-http_perform_many(const HttpRequest *reqs, int n, int max_in_flight,
+http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 				  HttpResponse *resps, HttpStatus *statuses, char *errbufs, size_t errlen)
 {
 	HttpSlot   *slots;
@@ -858,31 +858,46 @@ http_perform_many(const HttpRequest *reqs, int n, int max_in_flight,
 		int			running = 0;
 		CURLMsg    *msg;
 		int			left;
+		int			free_slot = -1;
 
-		/* Fill every free slot with the next request. */
-		for (int k = 0; k < nslots && next < n && !canceled; k++)
+		/*
+		 * Start at most one request per turn, and drive it onto the wire at once:
+		 * preparing one may wait (for a rate limit), and a request started but not
+		 * yet driven would go out in a burst with the next ones.
+		 */
+		for (int k = 0; k < nslots && free_slot < 0; k++)
+			if (slots[k].easy == NULL)
+				free_slot = k;
+		while (free_slot >= 0 && next < n && !canceled)
 		{
-			if (slots[k].easy != NULL)
-				continue;
-			while (next < n)
-			{
-				int			i = next++;
+			int			i = next++;
+			HttpRequest req;
+			HttpStatus	ps;
 
-				if (reqs[i].interrupted && reqs[i].interrupted())
-				{
-					canceled = true;
-					next--;
-					break;
-				}
-				if (start_slot(&slots[k], &reqs[i], i, &resps[i], &statuses[i],
-							   ERRBUF(i), errlen))
-				{
-					active++;
-					break;
-				}
+			memset(&req, 0, sizeof(req));
+			ps = prepare(arg, i, &req);
+			if (ps == HTTP_ERR_CANCELED ||
+				(ps == HTTP_OK && req.interrupted && req.interrupted()))
+			{
+				canceled = true;
+				next--;
+				break;
+			}
+			if (ps != HTTP_OK)
+			{
+				statuses[i] = ps;	/* skipped: the caller knows why */
+				continue;
+			}
+			if (start_slot(&slots[free_slot], &req, i, &resps[i], &statuses[i],
+						   ERRBUF(i), errlen))
+			{
+				active++;
+				break;
 			}
 		}
-		if (active == 0 || canceled)
+		if (active == 0 && (next >= n || canceled))
+			break;
+		if (canceled)
 			break;
 
 		if (curl_multi_perform(http_multi, &running) != CURLM_OK)
@@ -906,7 +921,10 @@ http_perform_many(const HttpRequest *reqs, int n, int max_in_flight,
 			canceled = true;
 			break;
 		}
-		if (active > 0 && curl_multi_poll(http_multi, NULL, 0, HTTP_POLL_MS, NULL) != CURLM_OK)
+		/* no wait while there is a free slot and a request to put in it */
+		if (active > 0 &&
+			curl_multi_poll(http_multi, NULL, 0,
+							active < nslots && next < n ? 0 : HTTP_POLL_MS, NULL) != CURLM_OK)
 			break;
 	}
 

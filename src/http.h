@@ -70,15 +70,26 @@ extern HttpStatus http_perform(const HttpRequest *req, HttpResponse *resp,
 							   char *errbuf, size_t errlen);
 
 /*
- * Perform the `n` requests, at most `max_in_flight` of them on the wire at once (the
- * next one starts as soon as one finishes), over the connections http_perform keeps.
- * resps[i], statuses[i] and the error text at errbufs + i * errlen (errbufs may be
- * NULL) are what http_perform would have given for reqs[i].  When a request's
- * `interrupted` callback asks to stop, every transfer still on the wire is abandoned
- * (its connection closed) and it, and every request not yet started, gets
- * HTTP_ERR_CANCELED.  Always call http_response_free on every resps[i] afterwards.
+ * Request i of http_perform_many, made just before it goes on the wire (so that a
+ * signature is fresh and a rate limit can be waited for at that moment): fill *req,
+ * which must stay valid until the transfer ends (libcurl copies the URL and the
+ * header lines, not the body).  Return HTTP_OK to send it, HTTP_ERR_CANCELED to stop
+ * the whole set as an interrupt would, or another status to skip request i (that
+ * status becomes its own; the caller knows why).
  */
-extern void http_perform_many(const HttpRequest *reqs, int n, int max_in_flight,
+typedef HttpStatus (*HttpPrepare) (void *arg, int i, HttpRequest *req);
+
+/*
+ * Perform `n` requests, at most `max_in_flight` of them on the wire at once: the next
+ * one is prepared and started as soon as one finishes, over the connections
+ * http_perform keeps.  resps[i], statuses[i] and the error text at errbufs + i *
+ * errlen (errbufs may be NULL) are what http_perform would have given for request i.
+ * When a request's `interrupted` callback asks to stop, every transfer still on the
+ * wire is abandoned (its connection closed) and it, and every request not yet
+ * started, gets HTTP_ERR_CANCELED.  Always call http_response_free on every resps[i]
+ * afterwards.
+ */
+extern void http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 							  HttpResponse *resps, HttpStatus *statuses,
 							  char *errbufs, size_t errlen);
 

@@ -1371,8 +1371,8 @@ typedef struct AwsManyItem
 typedef struct AwsManyRound
 {
 	int		   *item;			/* the item each request is for */
+	bool	   *sent;			/* signed and handed to http.c */
 	AwsSigned  *signed_;
-	HttpRequest *reqs;
 	HttpResponse *resps;
 	HttpStatus *statuses;
 	char	   *errbufs;		/* 128 bytes each */
@@ -1384,12 +1384,12 @@ static bool
 aws_many_round_alloc(AwsManyRound *round, int n)
 {
 	round->item = calloc(n, sizeof(int));
+	round->sent = calloc(n, sizeof(bool));
 	round->signed_ = calloc(n, sizeof(AwsSigned));
-	round->reqs = calloc(n, sizeof(HttpRequest));
 	round->resps = calloc(n, sizeof(HttpResponse));
 	round->statuses = calloc(n, sizeof(HttpStatus));
 	round->errbufs = calloc(n, AWS_MANY_ERRLEN);
-	return round->item && round->signed_ && round->reqs && round->resps &&
+	return round->item && round->sent && round->signed_ && round->resps &&
 		round->statuses && round->errbufs;
 }
 
@@ -1399,41 +1399,55 @@ aws_many_round_free(AwsManyRound *round, int n)
 	if (round->signed_)
 		OPENSSL_cleanse(round->signed_, n * sizeof(AwsSigned));
 	free(round->item);
+	free(round->sent);
 	free(round->signed_);
-	free(round->reqs);
 	free(round->resps);
 	free(round->statuses);
 	free(round->errbufs);
 }
 
+/* What aws_many_prepare needs to sign the requests of one round. */
+typedef struct AwsManyPrepare
+{
+	const KmsConfig *cfg;
+	const AwsEndpoint *ep;
+	AwsManyItem *st;
+	AwsManyRound *round;
+} AwsManyPrepare;
+
 /*
- * Sign a request for every item still pending (those whose signing fails are done,
- * with their error), each once the rate limit lets it go (kms_before_request);
- * returns how many requests the round sends, or -1 when a cancel came while waiting.
+ * http_perform_many's HttpPrepare: request j of the round, signed at the moment it
+ * goes on the wire, once the rate limit lets it go (kms_before_request).  An item
+ * whose signing fails is skipped, its error in its `last` attempt.
  */
+static HttpStatus
+aws_many_prepare(void *arg, int j, HttpRequest *req)
+{
+	AwsManyPrepare *p = arg;
+	AwsManyItem *item = &p->st[p->round->item[j]];
+
+	if (!kms_before_request(p->cfg))
+		return HTTP_ERR_CANCELED;
+	if (!aws_sign(p->cfg, p->ep, "ReEncrypt", item->body, item->body_len,
+				  &p->round->signed_[j], req, &item->last))
+		return HTTP_ERR_INTERNAL;
+	item->retry.attempts++;
+	p->round->sent[j] = true;
+	return HTTP_OK;
+}
+
+/* The pending items of the next round into round->item; how many. */
 static int
-aws_many_sign(const KmsConfig *cfg, const AwsEndpoint *ep, AwsManyItem *st, int n,
-			  AwsManyRound *round)
+aws_many_pending(AwsManyItem *st, int n, AwsManyRound *round)
 {
 	int			m = 0;
 
 	for (int i = 0; i < n; i++)
-	{
-		if (st[i].body == NULL)
-			continue;
-		if (!kms_before_request(cfg))
-			return -1;
-		if (!aws_sign(cfg, ep, "ReEncrypt", st[i].body, st[i].body_len,
-					  &round->signed_[m], &round->reqs[m], &st[i].last))
+		if (st[i].body != NULL)
 		{
-			aws_signed_wipe(&round->signed_[m]);
-			free(st[i].body);
-			st[i].body = NULL;
-			continue;
+			round->sent[m] = false;
+			round->item[m++] = i;
 		}
-		st[i].retry.attempts++;
-		round->item[m++] = i;
-	}
 	return m;
 }
 
@@ -1454,11 +1468,16 @@ aws_many_read(const KmsConfig *cfg, KmsRewrapItem *items, AwsManyItem *st,
 		json_object *resp;
 		bool		pause;
 
-		aws_read_answer(round->statuses[j], &round->resps[j],
-						round->errbufs + (size_t) j * AWS_MANY_ERRLEN, &resp, &st[i].last);
+		resp = NULL;
+		if (round->sent[j])
+			aws_read_answer(round->statuses[j], &round->resps[j],
+							round->errbufs + (size_t) j * AWS_MANY_ERRLEN, &resp, &st[i].last);
+		else if (round->statuses[j] == HTTP_ERR_CANCELED)
+			aws_attempt_canceled(&st[i].last);
+		/* else: its signing failed, and `last` says why */
 		http_response_free(&round->resps[j]);
 		aws_signed_wipe(&round->signed_[j]);
-		if (st[i].last.http_status != 0)
+		if (round->sent[j] && st[i].last.http_status != 0)
 			kms_after_answer(cfg, st[i].last.status == KMS_ERR_THROTTLED);
 		if (st[i].last.status == KMS_OK)
 		{
@@ -1485,8 +1504,8 @@ aws_many_read(const KmsConfig *cfg, KmsRewrapItem *items, AwsManyItem *st,
 
 /*
  * ReEncrypt of many DEKs with up to max_in_flight requests on the wire at once.  In
- * rounds: every pending DEK's request is signed and the round is sent through
- * http_perform_many; the DEKs whose answer calls for a retry (aws_retry_next, as for
+ * rounds: every pending DEK's request goes through http_perform_many, signed as it
+ * goes on the wire (aws_many_prepare); the DEKs whose answer calls for a retry (aws_retry_next, as for
  * one request) are sent again in the next round, after the longest backoff any of
  * them is due.  Every request takes its turn from the rate limit (kms_before_request)
  * and reports its answer to it (kms_after_answer), retries included, as the single
@@ -1501,6 +1520,7 @@ aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem 
 	AwsEndpoint ep;
 	AwsManyItem *st;
 	AwsManyRound round;
+	AwsManyPrepare prepare;
 	KmsError	eperr;
 	KmsStatus	result = KMS_OK;
 
@@ -1540,6 +1560,10 @@ aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem 
 			st[i].body = aws_request_body(req, op, &st[i].body_len, &items[i].err);
 	}
 
+	prepare.cfg = cfg;
+	prepare.ep = &ep;
+	prepare.st = st;
+	prepare.round = &round;
 	for (;;)
 	{
 		int			m;
@@ -1547,11 +1571,11 @@ aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem 
 
 		if (cfg->interrupted && cfg->interrupted())
 			break;
-		m = aws_many_sign(cfg, &ep, st, n, &round);
-		if (m <= 0)
-			break;				/* nothing left, or canceled */
-		http_perform_many(round.reqs, m, max_in_flight, round.resps, round.statuses,
-						  round.errbufs, AWS_MANY_ERRLEN);
+		m = aws_many_pending(st, n, &round);
+		if (m == 0)
+			break;
+		http_perform_many(m, max_in_flight, aws_many_prepare, &prepare, round.resps,
+						  round.statuses, round.errbufs, AWS_MANY_ERRLEN);
 		backoff = aws_many_read(cfg, items, st, &round, m);
 		if (backoff >= 0 && !kms_sleep_interruptible(cfg, kms_backoff_ms(backoff)))
 			break;

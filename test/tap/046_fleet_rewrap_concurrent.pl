@@ -103,24 +103,50 @@ is(wrapping(), "key3:$deks", 'every DEK moved again');
 $most = $kms->count('ReEncrypt', 'max_in_flight');
 ok($most > 1 && $most <= 3, "between 2 and 3 requests in flight at once ($most)");
 
+# The cluster-wide rate limit holds for the concurrent requests too: at 10 a second,
+# no one-second window at the proxy sees more than 10 (plus one for the scheduling
+# jitter, as in 029_aws_rate_limit.pl), and still more than one is in flight.
+$node->append_conf('postgresql.conf', "envelope.kms_max_requests_per_second = 10\n");
+$node->reload;
+sleep(1);
+$kms->reset_proxy;
+$kms->fault(op => 'ReEncrypt', mode => 'delay', seconds => 0.3, count => -1);
+($ret, $out, $err) = $node->psql('postgres', "CALL envelope.rewrap_keys('$key2->{Arn}')");
+is($ret, 0, 'rewrap_keys under envelope.kms_max_requests_per_second = 10') or diag($err);
+is(wrapping(), "key2:$deks", 'every DEK moved under the rate limit');
+my @t = sort { $a <=> $b } map { $_->[0] } @{ $kms->arrivals };
+my ($busiest, $j) = (0, 0);
+for my $i (0 .. $#t)
+{
+	$j++ while $j <= $#t && $t[$j] < $t[$i] + 1.0;
+	$busiest = $j - $i if $j - $i > $busiest;
+}
+is(scalar @t, $deks, 'one request per DEK');
+ok($busiest <= 11, "at most 10 (+1) requests in any second ($busiest)");
+$most = $kms->count('ReEncrypt', 'max_in_flight');
+ok($most > 1, "still several in flight at once ($most)");
+$node->append_conf('postgresql.conf', "envelope.kms_max_requests_per_second = 0\n");
+$node->reload;
+sleep(1);
+
 # ---------------------------------------------------------------------------
 # A throttled request is retried on its own; the others are not sent again.
 $kms->reset_proxy;
 $kms->fault(op => 'ReEncrypt', mode => 'throttle', count => 2);
 $kms->fault(op => 'ReEncrypt', mode => 'delay', seconds => 0.05, count => -1);
-($ret, $out, $err) = $node->psql('postgres', "CALL envelope.rewrap_keys('$key2->{Arn}')");
+($ret, $out, $err) = $node->psql('postgres', "CALL envelope.rewrap_keys('$key3->{Arn}')");
 is($ret, 0, 'rewrap_keys completes through two throttled answers') or diag($err);
 is($kms->count('ReEncrypt', 'requests'), $deks + 2, 'two requests more than DEKs: the retries');
-is(wrapping(), "key2:$deks", 'every DEK is under key 2');
+is(wrapping(), "key3:$deks", 'every DEK is under key 3');
 
 # A refused request fails the batch with the single path's error; nothing is written.
 $kms->reset_proxy;
 $kms->fault(op => 'ReEncrypt', mode => 'access_denied', count => 1);
-my ($state, $msg) = EnvelopeKms::psql_error($node, "CALL envelope.rewrap_keys('$key3->{Arn}')");
+my ($state, $msg) = EnvelopeKms::psql_error($node, "CALL envelope.rewrap_keys('$key2->{Arn}')");
 is($state, '42501', 'a refused ReEncrypt: insufficient_privilege');
 like($msg, qr/KMS ReEncrypt failed for key version \d+ of tenant "t\d+": AccessDeniedException/,
 	'names the operation, the DEK and the AWS error');
-is(wrapping(), "key2:$deks", 'the failed batch changed no DEK');
+is(wrapping(), "key3:$deks", 'the failed batch changed no DEK');
 is($kms->count('ReEncrypt', 'requests'), $deks, 'the refused request was not retried');
 is(all_decrypt(), 't', 'every value still decrypts');
 
@@ -160,8 +186,8 @@ ok($ret != 0 && $err =~ /canceling statement due to user request/, 'pg_cancel_ba
   or diag($err);
 ok(time() - $t0 < 10, 'at once, not after the held requests');
 $kms->release;
-old_or_new('key2', 'key4');
-is(wrapping(), "key2:$deks", 'the canceled batch wrote nothing');
+old_or_new('key3', 'key4');
+is(wrapping(), "key3:$deks", 'the canceled batch wrote nothing');
 is(all_decrypt(), 't', 'every value decrypts after the cancel');
 
 # statement_timeout
@@ -170,7 +196,7 @@ $bg = held_run("SET statement_timeout = '2s';\nCALL envelope.rewrap_keys('$key4-
 ok($ret != 0 && $err =~ /canceling statement due to statement timeout/,
 	'statement_timeout stops the batch') or diag($err);
 $kms->release;
-old_or_new('key2', 'key4');
+old_or_new('key3', 'key4');
 is(all_decrypt(), 't', 'every value decrypts after the timeout');
 
 # a crash of the server
@@ -187,7 +213,7 @@ for (1 .. 500)
 finish_sql($bg);
 $kms->reset_proxy;
 $node->start;
-old_or_new('key2', 'key4');
+old_or_new('key3', 'key4');
 is(all_decrypt(), 't', 'every value decrypts after the crash');
 
 ($ret, $out, $err) = $node->psql('postgres', "CALL envelope.rewrap_keys('$key4->{Arn}')");
