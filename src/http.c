@@ -830,6 +830,7 @@ http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 	int			next = 0;
 	int			active = 0;
 	bool		canceled = false;
+	CURLMcode	multi_failed = CURLM_OK;
 
 #define ERRBUF(i) (errbufs ? errbufs + (size_t) (i) * errlen : NULL)
 	for (int i = 0; i < n; i++)
@@ -900,7 +901,7 @@ http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 		if (canceled)
 			break;
 
-		if (curl_multi_perform(http_multi, &running) != CURLM_OK)
+		if ((multi_failed = curl_multi_perform(http_multi, &running)) != CURLM_OK)
 			break;
 		while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
 		{
@@ -923,14 +924,16 @@ http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 		}
 		/* no wait while there is a free slot and a request to put in it */
 		if (active > 0 &&
-			curl_multi_poll(http_multi, NULL, 0,
-							active < nslots && next < n ? 0 : HTTP_POLL_MS, NULL) != CURLM_OK)
+			(multi_failed = curl_multi_poll(http_multi, NULL, 0,
+											active < nslots && next < n ? 0 : HTTP_POLL_MS,
+											NULL)) != CURLM_OK)
 			break;
 	}
 
 	/*
-	 * Whatever is still on the wire was canceled (or libcurl failed us): abandon it;
-	 * requests never started keep HTTP_ERR_CANCELED.
+	 * Whatever is still on the wire was canceled (or libcurl failed us): abandon it.
+	 * Requests never started were canceled too, or, when libcurl failed, failed with
+	 * it: a failure must not read as a cancel nobody asked for.
 	 */
 	for (int k = 0; k < nslots; k++)
 		if (slots[k].easy != NULL)
@@ -938,7 +941,16 @@ http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
 						canceled, &resps[slots[k].index], &statuses[slots[k].index],
 						ERRBUF(slots[k].index), errlen);
 	for (int i = next; i < n; i++)
-		set_error(ERRBUF(i), errlen, status_text(HTTP_ERR_CANCELED), NULL);
+	{
+		if (multi_failed != CURLM_OK && !canceled)
+		{
+			statuses[i] = HTTP_ERR_INTERNAL;
+			set_error(ERRBUF(i), errlen, "http: libcurl failed",
+					  curl_multi_strerror(multi_failed));
+		}
+		else
+			set_error(ERRBUF(i), errlen, status_text(HTTP_ERR_CANCELED), NULL);
+	}
 	free(slots);
 #undef ERRBUF
 }

@@ -286,7 +286,8 @@ PG_FUNCTION_INFO_V1(envelope_blind_index_needs_recompute);
  * envelope.blind_index_needs_recompute(blind_index, tenant): true for a stored blind
  * index under an equality key version other than the tenant's current one, when that
  * one is live.  False for a disabled or destroyed tenant and for anything that is not
- * a blind index (never an error), as needs_reencryption does for values.
+ * a blind index, as needs_reencryption does for values (and like it, an unknown
+ * tenant is an error).
  */
 Datum
 envelope_blind_index_needs_recompute(PG_FUNCTION_ARGS)

@@ -105,7 +105,7 @@ ok($most > 1 && $most <= 3, "between 2 and 3 requests in flight at once ($most)"
 
 # The cluster-wide rate limit holds for the concurrent requests too: at 10 a second,
 # no one-second window at the proxy sees more than 10 (plus one for the scheduling
-# jitter, as in 029_aws_rate_limit.pl), and still more than one is in flight.
+# jitter, as in 033_aws_rate_limit.pl), and still more than one is in flight.
 $node->append_conf('postgresql.conf', "envelope.kms_max_requests_per_second = 10\n");
 $node->reload;
 sleep(1);
