@@ -31,6 +31,22 @@ SELECT envelope.register_blind_index('bi_user', 'email_idx', NULL);
 SELECT envelope.register_column('bi_user', 'email_idx', 'org');
 SELECT envelope.unregister_column('bi_user', 'email');
 
+-- Owning a table is not enough to register its columns: a label written by hand
+-- needs envelope_admin too (the fleet procedures act on every registration with an
+-- admin's access to every tenant).
+CREATE ROLE bi_owner;
+GRANT envelope_user TO bi_owner;
+CREATE TABLE bi_owned (org text, src bytea, idx bytea);
+ALTER TABLE bi_owned OWNER TO bi_owner;
+SELECT envelope.register_column('bi_owned', 'src', 'org');
+SET ROLE bi_owner;
+SECURITY LABEL FOR pg_envelope ON COLUMN bi_owned.idx IS '{"role": "blind_index", "source": "src"}';
+SECURITY LABEL FOR pg_envelope ON COLUMN bi_owned.src IS NULL;
+RESET ROLE;
+SELECT count(*) AS labels_kept FROM pg_seclabels WHERE objname LIKE 'bi_owned.%';
+DROP TABLE bi_owned;
+DROP ROLE bi_owner;
+
 -- Re-registering the source (another context) keeps the blind index's reference.
 SELECT envelope.register_column('bi_user', 'email', 'org', 'bi_user.email');
 SELECT column_name, source_column, tenant_column, context FROM envelope.blind_index_columns;

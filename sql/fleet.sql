@@ -209,3 +209,7 @@ SELECT has_table_privilege('envelope_admin', 'envelope.rotation_progress', 'SELE
 SELECT envelope.unregister_column('fleet_person', 'secret'), envelope.unregister_column('fleet_person', 'email'),
        envelope.unregister_column('fleet_event', 'payload');
 DROP TABLE fleet_person, fleet_event;
+
+-- rewrap_tenants, the batch step of rewrap_keys: a NULL or empty master key is refused.
+SELECT envelope.rewrap_tenants(NULL, ARRAY['re-a']);
+SELECT envelope.rewrap_tenants('', ARRAY['re-a']);

@@ -198,8 +198,13 @@ tenant_label_text(const char *tag)
 
 /*
  * SECURITY LABEL FOR pg_envelope, written by hand or replayed by pg_restore: only
- * well-formed labels of ours, only on columns of tables.  PostgreSQL has already
- * checked that the caller owns the table.
+ * well-formed labels of ours, only on columns of tables, and only by envelope_admin's
+ * members (superusers included, so pg_restore as a superuser works).  PostgreSQL has
+ * already checked that the caller owns the table, but owning a table is not enough:
+ * the fleet procedures, run by an admin, act on every registration with the admin's
+ * access to every tenant's keys, so a label an owner forged would have an admin
+ * compute blind indexes of a tenant the owner may not use, or hide a column from the
+ * retire guard by removing its label.
  */
 static void
 check_label(const ObjectAddress *object, const char *seclabel)
@@ -207,6 +212,14 @@ check_label(const ObjectAddress *object, const char *seclabel)
 	ColumnLabel parsed;
 	const char *why = NULL;
 	char		relkind;
+	Oid			admin = get_role_oid("envelope_admin", true);
+
+	if (!superuser() && !(OidIsValid(admin) && has_privs_of_role(GetUserId(), admin)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to set a pg_envelope security label"),
+				 errdetail("Only members of envelope_admin register columns."),
+				 errhint("Use envelope.register_column() or envelope.register_blind_index() as a member of envelope_admin.")));
 
 	if (object->classId != RelationRelationId || object->objectSubId <= 0)
 		ereport(ERROR,

@@ -359,6 +359,10 @@ void
 kms_recheck_get_status(KmsRecheckStatus *out)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	/* Copied under the lock, formatted after it: nothing that allocates is held. */
+	char		refused_ids[STATUS_REFUSED_LISTED][KMS_KEY_ID_MAX];
+	char		last_key[KMS_KEY_ID_MAX];
+	char		last_error[sizeof(table->last_error)];
 	StringInfoData refused;
 
 	memset(out, 0, sizeof(*out));
@@ -369,7 +373,6 @@ kms_recheck_get_status(KmsRecheckStatus *out)
 	if (table == NULL)
 		return;
 	out->available = true;
-	initStringInfo(&refused);
 	LWLockAcquire(table->lock, LW_SHARED);
 	for (int i = 0; i < KMS_RECHECK_MAX_KEYS; i++)
 	{
@@ -379,21 +382,31 @@ kms_recheck_get_status(KmsRecheckStatus *out)
 			continue;
 		out->tracked++;
 		/* a DEK unwrapped under it since the refusal says the key works again */
-		if (s->refused && s->last_noted <= s->refused_at &&
-			out->refused++ < STATUS_REFUSED_LISTED)
-			appendStringInfo(&refused, "%s\"%s\"", refused.len > 0 ? ", " : "", s->key_id);
+		if (s->refused && s->last_noted <= s->refused_at)
+		{
+			if (out->refused < STATUS_REFUSED_LISTED)
+				memcpy(refused_ids[out->refused], s->key_id, KMS_KEY_ID_MAX);
+			out->refused++;
+		}
 	}
 	out->checks = table->checks;
 	out->refusals = table->refusals;
 	out->unanswered = table->unanswered;
 	out->seconds_since_check = seconds_since(table->last_check, now);
 	out->last_status = table->last_status;
-	out->last_key = pstrdup(table->last_key);
-	out->last_error = pstrdup(table->last_error);
+	memcpy(last_key, table->last_key, sizeof(last_key));
+	memcpy(last_error, table->last_error, sizeof(last_error));
 	out->untracked = table->untracked;
 	out->seconds_since_untracked = seconds_since(table->last_untracked, now);
 	LWLockRelease(table->lock);
+
+	initStringInfo(&refused);
+	for (int i = 0; i < Min(out->refused, STATUS_REFUSED_LISTED); i++)
+		appendStringInfo(&refused, "%s\"%.*s\"", i > 0 ? ", " : "",
+						 KMS_KEY_ID_MAX, refused_ids[i]);
 	if (out->refused > STATUS_REFUSED_LISTED)
 		appendStringInfo(&refused, " and %d more", out->refused - STATUS_REFUSED_LISTED);
 	out->refused_keys = refused.data;
+	out->last_key = pnstrdup(last_key, sizeof(last_key));
+	out->last_error = pnstrdup(last_error, sizeof(last_error));
 }

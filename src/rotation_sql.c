@@ -8,6 +8,7 @@
  * onto its equality key version.
  */
 #include "pg_envelope.h"
+#include "encryption_count.h"
 
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
@@ -107,7 +108,7 @@ reencrypt_randomized(FunctionCallInfo fcinfo)
 					 errhidestmt(true)));
 		if (cs == CIPHER_OK)
 		{
-			active = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+			active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
 			result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
 			SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
 			cs = cipher_next_nonce(nonce);
@@ -285,7 +286,8 @@ PG_FUNCTION_INFO_V1(envelope_blind_index_needs_recompute);
  * envelope.blind_index_needs_recompute(blind_index, tenant): true for a stored blind
  * index under an equality key version other than the tenant's current one, when that
  * one is live.  False for a disabled or destroyed tenant and for anything that is not
- * a blind index (never an error), as needs_reencryption does for values.
+ * a blind index, as needs_reencryption does for values (and like it, an unknown
+ * tenant is an error).
  */
 Datum
 envelope_blind_index_needs_recompute(PG_FUNCTION_ARGS)

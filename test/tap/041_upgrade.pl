@@ -81,6 +81,18 @@ is($node->safe_psql('updated', q{SELECT tenant, version, state, kms_key FROM env
 $node->safe_psql('updated', 'SELECT envelope.cache_flush()');
 is($node->safe_psql('updated', $decrypt_sql), '200|200', 'and with a cold cache');
 
+# Every key stored at 0.1.0 has its encryption count from the update on, starting at 0
+# (0.1.0 counted nothing); encryptions under the new SQL are counted.
+is($node->safe_psql('updated',
+	q{SELECT count(*) FILTER (WHERE encryptions = 0), count(*) FROM envelope.tenant_keys}),
+	'10|10', 'every stored key has an encryption count after the update');
+$node->safe_psql('updated',
+	q{INSERT INTO data SELECT 1000 + g, 't1', envelope.encrypt('t1', 'r' || (1000 + g), 'ctx') FROM generate_series(1, 10) g});
+ok($node->safe_psql('updated',
+	q{SELECT encryptions FROM envelope.tenant_keys WHERE tenant = 't1' AND version = 2}) >= 10,
+	'and encryptions after it are counted');
+$node->safe_psql('updated', q{DELETE FROM data WHERE id > 1000});
+
 # Per-tenant access works after the update, also in the session that lived through it.
 $node->safe_psql('updated', q{SELECT envelope.grant_tenant('t1', 'upd_other')});
 $long_lived->query(q{SELECT count(envelope.decrypt_text(tenant, r, 'ctx')) FROM data WHERE tenant = 't1'});

@@ -746,6 +746,102 @@ test_tls_verification(void)
 	}
 }
 
+/* The requests of test_perform_many: one path each, or NULL to skip it. */
+typedef struct ManyRequests
+{
+	const char *paths[16];
+	char		urls[16][256];
+	int			prepared;
+	bool		(*interrupted) (void);
+} ManyRequests;
+
+static HttpStatus
+prepare_many(void *arg, int i, HttpRequest *req)
+{
+	ManyRequests *m = arg;
+
+	m->prepared++;
+	if (m->paths[i] == NULL)
+		return HTTP_ERR_INTERNAL;
+	snprintf(m->urls[i], sizeof(m->urls[i]), "http://127.0.0.1:%d%s", stub_port, m->paths[i]);
+	req->method = "GET";
+	req->url = m->urls[i];
+	req->timeout_ms = 30000;
+	req->max_response = 1024;
+	req->interrupted = m->interrupted;
+	req->sensitive = true;
+	return HTTP_OK;
+}
+
+static void
+test_perform_many(void)
+{
+	ManyRequests m;
+	HttpResponse resps[16];
+	HttpStatus	sts[16];
+	char		errs[16][128];
+	char		path[16][32];
+	int			fds_before;
+	double		t0;
+	double		elapsed;
+
+	/* Answers land at their own index, whatever order they finish in; a skip is kept. */
+	memset(&m, 0, sizeof(m));
+	for (int i = 0; i < 10; i++)
+	{
+		snprintf(path[i], sizeof(path[i]), "/bytes/%d", 10 - i);
+		m.paths[i] = path[i];
+	}
+	m.paths[4] = NULL;
+	http_perform_many(10, 3, prepare_many, &m, resps, sts, &errs[0][0], sizeof(errs[0]));
+	for (int i = 0; i < 10; i++)
+	{
+		if (i == 4)
+			CHECK(sts[i] == HTTP_ERR_INTERNAL && resps[i].body == NULL, "skipped request: %d", sts[i]);
+		else
+			CHECK(sts[i] == HTTP_OK && resps[i].status == 200 && resps[i].body_len == (size_t) (10 - i),
+				  "request %d: %d %ld %zu %s", i, sts[i], resps[i].status, resps[i].body_len, errs[i]);
+		http_response_free(&resps[i]);
+	}
+	CHECK(m.prepared == 10, "every request prepared once: %d", m.prepared);
+
+	/*
+	 * Three hung requests and one that answers, four in flight: the answer comes back
+	 * although the hung ones went first (one at a time, it never would), and a cancel
+	 * then stops the hung ones within the poll interval, leaving no fd behind.
+	 */
+	fds_before = count_fds();
+	memset(&m, 0, sizeof(m));
+	m.paths[0] = m.paths[1] = m.paths[2] = "/hang";
+	m.paths[3] = "/ok";
+	m.paths[4] = "/ok";			/* never started: canceled */
+	m.interrupted = cancel_after_300ms;
+	cancel_calls = 0;
+	cancel_start = t0 = now_ms();
+	http_perform_many(5, 4, prepare_many, &m, resps, sts, &errs[0][0], sizeof(errs[0]));
+	elapsed = now_ms() - t0;
+	CHECK(sts[3] == HTTP_OK && resps[3].status == 200, "the answering request, behind three hung ones: %d %s",
+		  sts[3], errs[3]);
+	for (int i = 0; i < 3; i++)
+		CHECK(sts[i] == HTTP_ERR_CANCELED && resps[i].body == NULL, "hung request %d: %d", i, sts[i]);
+	CHECK(sts[4] == HTTP_ERR_CANCELED || sts[4] == HTTP_OK, "the fifth request: %d", sts[4]);
+	CHECK(elapsed >= 300 && elapsed < 1000, "cancel of a set took %.0f ms", elapsed);
+	for (int i = 0; i < 5; i++)
+		http_response_free(&resps[i]);
+	CHECK(count_fds() <= fds_before, "fds after a canceled set: %d, before %d", count_fds(), fds_before);
+	printf("perform_many: cancel of 3 hung transfers after %.0f ms\n", elapsed);
+
+	/* Canceled before anything starts: nothing is prepared, everything is canceled. */
+	memset(&m, 0, sizeof(m));
+	m.paths[0] = m.paths[1] = "/ok";
+	m.interrupted = always_interrupted;
+	http_perform_many(2, 2, prepare_many, &m, resps, sts, NULL, 0);
+	CHECK(sts[0] == HTTP_ERR_CANCELED && sts[1] == HTTP_ERR_CANCELED, "pre-canceled set: %d %d",
+		  sts[0], sts[1]);
+	for (int i = 0; i < 2; i++)
+		http_response_free(&resps[i]);
+}
+
 int
 main(void)
 {
@@ -761,6 +857,7 @@ main(void)
 	test_basic();
 	test_cap();
 	test_timeouts_and_cancel();
+	test_perform_many();
 	test_errors();
 	test_reuse_and_leaks();
 	test_sensitive_recycles();

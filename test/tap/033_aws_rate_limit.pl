@@ -1,5 +1,5 @@
 
-# 029_aws_rate_limit.pl — envelope.kms_max_requests_per_second: one request bucket for
+# 033_aws_rate_limit.pl — envelope.kms_max_requests_per_second: one request bucket for
 # the whole server, and a rate that shrinks when the KMS throttles.
 #
 # 32 backends read the values of 160 tenants on a cold cache (cache_flush, and new
