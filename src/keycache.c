@@ -5,10 +5,12 @@
  *
  * L1 (per backend, no locks): tenant name -> {tenant state, per version a CipherKey
  * whose contexts are set up as values need them}.  At most L1_MAX_TENANTS tenants,
- * evicted least recently used first (a list, O(1)).  The per-row path of
- * encrypt/decrypt touches only this level plus one atomic read of the shared
- * generation counter.  A miss is answered from shared memory (tenant state and DEK)
- * when it holds them, else from the key store (a prepared plan) and the KMS.
+ * evicted least recently used first (a list, O(1)); once full, it admits a tenant
+ * only on its second miss, and serves the others through one transient entry
+ * (l1_admit).  The per-row path of encrypt/decrypt touches only this level plus one
+ * atomic read of the shared generation counter.  A miss is answered from shared
+ * memory (tenant state and DEK, in one lookup) when it holds them, else from the key
+ * store (a prepared plan) and the KMS.
  *
  * Revocation: the key store tables carry statement triggers that call
  * keycache_note_key_store_change().  At commit (never at rollback) that bumps the
@@ -58,6 +60,7 @@ typedef struct LocalVersion
 	uint64		wrapped_hash;	/* with tenant id and version, names the DEK in L2 */
 	TimestampTz expires_at;		/* of the shared copy the contexts came from */
 	CipherKey	key;			/* contexts set up as values need them */
+	struct EncryptionBudget *budget;	/* see EnvelopeKeyRef */
 } LocalVersion;
 
 typedef struct LocalTenant
@@ -111,25 +114,138 @@ typedef struct L1FrontSlot
 {
 	LocalTenant *lt;
 	uint32		name_len;
+	uint32		name_hash;		/* l1_name_hash(): a different tenant rarely costs a look at lt */
 } L1FrontSlot;
 
 static L1FrontSlot l1_front[L1_FRONT_SIZE];
 
 /* FNV-1a: tenant names are short, and this runs per row. */
 static inline uint32
-l1_front_index(const char *tenant, size_t tenant_len)
+l1_name_hash(const char *tenant, size_t tenant_len)
 {
 	uint32		h = 2166136261u;
 
 	for (size_t i = 0; i < tenant_len; i++)
 		h = (h ^ (unsigned char) tenant[i]) * 16777619u;
-	return (h ^ (h >> 16)) & (L1_FRONT_SIZE - 1);
+	return h ^ (h >> 16);
+}
+
+static inline uint32
+l1_front_index(const char *tenant, size_t tenant_len)
+{
+	return l1_name_hash(tenant, tenant_len) & (L1_FRONT_SIZE - 1);
+}
+
+/*
+ * How many L1 entries have each value of (name hash mod L1_PRESENCE_SIZE): where it is
+ * 0, the tenant is not in L1 and the hash table need not be searched.  A scan cycling
+ * through more tenants than L1 holds misses it on most rows; this saves each of those
+ * rows a walk to a cold bucket.  Exact, not a guess: every insertion and removal
+ * counts.
+ */
+#define L1_PRESENCE_SIZE 32768
+
+static uint16 l1_presence[L1_PRESENCE_SIZE];
+
+static inline uint16 *
+l1_presence_of(uint32 name_hash)
+{
+	return &l1_presence[name_hash & (L1_PRESENCE_SIZE - 1)];
+}
+
+/*
+ * Admission to a full L1.  When a scan cycles through more tenants than L1 holds,
+ * least-recently-used replacement evicts every tenant before its next row comes:
+ * each row would then pay for an eviction, an insertion, and a re-key of the evicted
+ * tenant's contexts, all in memory that has gone cold.  So a tenant missing from a
+ * full L1 gets in only on its second miss within a while (a direct-mapped array of
+ * name hashes remembers the first); until then its row is served by the transient
+ * entry below, whose contexts are re-keyed in place and stay in the CPU's caches.
+ * Tenants that come back soon enough still get in, and L1 keeps what it has.
+ */
+#define L1_ADMIT_FILTER_SIZE 16384
+
+static uint32 l1_admit_filter[L1_ADMIT_FILTER_SIZE];
+
+static bool
+l1_admit(const char *tenant, size_t tenant_len)
+{
+	uint32		h = l1_name_hash(tenant, tenant_len);
+	uint32	   *seen = &l1_admit_filter[h & (L1_ADMIT_FILTER_SIZE - 1)];
+
+	if (*seen == h)
+		return true;
+	*seen = h;
+	return false;
+}
+
+/*
+ * The tenant of the row being served without a place in L1: not in the hash table,
+ * the LRU list or the front array; valid like any entry (name, tenant id,
+ * generation), and taken over by the next tenant that is not admitted.
+ */
+static LocalTenant l1_transient;
+
+static void l1_versions_to_spare(LocalTenant *victim);
+
+/* Make the transient entry `tenant`'s, keeping its contexts if it already is. */
+static LocalTenant *
+l1_transient_for(const char *tenant, size_t tenant_len, int32 tenant_id)
+{
+	LocalTenant *lt = &l1_transient;
+
+	if (lt->name_len != tenant_len || lt->tenant_id != tenant_id ||
+		memcmp(lt->name, tenant, tenant_len) != 0)
+	{
+		l1_versions_to_spare(lt);
+		memcpy(lt->name, tenant, tenant_len);
+		lt->name[tenant_len] = '\0';
+		lt->name_len = (uint32) tenant_len;
+		lt->tenant_id = tenant_id;
+		lt->generation = 0;
+	}
+	return lt;
+}
+
+/*
+ * The entry of `tenant` (L1's or the transient one) if it is still that of the tenant
+ * with id `tenant_id`; for callers that ran SPI, which may process invalidations.
+ */
+static LocalTenant *
+l1_refind(const char *tenant, size_t tenant_len, int32 tenant_id)
+{
+	LocalTenant *lt = local_tenants ? hash_search(local_tenants, tenant, HASH_FIND, NULL) : NULL;
+
+	if (lt == NULL && l1_transient.name_len == tenant_len &&
+		memcmp(l1_transient.name, tenant, tenant_len) == 0)
+		lt = &l1_transient;
+	return lt != NULL && lt->tenant_id == tenant_id ? lt : NULL;
 }
 
 static void
 l1_front_clear(void)
 {
 	memset(l1_front, 0, sizeof(l1_front));
+}
+
+/*
+ * The DEK that the look into L2 for a tenant missing from L1 brought with its state
+ * (same lock, same lookup), for the l1_fill() that follows to set up its context
+ * from; wiped as soon as it is used, or when the row is done without it.
+ */
+static SharedDekCopy l1_prefetch;
+static int32 l1_prefetch_tenant_id;
+static uint32 l1_prefetch_version;
+static uint64 l1_prefetch_hash;
+
+static inline void
+l1_prefetch_wipe(void)
+{
+	if (l1_prefetch.found)
+	{
+		explicit_bzero(l1_prefetch.dek, sizeof(l1_prefetch.dek));
+		l1_prefetch.found = false;
+	}
 }
 
 /* The shared revocation epoch this backend's L1 copies were checked against. */
@@ -149,6 +265,34 @@ typedef struct PendingPurge
 } PendingPurge;
 
 static List *pending_purges = NIL;
+
+static inline bool
+l1_prefetch_matches(int32 tenant_id, uint32 version, uint64 wrapped_hash)
+{
+	return l1_prefetch.found && l1_prefetch_tenant_id == tenant_id &&
+		l1_prefetch_version == version && l1_prefetch_hash == wrapped_hash;
+}
+
+/*
+ * What L2 holds of `tenant` and its `version` (0: active) at shared generation
+ * `shared_gen`, and with want_dek the version's DEK, into l1_prefetch: one look, one
+ * lock.  False when L2 cannot answer (not there, stale, or this transaction changed
+ * the key store).
+ */
+static bool
+l1_look_in_l2(const char *tenant, size_t tenant_len, uint64 shared_gen, uint32 version,
+			  bool want_dek, TenantView *view)
+{
+	l1_prefetch_wipe();
+	if (!l2_available() || l1_pending_bump ||
+		!l2_find_tenant(tenant, tenant_len, shared_gen, version, view,
+						want_dek ? &l1_prefetch : NULL))
+		return false;
+	l1_prefetch_tenant_id = view->tenant_id;
+	l1_prefetch_version = view->version;
+	l1_prefetch_hash = view->wrapped_hash;
+	return true;
+}
 
 /* ---------------------------------------------------------------------------
  * L1
@@ -177,6 +321,8 @@ l1_expire_all(void)
 	while ((lt = hash_seq_search(&scan)) != NULL)
 		for (int i = 0; i < lt->nversions; i++)
 			lt->versions[i].expires_at = 0;
+	for (int i = 0; i < l1_transient.nversions; i++)
+		l1_transient.versions[i].expires_at = 0;
 }
 
 static void
@@ -193,7 +339,12 @@ l1_reset(void)
 		hash_destroy(local_tenants);
 		local_tenants = NULL;
 	}
+	memset(l1_presence, 0, sizeof(l1_presence));
+	l1_free_versions(&l1_transient);
+	memset(&l1_transient, 0, sizeof(l1_transient));	/* its versions go with local_cxt */
+	memset(l1_admit_filter, 0, sizeof(l1_admit_filter));
 	cipher_key_free(&l1_spare);
+	l1_prefetch_wipe();
 	if (local_cxt != NULL)
 		MemoryContextReset(local_cxt);
 	dlist_init(&l1_lru);
@@ -203,15 +354,12 @@ l1_reset(void)
 }
 
 /*
- * Drop the least recently used tenant from a full L1, in O(1).  Its first contexts
- * become the spare that the next set-up re-keys; the rest are freed.
+ * Empty a tenant's versions: its first contexts become the spare that the next set-up
+ * re-keys; the rest are freed.
  */
 static void
-l1_evict_one(void)
+l1_versions_to_spare(LocalTenant *victim)
 {
-	LocalTenant *victim = dlist_container(LocalTenant, lru, dlist_tail_node(&l1_lru));
-	L1FrontSlot *front = &l1_front[l1_front_index(victim->name, victim->name_len)];
-
 	cipher_key_free(&l1_spare);
 	for (int i = 0; i < victim->nversions; i++)
 	{
@@ -230,10 +378,21 @@ l1_evict_one(void)
 		cipher_key_free(key);
 	}
 	victim->nversions = 0;
+}
+
+/* Drop the least recently used tenant from a full L1, in O(1). */
+static void
+l1_evict_one(void)
+{
+	LocalTenant *victim = dlist_container(LocalTenant, lru, dlist_tail_node(&l1_lru));
+	L1FrontSlot *front = &l1_front[l1_front_index(victim->name, victim->name_len)];
+
+	l1_versions_to_spare(victim);
 	if (victim->versions)
 		pfree(victim->versions);
 	tenant_access_free(&victim->access);
 	dlist_delete(&victim->lru);
+	(*l1_presence_of(l1_name_hash(victim->name, victim->name_len)))--;
 	if (front->lt == victim)
 		front->lt = NULL;
 	if (last_tenant == victim)
@@ -325,6 +484,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	uint64		shared_gen = l2_generation();
 	uint64		generation = local_gen + shared_gen;
 	L1FrontSlot *front;
+	uint32		name_hash;
 	char		key[ENVELOPE_TENANT_MAX + 1];
 	LocalTenant *lt;
 	bool		found;
@@ -339,8 +499,9 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		return last_tenant;
 
 	/* Next hottest: a tenant this backend has seen, through the front array. */
-	front = &l1_front[l1_front_index(tenant, tenant_len)];
-	if (front->lt != NULL && front->name_len == tenant_len &&
+	name_hash = l1_name_hash(tenant, tenant_len);
+	front = &l1_front[name_hash & (L1_FRONT_SIZE - 1)];
+	if (front->lt != NULL && front->name_hash == name_hash && front->name_len == tenant_len &&
 		front->lt->generation == generation &&
 		(front->lt->state == TENANT_ACTIVE || !must_be_active) &&
 		memcmp(front->lt->name, tenant, tenant_len) == 0)
@@ -384,13 +545,14 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	}
 
 	l1_ensure();
-	lt = hash_search(local_tenants, key, HASH_FIND, NULL);
+	l1_prefetch_wipe();
+	lt = *l1_presence_of(name_hash) == 0 ? NULL :
+		hash_search(local_tenants, key, HASH_FIND, NULL);
 	if (lt == NULL || lt->generation != generation)
 	{
-		/* SPI may process invalidations; no pointer into the hash survives it. */
 		last_tenant = NULL;
-		if (!l2_available() || l1_pending_bump ||
-			!l2_find_tenant(key, tenant_len, shared_gen, version, &view))
+		/* A tenant new to L1 needs its key too: L2 hands it out with the state. */
+		if (!l1_look_in_l2(key, tenant_len, shared_gen, version, lt == NULL, &view))
 		{
 			TenantKeyRecord rec;
 
@@ -405,15 +567,22 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			view.wrapped_hash = rec.key.wrapped ? l2_wrapped_hash(rec.key.wrapped) : 0;
 			view.ngrants = rec.ngrants;
 			grant_roles = rec.grant_roles;	/* may be more than a view holds */
+
+			/* SPI may process invalidations; no pointer into the hash survives it. */
+			l1_ensure();
+			lt = hash_search(local_tenants, key, HASH_FIND, NULL);
 		}
 
-		l1_ensure();
-		lt = hash_search(local_tenants, key, HASH_FIND, NULL);
-		if (lt == NULL)
+		if (lt == NULL && hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS &&
+			!l1_admit(key, tenant_len))
+			lt = l1_transient_for(key, tenant_len, view.tenant_id);
+		else if (lt == NULL)
 		{
 			if (hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS)
 				l1_evict_one();
 			lt = hash_search(local_tenants, key, HASH_ENTER, &found);
+			Assert(!found);
+			(*l1_presence_of(name_hash))++;
 			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;
@@ -446,15 +615,19 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		lt->generation = generation;
 		lt->shared_generation = shared_gen;
 	}
-	dlist_move_head(&l1_lru, &lt->lru);
 
 	if (lt->state != TENANT_ACTIVE && must_be_active)
 		raise_tenant_unusable(lt);
 
 	last_tenant = lt;
 	last_tenant_len = tenant_len;
-	front->lt = lt;
-	front->name_len = (uint32) tenant_len;
+	if (lt != &l1_transient)
+	{
+		dlist_move_head(&l1_lru, &lt->lru);
+		front->lt = lt;
+		front->name_len = (uint32) tenant_len;
+		front->name_hash = name_hash;
+	}
 	return lt;
 }
 
@@ -544,8 +717,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	{
 		TenantView	view;
 
-		if (l2_available() && !l1_pending_bump &&
-			l2_find_tenant(tenant, tenant_len, shared_gen, version, &view) &&
+		if (l1_look_in_l2(tenant, tenant_len, shared_gen, version, true, &view) &&
 			view.has_version && view.tenant_id == tenant_id)
 		{
 			state = view.version_state;
@@ -565,9 +737,12 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				state = KEY_DESTROYED;
 		}
 		/* SPI may have run invalidation callbacks: find the entry again. */
-		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
-		if (lt == NULL || lt->tenant_id != tenant_id)
+		lt = l1_refind(tenant, tenant_len, tenant_id);
+		if (lt == NULL)
+		{
+			l1_prefetch_wipe();
 			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
+		}
 		lv = l1_find_version(lt, version);
 		if (lv == NULL)
 			lv = l1_add_version(lt, version);
@@ -587,7 +762,22 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	if (cipher_key_ready(&lv->key, use))
 		return &lv->key;
 
-	if (l2_available())
+	if (!l1_prefetch_matches(tenant_id, version, hash))
+	{
+		TenantView	view;
+
+		/* Through the tenant's entry in L2, which this row has just read. */
+		(void) l1_look_in_l2(tenant, tenant_len, shared_gen, version, true, &view);
+	}
+	if (l1_prefetch_matches(tenant_id, version, hash))
+	{
+		/* L2 gave it out with the tenant's state (and counted the hit). */
+		memcpy(dek, l1_prefetch.dek, sizeof(dek));
+		expires_at = l1_prefetch.expires_at;
+		have_dek = true;
+	}
+	l1_prefetch_wipe();
+	if (!have_dek && l2_available())
 	{
 		have_dek = l2_peek_key(tenant_id, version, hash, dek, &expires_at);
 		if (have_dek)
@@ -604,9 +794,8 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 					 version, tenant);
 		}
 		l2_load_key(tenant, tenant_id, version, &rec.key, dek, &expires_at);
-		lt = hash_search(local_tenants, tenant, HASH_FIND, NULL);
-		if (lt == NULL || lt->tenant_id != tenant_id ||
-			(lv = l1_find_version(lt, version)) == NULL)
+		lt = l1_refind(tenant, tenant_len, tenant_id);
+		if (lt == NULL || (lv = l1_find_version(lt, version)) == NULL)
 		{
 			explicit_bzero(dek, sizeof(dek));
 			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
@@ -647,9 +836,15 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0);
 	EnvelopeKeyRef ref;
 
+	if (lt->access.nroles != 0)
+		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
 	tenant_access_require(&lt->access, lt->name);
 	ref.version = lt->active_version;
+	ref.tenant_id = lt->tenant_id;
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
+	l1_prefetch_wipe();
+	/* l1_key returns the key inside its LocalVersion (lt may have moved meanwhile). */
+	ref.budget = &((LocalVersion *) ((char *) ref.key - offsetof(LocalVersion, key)))->budget;
 	return ref;
 }
 
@@ -659,6 +854,7 @@ keycache_active_version(const char *tenant, size_t tenant_len)
 {
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false, 0);
 
+	l1_prefetch_wipe();
 	return lt->state == TENANT_ACTIVE ? lt->active_version : 0;
 }
 
@@ -667,9 +863,14 @@ keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
 						 CipherUse use)
 {
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, version);
+	const CipherKey *key;
 
+	if (lt->access.nroles != 0)
+		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
 	tenant_access_require(&lt->access, lt->name);
-	return l1_key(lt, version, use);
+	key = l1_key(lt, version, use);
+	l1_prefetch_wipe();
+	return key;
 }
 
 /* ---------------------------------------------------------------------------

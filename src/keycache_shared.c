@@ -6,11 +6,12 @@
  *   keys: (database, tenant id, version, hash of the wrapped DEK) -> the 32-byte DEK.
  *      One KMS Decrypt per key per cluster, not per backend.  The DEK bytes sit in a
  *      separate page-aligned array marked MADV_DONTDUMP and locked in memory where
- *      RLIMIT_MEMLOCK allows.
+ *      RLIMIT_MEMLOCK allows, one cache line per slot with what serving them needs.
  *   tenants: (database, key store incarnation, tenant name) -> tenant id, state,
  *      active version and the states of a few versions, as read from the key store at
- *      a given generation.  A backend whose own level misses a key that is here reads
- *      all it needs here: no SPI, no parse, no walk of any table.
+ *      a given generation, each version with a hint to its DEK's slot.  A backend whose
+ *      own level misses a key that is here reads all it needs here, the DEK included,
+ *      in one lookup: no SPI, no parse, no walk of any table.
  *
  * envelope.cache_size entries of each.  Both evict the least recently used of a window
  * of slots that a hand moves along (bounded work per eviction, exact LRU for caches up
@@ -18,7 +19,10 @@
  *
  * Locking protocol (one LWLock of tranche "pg_envelope"):
  *   - lookups take the lock in LW_SHARED mode, copy what they need out and release it;
- *     the entry's last-use time is set with an atomic write, which is harmless to race;
+ *     the entry's last-use time is set with an atomic write, which is harmless to race,
+ *     and so is a tenant version's hint to the slot of its DEK (two atomic writes, of
+ *     a slot and of a sequence number unique to one assignment of that slot: a hint
+ *     mixed from two lookups matches no slot, see SharedVersionState);
  *   - inserts, removals, eviction, expiry and flush take it LW_EXCLUSIVE;
  *   - the statistics live under their own spinlock (stats_mutex).  It is taken while
  *     the LWLock is held, exclusively (eviction and reload counts), and on its own
@@ -98,8 +102,24 @@ typedef struct SharedKeyEntry
 	bool		grace_warned;	/* the WARNING of its grace has been raised */
 	TimestampTz grace_until;	/* READY past cache_ttl: served until then (0: no) */
 	TimestampTz loaded_at;
-	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
 } SharedKeyEntry;
+
+/*
+ * The slot of a DEK: its bytes and what a lookup needs to serve them, in one cache
+ * line, so that a tenant entry that knows its key's slot reaches the bytes with one
+ * memory access instead of a walk of the key hash (see SharedVersionState.dek_seq).
+ * Every field is written under the exclusive lock, except last_used (atomic).
+ */
+typedef struct SharedDekSlot
+{
+	uint8		dek[KMS_DEK_LEN];
+	uint64		seq;			/* unique per assignment of the slot to a key; 0: free */
+	TimestampTz serve_until;	/* READY: entry_expires_at(); 0 otherwise */
+	pg_atomic_uint64 last_used; /* TimestampTz of the last lookup */
+	uint64		unused;			/* pads the slot to a cache line */
+} SharedDekSlot;
+
+StaticAssertDecl(sizeof(SharedDekSlot) == 64, "a DEK slot is one cache line");
 
 /*
  * A tenant's state as read from the key store at `generation`.  Named by a hash of the
@@ -122,6 +142,17 @@ typedef struct SharedVersionState
 	uint32		version;
 	KeyState	state;
 	uint64		wrapped_hash;
+
+	/*
+	 * Where this version's DEK was last found: its slot, and the sequence number the
+	 * slot had then.  A hint, written under the shared lock by any lookup that found
+	 * the DEK; it is used only if the slot still carries that number, which is unique
+	 * to one assignment of one slot to the key (tenant_id, version, wrapped_hash),
+	 * so a stale hint, or one whose two halves were written by different lookups,
+	 * can only fail to match.  0: no hint.
+	 */
+	pg_atomic_uint32 dek_slot;
+	pg_atomic_uint64 dek_seq;
 } SharedVersionState;
 
 typedef struct SharedTenantEntry
@@ -178,6 +209,7 @@ typedef struct KeyCacheShared
 	pg_atomic_uint64 generation;
 	pg_atomic_uint64 revocation_epoch;	/* bumped when a master key is refused */
 	int			capacity;
+	uint64		last_dek_seq;	/* under the exclusive lock: numbers DEK slot assignments */
 	SlotRing	key_ring;
 	SlotRing	tenant_ring;
 	slock_t		stats_mutex;
@@ -188,7 +220,7 @@ static KeyCacheShared *shared = NULL;
 static HTAB *shared_hash = NULL;
 static HTAB *shared_tenants = NULL;
 static EvictionGhost *shared_ghosts = NULL;
-static uint8 (*shared_deks)[KMS_DEK_LEN] = NULL;
+static SharedDekSlot *shared_slots = NULL;
 
 /* Without preload there is no shared memory; these stand in for the shared counters. */
 static KeyCacheStats local_stats;
@@ -357,7 +389,7 @@ static Size
 dek_area_size(int capacity)
 {
 	/* Page-aligned start and end, so madvise/mlock cover exactly this array. */
-	return (Size) capacity * KMS_DEK_LEN + 2 * (Size) sysconf(_SC_PAGESIZE);
+	return (Size) capacity * sizeof(SharedDekSlot) + 2 * (Size) sysconf(_SC_PAGESIZE);
 }
 
 static Size
@@ -429,7 +461,7 @@ keycache_shmem_startup(void)
 	arrays += ring_arrays_size(capacity);
 	shared_ghosts = (EvictionGhost *) arrays;
 	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
-	shared_deks = (uint8 (*)[KMS_DEK_LEN]) TYPEALIGN(pagesize, area);
+	shared_slots = (SharedDekSlot *) TYPEALIGN(pagesize, area);
 
 	if (!found)
 	{
@@ -443,8 +475,9 @@ keycache_shmem_startup(void)
 		memset(shared_ghosts, 0, sizeof(EvictionGhost) * capacity);
 		SpinLockInit(&shared->stats_mutex);
 		memset(&shared->stats, 0, sizeof(shared->stats));
-		memset(shared_deks, 0, (Size) capacity * KMS_DEK_LEN);
-		protect_dek_area(shared_deks, TYPEALIGN(pagesize, (Size) capacity * KMS_DEK_LEN));
+		shared->last_dek_seq = 0;
+		memset(shared_slots, 0, (Size) capacity * sizeof(SharedDekSlot));
+		protect_dek_area(shared_slots, TYPEALIGN(pagesize, (Size) capacity * sizeof(SharedDekSlot)));
 	}
 
 	memset(&info, 0, sizeof(info));
@@ -467,7 +500,11 @@ shared_remove_entry(SharedKeyEntry *entry)
 {
 	if (entry->slot >= 0)
 	{
-		explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
+		SharedDekSlot *ds = &shared_slots[entry->slot];
+
+		explicit_bzero(ds->dek, KMS_DEK_LEN);
+		ds->seq = 0;
+		ds->serve_until = 0;
 		ring_give_back(&shared->key_ring, entry->slot);
 		entry->slot = -1;
 	}
@@ -524,6 +561,30 @@ entry_expires_at(const SharedKeyEntry *entry)
 	return entry->loaded_at + ttl_usec();
 }
 
+/*
+ * Give `entry` a free DEK slot under a new sequence number (slot_sync() says when it
+ * may be served).  Caller holds the lock exclusively and has made room.
+ */
+static void
+key_slot_take(SharedKeyEntry *entry, TimestampTz now)
+{
+	SharedDekSlot *ds;
+
+	entry->slot = ring_take(&shared->key_ring, entry);
+	ds = &shared_slots[entry->slot];
+	ds->seq = ++shared->last_dek_seq;
+	ds->serve_until = 0;
+	pg_atomic_init_u64(&ds->last_used, (uint64) now);
+}
+
+/* After any change of the entry's state: until when its slot may be served. */
+static void
+slot_sync(const SharedKeyEntry *entry)
+{
+	shared_slots[entry->slot].serve_until =
+		entry->state == SKEY_READY ? entry_expires_at(entry) : 0;
+}
+
 static uint64
 tag_hash64(const SharedKeyTag *tag)
 {
@@ -535,7 +596,7 @@ key_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
 {
 	SharedKeyEntry *entry = owner;
 
-	*last_used = pg_atomic_read_u64(&entry->last_used);
+	*last_used = pg_atomic_read_u64(&shared_slots[entry->slot].last_used);
 	if (entry->state == SKEY_LOADING)
 		return EVICT_NEVER;
 	if (entry->state == SKEY_FAILED || entry_expired(entry, now))
@@ -620,15 +681,15 @@ shared_copy_ready(SharedKeyEntry *entry, TimestampTz now, uint8 dek[KMS_DEK_LEN]
 	if (entry->state == SKEY_LOADING && entry->has_stale && entry->grace_until != 0 &&
 		within_grace(entry, now))
 	{
-		memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+		memcpy(dek, shared_slots[entry->slot].dek, KMS_DEK_LEN);
 		*expires_at = grace_retry_at(entry, now);
 		return true;
 	}
 	if (entry->state != SKEY_READY || entry_expired(entry, now))
 		return false;
-	memcpy(dek, shared_deks[entry->slot], KMS_DEK_LEN);
+	memcpy(dek, shared_slots[entry->slot].dek, KMS_DEK_LEN);
 	*expires_at = entry_expires_at(entry);
-	pg_atomic_write_u64(&entry->last_used, (uint64) now);
+	pg_atomic_write_u64(&shared_slots[entry->slot].last_used, (uint64) now);
 	return true;
 }
 
@@ -733,6 +794,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			entry->doomed = false;
 			entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
 			entry->failed_sqlstate = 0;
+			slot_sync(entry);
 			*load_seq = entry->load_seq;
 			LWLockRelease(shared->lock);
 			return LOOKUP_MUST_LOAD;
@@ -745,8 +807,7 @@ shared_lookup(const SharedKeyTag *tag, uint8 dek[KMS_DEK_LEN], uint32 *load_seq,
 			return LOOKUP_UNCACHED;
 		}
 		entry = hash_search(shared_hash, tag, HASH_ENTER, &found);
-		entry->slot = ring_take(&shared->key_ring, entry);
-		pg_atomic_init_u64(&entry->last_used, (uint64) now);
+		key_slot_take(entry, now);
 		entry->state = SKEY_LOADING;
 		entry->doomed = false;
 		entry->load_seq = ++my_load_seq + (uint32) MyProcPid * 7919;
@@ -811,18 +872,20 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 		{
 			entry->state = SKEY_READY;	/* as it was: expired, and a waiter reloads */
 			entry->has_stale = false;
+			slot_sync(entry);
 		}
 		else if (not_an_answer)
 			shared_remove_entry(entry);
 		else if (dek != NULL)
 		{
-			memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
+			memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
 			entry->state = SKEY_READY;
 			entry->master_key = master_key;
 			entry->has_stale = false;
 			entry->grace_warned = false;
 			entry->grace_until = 0;
 			entry->loaded_at = now;
+			slot_sync(entry);
 		}
 		else if (entry->has_stale && is_kms_outage(sqlstate) && within_grace(entry, now))
 		{
@@ -831,8 +894,9 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 			entry->state = SKEY_READY;
 			entry->has_stale = false;
 			entry->grace_until = grace_retry_at(entry, now);
-			memcpy(stale_dek, shared_deks[entry->slot], KMS_DEK_LEN);
+			memcpy(stale_dek, shared_slots[entry->slot].dek, KMS_DEK_LEN);
 			*expires_at = entry->grace_until;
+			slot_sync(entry);
 			result = entry->grace_warned ? FINISH_GRACED : FINISH_GRACED_FIRST;
 			entry->grace_warned = true;
 			s = stats_begin();
@@ -841,8 +905,9 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 		}
 		else
 		{
-			explicit_bzero(shared_deks[entry->slot], KMS_DEK_LEN);
+			explicit_bzero(shared_slots[entry->slot].dek, KMS_DEK_LEN);
 			entry->state = SKEY_FAILED;
+			slot_sync(entry);
 			entry->has_stale = false;
 			entry->grace_until = 0;
 			entry->failed_sqlstate = sqlstate;
@@ -920,9 +985,8 @@ keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *
 	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
 	{
 		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
-		entry->slot = ring_take(&shared->key_ring, entry);
-		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
-		memcpy(shared_deks[entry->slot], dek, KMS_DEK_LEN);
+		key_slot_take(entry, GetCurrentTimestamp());
+		memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
 		entry->state = SKEY_READY;
 		entry->doomed = false;
 		entry->load_seq = 0;
@@ -932,6 +996,7 @@ keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *
 		entry->grace_warned = false;
 		entry->grace_until = 0;
 		entry->loaded_at = GetCurrentTimestamp();
+		slot_sync(entry);
 	}
 	LWLockRelease(shared->lock);
 }
@@ -955,14 +1020,53 @@ tenant_entry_matches(const SharedTenantEntry *entry, const char *name, size_t na
 	return entry->name_len == name_len && memcmp(entry->name, name, name_len) == 0;
 }
 
+/*
+ * Copy the DEK of version `vs` of the tenant with id `tenant_id` if it is ready: from
+ * the slot the version's hint names when the slot still holds it (one cache line),
+ * else through the key hash, leaving a hint for the next lookup.  Caller holds the
+ * lock in either mode.
+ */
+static bool
+version_copy_dek(SharedVersionState *vs, int32 tenant_id, TimestampTz now,
+				 SharedDekCopy *out)
+{
+	uint64		seq = pg_atomic_read_u64(&vs->dek_seq);
+	uint32		slot = pg_atomic_read_u32(&vs->dek_slot);
+	SharedKeyTag tag;
+	SharedKeyEntry *entry;
+
+	if (seq != 0 && slot < (uint32) shared->capacity)
+	{
+		SharedDekSlot *ds = &shared_slots[slot];
+
+		if (ds->seq == seq && now < ds->serve_until)
+		{
+			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
+			out->expires_at = ds->serve_until;
+			pg_atomic_write_u64(&ds->last_used, (uint64) now);
+			return true;
+		}
+	}
+	make_tag(&tag, tenant_id, vs->version, vs->wrapped_hash);
+	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
+		return false;
+	pg_atomic_write_u32(&vs->dek_slot, (uint32) entry->slot);
+	pg_atomic_write_u64(&vs->dek_seq, shared_slots[entry->slot].seq);
+	return true;
+}
+
 bool
 l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 version,
-			   TenantView *view)
+			   TenantView *view, SharedDekCopy *dek)
 {
 	SharedTenantTag tag;
 	SharedTenantEntry *entry;
 	bool		found = false;
+	TimestampTz now = GetCurrentTimestamp();
 
+	if (dek != NULL)
+		dek->found = false;
 	make_tenant_tag(&tag, name, name_len);
 	LWLockAcquire(shared->lock, LW_SHARED);
 	entry = hash_search(shared_tenants, &tag, HASH_FIND, NULL);
@@ -981,16 +1085,23 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 		view->version = version;
 		view->has_version = false;
 		for (int i = 0; i < entry->nversions; i++)
-			if (entry->versions[i].version == version)
-			{
-				view->has_version = true;
-				view->version_state = entry->versions[i].state;
-				view->wrapped_hash = entry->versions[i].wrapped_hash;
-				break;
-			}
-		pg_atomic_write_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
+		{
+			SharedVersionState *vs = &entry->versions[i];
+
+			if (vs->version != version)
+				continue;
+			view->has_version = true;
+			view->version_state = vs->state;
+			view->wrapped_hash = vs->wrapped_hash;
+			if (dek != NULL && vs->state == KEY_ACTIVE && entry->state == TENANT_ACTIVE)
+				dek->found = version_copy_dek(vs, entry->tenant_id, now, dek);
+			break;
+		}
+		pg_atomic_write_u64(&entry->last_used, (uint64) now);
 	}
 	LWLockRelease(shared->lock);
+	if (dek != NULL && dek->found)
+		l2_count_lookup(true);
 	return found;
 }
 
@@ -1033,9 +1144,10 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
 		entry->generation = generation + 1;	/* anything but `generation`: reset below */
 	}
-	if (entry->generation != generation || !tenant_entry_matches(entry, name, name_len))
+	if (entry->generation != generation || !tenant_entry_matches(entry, name, name_len) ||
+		entry->tenant_id != rec->tenant_id)
 	{
-		/* Older news, or another name with the same hash: start over. */
+		/* Older news, another name with the same hash, or another tenant: start over. */
 		entry->generation = generation;
 		entry->name_len = (uint32) name_len;
 		memcpy(entry->name, name, name_len);
@@ -1065,6 +1177,9 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 		vs->version = (uint32) rec->version;
 		vs->state = rec->key.state;
 		vs->wrapped_hash = rec->key.wrapped ? l2_wrapped_hash(rec->key.wrapped) : 0;
+		/* The hint named the DEK of what the version was: found again on next use. */
+		pg_atomic_init_u32(&vs->dek_slot, 0);
+		pg_atomic_init_u64(&vs->dek_seq, 0);
 	}
 	LWLockRelease(shared->lock);
 }

@@ -50,14 +50,24 @@ extern uint64 l2_revocation_epoch(void);
 /* Make every tenant state read before now stale, in every backend.  Any call. */
 extern void l2_bump_generation(void);
 
+/* A DEK copied out of shared memory, and until when copies of it may be used. */
+typedef struct SharedDekCopy
+{
+	bool		found;
+	uint8		dek[KMS_DEK_LEN];
+	TimestampTz expires_at;
+} SharedDekCopy;
+
 /*
  * The state of tenant `name`, its granted roles, and the state of its `version` (0:
  * the active one) as read from the key store at shared generation `generation`; false
  * if not held for that generation (has_version is false if the tenant is held but not
- * that version).
+ * that version).  With `dek`, also the version's DEK (dek->found) when the tenant and
+ * the version are active and the DEK is ready in shared memory: state and key in one
+ * look, under one lock.  The caller wipes dek->dek.
  */
 extern bool l2_find_tenant(const char *name, size_t name_len, uint64 generation,
-						   uint32 version, TenantView *view);
+						   uint32 version, TenantView *view, SharedDekCopy *dek);
 
 /*
  * Hold what the key store said of a tenant (and of rec->version if key_found), read

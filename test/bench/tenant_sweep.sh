@@ -12,7 +12,10 @@
 #      octet_length(col), over SWEEP_ROWS rows whose tenants cycle (row i -> tenant
 #      i mod T) for T = SWEEP_TENANTS (default 1,000 8,000 20,000 50,000 100,000),
 #      with every key already in the shared cache (envelope.cache_size =
-#      SWEEP_CACHE_SIZE); the ratio of each T to the first one is the figure;
+#      SWEEP_CACHE_SIZE); the ratio of each T to the first one is the figure.  Each
+#      figure is given twice: from the wall-clock time of the query, and from the CPU
+#      time the backend spent in it (/proc/self/schedstat), which other processes on a
+#      shared machine disturb much less;
 #   2. the backend's memory after the scans of each T: pg_backend_memory_contexts (all
 #      contexts, and the key cache's own) and the private anonymous memory of the
 #      process (/proc/PID/smaps_rollup), which also counts OpenSSL's malloc'd contexts;
@@ -27,7 +30,7 @@
 # one line per figure.  About 3 minutes with the defaults on a 2-vCPU machine.
 #
 # Knobs: SWEEP_ROWS=200000  SWEEP_RUNS=3  SWEEP_TENANTS="1000 8000 20000 50000 100000"
-#        SWEEP_CACHE_SIZE=131072  SWEEP_KMS_TENANTS=20000  SWEEP_REENC_ROWS=200000
+#        SWEEP_CACHE_SIZE=131072  SWEEP_KMS_TENANTS=20000  SWEEP_REENC_ROWS=1000000
 #        SWEEP_REENC_TENANTS=50000  SWEEP_KMS=1 (0 skips 3.)  SWEEP_PORT=54359
 #        ENVELOPE_PYTHON
 set -euo pipefail
@@ -38,7 +41,7 @@ RUNS="${SWEEP_RUNS:-3}"
 read -r -a TENANTS <<< "${SWEEP_TENANTS:-1000 8000 20000 50000 100000}"
 CACHE_SIZE="${SWEEP_CACHE_SIZE:-131072}"
 KMS_TENANTS="${SWEEP_KMS_TENANTS:-20000}"
-REENC_ROWS="${SWEEP_REENC_ROWS:-200000}"
+REENC_ROWS="${SWEEP_REENC_ROWS:-1000000}"
 REENC_TENANTS="${SWEEP_REENC_TENANTS:-50000}"
 PORT="${SWEEP_PORT:-54359}"
 PY="${ENVELOPE_PYTHON:-python3}"
@@ -85,7 +88,10 @@ head -n 1 /proc/stat > "$DIR/cpu_start"
 
 t0=$(date +%s%N)
 q "CREATE EXTENSION pg_envelope" >/dev/null
-q "SELECT count(envelope.create_tenant('t' || i)) FROM generate_series(1, $MAX_T) i" >/dev/null
+# In batches: each create_tenant takes a lock on its tenant until the transaction ends.
+for ((s = 0; s < MAX_T; s += 5000)); do
+    q "SELECT count(envelope.create_tenant('t' || i)) FROM generate_series($s + 1, least($s + 5000, $MAX_T)) i" >/dev/null
+done
 CREATE_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
 
 phase "tables: $ROWS rows per tenant count"
@@ -108,6 +114,7 @@ phase "scans: $RUNS runs of each, one warmed session per tenant count"
 # count leaves in the backend does not weigh on the next.
 # OpenSSL's contexts are malloc'd, outside PostgreSQL's memory contexts: the backend's
 # private anonymous memory (smaps_rollup) counts them too.
+cpuq="SELECT 'CPU', split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)"
 memq="SELECT 'MEM', (SELECT sum(total_bytes) FROM pg_backend_memory_contexts), (SELECT coalesce(sum(total_bytes), 0) FROM pg_backend_memory_contexts WHERE name = 'pg_envelope key cache'), substring(pg_read_file('/proc/' || pg_backend_pid() || '/smaps_rollup') from 'Anonymous: *([0-9]+) kB')"
 : > "$DIR/sweep.out"
 for T in "${TENANTS[@]}"; do
@@ -117,14 +124,15 @@ for T in "${TENANTS[@]}"; do
     echo "SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$T;"
     echo "SELECT count(envelope.encrypt(tenant, v)) FROM plain_$T;"
     for r in $(seq 1 "$RUNS"); do
-      echo "\\echo BENCH $T floor"
-      echo "SELECT count(octet_length(v)) FROM plain_$T;"
-      echo "\\echo BENCH $T encrypt"
-      echo "SELECT count(envelope.encrypt(tenant, v)) FROM plain_$T;"
-      echo "\\echo BENCH $T decrypt_floor"
-      echo "SELECT count(octet_length(c)) FROM sealed_$T;"
-      echo "\\echo BENCH $T decrypt"
-      echo "SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$T;"
+      for step in "floor:SELECT count(octet_length(v)) FROM plain_$T" \
+                  "encrypt:SELECT count(envelope.encrypt(tenant, v)) FROM plain_$T" \
+                  "decrypt_floor:SELECT count(octet_length(c)) FROM sealed_$T" \
+                  "decrypt:SELECT count(envelope.decrypt_text(tenant, c)) FROM sealed_$T"; do
+        echo "$cpuq;"
+        echo "\\echo BENCH $T ${step%%:*}"
+        echo "${step#*:};"
+        echo "$cpuq;"
+      done
       echo "\\echo MEMAT $T"
       echo "$memq;"
     done
@@ -154,6 +162,11 @@ fi
 REENC_OUT=""
 if [ "$REENC_ROWS" -gt 0 ] && q "SELECT 1 FROM pg_proc WHERE proname = 'reencrypt'" | grep -q 1; then
     phase "envelope.reencrypt: $REENC_ROWS rows over ${TENANTS[0]} and over $REENC_TENANTS interleaved tenants"
+    # Back to the sweep's cache size (the KMS phase ran with the default), so that both
+    # versions of every tenant re-encrypted stay cached: the tables' encryption loads
+    # the old ones, rotation puts the new ones in.  Both runs then start warm.
+    echo "envelope.cache_size = $CACHE_SIZE" > "$DIR/data/sweep.conf"
+    pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w restart >/dev/null
     for T in "${TENANTS[0]}" "$REENC_TENANTS"; do
         q "CREATE TABLE reenc_$T AS SELECT i AS id, 't' || (i % $T + 1) AS tenant,
              envelope.encrypt('t' || (i % $T + 1), md5(i::text)) AS c FROM generate_series(1, $REENC_ROWS) i" >/dev/null
@@ -163,10 +176,12 @@ if [ "$REENC_ROWS" -gt 0 ] && q "SELECT 1 FROM pg_proc WHERE proname = 'reencryp
     for T in "${TENANTS[0]}" "$REENC_TENANTS"; do
         q "SELECT count(*) FROM reenc_$T" >/dev/null
         t0=$(date +%s%N)
-        pg env PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" \
-            -c "CALL envelope.reencrypt('reenc_$T', 'c', 'tenant', 10000)" >/dev/null
-        REENC_OUT="$REENC_OUT $T:$(( ($(date +%s%N) - t0) / 1000000 ))"
+        cpu="$(pg env PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -At \
+            -c "$cpuq" -c "CALL envelope.reencrypt('reenc_$T', 'c', 'tenant', 10000)" -c "$cpuq" |
+            awk -F'|' '/^CPU/ { v[n++] = $2 } END { printf "%d", (v[1] - v[0]) / 1000000 }')"
+        REENC_OUT="$REENC_OUT $T:$(( ($(date +%s%N) - t0) / 1000000 )):$cpu"
     done
+    q "SELECT row_to_json(s) FROM envelope.cache_stats s" > "$DIR/reenc_stats"
 fi
 
 cat /proc/loadavg > "$DIR/load_end"
@@ -178,11 +193,20 @@ COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 import json, re, sys
 d, dest, rows, commit, create_ms, max_t, kms_t, default_size, kms_calls, kms_ms, total_s, reenc_rows, reenc, kms_stats = sys.argv[1:15]
 rows = int(rows)
-times, mem, label = {}, {}, None
+times, cpu, mem, label, cpu_label, cpu0 = {}, {}, {}, None, None, None
 for line in open(f"{d}/sweep.out"):
+    m = re.match(r"CPU\|(\d+)", line)
+    if m:
+        if cpu0 is None:
+            cpu0 = int(m.group(1))
+        else:
+            if cpu_label is not None:
+                cpu.setdefault(cpu_label, []).append((int(m.group(1)) - cpu0) / 1e6)
+            cpu0, cpu_label = None, None
+        continue
     m = re.match(r"BENCH (\d+) (\w+)", line)
     if m:
-        label = (int(m.group(1)), m.group(2)); continue
+        label = cpu_label = (int(m.group(1)), m.group(2)); continue
     m = re.match(r"Time: ([0-9.]+) ms", line)
     if m and label and label[0] != "mem":
         times.setdefault(label, []).append(float(m.group(1))); label = None; continue
@@ -202,21 +226,29 @@ steal = 100.0 * delta[7] / max(1, sum(delta)) if len(delta) > 7 else 0.0
 res = {"commit": commit, "rows": rows, "create_tenants": int(max_t), "create_ms": int(create_ms),
        "load_start": " ".join(load("load_start")[:3]), "load_end": " ".join(load("load_end")[:3]),
        "steal_pct": round(steal, 2), "total_s": int(total_s), "tenants": []}
-base = None
+base = cbase = None
+def net_us(src, t):
+    f, e = min(src[(t, "floor")]), min(src[(t, "encrypt")])
+    df, dd = min(src[(t, "decrypt_floor")]), min(src[(t, "decrypt")])
+    return (e - f) * 1000.0 / rows, (dd - df) * 1000.0 / rows
 for t in sorted({k[0] for k in times}):
-    f, e = min(times[(t, "floor")]), min(times[(t, "encrypt")])
-    df, dd = min(times[(t, "decrypt_floor")]), min(times[(t, "decrypt")])
-    enc_us, dec_us = (e - f) * 1000.0 / rows, (dd - df) * 1000.0 / rows
-    if base is None: base = (enc_us, dec_us)
+    enc_us, dec_us = net_us(times, t)
+    cenc_us, cdec_us = net_us(cpu, t) if (t, "decrypt") in cpu else (float("nan"), float("nan"))
+    if base is None: base, cbase = (enc_us, dec_us), (cenc_us, cdec_us)
     r = {"tenants": t, "encrypt_us": round(enc_us, 3), "decrypt_text_us": round(dec_us, 3),
          "encrypt_ratio": round(enc_us / base[0], 2), "decrypt_text_ratio": round(dec_us / base[1], 2),
-         "runs_ms": {k[1]: v for k, v in times.items() if k[0] == t}}
+         "cpu_encrypt_us": round(cenc_us, 3), "cpu_decrypt_text_us": round(cdec_us, 3),
+         "cpu_encrypt_ratio": round(cenc_us / cbase[0], 2), "cpu_decrypt_text_ratio": round(cdec_us / cbase[1], 2),
+         "runs_ms": {k[1]: v for k, v in times.items() if k[0] == t},
+         "cpu_runs_ms": {k[1]: v for k, v in cpu.items() if k[0] == t}}
     r.update(mem.get(t, {}))
     res["tenants"].append(r)
     print("tenants %6d: decrypt_text %8.3f us/row (%6.2fx T=%d), encrypt %8.3f us/row (%6.2fx); backend memory contexts %.1f MB (key cache %.1f MB), private anonymous memory %.1f MB"
           % (t, dec_us, dec_us / base[1], res["tenants"][0]["tenants"], enc_us, enc_us / base[0],
              r.get("backend_bytes", 0) / 1048576.0, r.get("key_cache_bytes", 0) / 1048576.0,
              r.get("anonymous_bytes", 0) / 1048576.0))
+    print("               CPU time: decrypt_text %8.3f us/row (%6.2fx), encrypt %8.3f us/row (%6.2fx)"
+          % (cdec_us, cdec_us / cbase[1], cenc_us, cenc_us / cbase[0]))
 if default_size != "skipped":
     res["kms"] = {"tenants": int(kms_t), "default_cache_size": default_size, "scans": 2,
                   "rows_per_scan": rows, "decrypt_calls": int(kms_calls), "ms": int(kms_ms),
@@ -225,10 +257,13 @@ if default_size != "skipped":
           % (kms_t, default_size, kms_calls, kms_t, int(kms_ms) / 1000.0))
 if reenc.strip():
     pairs = [p.split(":") for p in reenc.split()]
-    res["reencrypt"] = {"rows": int(reenc_rows), "ms_by_tenants": {a: int(b) for a, b in pairs}}
-    (t0, m0), (t1, m1) = pairs[0], pairs[1]
-    print("envelope.reencrypt of %s rows: %s tenants %.0f rows/s, %s interleaved tenants %.0f rows/s (%.2fx the time)"
-          % (reenc_rows, t0, int(reenc_rows) * 1000.0 / int(m0), t1, int(reenc_rows) * 1000.0 / int(m1), int(m1) / int(m0)))
+    res["reencrypt"] = {"rows": int(reenc_rows), "ms_by_tenants": {a: int(b) for a, b, c in pairs},
+                        "cpu_ms_by_tenants": {a: int(c) for a, b, c in pairs},
+                        "cache_stats_after": json.loads(open(f"{d}/reenc_stats").read())}
+    (t0, m0, c0), (t1, m1, c1) = pairs[0], pairs[1]
+    print("envelope.reencrypt of %s rows: %s tenants %.0f rows/s, %s interleaved tenants %.0f rows/s (%.2fx the time; backend CPU time %.2fx)"
+          % (reenc_rows, t0, int(reenc_rows) * 1000.0 / int(m0), t1, int(reenc_rows) * 1000.0 / int(m1),
+             int(m1) / int(m0), int(c1) / max(1, int(c0))))
 print("load average %s -> %s, steal %.1f %%, %s tenants created in %.1f s, sweep took %s s"
       % (res["load_start"], res["load_end"], steal, max_t, int(create_ms) / 1000.0, total_s))
 json.dump(res, open(dest, "w"), indent=1)
