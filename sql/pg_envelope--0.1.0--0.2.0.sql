@@ -133,6 +133,85 @@ CREATE FUNCTION envelope.scan_key_usage(rel regclass, "column" name, tenant_colu
     AS 'MODULE_PATHNAME', 'envelope_scan_key_usage'
     LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
 
+-- Under Citus (see "Citus: key tables as reference tables") the count tables are
+-- reference tables, and Citus evaluates a function with column arguments in a DELETE
+-- of one on each node's copy separately: the helpers below decide what to delete here,
+-- on the coordinator, and pass it as a parameter.
+
+-- Partial counts left by runs whose backend is gone, and this backend's own.
+CREATE FUNCTION envelope.count_key_usage_clear_stale()
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stale integer[];
+BEGIN
+    SELECT array_agg(DISTINCT s.pid) INTO stale FROM envelope.column_usage_scan s
+     WHERE s.pid = pg_backend_pid()
+        OR NOT EXISTS (SELECT FROM pg_stat_get_activity(s.pid));
+    DELETE FROM envelope.column_usage_scan s WHERE s.pid = ANY (stale);
+END
+$$;
+
+-- Forget counts of columns no longer registered.
+CREATE FUNCTION envelope.count_key_usage_forget_unregistered()
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    registered text[];
+BEGIN
+    SELECT array_agg(e.relation::oid || '/' || a.attnum) INTO registered
+      FROM envelope.encrypted_columns e
+      JOIN pg_attribute a ON a.attrelid = e.relation AND a.attname = e.column_name;
+    registered := COALESCE(registered, '{}');
+    DELETE FROM envelope.column_usage u WHERE NOT (u.relid || '/' || u.attnum = ANY (registered));
+    DELETE FROM envelope.counted_column c WHERE NOT (c.relid || '/' || c.attnum = ANY (registered));
+END
+$$;
+
+-- Count one column of a Citus table shard by shard, each shard read in one transaction
+-- on the node of its first copy, and add the counts to this backend's partial counts;
+-- return true.  A distributed table is empty on the coordinator, so its blocks cannot
+-- be read from here.  Return false for a table Citus does not manage.
+CREATE FUNCTION envelope.count_key_usage_shards(part regclass, column_name name,
+                                                tenant_column name, counted_relid oid,
+                                                counted_attnum smallint)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shards bigint[];
+    nodes text[];
+    ports integer[];
+    commands text[];
+    me integer := pg_backend_pid();
+BEGIN
+    SELECT array_agg(s.shard_id ORDER BY s.shard_id), array_agg(s.node_name ORDER BY s.shard_id),
+           array_agg(s.node_port ORDER BY s.shard_id),
+           array_agg(format('SELECT COALESCE(pg_catalog.jsonb_agg(u), ''[]'')'
+                            '  FROM envelope.scan_key_usage(%L::pg_catalog.regclass, %L, %L) u',
+                            s.shard_name, column_name, tenant_column) ORDER BY s.shard_id)
+      INTO shards, nodes, ports, commands
+      FROM envelope.citus_shards(part) s;
+    IF shards IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO envelope.column_usage_scan AS s
+    SELECT me, counted_relid, counted_attnum, u.tenant, u.version, u.format, sum(u.value_count)
+      FROM envelope.citus_run_on_shards('count_key_usage', shards, nodes, ports, commands) r,
+           jsonb_to_recordset(r::jsonb) AS u(tenant text, version integer, format smallint,
+                                             value_count bigint)
+     GROUP BY u.tenant, u.version, u.format
+    ON CONFLICT ON CONSTRAINT column_usage_scan_pkey
+    DO UPDATE SET value_count = s.value_count + excluded.value_count;
+    RETURN true;
+END
+$$;
+
 -- Count stored values per (tenant, DEK version) in every registered column.  Like
 -- reencrypt, each table (each partition of a partitioned one) is read in block ranges
 -- of about batch_size rows, one transaction per range, so no snapshot is held for the
@@ -153,12 +232,12 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
     END IF;
-    DELETE FROM envelope.column_usage_scan s
-     WHERE s.pid = pg_catalog.pg_backend_pid()
-        OR NOT EXISTS (SELECT FROM pg_catalog.pg_stat_get_activity(s.pid));
+    PERFORM envelope.count_key_usage_clear_stale();
     COMMIT;
+    -- relid: the table's oid as an oid, which Citus sends to the other copies of the
+    -- count tables as a number (a regclass would go as a name, and mean nothing there)
     FOR col IN
-        SELECT e.relation, e.column_name, e.tenant_column, a.attnum
+        SELECT e.relation, e.relation::pg_catalog.oid AS relid, e.column_name, e.tenant_column, a.attnum
           FROM envelope.encrypted_columns e
           JOIN pg_catalog.pg_attribute a ON a.attrelid = e.relation AND a.attname = e.column_name
          WHERE e.tenant_column IS NOT NULL
@@ -174,6 +253,9 @@ BEGIN
              WHERE c.relkind = 'r'
              ORDER BY p.relid::pg_catalog.oid
         LOOP
+            -- a Citus table: counted shard by shard, where the shards are
+            CONTINUE WHEN envelope.count_key_usage_shards(part, col.column_name, col.tenant_column,
+                                                          col.relation, col.attnum);
             total_blocks := pg_catalog.pg_relation_size(part)
                             / pg_catalog.current_setting('block_size')::bigint;
             SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
@@ -195,32 +277,22 @@ BEGIN
         -- The column's count is complete: publish it in one transaction (a concurrent
         -- run publishing the same column waits, then replaces it).
         LOCK TABLE envelope.column_usage IN SHARE ROW EXCLUSIVE MODE;
-        DELETE FROM envelope.column_usage WHERE relid = col.relation AND attnum = col.attnum;
+        DELETE FROM envelope.column_usage WHERE relid = col.relid AND attnum = col.attnum;
         INSERT INTO envelope.column_usage
             SELECT s.relid, s.attnum, s.tenant, s.version, s.format, s.value_count
               FROM envelope.column_usage_scan s
              WHERE s.pid = pg_catalog.pg_backend_pid()
-               AND s.relid = col.relation AND s.attnum = col.attnum;
+               AND s.relid = col.relid AND s.attnum = col.attnum;
         DELETE FROM envelope.column_usage_scan s
          WHERE s.pid = pg_catalog.pg_backend_pid()
-           AND s.relid = col.relation AND s.attnum = col.attnum;
-        INSERT INTO envelope.counted_column VALUES (col.relation, col.attnum, pg_catalog.now())
+           AND s.relid = col.relid AND s.attnum = col.attnum;
+        INSERT INTO envelope.counted_column VALUES (col.relid, col.attnum, pg_catalog.now())
             ON CONFLICT (relid, attnum) DO UPDATE SET counted_at = excluded.counted_at;
         COMMIT;
         columns_done := columns_done + 1;
         RAISE NOTICE 'counted %.%', col.relation, pg_catalog.quote_ident(col.column_name);
     END LOOP;
-    -- Forget counts of columns no longer registered.
-    DELETE FROM envelope.column_usage u
-     WHERE NOT EXISTS (SELECT FROM envelope.encrypted_columns e
-                         JOIN pg_catalog.pg_attribute a
-                           ON a.attrelid = e.relation AND a.attname = e.column_name
-                        WHERE e.relation::pg_catalog.oid = u.relid AND a.attnum = u.attnum);
-    DELETE FROM envelope.counted_column c
-     WHERE NOT EXISTS (SELECT FROM envelope.encrypted_columns e
-                         JOIN pg_catalog.pg_attribute a
-                           ON a.attrelid = e.relation AND a.attname = e.column_name
-                        WHERE e.relation::pg_catalog.oid = c.relid AND a.attnum = c.attnum);
+    PERFORM envelope.count_key_usage_forget_unregistered();
     RAISE NOTICE 'counted % registered columns', columns_done;
 END
 $count_key_usage$;
@@ -230,6 +302,12 @@ REVOKE ALL ON envelope.counted_column, envelope.column_usage, envelope.column_us
 REVOKE ALL ON FUNCTION envelope.register_column(regclass, name, name, text),
     envelope.unregister_column(regclass, name) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE envelope.count_key_usage(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION envelope.count_key_usage_clear_stale(),
+    envelope.count_key_usage_forget_unregistered(),
+    envelope.count_key_usage_shards(regclass, name, name, oid, smallint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION envelope.count_key_usage_clear_stale(),
+    envelope.count_key_usage_forget_unregistered(),
+    envelope.count_key_usage_shards(regclass, name, name, oid, smallint) TO envelope_admin;
 REVOKE ALL ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION envelope.scan_key_usage(regclass, name, name, bigint, bigint)
     TO envelope_admin;
@@ -399,6 +477,7 @@ CREATE TABLE envelope.rotation_task (
     active_since   timestamptz,
     done_at_start  bigint NOT NULL DEFAULT 0,
     moved_at_start bigint NOT NULL DEFAULT 0,
+    shard_id       bigint,                -- Citus: the shard of `relation` re-encrypted
     PRIMARY KEY (run_id, task)
 );
 
@@ -442,7 +521,8 @@ CREATE VIEW envelope.rotation_progress AS
                 WHEN t.finished_at IS NOT NULL THEN 'done'
                 WHEN envelope.rotation_run_is_live(r.backend_pid, r.backend_start) THEN 'running'
                 ELSE 'interrupted'
-           END AS state
+           END AS state,
+           t.shard_id
       FROM envelope.rotation_run r
       JOIN envelope.rotation_task t USING (run_id)
       LEFT JOIN pg_catalog.pg_attribute a
@@ -462,6 +542,7 @@ DECLARE
     same_work boolean;
     r envelope.rotation_run;
     my_start timestamptz;
+    now_ts timestamptz;     -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     PERFORM pg_advisory_xact_lock(pg_catalog.hashtext('envelope.rotation_run'));
     SELECT a.backend_start INTO my_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
@@ -490,10 +571,11 @@ BEGIN
                       HINT = 'Values already under the active version are skipped, not re-encrypted.';
             same_work := false;
         END IF;
+        now_ts := clock_timestamp();
         IF same_work THEN
             UPDATE envelope.rotation_run x
                SET backend_pid = pg_backend_pid(), backend_start = my_start,
-                   resumed_at = clock_timestamp()
+                   resumed_at = now_ts
              WHERE x.run_id = r.run_id;
             UPDATE envelope.rotation_task t
                SET active_since = NULL, done_at_start = t.done, moved_at_start = t.values_moved
@@ -503,7 +585,7 @@ BEGIN
             RETURN r.run_id;
         END IF;
         -- an interrupted run of other work: a new run replaces it
-        UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'abandoned'
+        UPDATE envelope.rotation_run x SET finished_at = now_ts, outcome = 'abandoned'
          WHERE x.run_id = r.run_id;
     END LOOP;
 
@@ -524,8 +606,9 @@ DECLARE
     r envelope.rotation_run;
     counts jsonb;
     moved bigint;
+    now_ts timestamptz := clock_timestamp();
 BEGIN
-    UPDATE envelope.rotation_run x SET finished_at = clock_timestamp(), outcome = 'done'
+    UPDATE envelope.rotation_run x SET finished_at = now_ts, outcome = 'done'
      WHERE x.run_id = run RETURNING * INTO r;
     SELECT jsonb_agg(jsonb_build_object('relation', t.relation::regclass::text,
                                         'column', a.attname, 'unit', t.unit,
@@ -601,6 +684,9 @@ BEGIN
                 WHERE t.run_id = run AND t.relation = rel AND t.column_attnum = col_num) THEN
         RETURN;
     END IF;
+    IF envelope.citus_shard_tasks(run, rel, col_num, tenant_num, context) THEN
+        RETURN;         -- a Citus table: a task per shard (see "Citus" below)
+    END IF;
     INSERT INTO envelope.rotation_task (run_id, task, relation, column_attnum, tenant_attnum,
                                         context, unit, total)
     SELECT run, COALESCE(max(t.task), 0) + 1, rel, col_num, tenant_num,
@@ -622,6 +708,7 @@ AS $$
 DECLARE
     col_num smallint;
     source_num smallint;
+    rel_oid oid := rel;     -- Citus sends a regclass parameter by name, an oid as a number
 BEGIN
     SELECT a.attnum INTO source_num FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = source_column AND a.attnum > 0 AND NOT a.attisdropped;
@@ -633,7 +720,7 @@ BEGIN
     SELECT a.attnum INTO col_num FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
     UPDATE envelope.rotation_task t SET source_attnum = source_num
-     WHERE t.run_id = run AND t.relation = rel AND t.column_attnum = col_num;
+     WHERE t.run_id = run AND t.relation = rel_oid AND t.column_attnum = col_num;
 END
 $$;
 
@@ -674,6 +761,10 @@ DECLARE
     moved bigint;
     batch_start timestamptz := clock_timestamp();
 BEGIN
+    IF envelope.citus_fleet() THEN
+        -- before any lock: the batch may run on another node (see "Citus" below)
+        RETURN envelope.citus_reencrypt_step(run, task_no, batch_size);
+    END IF;
     SELECT * INTO t FROM envelope.rotation_task x
      WHERE x.run_id = run AND x.task = task_no FOR UPDATE;
     IF t.finished_at IS NOT NULL THEN
@@ -1004,6 +1095,7 @@ DECLARE
     one text;
     rotated bigint := 0;
     t envelope.rotation_task;
+    batch_end timestamptz;  -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     FOR one IN SELECT c FROM envelope.rotate_keys_candidates(
                    envelope.rotate_keys_cutoff(run, older_than), tenants) c LIMIT 50
@@ -1011,13 +1103,14 @@ BEGIN
         PERFORM envelope.rotate_tenant_key(one);
         rotated := rotated + 1;
     END LOOP;
+    batch_end := clock_timestamp();
     UPDATE envelope.rotation_task x
        SET done = x.done + rotated, values_moved = x.values_moved + rotated,
            total = greatest(x.total, x.done + rotated),
            started_at = COALESCE(x.started_at, batch_start),
            active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp(),
-           finished_at = CASE WHEN rotated = 0 THEN clock_timestamp() END
+           updated_at = batch_end,
+           finished_at = CASE WHEN rotated = 0 THEN batch_end END
      WHERE x.run_id = run AND x.task = 1
     RETURNING * INTO t;
     IF rotated = 0 THEN
@@ -1096,10 +1189,20 @@ BEGIN
 END
 $$;
 
--- One batch of rewrap_keys: whole tenants, until at least 25 DEKs have been handled.
--- The KMS requests go one after another (each envelope.rewrap call waits for its
--- ReEncrypt); the KMS's throttling answers are retried by the client.  Returns the
--- number of DEKs handled, or NULL when none is left.
+-- envelope.rewrap for every tenant listed, in one transaction, with their DEKs'
+-- ReEncrypt requests in flight together (up to envelope.kms_max_concurrent_requests
+-- with the aws provider; the local and kmip providers send one after another).  The
+-- new wrappings are written once every request is back: until the commit each DEK
+-- stays under its old master key (see src/rewrap_sql.c).
+CREATE FUNCTION envelope.rewrap_tenants(new_kms_key text, tenants text[])
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'envelope_rewrap_tenants'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE CALLED ON NULL INPUT;
+
+-- One batch of rewrap_keys: whole tenants, until at least 64 DEKs have been handled,
+-- re-wrapped by one envelope.rewrap_tenants call (several KMS requests in flight);
+-- the KMS's throttling answers are retried by the client.  Returns the number of
+-- DEKs handled, or NULL when none is left.
 CREATE FUNCTION envelope.rewrap_keys_step(run bigint, new_kms_key text, tenants text[])
     RETURNS bigint
     LANGUAGE plpgsql VOLATILE
@@ -1110,21 +1213,27 @@ DECLARE
     c record;
     handled bigint := 0;
     moved bigint := 0;
+    batch text[] := '{}';
     t envelope.rotation_task;
+    batch_end timestamptz;  -- a variable: Citus refuses clock_timestamp() in an UPDATE
 BEGIN
     FOR c IN SELECT * FROM envelope.rewrap_candidates(new_kms_key, tenants)
     LOOP
-        moved := moved + envelope.rewrap(new_kms_key, c.tenant);
+        batch := batch || c.tenant;
         handled := handled + c.key_count;
-        EXIT WHEN handled >= 25;
+        EXIT WHEN handled >= 64;
     END LOOP;
+    IF batch <> '{}' THEN
+        moved := envelope.rewrap_tenants(new_kms_key, batch);
+    END IF;
+    batch_end := clock_timestamp();
     UPDATE envelope.rotation_task x
        SET done = x.done + handled, values_moved = x.values_moved + moved,
            total = greatest(x.total, x.done + handled),
            started_at = COALESCE(x.started_at, batch_start),
            active_since = COALESCE(x.active_since, batch_start),
-           updated_at = clock_timestamp(),
-           finished_at = CASE WHEN handled = 0 THEN clock_timestamp() END
+           updated_at = batch_end,
+           finished_at = CASE WHEN handled = 0 THEN batch_end END
      WHERE x.run_id = run AND x.task = 1
     RETURNING * INTO t;
     IF handled = 0 THEN
@@ -1157,6 +1266,382 @@ BEGIN
 END
 $$;
 
+-- ---- Citus: the procedures on a coordinator
+--
+-- Under Citus the progress tables are reference tables (see "Citus: key tables as
+-- reference tables"), written on every node with two-phase commit.  Citus refuses an
+-- UPDATE of one that calls a VOLATILE function, and evaluates a function with column
+-- arguments on each copy separately, so the procedures compute timestamps and other
+-- values into variables first and pass them as parameters.
+--
+-- A distributed table is empty on the coordinator: its rows are in its shards, tables
+-- of the workers, and no block range of it can be read from here.  So each shard is a
+-- task of its own (rotation_task.shard_id), and each batch runs on the node that holds
+-- the shard, through a connection of its own (master_run_on_worker, as
+-- run_command_on_shards uses): there reencrypt_relation_batch re-encrypts a block range
+-- of the shard and advances the task, in one transaction.  Citus writes the task row on
+-- every node (two-phase commit, from the worker), so the shard's values and the task
+-- row commit together, as on one node, and the task rows still say exactly what was
+-- committed.  A table of the coordinator (not distributed) takes the same function,
+-- called here.  Shards go one after another, batch by batch, in shard order.
+
+-- Are the progress tables Citus reference tables?  (Citus installed after pg_envelope
+-- leaves them local, and the single-node path is then the right one.)
+CREATE FUNCTION envelope.citus_fleet()
+    RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    distributed boolean := false;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition p
+                                 WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1)'
+           INTO distributed USING 'envelope.rotation_task'::regclass;
+    END IF;
+    RETURN distributed;
+END
+$$;
+
+-- The shards of a Citus table, each with the node of its first active placement (the
+-- one run_command_on_shards uses), the number of its active placements, and its name
+-- as that node knows it, schema-qualified.  No rows for a table Citus does not manage.
+CREATE FUNCTION envelope.citus_shards(rel regclass)
+    RETURNS TABLE (shard_id bigint, shard_name text, node_name text, node_port integer,
+                   placements integer)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT s.shardid,
+           -- shard_name() leaves names in public unqualified
+           CASE WHEN n.nspname = 'public' THEN 'public.' ELSE '' END
+           || pg_catalog.shard_name(s.logicalrelid, s.shardid),
+           (array_agg(p.nodename::text ORDER BY p.nodename, p.nodeport))[1],
+           (array_agg(p.nodeport::integer ORDER BY p.nodename, p.nodeport))[1],
+           count(p.nodeport)::integer
+      FROM pg_catalog.pg_dist_shard s
+      JOIN pg_class c ON c.oid = s.logicalrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_catalog.pg_dist_shard_placement p
+             ON p.shardid = s.shardid AND p.shardstate = 1
+     WHERE s.logicalrelid = rel
+     GROUP BY s.shardid, s.logicalrelid, n.nspname
+     ORDER BY s.shardid;
+END
+$$;
+
+-- Run one command per shard, each on the node of its shard and in a transaction of its
+-- own, all at once; the answers in the order of the commands.  A command that failed
+-- (or could not be sent) is an error here, naming the shard, with the node's message
+-- as detail.
+CREATE FUNCTION envelope.citus_run_on_shards(procedure text, shard_ids bigint[],
+                                             node_names text[], node_ports integer[],
+                                             commands text[])
+    RETURNS SETOF text
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+BEGIN
+    IF cardinality(commands) = 0 THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT x.success, x.result, x.i
+               FROM pg_catalog.master_run_on_worker(node_names, node_ports, commands,
+                                                    cardinality(commands) > 1)
+                    WITH ORDINALITY x(node_name, node_port, success, result, i)
+    LOOP
+        IF NOT r.success THEN
+            RAISE EXCEPTION 'envelope.%: could not run a batch on shard % on node %:%',
+                            procedure, shard_ids[r.i], node_names[r.i], node_ports[r.i]
+                USING ERRCODE = '08000',
+                      DETAIL = format('The node answered: %s', r.result),
+                      HINT = 'Calling the procedure again resumes from the last committed batch.';
+        END IF;
+        RETURN NEXT r.result;
+    END LOOP;
+END
+$$;
+
+-- Add the tasks of column col_num of a Citus table `rel`, one per shard, and return
+-- true; return false for a table Citus does not manage (the caller adds one task for
+-- the whole table).  A table whose shards have copies on several nodes (a reference
+-- table, or shards replicated by Citus) is skipped with a notice: its copies must be
+-- written through Citus, which refuses encrypt in an UPDATE, and writing each copy
+-- separately would leave them different (every encryption draws a new nonce).
+CREATE FUNCTION envelope.citus_shard_tasks(run bigint, rel regclass,
+                                                         col_num smallint, tenant_num smallint,
+                                                         context text)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    proc text;
+    shards bigint[];
+    names text[];
+    nodes text[];
+    ports integer[];
+    commands text[];
+    sizes bigint[];
+    first_task integer;
+BEGIN
+    SELECT array_agg(s.shard_id ORDER BY s.shard_id), array_agg(s.shard_name ORDER BY s.shard_id),
+           array_agg(s.node_name ORDER BY s.shard_id), array_agg(s.node_port ORDER BY s.shard_id),
+           array_agg(format('SELECT pg_catalog.pg_relation_size(%L::pg_catalog.regclass)'
+                            ' OPERATOR(pg_catalog./) pg_catalog.current_setting(''block_size'')::pg_catalog.int8',
+                            s.shard_name) ORDER BY s.shard_id)
+      INTO shards, names, nodes, ports, commands
+      FROM envelope.citus_shards(rel) s;
+    IF shards IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    IF NOT envelope.citus_fleet() THEN
+        -- the batches on the workers could not write the progress tables
+        RAISE EXCEPTION 'cannot re-encrypt %: the pg_envelope tables are not Citus reference tables', rel
+            USING ERRCODE = '55000',
+                  DETAIL = 'Citus was installed after pg_envelope, which left its tables local to the coordinator.',
+                  HINT = 'See "Deployment" in doc/citus.md.';
+    END IF;
+    IF EXISTS (SELECT FROM envelope.citus_shards(rel) s WHERE s.placements <> 1) THEN
+        RAISE NOTICE 'envelope.%: skipping %: its shards have copies on several nodes', proc, rel
+            USING DETAIL = 'A reference table or a replicated distributed table can only be written through Citus, which refuses encrypt in an UPDATE.',
+                  HINT = 'Re-encrypt it with INSERT ... SELECT into a new table, or make it a distributed table with one copy of each shard.';
+        RETURN true;
+    END IF;
+    SELECT array_agg(x::bigint) INTO sizes
+      FROM envelope.citus_run_on_shards(proc, shards, nodes, ports, commands) x;
+    SELECT COALESCE(max(t.task), 0) + 1 INTO first_task
+      FROM envelope.rotation_task t WHERE t.run_id = run;
+    INSERT INTO envelope.rotation_task (run_id, task, relation, column_attnum, tenant_attnum,
+                                        context, unit, total, shard_id)
+    SELECT run, first_task + i - 1, rel, col_num, tenant_num, context, 'blocks', sizes[i], shards[i]
+      FROM generate_subscripts(shards, 1) i;
+    RETURN true;
+END
+$$;
+
+-- One batch of a re-encryption task, on the node that holds relation `rel` (the
+-- task's shard, or a table of the coordinator), described by `batch`: run, task, rel,
+-- column, tenant_column, source_column (a blind-index column's source, or null),
+-- context, done, total, batch_size, batch_start.  Re-encrypts the values that need it
+-- (recomputes the blind indexes, as reencrypt_step does) in the next block range
+-- after `done`, up to `total`, and advances the task in the same transaction, only
+-- from `done` (a task advanced meanwhile by another session is an error, and nothing
+-- commits).  Returns {"moved", "done", "blocks": the relation's size now}; once done
+-- reaches total, only {"blocks"}.  An error of the UPDATE (a value that does not
+-- decrypt, say) is returned as {"sqlstate", "message", "detail", "hint"}, with nothing
+-- done, so that the coordinator can raise it with its SQLSTATE: the connection it comes
+-- back through carries only an error's text.  (A cancel is not caught: it stops all.)
+CREATE FUNCTION envelope.reencrypt_relation_batch(batch jsonb)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    run bigint := batch ->> 'run';
+    task_no integer := batch ->> 'task';
+    relid regclass := (batch ->> 'rel')::regclass;
+    column_name name := batch ->> 'column';
+    tenant_column name := batch ->> 'tenant_column';
+    source_column name := batch ->> 'source_column';
+    context text := batch ->> 'context';
+    done_before bigint := batch ->> 'done';
+    total bigint := batch ->> 'total';
+    batch_size integer := batch ->> 'batch_size';
+    batch_start timestamptz := batch ->> 'batch_start';
+    rows_per_block double precision;
+    block_end bigint;
+    moved bigint;
+    advanced bigint;
+    batch_end timestamptz;
+    blocks bigint;
+    err_state text;
+    err_message text;
+    err_detail text;
+    err_hint text;
+BEGIN
+    IF done_before < total THEN
+        SELECT CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 50 END
+          INTO rows_per_block FROM pg_class c WHERE c.oid = relid;
+        block_end := least(total, done_before + greatest(1, ceil(batch_size / rows_per_block))::bigint);
+        BEGIN
+            IF source_column IS NULL THEN
+                EXECUTE format(
+                    'UPDATE %s SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+                    '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+                    relid, column_name, tenant_column, column_name, column_name, tenant_column)
+                  USING context, done_before, block_end;
+            ELSE
+                EXECUTE format(
+                    'UPDATE %s SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
+                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+                    '   AND %I IS NOT NULL'
+                    '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
+                    relid, column_name, tenant_column, source_column, source_column, column_name,
+                    tenant_column)
+                  USING context, done_before, block_end;
+            END IF;
+            GET DIAGNOSTICS moved = ROW_COUNT;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
+                                    err_detail = PG_EXCEPTION_DETAIL, err_hint = PG_EXCEPTION_HINT;
+            RETURN jsonb_build_object('sqlstate', err_state, 'message', err_message,
+                                      'detail', NULLIF(err_detail, ''), 'hint', NULLIF(err_hint, ''));
+        END;
+        batch_end := clock_timestamp();
+        UPDATE envelope.rotation_task x
+           SET done = block_end, values_moved = x.values_moved + moved,
+               started_at = COALESCE(x.started_at, batch_start),
+               active_since = COALESCE(x.active_since, batch_start),
+               updated_at = batch_end
+         WHERE x.run_id = run AND x.task = task_no AND x.done = done_before
+           AND x.finished_at IS NULL;
+        GET DIAGNOSTICS advanced = ROW_COUNT;
+        IF advanced <> 1 THEN
+            RAISE EXCEPTION 'task % of run % was advanced by another session', task_no, run
+                USING ERRCODE = '40001';
+        END IF;
+    END IF;
+    blocks := pg_relation_size(relid) / current_setting('block_size')::bigint;
+    IF block_end IS NULL THEN
+        RETURN jsonb_build_object('blocks', blocks);
+    END IF;
+    RETURN jsonb_build_object('moved', moved, 'done', block_end, 'blocks', blocks);
+END
+$$;
+
+-- reencrypt_step under Citus: one batch of the task, on the node of its shard (or here,
+-- for a table of the coordinator).  Returns how many values moved, or NULL once the
+-- task is finished.  Nothing here holds a lock on the task row while the batch runs:
+-- the batch writes that row from the other node.
+CREATE FUNCTION envelope.citus_reencrypt_step(run bigint, task_no integer, batch_size integer)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t envelope.rotation_task;
+    proc text;
+    rel_schema name;
+    rel_name name;
+    col name;
+    tenant_col name;
+    source_col name;
+    shard record;
+    target text;
+    label text;             -- the column for notices, and its shard
+    call text;
+    answer jsonb;
+    moved bigint;
+    now_ts timestamptz;
+    batch_start timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO t FROM envelope.rotation_task x WHERE x.run_id = run AND x.task = task_no;
+    IF t.finished_at IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.procedure INTO proc FROM envelope.rotation_run r WHERE r.run_id = run;
+    SELECT n.nspname, c.relname INTO rel_schema, rel_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = t.relation;
+    SELECT a.attname INTO col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.column_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO tenant_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.tenant_attnum AND NOT a.attisdropped;
+    SELECT a.attname INTO source_col FROM pg_attribute a
+     WHERE a.attrelid = t.relation AND a.attnum = t.source_attnum AND NOT a.attisdropped;
+    target := format('%I.%I', rel_schema, rel_name);
+    label := format('%s.%s.%s', rel_schema, rel_name, col)
+             || COALESCE(format(' (shard %s)', t.shard_id), '');
+    IF t.shard_id IS NOT NULL THEN
+        SELECT * INTO shard FROM envelope.citus_shards(t.relation) s
+         WHERE s.shard_id = t.shard_id AND s.placements = 1;
+        target := shard.shard_name;
+    END IF;
+
+    IF rel_name IS NULL OR col IS NULL OR tenant_col IS NULL OR target IS NULL
+       OR (t.source_attnum IS NOT NULL AND source_col IS NULL) THEN
+        RAISE NOTICE 'envelope.%: skipping relation %: it, its columns or its shard no longer exist',
+            proc, t.relation || COALESCE(format(' (shard %s)', t.shard_id), '');
+        now_ts := clock_timestamp();
+        UPDATE envelope.rotation_task x SET finished_at = now_ts, updated_at = now_ts, done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+
+    call := format('SELECT envelope.reencrypt_relation_batch(%L::pg_catalog.jsonb)',
+                   jsonb_build_object('run', run, 'task', task_no, 'rel', target, 'column', col,
+                                      'tenant_column', tenant_col, 'source_column', source_col,
+                                      'context', t.context,
+                                      'done', t.done, 'total', t.total,
+                                      'batch_size', batch_size, 'batch_start', batch_start));
+    IF t.shard_id IS NULL THEN
+        EXECUTE call INTO answer;
+    ELSE
+        answer := envelope.citus_run_on_shards(proc, ARRAY[t.shard_id], ARRAY[shard.node_name],
+                                               ARRAY[shard.node_port], ARRAY[call])::jsonb;
+    END IF;
+    IF answer ? 'sqlstate' THEN
+        -- the batch's own error, raised again as it was (RAISE takes no NULL option)
+        IF answer ->> 'hint' IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message',
+                                  DETAIL = COALESCE(answer ->> 'detail', ''), HINT = answer ->> 'hint';
+        ELSIF answer ->> 'detail' IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message',
+                                  DETAIL = answer ->> 'detail';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = answer ->> 'sqlstate', MESSAGE = answer ->> 'message';
+    END IF;
+
+    IF NOT answer ? 'moved' THEN
+        -- done reached total: once more over the blocks added since, then finished
+        now_ts := clock_timestamp();
+        IF NOT t.tail_added THEN
+            UPDATE envelope.rotation_task x
+               SET total = greatest(x.total, (answer ->> 'blocks')::bigint), tail_added = true
+             WHERE x.run_id = run AND x.task = task_no;
+            RETURN 0;
+        END IF;
+        UPDATE envelope.rotation_task x SET finished_at = now_ts, updated_at = now_ts, done = t.total
+         WHERE x.run_id = run AND x.task = task_no;
+        RETURN NULL;
+    END IF;
+    moved := (answer ->> 'moved')::bigint;
+    RAISE NOTICE 'envelope.%: %: re-encrypted % values (% in all); % of % blocks done',
+        proc, label, moved, t.values_moved + moved, answer ->> 'done', t.total;
+    RETURN moved;
+END
+$$;
+
+-- Run as the caller of the procedures (envelope_admin), here and on the workers.
+REVOKE ALL ON FUNCTION
+    envelope.citus_fleet(),
+    envelope.citus_shards(regclass),
+    envelope.citus_run_on_shards(text, bigint[], text[], integer[], text[]),
+    envelope.citus_shard_tasks(bigint, regclass, smallint, smallint, text),
+    envelope.reencrypt_relation_batch(jsonb),
+    envelope.citus_reencrypt_step(bigint, integer, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    envelope.citus_fleet(),
+    envelope.citus_shards(regclass),
+    envelope.citus_run_on_shards(text, bigint[], text[], integer[], text[]),
+    envelope.citus_shard_tasks(bigint, regclass, smallint, smallint, text),
+    envelope.reencrypt_relation_batch(jsonb),
+    envelope.citus_reencrypt_step(bigint, integer, integer)
+    TO envelope_admin;
+
 -- ---- privileges: the procedures run as their caller (who needs UPDATE on the
 -- tables it re-encrypts); envelope_admin may call them and read the progress.
 
@@ -1180,6 +1665,7 @@ REVOKE ALL ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     FROM PUBLIC;
@@ -1210,6 +1696,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.rotate_keys_begin(interval, text[]),
     envelope.rotate_keys_step(bigint, interval, text[]),
     envelope.rewrap_candidates(text, text[]),
+    envelope.rewrap_tenants(text, text[]),
     envelope.rewrap_keys_begin(text, text[]),
     envelope.rewrap_keys_step(bigint, text, text[])
     TO envelope_admin;
@@ -1519,6 +2006,58 @@ GRANT EXECUTE ON FUNCTION
     TO envelope_user;
 GRANT EXECUTE ON FUNCTION envelope.rotate_equality_key(text) TO envelope_admin;
 
+
+-- ---------------------------------------------------------------------------
+-- Encryption counts per DEK version.
+-- Randomized encryptions (AES-GCM, random nonces) under each DEK version, which must
+-- stay under 2^32 per key.  The figure is reserved ahead in blocks and rewritten in
+-- place by the extension's C code (WAL-logged, not transactional, as a sequence is),
+-- so it is an upper bound that a crash never lowers: see src/encryption_count.c.
+-- The count is the first column, where the in-place update finds it; nothing but the
+-- extension writes this table.  A key stored before 0.2.0 starts from 0 here.
+-- Created after the Citus conversion above: under Citus each node counts the
+-- encryptions it makes itself, in its own table.
+CREATE TABLE envelope.data_key_encryptions (
+    encryptions bigint NOT NULL DEFAULT 0,
+    tenant_id   integer NOT NULL,
+    version     integer NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+);
+
+COMMENT ON TABLE envelope.data_key_encryptions IS
+    'pg_envelope: randomized encryptions reserved per DEK version (an upper bound of those made)';
+
+REVOKE ALL ON envelope.data_key_encryptions FROM PUBLIC;
+
+-- pg_dump keeps the counts with the keys they count.
+SELECT pg_catalog.pg_extension_config_dump('envelope.data_key_encryptions', '');
+
+-- Every stored key gets its row (under Citus a node adds its rows as it encrypts).
+DO $counts$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
+        INSERT INTO envelope.data_key_encryptions (tenant_id, version)
+            SELECT t.tenant_id, d.version
+              FROM envelope.data_key d JOIN envelope.tenant t ON t.tenant OPERATOR(pg_catalog.=) d.tenant
+            ON CONFLICT DO NOTHING;
+    END IF;
+END
+$counts$;
+
+-- Two columns at the end: encryptions (the reserved count above; NULL where this node
+-- has not counted the key) and the tenant's equality key version.
+CREATE OR REPLACE VIEW envelope.tenant_keys AS
+    SELECT d.tenant, d.version,
+           CASE WHEN t.state <> 'active' THEN t.state
+                WHEN d.version = t.active_version THEN 'active'
+                WHEN d.state = 'active' THEN 'decrypt-only'
+                ELSE d.state END AS state,
+           d.kms_provider, d.kms_key, d.created_at,
+           c.encryptions,
+           t.equality_version
+      FROM envelope.data_key d JOIN envelope.tenant t USING (tenant)
+      LEFT JOIN envelope.data_key_encryptions c
+        ON c.tenant_id = t.tenant_id AND c.version = d.version;
 
 -- ---------------------------------------------------------------------------
 -- Stored blind indexes.

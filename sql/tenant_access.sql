@@ -11,7 +11,7 @@ CREATE ROLE regress_ta_admin LOGIN IN ROLE envelope_admin;
 -- reencrypt_value is envelope_admin's; granted here to application roles to show
 -- that it is checked like the other key paths.
 GRANT EXECUTE ON FUNCTION envelope.reencrypt_value(text, bytea, text) TO regress_ta_app, regress_ta_other;
-CREATE TEMP TABLE mark AS SELECT coalesce(max(id), 0) AS last FROM envelope.audit_log;
+CREATE TABLE ta_mark AS SELECT coalesce(max(id), 0) AS last FROM envelope.audit_log;
 
 SELECT envelope.create_tenant('ta-open');
 SELECT envelope.create_tenant('ta-closed');
@@ -104,6 +104,16 @@ SELECT envelope.key_version(v), envelope.active_key_version(tenant),
   FROM ta_data WHERE tenant = 'ta-closed' AND id = 1;
 RESET ROLE;
 
+-- A new session finds the tenant's state, grants included, in shared memory (this one
+-- read it from the key store): the same answers.
+\c
+SET ROLE regress_ta_other;
+SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 1;
+\echo :LAST_ERROR_SQLSTATE
+SET ROLE regress_ta_app;
+SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 1;
+RESET ROLE;
+
 -- envelope_admin's members and superusers need no grant.
 SET ROLE regress_ta_admin;
 SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 1;
@@ -182,6 +192,14 @@ SET ROLE regress_ta_other;
 SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 3;
 \echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
+-- and in a new session, which must not take a shortened list from shared memory
+\c
+SET ROLE regress_ta_g9;
+SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 3;
+SET ROLE regress_ta_other;
+SELECT envelope.decrypt_text(tenant, v, 'ctx') FROM ta_data WHERE tenant = 'ta-closed' AND id = 3;
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
 DO $$ BEGIN
     FOR i IN 1..9 LOOP
         PERFORM envelope.revoke_tenant('ta-closed', format('regress_ta_g%s', i)::regrole);
@@ -219,10 +237,10 @@ SELECT envelope.revoke_tenant('ta-doomed', 'regress_ta_app') AS revoked;
 SELECT CASE WHEN a."current_user" = current_user THEN '(superuser)' ELSE a."current_user"::text END AS by,
        a.action, a.tenant,
        CASE WHEN a.detail->>'role' ~ '^[0-9]+$' THEN '{"role": "<oid>"}'::jsonb ELSE a.detail END AS detail
-  FROM envelope.audit_log a, mark m
+  FROM envelope.audit_log a, ta_mark m
  WHERE a.id > m.last AND a.action IN ('grant', 'revoke') ORDER BY a.id;
 
 DROP FUNCTION ta_read_as_owner(int), ta_read_as_caller(int);
-DROP TABLE ta_data;
+DROP TABLE ta_data, ta_mark;
 REVOKE EXECUTE ON FUNCTION envelope.reencrypt_value(text, bytea, text) FROM regress_ta_app, regress_ta_other;
 DROP ROLE regress_ta_app, regress_ta_other, regress_ta_member, regress_ta_group, regress_ta_admin;

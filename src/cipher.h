@@ -89,7 +89,7 @@ typedef struct CipherKey
 {
 	void	   *enc;			/* EVP_CIPHER_CTX *, AES-256-GCM encryption */
 	void	   *dec;			/* EVP_CIPHER_CTX *, AES-256-GCM decryption */
-	void	   *siv;			/* EVP_CIPHER_CTX *, keyed template for AES-SIV */
+	void	   *siv;			/* AES-SIV contexts (cipher.c), re-initialised per value */
 	void	   *mac;			/* EVP_MAC_CTX *, keyed HMAC template for the blind index */
 } CipherKey;
 

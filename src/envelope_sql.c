@@ -21,6 +21,7 @@
 
 #include "audit.h"
 #include "citus_support.h"
+#include "encryption_count.h"
 #include "prewarm.h"
 
 PG_FUNCTION_INFO_V1(envelope_encrypt_text);
@@ -111,7 +112,7 @@ encrypt_bytes(FunctionCallInfo fcinfo, const char *data, size_t len)
 						   (size_t) (MaxAllocSize - VARHDRSZ - CIPHER_OVERHEAD)),
 				 errhidestmt(true)));
 
-	ref = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+	ref = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
 	result = palloc(VARHDRSZ + len + CIPHER_OVERHEAD);
 	SET_VARSIZE(result, VARHDRSZ + len + CIPHER_OVERHEAD);
 	cs = cipher_next_nonce(nonce);
@@ -229,22 +230,28 @@ envelope_blind_index(PG_FUNCTION_ARGS)
 bytea *
 envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version)
 {
+	bytea	   *result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
+
+	envelope_blind_index_into(fcinfo, version, result);
+	return result;
+}
+
+void
+envelope_blind_index_into(FunctionCallInfo fcinfo, uint32 version, bytea *result)
+{
 	text	   *tenant = PG_GETARG_TEXT_PP(0);
 	text	   *value = PG_GETARG_TEXT_PP(1);
 	CipherBinding binding = make_binding(fcinfo, tenant, 2);
 	const CipherKey *key;
-	bytea	   *result;
 	size_t		len;
 
 	key = keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
 								   version, CIPHER_USE_INDEX);
-	result = palloc(VARHDRSZ + CIPHER_INDEX_VERSIONED_MAX_LEN);
 	if (cipher_blind_index_versioned(key, version, &binding,
 									 (const uint8 *) VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value),
 									 (uint8 *) VARDATA(result), &len) != CIPHER_OK)
 		raise_cipher_internal(CIPHER_ERR_INTERNAL);
 	SET_VARSIZE(result, VARHDRSZ + len);
-	return result;
 }
 
 /* Decrypt a value of either format into a varlena of the same layout as bytea/text. */
@@ -408,6 +415,7 @@ new_data_key(const char *tenant, int32 version, const char *provider, const char
 	{
 		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
 		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
+		encryption_count_add_key(tenant_id, (uint32) version);
 		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek);
 	}
 	PG_FINALLY();

@@ -20,7 +20,9 @@
  *     wiped whenever it is discarded, since it may hold a data key or credentials.
  *
  * One easy handle and one multi handle per process, created lazily on first use and
- * reset per request, keep connections (and TLS sessions) alive between KMS calls.  If
+ * reset per request, keep connections (and TLS sessions) alive between KMS calls.
+ * http_perform_many puts several requests on the wire at once over the same multi
+ * handle (and so the same connection cache), each with an easy handle of its own.  If
  * the process has forked since they were created, they are abandoned unclosed: closing
  * would shut down (and for TLS, send close_notify on) sockets the parent still uses.
  *
@@ -492,7 +494,7 @@ build_header_list(const HttpRequest *req)
 #define SETOPT(opt, val) \
 	do { \
 		if (rc == CURLE_OK) \
-			rc = curl_easy_setopt(http_easy, (opt), (val)); \
+			rc = curl_easy_setopt(easy, (opt), (val)); \
 	} while (0)
 
 /*
@@ -501,15 +503,15 @@ build_header_list(const HttpRequest *req)
  * answer goes.
  */
 static CURLcode
-set_request_options(const HttpRequest *req, struct curl_slist *headers, HttpTransfer *t,
-					char *curl_err)
+set_request_options(CURL *easy, const HttpRequest *req, struct curl_slist *headers,
+					HttpTransfer *t, char *curl_err)
 {
 	CURLcode	rc = CURLE_OK;
 	long		timeout_ms = req->timeout_ms > 0 ? req->timeout_ms : HTTP_DEFAULT_TIMEOUT_MS;
 	long		connect_ms = timeout_ms < HTTP_MAX_CONNECT_TIMEOUT_MS ? timeout_ms :
 		HTTP_MAX_CONNECT_TIMEOUT_MS;
 
-	curl_easy_reset(http_easy);
+	curl_easy_reset(easy);
 	curl_err[0] = '\0';
 	SETOPT(CURLOPT_ERRORBUFFER, curl_err);
 	SETOPT(CURLOPT_URL, req->url);
@@ -624,6 +626,23 @@ release_easy_handle(bool sensitive)
 		curl_easy_reset(http_easy);
 }
 
+/*
+ * A failed transfer: discard what was received, and say why.  curl's own message
+ * names the host and the failing step, never a header or the body; our own statuses
+ * need no detail.
+ */
+static void
+fail_transfer(HttpTransfer *t, HttpStatus st, CURLcode result, const char *curl_err,
+			  char *errbuf, size_t errlen)
+{
+	transfer_discard(t);
+	if (st == HTTP_ERR_CANCELED || st == HTTP_ERR_TOO_LARGE || t->oom)
+		set_error(errbuf, errlen, status_text(st), NULL);
+	else
+		set_error(errbuf, errlen, status_text(st),
+				  curl_err[0] ? curl_err : curl_easy_strerror(result));
+}
+
 /* Hand the received body to resp, always NUL-terminated, even an empty one. */
 static HttpStatus
 hand_over_body(HttpTransfer *t, long code, HttpResponse *resp, char *errbuf, size_t errlen)
@@ -684,7 +703,7 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 		return HTTP_ERR_INTERNAL;
 	}
 
-	result = set_request_options(req, headers, &t, curl_err);
+	result = set_request_options(http_easy, req, headers, &t, curl_err);
 	if (result == CURLE_OK)
 	{
 		added = curl_multi_add_handle(http_multi, http_easy) == CURLM_OK;
@@ -702,20 +721,226 @@ http_perform(const HttpRequest *req, HttpResponse *resp, char *errbuf, size_t er
 
 	if (st != HTTP_OK)
 	{
-		transfer_discard(&t);
-
-		/*
-		 * curl's own message names the host and the failing step, never a header or
-		 * the body; our own statuses need no detail.
-		 */
-		if (st == HTTP_ERR_CANCELED || st == HTTP_ERR_TOO_LARGE || t.oom)
-			set_error(errbuf, errlen, status_text(st), NULL);
-		else
-			set_error(errbuf, errlen, status_text(st),
-					  curl_err[0] ? curl_err : curl_easy_strerror(result));
+		fail_transfer(&t, st, result, curl_err, errbuf, errlen);
 		return st;
 	}
 	return hand_over_body(&t, code, resp, errbuf, errlen);
+}
+
+/*
+ * One transfer of http_perform_many: its own easy handle (made for it and destroyed
+ * after it, so libcurl's copies of a signature or an answer go through the wiping
+ * free), over the process's multi handle and its connection cache.
+ */
+typedef struct HttpSlot
+{
+	CURL	   *easy;			/* NULL: the slot is free */
+	int			index;			/* of the request it carries */
+	HttpTransfer t;
+	struct curl_slist *headers;
+	char		curl_err[CURL_ERROR_SIZE];
+} HttpSlot;
+
+/* Put request `i` on the wire in a free slot; false with statuses[i] set if it cannot be. */
+static bool
+start_slot(HttpSlot *slot, const HttpRequest *req, int i, HttpResponse *resp,
+		   HttpStatus *status, char *errbuf, size_t errlen)
+{
+	HttpStatus	st = check_request(req, resp, errbuf, errlen);
+	CURLcode	rc;
+
+	if (st != HTTP_OK)
+	{
+		*status = st;
+		return false;
+	}
+	memset(&slot->t, 0, sizeof(slot->t));
+	slot->t.max = req->max_response;
+	slot->t.interrupted = req->interrupted;
+	slot->index = i;
+	slot->headers = build_header_list(req);
+	slot->easy = slot->headers ? curl_easy_init() : NULL;
+	if (slot->easy == NULL)
+	{
+		free_header_list(slot->headers);
+		slot->headers = NULL;
+		set_error(errbuf, errlen, "http: out of memory", NULL);
+		*status = HTTP_ERR_INTERNAL;
+		return false;
+	}
+	http_easy_created++;
+	rc = set_request_options(slot->easy, req, slot->headers, &slot->t, slot->curl_err);
+	if (rc != CURLE_OK || curl_multi_add_handle(http_multi, slot->easy) != CURLM_OK)
+	{
+		curl_easy_cleanup(slot->easy);
+		slot->easy = NULL;
+		free_header_list(slot->headers);
+		slot->headers = NULL;
+		set_error(errbuf, errlen, "http: could not start the request", NULL);
+		*status = HTTP_ERR_INTERNAL;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The transfer in `slot` is over (finished, or abandoned when `abandon`): hand its
+ * answer or its error over, and free the slot.  Removing an unfinished transfer
+ * closes its connection: no fd is left behind.
+ */
+static void
+finish_slot(HttpSlot *slot, CURLcode result, bool abandon, HttpResponse *resp,
+			HttpStatus *status, char *errbuf, size_t errlen)
+{
+	long		code = 0;
+	HttpStatus	st;
+
+	if (abandon)
+		slot->t.canceled = true;
+	if (result == CURLE_OK && !slot->t.canceled)
+		curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &code);
+	curl_multi_remove_handle(http_multi, slot->easy);
+	st = transfer_status(&slot->t, result);
+	curl_easy_cleanup(slot->easy);
+	slot->easy = NULL;
+	free_header_list(slot->headers);
+	slot->headers = NULL;
+	if (st != HTTP_OK)
+		fail_transfer(&slot->t, st, result, slot->curl_err, errbuf, errlen);
+	else
+		st = hand_over_body(&slot->t, code, resp, errbuf, errlen);
+	*status = st;
+}
+
+static bool
+slots_interrupted(HttpSlot *slots, int nslots)
+{
+	for (int k = 0; k < nslots; k++)
+		if (slots[k].easy != NULL && slots[k].t.interrupted && slots[k].t.interrupted())
+			return true;
+	return false;
+}
+
+void
+http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
+				  HttpResponse *resps, HttpStatus *statuses, char *errbufs, size_t errlen)
+{
+	HttpSlot   *slots;
+	int			nslots = max_in_flight < 1 ? 1 : max_in_flight > n ? n : max_in_flight;
+	int			next = 0;
+	int			active = 0;
+	bool		canceled = false;
+
+#define ERRBUF(i) (errbufs ? errbufs + (size_t) (i) * errlen : NULL)
+	for (int i = 0; i < n; i++)
+	{
+		memset(&resps[i], 0, sizeof(resps[i]));
+		statuses[i] = HTTP_ERR_CANCELED;
+		if (errbufs && errlen > 0)
+			ERRBUF(i)[0] = '\0';
+	}
+	if (n <= 0)
+		return;
+	slots = calloc(nslots, sizeof(HttpSlot));
+	if (slots == NULL || !ensure_handles())
+	{
+		for (int i = 0; i < n; i++)
+		{
+			statuses[i] = HTTP_ERR_INTERNAL;
+			set_error(ERRBUF(i), errlen, "http: could not initialize libcurl", NULL);
+		}
+		free(slots);
+		return;
+	}
+
+	for (;;)
+	{
+		int			running = 0;
+		CURLMsg    *msg;
+		int			left;
+		int			free_slot = -1;
+
+		/*
+		 * Start at most one request per turn, and drive it onto the wire at once:
+		 * preparing one may wait (for a rate limit), and a request started but not
+		 * yet driven would go out in a burst with the next ones.
+		 */
+		for (int k = 0; k < nslots && free_slot < 0; k++)
+			if (slots[k].easy == NULL)
+				free_slot = k;
+		while (free_slot >= 0 && next < n && !canceled)
+		{
+			int			i = next++;
+			HttpRequest req;
+			HttpStatus	ps;
+
+			memset(&req, 0, sizeof(req));
+			ps = prepare(arg, i, &req);
+			if (ps == HTTP_ERR_CANCELED ||
+				(ps == HTTP_OK && req.interrupted && req.interrupted()))
+			{
+				canceled = true;
+				next--;
+				break;
+			}
+			if (ps != HTTP_OK)
+			{
+				statuses[i] = ps;	/* skipped: the caller knows why */
+				continue;
+			}
+			if (start_slot(&slots[free_slot], &req, i, &resps[i], &statuses[i],
+						   ERRBUF(i), errlen))
+			{
+				active++;
+				break;
+			}
+		}
+		if (active == 0 && (next >= n || canceled))
+			break;
+		if (canceled)
+			break;
+
+		if (curl_multi_perform(http_multi, &running) != CURLM_OK)
+			break;
+		while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
+		{
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			for (int k = 0; k < nslots; k++)
+			{
+				if (slots[k].easy != msg->easy_handle)
+					continue;
+				finish_slot(&slots[k], msg->data.result, false, &resps[slots[k].index],
+							&statuses[slots[k].index], ERRBUF(slots[k].index), errlen);
+				active--;
+				break;
+			}
+		}
+		if (slots_interrupted(slots, nslots))
+		{
+			canceled = true;
+			break;
+		}
+		/* no wait while there is a free slot and a request to put in it */
+		if (active > 0 &&
+			curl_multi_poll(http_multi, NULL, 0,
+							active < nslots && next < n ? 0 : HTTP_POLL_MS, NULL) != CURLM_OK)
+			break;
+	}
+
+	/*
+	 * Whatever is still on the wire was canceled (or libcurl failed us): abandon it;
+	 * requests never started keep HTTP_ERR_CANCELED.
+	 */
+	for (int k = 0; k < nslots; k++)
+		if (slots[k].easy != NULL)
+			finish_slot(&slots[k], canceled ? CURLE_ABORTED_BY_CALLBACK : CURLE_FAILED_INIT,
+						canceled, &resps[slots[k].index], &statuses[slots[k].index],
+						ERRBUF(slots[k].index), errlen);
+	for (int i = next; i < n; i++)
+		set_error(ERRBUF(i), errlen, status_text(HTTP_ERR_CANCELED), NULL);
+	free(slots);
+#undef ERRBUF
 }
 
 void

@@ -2,7 +2,8 @@
  * http.h — a small, careful HTTP client on libcurl.
  *
  * Plain C: no postgres.h, no ereport.  One request at a time per process over one
- * reused easy handle (keep-alive to the KMS).  TLS verification is always on, redirects
+ * reused easy handle (keep-alive to the KMS), or a set of requests with several on
+ * the wire at once (http_perform_many).  TLS verification is always on, redirects
  * are never followed, proxies from the environment are ignored, and the caller's
  * `interrupted` callback is polled while a request is in flight so a query cancel
  * stops it within a couple of hundred milliseconds.  Error texts never carry a header
@@ -67,6 +68,30 @@ extern int	http_global_init(void);
  */
 extern HttpStatus http_perform(const HttpRequest *req, HttpResponse *resp,
 							   char *errbuf, size_t errlen);
+
+/*
+ * Request i of http_perform_many, made just before it goes on the wire (so that a
+ * signature is fresh and a rate limit can be waited for at that moment): fill *req,
+ * which must stay valid until the transfer ends (libcurl copies the URL and the
+ * header lines, not the body).  Return HTTP_OK to send it, HTTP_ERR_CANCELED to stop
+ * the whole set as an interrupt would, or another status to skip request i (that
+ * status becomes its own; the caller knows why).
+ */
+typedef HttpStatus (*HttpPrepare) (void *arg, int i, HttpRequest *req);
+
+/*
+ * Perform `n` requests, at most `max_in_flight` of them on the wire at once: the next
+ * one is prepared and started as soon as one finishes, over the connections
+ * http_perform keeps.  resps[i], statuses[i] and the error text at errbufs + i *
+ * errlen (errbufs may be NULL) are what http_perform would have given for request i.
+ * When a request's `interrupted` callback asks to stop, every transfer still on the
+ * wire is abandoned (its connection closed) and it, and every request not yet
+ * started, gets HTTP_ERR_CANCELED.  Always call http_response_free on every resps[i]
+ * afterwards.
+ */
+extern void http_perform_many(int n, int max_in_flight, HttpPrepare prepare, void *arg,
+							  HttpResponse *resps, HttpStatus *statuses,
+							  char *errbufs, size_t errlen);
 
 /* Wipes the body (OPENSSL_cleanse) before freeing: it may hold keys. */
 extern void http_response_free(HttpResponse *resp);

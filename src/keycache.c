@@ -60,6 +60,7 @@ typedef struct LocalVersion
 	uint64		wrapped_hash;	/* with tenant id and version, names the DEK in L2 */
 	TimestampTz expires_at;		/* of the shared copy the contexts came from */
 	CipherKey	key;			/* contexts set up as values need them */
+	struct EncryptionBudget *budget;	/* see EnvelopeKeyRef */
 } LocalVersion;
 
 typedef struct LocalTenant
@@ -838,8 +839,11 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
 	tenant_access_require(&lt->access, lt->name);
 	ref.version = lt->active_version;
+	ref.tenant_id = lt->tenant_id;
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	l1_prefetch_wipe();
+	/* l1_key returns the key inside its LocalVersion (lt may have moved meanwhile). */
+	ref.budget = &((LocalVersion *) ((char *) ref.key - offsetof(LocalVersion, key)))->budget;
 	return ref;
 }
 

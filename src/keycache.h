@@ -16,11 +16,20 @@
 #include "cipher.h"
 #include "kms.h"
 
+struct EncryptionBudget;
+
 /* A key ready for encrypting, with the version new values carry. */
 typedef struct EnvelopeKeyRef
 {
 	const CipherKey *key;
 	uint32		version;
+	int32		tenant_id;		/* names the key with version (encryption counts) */
+	/*
+	 * This backend's encryption count of the key (encryption_count.c), kept beside the
+	 * key's contexts so the row path finds it without a lookup; NULL until set, and
+	 * valid only until the next call into the key cache.
+	 */
+	struct EncryptionBudget **budget;
 } EnvelopeKeyRef;
 
 typedef struct KeyCacheStats

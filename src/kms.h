@@ -109,6 +109,22 @@ typedef struct KmsError
 	int			attempts;		/* requests actually sent */
 } KmsError;
 
+/*
+ * One DEK of a re-wrap batch (KmsProvider.reencrypt_many): what reencrypt takes, room
+ * for what it gives back, and the item's own outcome.
+ */
+typedef struct KmsRewrapItem
+{
+	const char *source_key_id;	/* the master key recorded with the DEK */
+	KmsEncryptionContext ec;
+	const uint8_t *wrapped;
+	size_t		wrapped_len;
+	uint8_t    *new_wrapped;	/* room for KMS_WRAPPED_MAX bytes */
+	size_t		new_wrapped_len;
+	char	   *dest_key_arn;	/* room for KMS_KEY_ID_MAX bytes */
+	KmsError	err;			/* status KMS_OK, or why this DEK was not re-wrapped */
+} KmsRewrapItem;
+
 typedef struct KmsProvider
 {
 	int			api_version;	/* KMS_PROVIDER_API_VERSION */
@@ -143,6 +159,17 @@ typedef struct KmsProvider
 							  const uint8_t *wrapped, size_t wrapped_len,
 							  uint8_t *new_wrapped, size_t *new_wrapped_len,
 							  char *dest_key_arn, KmsError *err);
+
+	/*
+	 * Optional (NULL: callers call reencrypt for each DEK in turn).  reencrypt for
+	 * every item, to the same `dest_key_id`, with up to `max_in_flight` requests to
+	 * the KMS at once; retries and error classification per item as reencrypt's.
+	 * Returns KMS_OK when every item succeeded, otherwise the status of the first item
+	 * that did not (each item's err says how it went).  After a cancel, the items not
+	 * done have KMS_ERR_CANCELED.
+	 */
+	KmsStatus	(*reencrypt_many) (const KmsConfig *cfg, const char *dest_key_id,
+								   KmsRewrapItem *items, int nitems, int max_in_flight);
 } KmsProvider;
 
 /* kms_registry.c */

@@ -623,19 +623,9 @@ aws_classify_transport_error(AwsAttempt *a, HttpStatus hs, const char *errbuf)
  * One KMS operation, with signing, retries and error mapping
  */
 
-/*
- * Send one signed request.  On KMS_OK with a 2xx answer, *result is the parsed
- * response (free it with aws_json_free).  Otherwise `a` says what went wrong.
- */
-static void
-aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
-				const char *body, size_t body_len, json_object **result,
-				AwsAttempt *a, int *attempts)
+/* The header lines of one signed request, and the secrets in them. */
+typedef struct AwsSigned
 {
-	AwsCredentials creds;
-	Sigv4Credentials sc;
-	char		amz_date[17];
-	char		target[64];
 	char		authorization[1024];
 	char		h_host[600];
 	char		h_date[64];
@@ -643,22 +633,39 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 	char		h_auth[1100];
 	char		h_token[4200];
 	const char *lines[6];
-	int			nlines = 0;
+} AwsSigned;
+
+static void
+aws_signed_wipe(AwsSigned *sg)
+{
+	OPENSSL_cleanse(sg, sizeof(*sg));
+}
+
+/*
+ * Credentials, a signature and the header lines for one attempt of `op` with `body`,
+ * and the request that sends them (pointing into *sg and body, which must outlive
+ * it).  False with `a` set when there are no credentials or signing failed: the KMS
+ * was not asked.  Wipe *sg with aws_signed_wipe in every case.
+ */
+static bool
+aws_sign(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
+		 const char *body, size_t body_len, AwsSigned *sg, HttpRequest *hreq,
+		 AwsAttempt *a)
+{
+	AwsCredentials creds;
+	Sigv4Credentials sc;
+	char		amz_date[17];
+	char		target[64];
 	Sigv4Header sh[4];
 	Sigv4Request sreq;
-	HttpRequest hreq;
-	HttpResponse resp;
-	HttpStatus	hs;
-	char		errbuf[128];
 	char		sigerr[128];
 	KmsStatus	cst;
 	KmsError	cerr;
+	int			nlines = 0;
 
-	*result = NULL;
+	memset(sg, 0, sizeof(*sg));
 	memset(&cerr, 0, sizeof(cerr));
-	memset(&resp, 0, sizeof(resp));
 	memset(&creds, 0, sizeof(creds));
-	h_token[0] = '\0';
 
 	cst = aws_credentials_get(cfg, &creds, &cerr);
 	if (cst != KMS_OK)
@@ -671,7 +678,7 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 		snprintf(a->detail, sizeof(a->detail), "%s",
 				 cerr.message[0] ? cerr.message : kms_status_name(cst));
 		aws_credentials_wipe(&creds);
-		return;
+		return false;
 	}
 
 	sigv4_format_amz_date(time(NULL), amz_date);
@@ -697,72 +704,196 @@ aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
 	sc.session_token = creds.session_token[0] ? creds.session_token : NULL;
 
 	if (sigv4_sign(&sreq, &sc, cfg->aws_region, "kms", amz_date, true, true,
-				   authorization, sizeof(authorization), NULL,
+				   sg->authorization, sizeof(sg->authorization), NULL,
 				   sigerr, sizeof(sigerr)) != 0)
 	{
 		aws_attempt_set(a, KMS_ERR_INTERNAL, false, "could not sign the request: %s", sigerr);
 		a->http_status = 0;
 		a->error_type[0] = '\0';
-		goto done;
+		aws_credentials_wipe(&creds);
+		return false;
 	}
 
-	snprintf(h_host, sizeof(h_host), "Host: %s", ep->host);
-	snprintf(h_date, sizeof(h_date), "X-Amz-Date: %s", amz_date);
-	snprintf(h_target, sizeof(h_target), "X-Amz-Target: %s", target);
-	snprintf(h_auth, sizeof(h_auth), "Authorization: %s", authorization);
-	lines[nlines++] = h_host;
-	lines[nlines++] = "Content-Type: application/x-amz-json-1.1";
-	lines[nlines++] = h_date;
-	lines[nlines++] = h_target;
-	lines[nlines++] = h_auth;
+	snprintf(sg->h_host, sizeof(sg->h_host), "Host: %s", ep->host);
+	snprintf(sg->h_date, sizeof(sg->h_date), "X-Amz-Date: %s", amz_date);
+	snprintf(sg->h_target, sizeof(sg->h_target), "X-Amz-Target: %s", target);
+	snprintf(sg->h_auth, sizeof(sg->h_auth), "Authorization: %s", sg->authorization);
+	sg->lines[nlines++] = sg->h_host;
+	sg->lines[nlines++] = "Content-Type: application/x-amz-json-1.1";
+	sg->lines[nlines++] = sg->h_date;
+	sg->lines[nlines++] = sg->h_target;
+	sg->lines[nlines++] = sg->h_auth;
 	if (sc.session_token != NULL)
 	{
-		snprintf(h_token, sizeof(h_token), "X-Amz-Security-Token: %s", creds.session_token);
-		lines[nlines++] = h_token;
+		snprintf(sg->h_token, sizeof(sg->h_token), "X-Amz-Security-Token: %s", creds.session_token);
+		sg->lines[nlines++] = sg->h_token;
 	}
+	aws_credentials_wipe(&creds);
 
-	memset(&hreq, 0, sizeof(hreq));
-	hreq.method = "POST";
-	hreq.url = ep->url;
-	hreq.headers = lines;
-	hreq.nheaders = nlines;
-	hreq.body = body;
-	hreq.body_len = body_len;
-	hreq.timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : AWS_KMS_DEFAULT_TIMEOUT_MS;
-	hreq.max_response = AWS_KMS_MAX_RESPONSE;
-	hreq.interrupted = cfg->interrupted;
+	memset(hreq, 0, sizeof(*hreq));
+	hreq->method = "POST";
+	hreq->url = ep->url;
+	hreq->headers = sg->lines;
+	hreq->nheaders = nlines;
+	hreq->body = body;
+	hreq->body_len = body_len;
+	hreq->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : AWS_KMS_DEFAULT_TIMEOUT_MS;
+	hreq->max_response = AWS_KMS_MAX_RESPONSE;
+	hreq->interrupted = cfg->interrupted;
 	/*
 	 * Every KMS request carries a signature (and maybe a session token), and the
 	 * answers of GenerateDataKey and Decrypt a plaintext DEK: have libcurl's copies
 	 * wiped once the transfer is over.
 	 */
-	hreq.sensitive = true;
+	hreq->sensitive = true;
+	return true;
+}
 
-	errbuf[0] = '\0';
-	(*attempts)++;
-	hs = http_perform(&hreq, &resp, errbuf, sizeof(errbuf));
+/*
+ * What the answer to one attempt (or its transport failure) comes to: `a`, and on a
+ * 2xx JSON answer *result, the parsed response (free it with aws_json_free).
+ */
+static void
+aws_read_answer(HttpStatus hs, const HttpResponse *resp, const char *errbuf,
+				json_object **result, AwsAttempt *a)
+{
+	*result = NULL;
 	if (hs != HTTP_OK)
 		aws_classify_transport_error(a, hs, errbuf);
-	else if (resp.status >= 200 && resp.status <= 299)
+	else if (resp->status >= 200 && resp->status <= 299)
 	{
-		*result = aws_json_parse(resp.body, resp.body_len, AWS_KMS_MAX_RESPONSE);
-		a->http_status = (int) resp.status;
+		*result = aws_json_parse(resp->body, resp->body_len, AWS_KMS_MAX_RESPONSE);
+		a->http_status = (int) resp->status;
 		a->error_type[0] = '\0';
 		if (*result == NULL)
 			aws_attempt_set(a, KMS_ERR_PROTOCOL, false,
-							"answer is not a JSON object (HTTP %ld)", resp.status);
+							"answer is not a JSON object (HTTP %ld)", resp->status);
 		else
 			aws_attempt_set(a, KMS_OK, false, "ok");
 	}
 	else
-		aws_classify_http_error(a, resp.status, resp.body, resp.body_len);
+		aws_classify_http_error(a, resp->status, resp->body, resp->body_len);
+}
 
-done:
-	http_response_free(&resp);
-	aws_credentials_wipe(&creds);
-	OPENSSL_cleanse(authorization, sizeof(authorization));
-	OPENSSL_cleanse(h_auth, sizeof(h_auth));
-	OPENSSL_cleanse(h_token, sizeof(h_token));
+/*
+ * Send one signed request.  On KMS_OK with a 2xx answer, *result is the parsed
+ * response (free it with aws_json_free).  Otherwise `a` says what went wrong.
+ */
+static void
+aws_kms_attempt(const KmsConfig *cfg, const AwsEndpoint *ep, const char *op,
+				const char *body, size_t body_len, json_object **result,
+				AwsAttempt *a, int *attempts)
+{
+	AwsSigned	sg;
+	HttpRequest hreq;
+	HttpResponse resp;
+	HttpStatus	hs;
+	char		errbuf[128];
+
+	*result = NULL;
+	memset(&resp, 0, sizeof(resp));
+	if (aws_sign(cfg, ep, op, body, body_len, &sg, &hreq, a))
+	{
+		errbuf[0] = '\0';
+		(*attempts)++;
+		hs = http_perform(&hreq, &resp, errbuf, sizeof(errbuf));
+		aws_read_answer(hs, &resp, errbuf, result, a);
+		http_response_free(&resp);
+	}
+	aws_signed_wipe(&sg);
+}
+
+/* Where one operation stands in its retries. */
+typedef struct AwsRetry
+{
+	int			retries;		/* the budget: cfg->retries, bounded */
+	int			used;
+	int			attempts;		/* requests actually sent */
+	bool		refreshed;		/* the one retry with fresh credentials was made */
+} AwsRetry;
+
+static void
+aws_retry_init(AwsRetry *r, const KmsConfig *cfg)
+{
+	memset(r, 0, sizeof(*r));
+	r->retries = cfg->retries < 0 ? 0 :
+		cfg->retries > AWS_KMS_MAX_RETRIES ? AWS_KMS_MAX_RETRIES : cfg->retries;
+}
+
+/*
+ * After a failed attempt: is another one worth making?  *pause says whether a backoff
+ * comes first (kms_backoff_ms(r->used), after which r->used counts one more); the
+ * retry with refreshed credentials comes at once and outside the budget.
+ */
+static bool
+aws_retry_next(AwsRetry *r, const AwsAttempt *a, bool *pause)
+{
+	*pause = false;
+	if (a->status == KMS_ERR_CREDENTIALS && a->http_status != 0)
+	{
+		/*
+		 * KMS refused the credentials: drop the cached set so the next call fetches
+		 * fresh ones (rotated keys, a renewed role session).  An expired session token
+		 * is worth one immediate retry with the refreshed set.
+		 */
+		aws_credentials_invalidate();
+		if (!r->refreshed && (strcmp(a->error_type, "ExpiredTokenException") == 0 ||
+							  strcmp(a->error_type, "ExpiredToken") == 0))
+		{
+			r->refreshed = true;
+			return true;
+		}
+	}
+	if (!a->retryable || r->used >= r->retries)
+		return false;
+	*pause = true;
+	return true;
+}
+
+static void
+aws_attempt_canceled(AwsAttempt *a)
+{
+	aws_attempt_set(a, KMS_ERR_CANCELED, false, "request canceled");
+	a->http_status = 0;
+	a->error_type[0] = '\0';
+}
+
+/* The KmsError of an operation whose last attempt ended as `a`. */
+static KmsStatus
+aws_operation_error(const AwsAttempt *a, const AwsRetry *r, const char *op, KmsError *err)
+{
+	err->attempts = r->attempts;
+	if (a->status == KMS_OK)
+		return KMS_OK;
+
+	err->http_status = a->http_status;
+	if (a->http_status == 0 && a->error_type[0] == '\0' && a->status == KMS_ERR_CREDENTIALS)
+		kms_set_error(err, a->status, "", "KMS %s failed: %s", op, a->detail);
+	else if (r->attempts > 1)
+		kms_set_error(err, a->status, a->error_type, "KMS %s failed: %s, after %d attempts",
+					  op, a->detail, r->attempts);
+	else
+		kms_set_error(err, a->status, a->error_type, "KMS %s failed: %s", op, a->detail);
+	return a->status;
+}
+
+/* The request body of `reqobj` (consumed), malloc'd; NULL with err set. */
+static char *
+aws_request_body(json_object *reqobj, const char *op, size_t *body_len, KmsError *err)
+{
+	const char *body;
+	char	   *body_copy;
+
+	body = json_object_to_json_string_length(reqobj,
+											 JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
+											 body_len);
+	body_copy = body ? malloc(*body_len + 1) : NULL;
+	if (body_copy != NULL)
+		memcpy(body_copy, body, *body_len + 1);
+	json_object_put(reqobj);
+	if (body_copy == NULL)
+		kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+	return body_copy;
 }
 
 /*
@@ -775,13 +906,10 @@ aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
 {
 	AwsEndpoint ep;
 	AwsAttempt	a;
-	const char *body;
 	size_t		body_len;
-	char	   *body_copy;
-	int			retries;
-	int			retries_used = 0;
-	int			attempts = 0;
-	bool		refreshed = false;
+	char	   *body;
+	AwsRetry	r;
+	bool		pause;
 	KmsStatus	st;
 
 	*result = NULL;
@@ -792,87 +920,41 @@ aws_kms_call(const KmsConfig *cfg, const char *op, json_object *reqobj,
 		json_object_put(reqobj);
 		return st;
 	}
+	body = aws_request_body(reqobj, op, &body_len, err);
+	if (body == NULL)
+		return err->status;
 
-	body = json_object_to_json_string_length(reqobj,
-											 JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE,
-											 &body_len);
-	body_copy = body ? malloc(body_len + 1) : NULL;
-	if (body_copy == NULL)
-	{
-		json_object_put(reqobj);
-		return kms_set_error(err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
-	}
-	memcpy(body_copy, body, body_len + 1);
-	json_object_put(reqobj);
-
-	retries = cfg->retries < 0 ? 0 :
-		cfg->retries > AWS_KMS_MAX_RETRIES ? AWS_KMS_MAX_RETRIES : cfg->retries;
-
+	aws_retry_init(&r, cfg);
 	for (;;)
 	{
 		if (cfg->interrupted && cfg->interrupted())
 		{
-			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
-			a.http_status = 0;
-			a.error_type[0] = '\0';
+			aws_attempt_canceled(&a);
 			break;
 		}
 
 		if (!kms_before_request(cfg))
 		{
-			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
-			a.http_status = 0;
-			a.error_type[0] = '\0';
+			aws_attempt_canceled(&a);
 			break;
 		}
-		aws_kms_attempt(cfg, &ep, op, body_copy, body_len, result, &a, &attempts);
+		aws_kms_attempt(cfg, &ep, op, body, body_len, result, &a, &r.attempts);
 		if (a.http_status != 0)
 			kms_after_answer(cfg, a.status == KMS_ERR_THROTTLED);
-		if (a.status == KMS_OK)
+		if (a.status == KMS_OK || !aws_retry_next(&r, &a, &pause))
 			break;
-
-		if (a.status == KMS_ERR_CREDENTIALS && a.http_status != 0)
+		if (pause)
 		{
-			/*
-			 * KMS refused the credentials: drop the cached set so the next call
-			 * fetches fresh ones (rotated keys, a renewed role session).  An expired
-			 * session token is worth one immediate retry with the refreshed set.
-			 */
-			aws_credentials_invalidate();
-			if (!refreshed && (strcmp(a.error_type, "ExpiredTokenException") == 0 ||
-							   strcmp(a.error_type, "ExpiredToken") == 0))
+			if (!kms_sleep_interruptible(cfg, kms_backoff_ms(r.used)))
 			{
-				refreshed = true;
-				continue;
+				aws_attempt_canceled(&a);
+				break;
 			}
+			r.used++;
 		}
-
-		if (!a.retryable || retries_used >= retries)
-			break;
-		if (!kms_sleep_interruptible(cfg, kms_backoff_ms(retries_used)))
-		{
-			aws_attempt_set(&a, KMS_ERR_CANCELED, false, "request canceled");
-			a.http_status = 0;
-			a.error_type[0] = '\0';
-			break;
-		}
-		retries_used++;
 	}
-	free(body_copy);
-
-	err->attempts = attempts;
-	if (a.status == KMS_OK)
-		return KMS_OK;
-
-	err->http_status = a.http_status;
-	if (a.http_status == 0 && a.error_type[0] == '\0' && a.status == KMS_ERR_CREDENTIALS)
-		kms_set_error(err, a.status, "", "KMS %s failed: %s", op, a.detail);
-	else if (attempts > 1)
-		kms_set_error(err, a.status, a.error_type, "KMS %s failed: %s, after %d attempts",
-					  op, a.detail, attempts);
-	else
-		kms_set_error(err, a.status, a.error_type, "KMS %s failed: %s", op, a.detail);
-	return a.status;
+	free(body);
+	return aws_operation_error(&a, &r, op, err);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1194,39 +1276,53 @@ aws_decrypt(const KmsConfig *cfg, const char *key_id,
 	return aws_finish_with_dek(st, resp, op, dek, err);
 }
 
-static KmsStatus
-aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
-			  const char *dest_key_id,
-			  const KmsEncryptionContext *ec,
-			  const uint8_t *wrapped, size_t wrapped_len,
-			  uint8_t *new_wrapped, size_t *new_wrapped_len,
-			  char *dest_key_arn, KmsError *err)
+/*
+ * The ReEncrypt request of one DEK; NULL with err set.  source_key and dest_key
+ * (KMS_KEY_ID_MAX bytes each) receive the key ids sent, those of the configured
+ * region (aws_key_for_region), which the answer must name.
+ */
+static json_object *
+aws_reencrypt_request(const KmsConfig *cfg, const char *source_key_id,
+					  const char *dest_key_id, const KmsEncryptionContext *ec,
+					  const uint8_t *wrapped, size_t wrapped_len,
+					  char *source_key, char *dest_key, KmsError *err)
 {
 	const char *op = "ReEncrypt";
 	json_object *req;
-	json_object *resp;
-	char		source_key[KMS_KEY_ID_MAX];
-	char		dest_key[KMS_KEY_ID_MAX];
-	KmsStatus	st;
 
 	req = aws_request_start(op, source_key_id, ec, true, wrapped, wrapped_len, err);
 	if (req == NULL)
-		return err->status;
+		return NULL;
 	if (aws_check_args(op, dest_key_id, ec, err) != KMS_OK ||
-		aws_key_for_region(cfg, op, source_key_id, source_key, sizeof(source_key), err) != KMS_OK ||
-		aws_key_for_region(cfg, op, dest_key_id, dest_key, sizeof(dest_key), err) != KMS_OK)
+		aws_key_for_region(cfg, op, source_key_id, source_key, KMS_KEY_ID_MAX, err) != KMS_OK ||
+		aws_key_for_region(cfg, op, dest_key_id, dest_key, KMS_KEY_ID_MAX, err) != KMS_OK)
 	{
 		json_object_put(req);	/* holds only the wrapped DEK, no secret */
-		return err->status;
+		return NULL;
 	}
 	json_object_object_add(req, "SourceKeyId", json_object_new_string(source_key));
 	json_object_object_add(req, "DestinationKeyId", json_object_new_string(dest_key));
 	/* same tenant and version: the DEK moves keys, not owners */
 	json_object_object_add(req, "SourceEncryptionContext", aws_json_context(ec));
 	json_object_object_add(req, "DestinationEncryptionContext", aws_json_context(ec));
+	return req;
+}
 
-	st = aws_exchange(cfg, op, req, dest_key, dest_key_arn, &resp, err);
-	/* SourceKeyId is documented but optional in practice; check it when present */
+/*
+ * Check a ReEncrypt answer (KeyId the destination key, its ARN into dest_key_arn;
+ * SourceKeyId, documented but optional in practice, the source key when present:
+ * both as sent, see aws_reencrypt_request) and take the new wrapped DEK from it.
+ * Frees resp.
+ */
+static KmsStatus
+aws_reencrypt_answer(json_object *resp, const char *source_key, const char *dest_key,
+					 uint8_t *new_wrapped, size_t *new_wrapped_len,
+					 char *dest_key_arn, KmsError *err)
+{
+	const char *op = "ReEncrypt";
+	KmsStatus	st;
+
+	st = aws_check_key_id(resp, "KeyId", dest_key, op, dest_key_arn, err);
 	if (st == KMS_OK && aws_json_string(resp, "SourceKeyId", NULL) != NULL)
 		st = aws_check_key_id(resp, "SourceKeyId", source_key, op, NULL, err);
 	if (st == KMS_OK)
@@ -1235,10 +1331,280 @@ aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
 	return st;
 }
 
+static KmsStatus
+aws_reencrypt(const KmsConfig *cfg, const char *source_key_id,
+			  const char *dest_key_id,
+			  const KmsEncryptionContext *ec,
+			  const uint8_t *wrapped, size_t wrapped_len,
+			  uint8_t *new_wrapped, size_t *new_wrapped_len,
+			  char *dest_key_arn, KmsError *err)
+{
+	json_object *req;
+	json_object *resp;
+	char		source_key[KMS_KEY_ID_MAX];
+	char		dest_key[KMS_KEY_ID_MAX];
+	KmsStatus	st;
+
+	req = aws_reencrypt_request(cfg, source_key_id, dest_key_id, ec, wrapped, wrapped_len,
+								source_key, dest_key, err);
+	if (req == NULL)
+		return err->status;
+	st = aws_kms_call(cfg, "ReEncrypt", req, &resp, err);
+	if (st != KMS_OK)
+		return st;
+	return aws_reencrypt_answer(resp, source_key, dest_key, new_wrapped,
+								new_wrapped_len, dest_key_arn, err);
+}
+
+/* Where one DEK of aws_reencrypt_many stands. */
+typedef struct AwsManyItem
+{
+	char	   *body;			/* its request, NULL once it is done */
+	size_t		body_len;
+	char		source_key[KMS_KEY_ID_MAX]; /* the key ids sent (aws_reencrypt_request) */
+	char		dest_key[KMS_KEY_ID_MAX];
+	AwsRetry	retry;
+	AwsAttempt	last;			/* how its last attempt went */
+} AwsManyItem;
+
+/* The buffers of one round of aws_reencrypt_many, for up to n requests. */
+typedef struct AwsManyRound
+{
+	int		   *item;			/* the item each request is for */
+	bool	   *sent;			/* signed and handed to http.c */
+	AwsSigned  *signed_;
+	HttpResponse *resps;
+	HttpStatus *statuses;
+	char	   *errbufs;		/* 128 bytes each */
+} AwsManyRound;
+
+#define AWS_MANY_ERRLEN 128
+
+static bool
+aws_many_round_alloc(AwsManyRound *round, int n)
+{
+	round->item = calloc(n, sizeof(int));
+	round->sent = calloc(n, sizeof(bool));
+	round->signed_ = calloc(n, sizeof(AwsSigned));
+	round->resps = calloc(n, sizeof(HttpResponse));
+	round->statuses = calloc(n, sizeof(HttpStatus));
+	round->errbufs = calloc(n, AWS_MANY_ERRLEN);
+	return round->item && round->sent && round->signed_ && round->resps &&
+		round->statuses && round->errbufs;
+}
+
+static void
+aws_many_round_free(AwsManyRound *round, int n)
+{
+	if (round->signed_)
+		OPENSSL_cleanse(round->signed_, n * sizeof(AwsSigned));
+	free(round->item);
+	free(round->sent);
+	free(round->signed_);
+	free(round->resps);
+	free(round->statuses);
+	free(round->errbufs);
+}
+
+/* What aws_many_prepare needs to sign the requests of one round. */
+typedef struct AwsManyPrepare
+{
+	const KmsConfig *cfg;
+	const AwsEndpoint *ep;
+	AwsManyItem *st;
+	AwsManyRound *round;
+} AwsManyPrepare;
+
+/*
+ * http_perform_many's HttpPrepare: request j of the round, signed at the moment it
+ * goes on the wire, once the rate limit lets it go (kms_before_request).  An item
+ * whose signing fails is skipped, its error in its `last` attempt.
+ */
+static HttpStatus
+aws_many_prepare(void *arg, int j, HttpRequest *req)
+{
+	AwsManyPrepare *p = arg;
+	AwsManyItem *item = &p->st[p->round->item[j]];
+
+	if (!kms_before_request(p->cfg))
+		return HTTP_ERR_CANCELED;
+	if (!aws_sign(p->cfg, p->ep, "ReEncrypt", item->body, item->body_len,
+				  &p->round->signed_[j], req, &item->last))
+		return HTTP_ERR_INTERNAL;
+	item->retry.attempts++;
+	p->round->sent[j] = true;
+	return HTTP_OK;
+}
+
+/* The pending items of the next round into round->item; how many. */
+static int
+aws_many_pending(AwsManyItem *st, int n, AwsManyRound *round)
+{
+	int			m = 0;
+
+	for (int i = 0; i < n; i++)
+		if (st[i].body != NULL)
+		{
+			round->sent[m] = false;
+			round->item[m++] = i;
+		}
+	return m;
+}
+
+/*
+ * Read the answers of a round: a DEK re-wrapped, or failed for good, is done; one to
+ * try again stays pending.  Returns the backoff the retries want before the next
+ * round (-1: none, 0 or more: kms_backoff_ms of that many retries used).
+ */
+static int
+aws_many_read(const KmsConfig *cfg, KmsRewrapItem *items, AwsManyItem *st,
+			  AwsManyRound *round, int m)
+{
+	int			backoff = -1;
+
+	for (int j = 0; j < m; j++)
+	{
+		int			i = round->item[j];
+		json_object *resp;
+		bool		pause;
+
+		resp = NULL;
+		if (round->sent[j])
+			aws_read_answer(round->statuses[j], &round->resps[j],
+							round->errbufs + (size_t) j * AWS_MANY_ERRLEN, &resp, &st[i].last);
+		else if (round->statuses[j] == HTTP_ERR_CANCELED)
+			aws_attempt_canceled(&st[i].last);
+		/* else: its signing failed, and `last` says why */
+		http_response_free(&round->resps[j]);
+		aws_signed_wipe(&round->signed_[j]);
+		if (round->sent[j] && st[i].last.http_status != 0)
+			kms_after_answer(cfg, st[i].last.status == KMS_ERR_THROTTLED);
+		if (st[i].last.status == KMS_OK)
+		{
+			items[i].err.attempts = st[i].retry.attempts;
+			aws_reencrypt_answer(resp, st[i].source_key, st[i].dest_key,
+								 items[i].new_wrapped, &items[i].new_wrapped_len,
+								 items[i].dest_key_arn, &items[i].err);
+		}
+		else if (aws_retry_next(&st[i].retry, &st[i].last, &pause))
+		{
+			if (pause)
+			{
+				if (st[i].retry.used > backoff)
+					backoff = st[i].retry.used;
+				st[i].retry.used++;
+			}
+			continue;
+		}
+		free(st[i].body);
+		st[i].body = NULL;
+	}
+	return backoff;
+}
+
+/*
+ * ReEncrypt of many DEKs with up to max_in_flight requests on the wire at once.  In
+ * rounds: every pending DEK's request goes through http_perform_many, signed as it
+ * goes on the wire (aws_many_prepare); the DEKs whose answer calls for a retry (aws_retry_next, as for
+ * one request) are sent again in the next round, after the longest backoff any of
+ * them is due.  Every request takes its turn from the rate limit (kms_before_request)
+ * and reports its answer to it (kms_after_answer), retries included, as the single
+ * path's do.  A cancel stops the round at once (http.c abandons what is on the wire)
+ * and leaves every DEK not done with KMS_ERR_CANCELED.
+ */
+static KmsStatus
+aws_reencrypt_many(const KmsConfig *cfg, const char *dest_key_id, KmsRewrapItem *items,
+				   int n, int max_in_flight)
+{
+	const char *op = "ReEncrypt";
+	AwsEndpoint ep;
+	AwsManyItem *st;
+	AwsManyRound round;
+	AwsManyPrepare prepare;
+	KmsError	eperr;
+	KmsStatus	result = KMS_OK;
+
+	if (n <= 0)
+		return KMS_OK;
+	memset(&round, 0, sizeof(round));
+	st = calloc(n, sizeof(AwsManyItem));
+	for (int i = 0; i < n; i++)
+		aws_reset_error(&items[i].err);
+	if (st == NULL || !aws_many_round_alloc(&round, n))
+	{
+		for (int i = 0; i < n; i++)
+			kms_set_error(&items[i].err, KMS_ERR_INTERNAL, "", "KMS %s failed: out of memory", op);
+		free(st);
+		aws_many_round_free(&round, n);
+		return KMS_ERR_INTERNAL;
+	}
+	memset(&eperr, 0, sizeof(eperr));
+	if (aws_endpoint_parse(cfg, &ep, &eperr) != KMS_OK)
+	{
+		for (int i = 0; i < n; i++)
+			items[i].err = eperr;
+		free(st);
+		aws_many_round_free(&round, n);
+		return eperr.status;
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		json_object *req = aws_reencrypt_request(cfg, items[i].source_key_id, dest_key_id,
+												 &items[i].ec, items[i].wrapped,
+												 items[i].wrapped_len, st[i].source_key,
+												 st[i].dest_key, &items[i].err);
+
+		aws_retry_init(&st[i].retry, cfg);
+		if (req != NULL)
+			st[i].body = aws_request_body(req, op, &st[i].body_len, &items[i].err);
+	}
+
+	prepare.cfg = cfg;
+	prepare.ep = &ep;
+	prepare.st = st;
+	prepare.round = &round;
+	for (;;)
+	{
+		int			m;
+		int			backoff;
+
+		if (cfg->interrupted && cfg->interrupted())
+			break;
+		m = aws_many_pending(st, n, &round);
+		if (m == 0)
+			break;
+		http_perform_many(m, max_in_flight, aws_many_prepare, &prepare, round.resps,
+						  round.statuses, round.errbufs, AWS_MANY_ERRLEN);
+		backoff = aws_many_read(cfg, items, st, &round, m);
+		if (backoff >= 0 && !kms_sleep_interruptible(cfg, kms_backoff_ms(backoff)))
+			break;
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		if (st[i].body != NULL)
+		{
+			/* still pending: the cancel came first */
+			aws_attempt_canceled(&st[i].last);
+			free(st[i].body);
+			st[i].body = NULL;
+		}
+		if (st[i].last.status != KMS_OK && items[i].err.status == KMS_OK)
+			aws_operation_error(&st[i].last, &st[i].retry, op, &items[i].err);
+		if (result == KMS_OK && items[i].err.status != KMS_OK)
+			result = items[i].err.status;
+	}
+	free(st);
+	aws_many_round_free(&round, n);
+	return result;
+}
+
 const KmsProvider kms_aws_provider = {
 	.api_version = KMS_PROVIDER_API_VERSION,
 	.name = "aws",
 	.generate_data_key = aws_generate_data_key,
 	.decrypt = aws_decrypt,
 	.reencrypt = aws_reencrypt,
+	.reencrypt_many = aws_reencrypt_many,
 };

@@ -3,7 +3,9 @@
  *
  * The one place where a provider's KmsStatus becomes an ereport, where KMS calls are
  * counted and timed for envelope.cache_stats, and where a cancel or statement_timeout
- * reaches a provider blocked in I/O.  No LWLock is ever held here: callers release
+ * reaches a provider blocked in I/O.  Every call's KmsConfig carries the cluster-wide
+ * request rate limit (kms_rate.c), which providers consult before each request they
+ * send and tell about each answer.  No LWLock is ever held here: callers release
  * theirs before asking the KMS anything.  The counters live in a small shared struct
  * of their own under a spinlock (in each backend without preload).
  */
@@ -389,6 +391,94 @@ envelope_kms_reencrypt(const char *provider_name, const char *source_key,
 	kms_call_end(&call, status, NULL);
 	*dest_key_arn = call.key_arn;
 	return wrapped_to_bytea(provider_name, call.wrapped, call.wrapped_len);
+}
+
+/*
+ * The DEKs of `keys` whose provider is keys[first].provider, as one reencrypt_many
+ * batch; each gets its new wrapping, or the first failure is raised.  `done` marks
+ * the DEKs handled.
+ */
+static void
+reencrypt_batch(EnvelopeRewrap *keys, int n, int first, bool *done,
+				const KmsProvider *provider, const char *dest_key)
+{
+	const char *provider_name = keys[first].provider;
+	KmsRewrapItem *items = palloc0(n * sizeof(KmsRewrapItem));
+	int		   *which = palloc(n * sizeof(int));
+	int			m = 0;
+	KmsConfig	cfg;
+	instr_time	start;
+	double		per_item_ms;
+
+	for (int i = first; i < n; i++)
+	{
+		if (done[i] || strcmp(keys[i].provider, provider_name) != 0)
+			continue;
+		which[m] = i;
+		items[m].source_key_id = keys[i].source_key;
+		items[m].ec = context_for(keys[i].tenant, keys[i].version);
+		items[m].wrapped = (const uint8 *) VARDATA_ANY(keys[i].wrapped);
+		items[m].wrapped_len = VARSIZE_ANY_EXHDR(keys[i].wrapped);
+		items[m].new_wrapped = palloc(KMS_WRAPPED_MAX);
+		items[m].dest_key_arn = palloc0(KMS_KEY_ID_MAX);
+		m++;
+	}
+	fill_config(&cfg);
+	INSTR_TIME_SET_CURRENT(start);
+	(void) provider->reencrypt_many(&cfg, dest_key, items, m,
+									envelope_kms_max_concurrent_requests);
+	/* the requests overlapped: each is counted with its share of the time */
+	per_item_ms = m > 0 ? elapsed_ms(start) / m : 0;
+	for (int k = 0; k < m; k++)
+		record_kms_call(ENVELOPE_KMS_REENCRYPT, items[k].err.status == KMS_OK, per_item_ms);
+
+	/* a cancel first, so that it reads as PostgreSQL's own */
+	for (int k = 0; k < m; k++)
+		if (items[k].err.status == KMS_ERR_CANCELED)
+			report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, keys[which[k]].tenant,
+							 keys[which[k]].version, &items[k].err);
+	for (int k = 0; k < m; k++)
+		if (items[k].err.status != KMS_OK)
+			report_kms_error(ENVELOPE_KMS_REENCRYPT, provider_name, keys[which[k]].tenant,
+							 keys[which[k]].version, &items[k].err);
+	for (int k = 0; k < m; k++)
+	{
+		EnvelopeRewrap *key = &keys[which[k]];
+
+		key->new_wrapped = wrapped_to_bytea(provider_name, items[k].new_wrapped,
+											items[k].new_wrapped_len);
+		key->dest_key_arn = items[k].dest_key_arn;
+		done[which[k]] = true;
+	}
+	pfree(items);
+	pfree(which);
+}
+
+void
+envelope_kms_reencrypt_many(EnvelopeRewrap *keys, int n, const char *dest_key)
+{
+	bool	   *done = palloc0(Max(n, 1) * sizeof(bool));
+
+	for (int i = 0; i < n; i++)
+	{
+		const KmsProvider *provider;
+
+		if (done[i])
+			continue;
+		provider = provider_or_error(keys[i].provider);
+		if (provider->reencrypt_many != NULL)
+		{
+			reencrypt_batch(keys, n, i, done, provider, dest_key);
+			continue;
+		}
+		CHECK_FOR_INTERRUPTS();
+		keys[i].new_wrapped = envelope_kms_reencrypt(keys[i].provider, keys[i].source_key,
+													 dest_key, keys[i].tenant,
+													 keys[i].version, keys[i].wrapped,
+													 &keys[i].dest_key_arn);
+		done[i] = true;
+	}
+	pfree(done);
 }
 
 /* The settings a provider call gets, for callers outside this file (envelope.check). */

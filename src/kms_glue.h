@@ -59,6 +59,27 @@ extern bytea *envelope_kms_reencrypt(const char *provider, const char *source_ke
 									 uint32 version, const bytea *wrapped,
 									 char **dest_key_arn);
 
+/* One stored DEK to re-wrap with envelope_kms_reencrypt_many: what goes in and out. */
+typedef struct EnvelopeRewrap
+{
+	const char *provider;
+	const char *source_key;
+	const char *tenant;
+	uint32		version;
+	const bytea *wrapped;
+	bytea	   *new_wrapped;	/* out, palloc'd */
+	char	   *dest_key_arn;	/* out, palloc'd: the canonical id of dest_key */
+} EnvelopeRewrap;
+
+/*
+ * envelope_kms_reencrypt for each of the `n` DEKs, all to `dest_key`: a provider that
+ * can (aws) gets its DEKs as one batch with up to envelope.kms_max_concurrent_requests
+ * requests in flight, the others one request after another.  Every DEK is tried; then
+ * a cancel is raised as such, or else the error of the first DEK that failed, as
+ * envelope_kms_reencrypt would have raised it.
+ */
+extern void envelope_kms_reencrypt_many(EnvelopeRewrap *keys, int n, const char *dest_key);
+
 /*
  * Unwrap a stored DEK only to see whether the KMS still allows it, for the background
  * worker (no database, no ereport): `tenant_utf8` is already UTF-8, `interrupted`

@@ -262,6 +262,8 @@ kms_rate_note_answer(bool throttled)
 
 		if (limit > 0)
 			in_use = Min(in_use, limit);
+		/* before the first half second is measured the rate reads 0: use the floor */
+		in_use = Max(in_use, ADAPTIVE_MIN_RATE);
 		b->throttled++;
 		b->w_max = in_use;
 		b->k = cbrt(in_use * (1 - ADAPTIVE_BETA) / ADAPTIVE_SCALE);

@@ -12,6 +12,7 @@
 #include "storage/ipc.h"
 #include "utils/guc.h"
 
+#include "encryption_count.h"
 #include "http.h"
 #include "inventory.h"
 #include "kms_recheck.h"
@@ -39,6 +40,7 @@ int			envelope_cache_ttl = 3600;
 int			envelope_cache_grace = 0;
 int			envelope_kms_timeout = 5000;
 int			envelope_kms_retries = 3;
+int			envelope_kms_max_concurrent_requests = 8;
 int			envelope_kms_recheck_interval = 300;
 int			envelope_kms_max_requests_per_second = 0;
 bool		envelope_preloaded = false;
@@ -201,6 +203,13 @@ define_settings(void)
 							3, 0, 10,
 							PGC_SUSET, 0,
 							NULL, NULL, NULL);
+	DefineCustomIntVariable("envelope.kms_max_concurrent_requests",
+							"How many KMS requests a bulk key operation keeps in flight at once.",
+							"Used by envelope.rewrap_keys with the aws provider (ReEncrypt); other providers, and every other call, send one request at a time.",
+							&envelope_kms_max_concurrent_requests,
+							8, 1, 64,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
 	DefineCustomIntVariable("envelope.kms_recheck_interval",
 							"How often the background worker checks that each master key in use still works.",
 							"A key the KMS refuses (disabled, pending deletion, deleted, access denied) has its cached data keys evicted within this time plus one KMS request.  0 turns the check off.",
@@ -216,6 +225,7 @@ define_settings(void)
 							0, 0, 1000000,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
+	encryption_count_define_settings();
 	MarkGUCPrefixReserved("envelope");
 }
 

@@ -36,6 +36,7 @@ extern int	envelope_cache_ttl;
 extern int	envelope_cache_grace;
 extern int	envelope_kms_timeout;
 extern int	envelope_kms_retries;
+extern int	envelope_kms_max_concurrent_requests;
 extern int	envelope_kms_recheck_interval;
 extern int	envelope_kms_max_requests_per_second;
 extern bool envelope_preloaded;
@@ -62,6 +63,8 @@ extern bytea *envelope_encrypt_deterministic_under(FunctionCallInfo fcinfo, uint
  * `version`, in the versioned layout of cipher.h.
  */
 extern bytea *envelope_blind_index_under(FunctionCallInfo fcinfo, uint32 version);
+/* The same, written into `result` (room for CIPHER_INDEX_VERSIONED_MAX_LEN + VARHDRSZ). */
+extern void envelope_blind_index_into(FunctionCallInfo fcinfo, uint32 version, bytea *result);
 
 /* ---- equality_sql.c ---- */
 /*

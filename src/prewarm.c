@@ -254,6 +254,7 @@ static bool
 prewarm_one_database(Oid dboid)
 {
 	BackgroundWorkerHandle *handle;
+	bool		finished;
 
 	SpinLockAcquire(&prewarm_shared->mutex);
 	prewarm_shared->database_finished = false;
@@ -267,7 +268,20 @@ prewarm_one_database(Oid dboid)
 	}
 	if (WaitForBackgroundWorkerShutdown(handle) == BGWH_POSTMASTER_DIED)
 		proc_exit(1);
-	return prewarm_shared->database_finished;
+	SpinLockAcquire(&prewarm_shared->mutex);
+	finished = prewarm_shared->database_finished;
+	SpinLockRelease(&prewarm_shared->mutex);
+	return finished;
+}
+
+/* A prewarm stopped half-way (pg_terminate_backend, an error) says so in cache_stats. */
+static void
+prewarm_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&prewarm_shared->mutex);
+	if (prewarm_shared->progress.state == PREWARM_STATE_RUNNING)
+		prewarm_shared->progress.state = PREWARM_STATE_FAILED;
+	SpinLockRelease(&prewarm_shared->mutex);
 }
 
 static void
@@ -279,6 +293,7 @@ prewarm_all_databases(void)
 	bool		all_finished = true;
 
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	before_shmem_exit(prewarm_exit, (Datum) 0);
 	set_state(PREWARM_STATE_RUNNING);
 	foreach(lc, connectable_databases(cxt))
 	{

@@ -8,6 +8,7 @@
  * onto its equality key version.
  */
 #include "pg_envelope.h"
+#include "encryption_count.h"
 
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
@@ -107,7 +108,7 @@ reencrypt_randomized(FunctionCallInfo fcinfo)
 					 errhidestmt(true)));
 		if (cs == CIPHER_OK)
 		{
-			active = keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+			active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
 			result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
 			SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
 			cs = cipher_next_nonce(nonce);

@@ -20,9 +20,14 @@ Control API (requests without X-Amz-Target, never counted):
                  or a slow body (default 30, at most 120).  Mode "rate" takes
                  "rate": R and matches only while the proxy has forwarded R or more
                  requests in the last second (a KMS request quota).
-  GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n}},
+  GET  /_counts  {"ops": {"Decrypt": {"requests": n, "forwarded": n, "faulted": n,
+                                      "max_in_flight": n}},
                   "total": {...}, "access_keys": {"AKIA...": n}, "session_tokens": n}
                  — ops named after X-Amz-Target's operation ("other" without one);
+                 max_in_flight is the most requests of that op (in "total": of any
+                 op) the proxy was handling at one moment, from the request's first
+                 byte read to the answer's last byte written, so a test can tell
+                 that a client kept several requests in flight;
                  access_keys counts the access key ids that signed requests (from
                  the Authorization header's Credential=, never the signature) and
                  session_tokens the requests that carried X-Amz-Security-Token, so a
@@ -42,6 +47,8 @@ MODE is one of
   hang            read the request, answer nothing until released or "seconds"
   hold            read the request, wait until released (or "seconds"), then forward
                   it and relay moto's answer: a call that is slow but succeeds
+  delay           wait "seconds" (fractions allowed), then forward: network latency.
+                  Counted as forwarded, not faulted.
   slow_body       200 and headers at once, then one body byte a second
   garbage         200 with a body that is not JSON
   big             200 with a 100 KiB body (above the client's response cap)
@@ -89,7 +96,8 @@ CREDENTIAL_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
               "te", "trailer", "upgrade", "content-length"}
 
-MODES = {"rate", "throttle", "429", "500", "503", "reset", "hang", "hold", "slow_body", "garbage", "big",
+MODES = {"rate", "throttle", "429", "500", "503", "reset", "hang", "hold", "delay", "slow_body", "garbage",
+         "big",
          "disabled", "invalid_state", "access_denied", "expired_token",
          "xml_auth_error", "short_plaintext", "wrong_keyid", "bad_base64"}
 
@@ -111,10 +119,23 @@ class State:
         self.counts = {}
         self.access_keys = {}
         self.session_tokens = 0
+        self.in_flight = {}                 # op -> requests being handled now
+        self.max_in_flight = {}             # op ("*": any) -> most at one moment
         self.arrivals = []                  # [t, op, outcome] of every KMS request
         self.forwarded_times = []           # monotonic times of forwarded requests
         self.release = threading.Event()    # set to free hung requests
         self.stop = threading.Event()
+
+    def enter(self, op):
+        with self.lock:
+            self.in_flight[op] = self.in_flight.get(op, 0) + 1
+            self.max_in_flight[op] = max(self.max_in_flight.get(op, 0), self.in_flight[op])
+            every = sum(self.in_flight.values())
+            self.max_in_flight["*"] = max(self.max_in_flight.get("*", 0), every)
+
+    def leave(self, op):
+        with self.lock:
+            self.in_flight[op] -= 1
 
     def release_held(self):
         with self.lock:
@@ -128,6 +149,7 @@ class State:
             self.counts = {}
             self.access_keys = {}
             self.session_tokens = 0
+            self.max_in_flight = {}
             self.arrivals = []
             self.forwarded_times = []
             old = self.release
@@ -187,12 +209,16 @@ class State:
     def snapshot(self):
         with self.lock:
             ops = {k: dict(v) for k, v in self.counts.items()}
+            for k, v in ops.items():
+                v["max_in_flight"] = self.max_in_flight.get(k, 0)
             keys = dict(self.access_keys)
             tokens = self.session_tokens
+            most = self.max_in_flight.get("*", 0)
         total = {"requests": 0, "forwarded": 0, "faulted": 0}
         for v in ops.values():
             for k in total:
                 total[k] += v[k]
+        total["max_in_flight"] = most
         return {"ops": ops, "total": total, "access_keys": keys, "session_tokens": tokens}
 
 
@@ -283,11 +309,28 @@ class Handler(BaseHTTPRequestHandler):
             return
 
         op = target.split(".", 1)[-1] if target else "other"
+        STATE.enter(op)
+        try:
+            self.handle_kms(op, body)
+        finally:
+            STATE.leave(op)
+
+    def handle_kms(self, op, body):
         STATE.count(op, "requests")
         m = CREDENTIAL_RE.search(self.headers.get("Authorization") or "")
         STATE.signer(m.group(1) if m else None,
                      bool(self.headers.get("X-Amz-Security-Token")))
         rule, release = STATE.take_rule(op)
+        if rule is not None and rule["mode"] == "delay":
+            deadline = time.monotonic() + rule["seconds"]
+            while time.monotonic() < deadline and not release.is_set() \
+                    and not STATE.stop.is_set():
+                if client_gone(self.connection, min(0.05, max(0.0, deadline - time.monotonic()))):
+                    self.close_connection = True
+                    return
+            with STATE.lock:
+                STATE.forwarded_times.append(time.monotonic())
+            rule = None
         if rule is None:
             STATE.count(op, "forwarded")
             self.forward(body)

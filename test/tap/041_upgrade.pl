@@ -65,6 +65,8 @@ CREATE ROLE upd_other;
 GRANT SELECT ON data TO upd_reader;
 });
 my $long_lived = $node->background_psql('updated', on_error_stop => 0);
+# Flushed, so that this session reads the key store itself (prepares its query at 0.1.0).
+$long_lived->query_safe('SELECT envelope.cache_flush()');
 $long_lived->query_safe('SET ROLE upd_reader');
 is($long_lived->query_safe(q{SELECT count(envelope.decrypt_text(tenant, r, 'ctx')) FROM data WHERE tenant = 't1'}),
 	'40', 'a session at 0.1.0 decrypts');
@@ -78,6 +80,18 @@ is($node->safe_psql('updated', q{SELECT tenant, version, state, kms_key FROM env
 	$versions_before, 'the key store is unchanged by the update');
 $node->safe_psql('updated', 'SELECT envelope.cache_flush()');
 is($node->safe_psql('updated', $decrypt_sql), '200|200', 'and with a cold cache');
+
+# Every key stored at 0.1.0 has its encryption count from the update on, starting at 0
+# (0.1.0 counted nothing); encryptions under the new SQL are counted.
+is($node->safe_psql('updated',
+	q{SELECT count(*) FILTER (WHERE encryptions = 0), count(*) FROM envelope.tenant_keys}),
+	'10|10', 'every stored key has an encryption count after the update');
+$node->safe_psql('updated',
+	q{INSERT INTO data SELECT 1000 + g, 't1', envelope.encrypt('t1', 'r' || (1000 + g), 'ctx') FROM generate_series(1, 10) g});
+ok($node->safe_psql('updated',
+	q{SELECT encryptions FROM envelope.tenant_keys WHERE tenant = 't1' AND version = 2}) >= 10,
+	'and encryptions after it are counted');
+$node->safe_psql('updated', q{DELETE FROM data WHERE id > 1000});
 
 # Per-tenant access works after the update, also in the session that lived through it.
 $node->safe_psql('updated', q{SELECT envelope.grant_tenant('t1', 'upd_other')});

@@ -64,8 +64,8 @@ SELECT string_agg(logicalrelid::text || ':' || partmethod::text || repmodel::tex
   FROM pg_dist_partition WHERE logicalrelid::text LIKE 'envelope.%'}),
 	'envelope.audit_log:nt envelope.column_usage:nt envelope.column_usage_scan:nt '
 	  . 'envelope.counted_column:nt envelope.data_key:nt envelope.rotation_run:nt '
-	  . 'envelope.rotation_task:nt envelope.tenant:nt',
-	'the key, inventory, audit and progress tables are reference tables');
+	  . 'envelope.rotation_task:nt envelope.tenant:nt envelope.tenant_grant:nt',
+	'the key, access, inventory, audit and progress tables are reference tables');
 # Per key table: the statement triggers for changes and for TRUNCATE, and the row
 # trigger that fires only in logical-replication apply workers.
 for my $node ($coord, $w1, $w2)
@@ -304,6 +304,158 @@ is(on_coord("SELECT count(*) FROM docs WHERE tenant = '$tw2' AND envelope.decryp
 ok($w3->safe_psql('postgres', 'SELECT kms_decrypt_calls FROM envelope.cache_stats') > 0,
 	'the added worker unwrapped the key itself');
 
+# ---- The fleet procedures on the cluster, now of a coordinator and three workers: a
+# distributed table (a task per shard, each batch run on the shard's node) with a
+# stored blind index made from one of its columns, a table of the coordinator, and a
+# reference table (skipped by re-encryption, counted).
+my @fleet_tenants = map { "f$_" } 1 .. 6;
+my $fleet_list = join(', ', map { "'$_'" } @fleet_tenants);
+on_coord(qq{
+SELECT envelope.create_tenant(t) FROM unnest(ARRAY[$fleet_list]) t;
+CREATE TABLE fleet_docs (tenant text NOT NULL, id int NOT NULL, body bytea, plain text,
+                         email bytea, email_bi bytea);
+SELECT create_distributed_table('fleet_docs', 'tenant');
+INSERT INTO fleet_docs
+SELECT t, i, envelope.encrypt(t, 'fleet ' || i, 'fleet.body'), 'fleet ' || i,
+       envelope.encrypt(t, 'e' || i || '\@example.com', 'fleet.email'),
+       envelope.blind_index(t, 'e' || i || '\@example.com')
+  FROM generate_series(1, 600) i, LATERAL (SELECT 'f' || (i % 6 + 1) AS t) s;
+CREATE TABLE fleet_local (tenant text NOT NULL, body bytea, plain text);
+INSERT INTO fleet_local SELECT 'f' || (i % 6 + 1), envelope.encrypt('f' || (i % 6 + 1), 'local ' || i), 'local ' || i
+  FROM generate_series(1, 60) i;
+CREATE TABLE fleet_ref (tenant text NOT NULL, body bytea);
+SELECT create_reference_table('fleet_ref');
+INSERT INTO fleet_ref VALUES ('f1', envelope.encrypt('f1', 'ref'));
+SELECT envelope.register_column('fleet_docs', 'body', 'tenant', 'fleet.body');
+SELECT envelope.register_column('fleet_docs', 'email', 'tenant', 'fleet.email');
+SELECT envelope.register_blind_index('fleet_docs', 'email_bi', 'email');
+SELECT envelope.register_column('fleet_local', 'body', 'tenant');
+SELECT envelope.register_column('fleet_ref', 'body', 'tenant');
+});
+
+# What count_key_usage must find: the stored values per (tenant, version), counted directly.
+my $direct_count = q{
+SELECT string_agg(tenant || ':' || v || ':' || n, ',' ORDER BY tenant, v)
+  FROM (SELECT tenant, envelope.key_version(body) AS v, count(*) AS n
+          FROM (SELECT tenant, body FROM fleet_docs UNION ALL SELECT tenant, email FROM fleet_docs
+                UNION ALL SELECT tenant, body FROM fleet_local
+                UNION ALL SELECT tenant, body FROM fleet_ref) x
+         GROUP BY 1, 2) y};
+my $key_usage = q{
+SELECT string_agg(tenant || ':' || version || ':' || value_count, ',' ORDER BY tenant, version)
+  FROM envelope.key_usage WHERE tenant LIKE 'f_' AND value_count > 0};
+my $every_node = sub {
+	my ($sql) = @_;
+	(my $quoted = $sql) =~ s/'/''/g;
+	return join(' ', on_coord($sql),
+		split /\n/, on_coord("SELECT result FROM run_command_on_workers('$quoted') ORDER BY nodeport"));
+};
+my $copies_agree = sub {
+	my ($table) = @_;
+	my %seen = map { $_ => 1 } split / /,
+	  $every_node->("SELECT md5(COALESCE(string_agg(x::text, ',' ORDER BY x::text), '')) FROM $table x");
+	return scalar(keys %seen) == 1;
+};
+
+on_coord('CALL envelope.count_key_usage()');
+is(on_coord($key_usage), on_coord($direct_count),
+	'count_key_usage: the counts equal a direct count (distributed, local and reference tables)');
+like(on_coord($key_usage), qr/^f1:1:\d+,f2:1:/, 'and there is something to count');
+
+# rotate_keys: the new versions reach every node's copy of the key store and cache.
+# (A value under the old version that will not decrypt, for reencrypt_all below.)
+on_coord(q{INSERT INTO fleet_docs VALUES ('f3', 9999, envelope.encrypt('f3', 'bad', 'wrong.context'), 'bad')});
+on_coord("CALL envelope.rotate_keys(tenants => ARRAY[$fleet_list])");
+is( $every_node->(qq{SELECT string_agg(tenant || ':' || version, ',' ORDER BY tenant)
+  FROM envelope.tenant_keys WHERE tenant IN ($fleet_list) AND state = 'active'}),
+	join(' ', (join(',', map { "$_:2" } @fleet_tenants)) x 4),
+	'rotate_keys: version 2 is the active version of every tenant on every node');
+is( $every_node->(qq{SELECT string_agg(DISTINCT envelope.key_version(envelope.encrypt(t, 'x'))::text, ',')
+  FROM unnest(ARRAY[$fleet_list]) t}),
+	'2 2 2 2', 'and every node encrypts under it');
+is(on_coord(q{SELECT done || '/' || total || ' ' || state FROM envelope.rotation_progress WHERE procedure = 'rotate_keys'}),
+	'6/6 done', 'rotate_keys: the run is complete in the progress view');
+# f1's equality key version moves too (version 3): its blind indexes are to be recomputed.
+is(on_coord(q{SELECT envelope.rotate_equality_key('f1')}), '3', 'rotate_equality_key');
+
+# reencrypt_all, interrupted by a value that does not decrypt (a wrong context) in one
+# shard: the batches committed before stay, and the next call resumes.
+$stderr = '';
+$coord->psql('postgres', 'SET client_min_messages = warning; CALL envelope.reencrypt_all(25)',
+	stderr => \$stderr);
+like($stderr, qr/ERROR:  could not decrypt value for tenant "f3"/,
+	'reencrypt_all: a batch\'s error on a worker is raised on the coordinator');
+is( on_coord(q{SELECT count(*) FILTER (WHERE state = 'interrupted') > 0 AND sum(values_moved) > 0
+                 FROM envelope.rotation_progress WHERE procedure = 'reencrypt_all'}),
+	't', 'the run is interrupted, and the batches committed before the error are recorded');
+# The shards' values and the task rows commit together: what the tasks say they moved
+# is exactly what is on the new versions (and the blind indexes, 36 bytes under a
+# version >= 2).
+is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(body) > 1)
+                    + count(*) FILTER (WHERE envelope.key_version(email) > 1)
+                    + count(*) FILTER (WHERE octet_length(email_bi) = 36) FROM fleet_docs}),
+	on_coord(q{SELECT sum(values_moved) FROM envelope.rotation_progress
+  WHERE procedure = 'reencrypt_all' AND relation = 'fleet_docs'::regclass}),
+	'the values moved by the interrupted run are exactly those its task rows count');
+on_coord(q{DELETE FROM fleet_docs WHERE id = 9999});
+on_coord('SET client_min_messages = warning; CALL envelope.reencrypt_all(25)');
+is(on_coord(q{SELECT count(*) || ' ' || count(resumed_at) || ' ' || string_agg(outcome, ',')
+  FROM envelope.rotation_run WHERE procedure = 'reencrypt_all'}),
+	'1 1 done', 'the next call resumed the run and finished it');
+is( on_coord(q{SELECT count(*) || ' ' || count(*) FILTER (WHERE envelope.key_version(body) = envelope.active_key_version(tenant))
+                  || ' ' || count(*) FILTER (WHERE envelope.decrypt_text(tenant, body, 'fleet.body') = plain)
+                 FROM fleet_docs}),
+	'600 600 600', 'reencrypt_all: every value of the distributed table is on the active version, and decrypts');
+is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(email) = envelope.active_key_version(tenant))
+                  || ' ' || count(*) FILTER (WHERE email_bi = envelope.blind_index(tenant, envelope.decrypt_text(tenant, email, 'fleet.email')))
+                  || ' ' || count(*) FILTER (WHERE tenant = 'f1' AND octet_length(email_bi) = 36)
+                 FROM fleet_docs}),
+	'600 600 100', 'and of its second column; the blind indexes made from it are recomputed on the shards');
+is( on_coord(q{SELECT count(*) FILTER (WHERE envelope.key_version(body) = envelope.active_key_version(tenant))
+                  || ' ' || count(*) FILTER (WHERE envelope.decrypt_text(tenant, body) = plain)
+                 FROM fleet_local}),
+	'60 60', 'and every value of the coordinator\'s table');
+is( on_coord(q{SELECT count(*) || ' ' || count(*) FILTER (WHERE t.finished_at IS NOT NULL) || ' ' || sum(values_moved)
+                 FROM envelope.rotation_task t JOIN envelope.rotation_run r USING (run_id)
+                WHERE r.procedure = 'reencrypt_all' AND t.shard_id IS NOT NULL}),
+	on_coord(q{SELECT 3 * count(*) || ' ' || 3 * count(*) || ' 1300' FROM pg_dist_shard WHERE logicalrelid = 'fleet_docs'::regclass}),
+	'one task per shard and column, each finished, 1300 values moved (600 + 600 + 100 blind indexes)');
+is(on_coord(q{SELECT envelope.key_version(body) FROM fleet_ref}), '1',
+	'the reference table was skipped: its copies are written only through Citus');
+is( on_coord(q{SELECT detail ->> 'moved' FROM envelope.audit_log WHERE action = 'reencrypt_all'}),
+	'1360', 'the audit trail records the run and what it moved');
+ok($copies_agree->('envelope.rotation_task') && $copies_agree->('envelope.rotation_run'),
+	'the progress tables are the same on every node (batches wrote them from the workers)');
+
+# Another session of the coordinator counting at the same time: its partial counts are
+# its own, and stay, on every node's copy (whether it is alive is the coordinator's to say).
+my $other = $coord->background_psql('postgres');
+my $other_pid = $other->query('SELECT pg_backend_pid()');
+on_coord("INSERT INTO envelope.column_usage_scan VALUES ($other_pid, 1, 1, 'f1', 1, 1, 5)");
+on_coord('CALL envelope.count_key_usage()');
+is($every_node->("SELECT count(*) FROM envelope.column_usage_scan WHERE pid = $other_pid"), '1 1 1 1',
+	'count_key_usage leaves the partial counts of a live session alone, on every node');
+$other->quit;
+on_coord("DELETE FROM envelope.column_usage_scan WHERE pid = $other_pid");
+is(on_coord($key_usage), on_coord($direct_count),
+	'count_key_usage after reencrypt_all: the counts equal a direct count');
+unlike(on_coord($key_usage), qr/f[2-6]:1:/, 'and only the reference table keeps a value under version 1');
+ok($copies_agree->('envelope.column_usage') && $copies_agree->('envelope.counted_column'),
+	'the counts are the same on every node');
+
+# rewrap_keys: the local provider has one master key, so the DEKs keep their wrapping;
+# the tenants move to the master key named, on every node, and still decrypt everywhere.
+on_coord("CALL envelope.rewrap_keys('local', ARRAY[$fleet_list])");
+is(on_coord(q{SELECT done || '/' || total || ' ' || state FROM envelope.rotation_progress WHERE procedure = 'rewrap_keys'}),
+	'13/13 done', 'rewrap_keys: the run handled the 13 DEKs of the six tenants');
+is( $every_node->(qq{SELECT string_agg(DISTINCT kms_key, ',') FROM envelope.tenant WHERE tenant IN ($fleet_list)}),
+	'local local local local', 'every node\'s copy of the key store names the new master key');
+on_coord(q{SELECT envelope.cache_flush(); SELECT run_command_on_workers('SELECT envelope.cache_flush()')});
+is(on_coord(q{SELECT count(*) FROM fleet_docs WHERE envelope.decrypt_text(tenant, body, 'fleet.body') = plain}),
+	'600', 'after rewrap_keys and a flush of every cache the workers decrypt every value');
+is(on_coord(q{SELECT count(*) FROM envelope.audit_log WHERE action = 'rewrap_keys'}), '1',
+	'the audit trail records the rewrap run');
+
 # ---- ALTER EXTENSION UPDATE from 0.1.0 on a Citus cluster (another database): the
 # workers are updated first, the tables become reference tables, the keys made under
 # 0.1.0 decrypt on the workers.
@@ -326,7 +478,7 @@ ALTER EXTENSION pg_envelope UPDATE;
 SELECT create_distributed_table('d', 'tenant');
 });
 is($coord->safe_psql('upd', q{SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text LIKE 'envelope.%'}),
-	'8', 'after the update every table of the extension is a reference table');
+	'9', 'after the update every table of the extension is a reference table');
 is($coord->safe_psql('upd', q{SELECT string_agg(result, ',') FROM run_command_on_workers(
   $$SELECT extversion FROM pg_extension WHERE extname = 'pg_envelope'$$)}),
 	'0.2.0,0.2.0', 'the workers are at 0.2.0');

@@ -17,6 +17,8 @@
 #include "unit.h"
 #include "format_vectors.h"
 
+#include <openssl/evp.h>
+
 static void
 test_wycheproof(void)
 {
@@ -338,6 +340,63 @@ test_wycheproof_siv(void)
 	CHECK(total_invalid == 108 && invalid_ok == 108, "expected 108/108 invalid, got %d/%d", invalid_ok, total_invalid);
 }
 
+/*
+ * AES-SIV is S2V and CTR over contexts keyed once and re-initialised per value
+ * (cipher.c): every length around the block boundaries, and past the stack buffer,
+ * must give what OpenSSL's own AES-SIV gives, and a key used for many values in turn
+ * what a fresh key gives for each.
+ */
+static void
+test_siv_reuse(void)
+{
+	uint8_t		sivkey[CIPHER_SIV_KEY_LEN], raw[CIPHER_KEY_LEN];
+	uint8_t		aad[40], msg[600], ours[600 + CIPHER_SIV_TAG_LEN], ref[600], tag[16];
+	uint8_t		a[600 + CIPHER_SIV_OVERHEAD], b[600 + CIPHER_SIV_OVERHEAD], pt[600];
+	EVP_CIPHER *siv = EVP_CIPHER_fetch(NULL, "AES-256-SIV", NULL);
+	CipherKey	reused;
+	CipherBinding acme = binding("acme", "t.c");
+	int			mismatches = 0, reuse_mismatches = 0, roundtrip_failures = 0;
+
+	CHECK(siv != NULL, "OpenSSL has AES-256-SIV");
+	cipher_random_bytes(sivkey, sizeof(sivkey));
+	cipher_random_bytes(aad, sizeof(aad));
+	cipher_random_bytes(raw, sizeof(raw));
+	CHECK(cipher_key_init(&reused, raw) == CIPHER_OK, "key init");
+	for (size_t len = 1; len <= 600 && siv != NULL; len += (len < 40 ? 1 : 37))
+	{
+		EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+		int			outl = 0, finl = 0;
+		CipherKey	fresh;
+
+		cipher_random_bytes(msg, len);
+		/* Against OpenSSL's AES-SIV. */
+		if (cipher_siv_seal(sivkey, aad, sizeof(aad), msg, len, ours) != CIPHER_OK ||
+			EVP_EncryptInit_ex(ctx, siv, NULL, sivkey, NULL) != 1 ||
+			EVP_EncryptUpdate(ctx, NULL, &outl, aad, (int) sizeof(aad)) != 1 ||
+			EVP_EncryptUpdate(ctx, ref, &outl, msg, (int) len) != 1 ||
+			EVP_EncryptFinal_ex(ctx, ref + outl, &finl) != 1 ||
+			EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, tag) != 1 ||
+			memcmp(ours, tag, 16) != 0 || memcmp(ours + 16, ref, len) != 0)
+			mismatches++;
+		EVP_CIPHER_CTX_free(ctx);
+		/* One key for many values against a fresh key per value. */
+		if (cipher_key_init(&fresh, raw) != CIPHER_OK ||
+			cipher_encrypt_deterministic(&reused, 2, &acme, msg, len, a) != CIPHER_OK ||
+			cipher_encrypt_deterministic(&fresh, 2, &acme, msg, len, b) != CIPHER_OK ||
+			memcmp(a, b, len + CIPHER_SIV_OVERHEAD) != 0)
+			reuse_mismatches++;
+		if (cipher_decrypt(&reused, &acme, a, len + CIPHER_SIV_OVERHEAD, pt) != CIPHER_OK ||
+			memcmp(pt, msg, len) != 0)
+			roundtrip_failures++;
+		cipher_key_free(&fresh);
+	}
+	CHECK(mismatches == 0, "%d lengths differ from OpenSSL's AES-SIV", mismatches);
+	CHECK(reuse_mismatches == 0, "%d values differ between a reused and a fresh key", reuse_mismatches);
+	CHECK(roundtrip_failures == 0, "%d values did not decrypt with the reused key", roundtrip_failures);
+	cipher_key_free(&reused);
+	EVP_CIPHER_free(siv);
+}
+
 /* Deterministic values and blind indexes: equal in, equal out; bound like the rest. */
 static void
 test_deterministic(void)
@@ -627,6 +686,7 @@ main(void)
 {
 	test_wycheproof();
 	test_wycheproof_siv();
+	test_siv_reuse();
 	test_deterministic();
 	test_envelope_format();
 	test_format_known_answers();

@@ -621,6 +621,74 @@ test_round_trips(const char *arn, const char *key_id, const char *alias,
 		  "tampered: %s", err.message);
 }
 
+/* The rate limit's hooks, as the backend's kms_rate.c would be called. */
+static int	slots_asked;
+static int	answers_noted;
+static int	throttles_noted;
+static bool refuse_slots;
+
+static bool
+count_slot(const KmsConfig *cfg)
+{
+	(void) cfg;
+	slots_asked++;
+	return !refuse_slots;
+}
+
+static void
+count_answer(bool throttled)
+{
+	answers_noted++;
+	if (throttled)
+		throttles_noted++;
+}
+
+/*
+ * Every request waits for a slot first, retries included, and every answer is noted
+ * with whether it was a throttling one; a refused slot (an interrupt during the wait)
+ * sends nothing.
+ */
+static void
+test_pacing_hooks(const char *arn)
+{
+	KmsConfig	cfg = cfg_for(proxy_url, 3, 5000);
+	Dek			d;
+	KmsError	err;
+
+	cfg.await_request_slot = count_slot;
+	cfg.note_answer = count_answer;
+	proxy_reset();
+	CHECK(gen(&cfg, arn, "acme", 1, &d, &err) == KMS_OK, "paced generate: %s", err.message);
+	CHECK(slots_asked == 1 && answers_noted == 1 && throttles_noted == 0,
+		  "one request, one slot, one answer: %d %d %d", slots_asked, answers_noted,
+		  throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	proxy_reset();
+	proxy_fault("Decrypt", "throttle", 1);
+	proxy_fault("Decrypt", "429", 1);
+	EXPECT_DEC(&cfg, arn, &d, KMS_OK, 3);
+	CHECK(slots_asked == 3 && answers_noted == 3 && throttles_noted == 2,
+		  "a slot for each retry, throttles noted: %d %d %d", slots_asked, answers_noted,
+		  throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	proxy_reset();
+	proxy_fault("Decrypt", "access_denied", 1);
+	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_ACCESS_DENIED, 1);
+	CHECK(answers_noted == 1 && throttles_noted == 0, "a refusal is no throttle: %d %d",
+		  answers_noted, throttles_noted);
+
+	slots_asked = answers_noted = throttles_noted = 0;
+	refuse_slots = true;
+	proxy_reset();
+	EXPECT_DEC(&cfg, arn, &d, KMS_ERR_CANCELED, 0);
+	CHECK(slots_asked == 1 && answers_noted == 0 && proxy_count("Decrypt", "requests") == 0,
+		  "an interrupted wait sends nothing: %d slots, %d requests", slots_asked,
+		  proxy_count("Decrypt", "requests"));
+	refuse_slots = false;
+}
+
 /* Faults through the proxy; every Decrypt below is of one valid DEK. */
 static void
 test_faults(const char *arn)
@@ -1065,6 +1133,7 @@ main(int argc, char **argv)
 		test_round_trips(arn, key_id, jstr(al, "AliasName"), alias_arn, arn2);
 	}
 	test_faults(arn);
+	test_pacing_hooks(arn);
 	test_timeouts(arn);
 	test_no_leaks(arn);
 	test_signatures(arn);

@@ -214,6 +214,26 @@ test_wrapped_format(void)
 #undef MALFORMED
 }
 
+/* The rate limit's hooks, as the backend's kms_rate.c would be called. */
+static int	slots_asked;
+static int	answers_noted;
+static bool refuse_slots;
+
+static bool
+count_slot(const KmsConfig *cfg)
+{
+	(void) cfg;
+	slots_asked++;
+	return !refuse_slots;
+}
+
+static void
+count_answer(bool throttled)
+{
+	(void) throttled;
+	answers_noted++;
+}
+
 static void
 test_network(void)
 {
@@ -230,6 +250,18 @@ test_network(void)
 	CHECK(generate(&cfg, "1", &err) == KMS_ERR_UNAVAILABLE && err.attempts == 3 &&
 		  strstr(err.message, "after 3 attempts"), "refused connection retried twice: %s (%d)",
 		  err.message, err.attempts);
+
+	/* each attempt waits for a slot of the rate limit; no answer, nothing noted */
+	cfg.await_request_slot = count_slot;
+	cfg.note_answer = count_answer;
+	CHECK(generate(&cfg, "1", &err) == KMS_ERR_UNAVAILABLE && slots_asked == 3 &&
+		  answers_noted == 0, "a slot per attempt: %d slots, %d answers", slots_asked,
+		  answers_noted);
+	/* an interrupted wait for a slot sends nothing */
+	refuse_slots = true;
+	CHECK(generate(&cfg, "1", &err) == KMS_ERR_CANCELED && err.attempts == 0,
+		  "an interrupted wait: %s (%d attempts)", err.message, err.attempts);
+	refuse_slots = false;
 
 	/* hung: the TLS handshake never completes; the timeout ends it, once per attempt */
 	listener = silent_listener(&port);
