@@ -73,6 +73,17 @@ ROLLBACK;
 SELECT envelope.key_version(envelope.encrypt('ec_lim', 'x')) AS v;
 SELECT version, state, encryptions FROM envelope.tenant_keys WHERE tenant = 'ec_lim' ORDER BY 1;
 
+-- A larger limit, whose last blocks are more than one encryption: exactly 10,000
+-- values under version 1, not one more.
+ALTER SYSTEM SET envelope.max_encryptions_per_key = 10000;
+SELECT pg_reload_conf();
+SELECT pg_sleep(1);
+\c
+SELECT envelope.create_tenant('ec_big');
+CREATE TABLE ec_big AS SELECT envelope.encrypt('ec_big', 'v' || i) AS c FROM generate_series(1, 10050) i;
+SELECT envelope.key_version(c) AS version, count(*) FROM ec_big GROUP BY 1 ORDER BY 1;
+SELECT version, encryptions FROM envelope.tenant_keys WHERE tenant = 'ec_big' AND version = 1;
+
 ALTER SYSTEM RESET envelope.max_encryptions_per_key;
 SELECT pg_reload_conf();
-DROP TABLE ec_t, ec_lim;
+DROP TABLE ec_t, ec_lim, ec_big;

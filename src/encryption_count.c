@@ -17,7 +17,11 @@
  * whose reservation is WAL-logged, and WAL is replayed in order, so a crash that keeps
  * a row encrypted under a count keeps the reservation too (its WAL precedes the row's).
  * Values returned to a client by a transaction that writes nothing are covered by a
- * flush of the reservation's WAL before the transaction commits.  What a crash loses
+ * flush of the reservation's WAL before the transaction commits (one window remains:
+ * values a statement has already sent when the server crashes before that commit, in
+ * the last wal_writer_delay, since the WAL writer flushes on its own too).  Blocks
+ * reserved in a row the transaction itself inserted (a key it created) are given up if
+ * it aborts, as the row is gone and may come back at 0.  What a crash loses
  * is the unused rest of each backend's blocks, and so does a backend that exits: the
  * figure is an upper bound, higher than the truth by at most one block per backend
  * that encrypted under the key (blocks grow from ENCRYPTION_BLOCK_FIRST to
@@ -80,9 +84,9 @@ static bool bench_count_encryptions = true;
 
 /*
  * A backend's first block under a key is small, so that a session encrypting a few
- * values overstates the count by little; each further block is 8 times larger, up to a size
- * whose reservation (one buffer write and one WAL record) costs well under 1 % of the
- * encryptions it covers.
+ * values overstates the count by little; each further block is 8 times larger, up to
+ * a size whose reservation (one buffer write and one WAL record, about 10 µs) costs
+ * well under 1 % of the encryptions it covers.
  */
 #define ENCRYPTION_BLOCK_FIRST	64
 #define ENCRYPTION_BLOCK_MAX	65536

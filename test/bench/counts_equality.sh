@@ -9,7 +9,7 @@
 #      (which adds the setting envelope.bench_count_encryptions and nothing else), the
 #      two taking turns query by query so both see the same machine: PAIRS pairs of
 #      timed scans, µs per row net of the scan floor, ~32-byte values, rows cycling
-#      through 1,000 tenants.  Timed as the backend's CPU time (/proc/self/stat), so
+#      through 1,000 tenants.  Timed as the backend's CPU time (/proc/self/schedstat), so
 #      that waiting for a CPU other processes hold does not count: on a shared
 #      machine wall time varied by 2x between runs of one query.  Two ways: in one
 #      warm session (steady state: every
@@ -93,11 +93,11 @@ CREATE TABLE plain AS
 SELECT i AS id, 'tenant' || (i % 1000 + 1) AS tenant, md5(i::text) AS v
   FROM generate_series(1, $ROWS) i;
 VACUUM ANALYZE;
--- CPU time of this backend (utime + stime of /proc/self/stat), in ms: what a query
--- costs, without the time it waits for a CPU the other processes of the machine hold.
-CREATE FUNCTION bench_cpu_ms() RETURNS bigint LANGUAGE sql AS \$\$
-    SELECT (a[14]::bigint + a[15]::bigint) * 1000 / $(getconf CLK_TCK)
-      FROM (SELECT string_to_array(pg_read_file('/proc/self/stat'), ' ') AS a) s
+-- CPU time of this backend in ms (/proc/self/schedstat: nanoseconds on a CPU, behind
+-- by at most one scheduler tick): what a query costs, without the time it waits for a
+-- CPU the other processes of the machine hold.
+CREATE FUNCTION bench_cpu_ms() RETURNS numeric LANGUAGE sql AS \$\$
+    SELECT split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::numeric / 1000000
 \$\$;
 SQL
 # Lines that run one query and print "CPU label ms" (this backend's CPU time).
@@ -177,7 +177,7 @@ d, rows = sys.argv[1], int(sys.argv[2])
 def series(path):
     out = {}
     for line in open(path):
-        m = re.match(r"CPU (\S+) (\d+)$", line.strip())
+        m = re.match(r"CPU (\S+) ([0-9.]+)$", line.strip())
         if m:
             out.setdefault(m.group(1), []).append(float(m.group(2)))
     return out
