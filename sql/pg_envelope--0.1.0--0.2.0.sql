@@ -838,39 +838,7 @@ BEGIN
 END
 $$;
 
--- batch_size bounds the values one batch re-encrypts (and so the rows it locks and
--- the WAL of its commit).  A block range where few values move (the second pass over
--- the blocks the run itself filled, a table already mostly re-encrypted, a resumed
--- run) costs a commit, a WAL flush, a planned UPDATE and a progress row per batch for
--- little work, so while a batch moves at most half of batch_size values the next one
--- covers twice the blocks, up to 8 times; a batch that moves more halves it again.  A
--- range that suddenly needs every value moved thus re-encrypts at most 8 × batch_size
--- values in one batch, once.  Returns the factor for the next batch.
-CREATE FUNCTION envelope.reencrypt_next_blocks_factor(blocks_factor integer, moved bigint,
-                                                      batch_size integer)
-    RETURNS integer
-    LANGUAGE sql IMMUTABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE WHEN moved IS NULL OR moved * 2 > batch_size THEN greatest(blocks_factor / 2, 1)
-                ELSE least(blocks_factor * 2, 8)
-           END
-$$;
-
--- The rows one batch covers: batch_size times the factor above.
-CREATE FUNCTION envelope.reencrypt_scaled_batch(batch_size integer, blocks_factor integer)
-    RETURNS integer
-    LANGUAGE sql IMMUTABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT least(batch_size::bigint * blocks_factor, 2147483647)::integer
-$$;
-
-REVOKE ALL ON FUNCTION envelope.reencrypt_next_blocks_factor(integer, bigint, integer),
-                       envelope.reencrypt_scaled_batch(integer, integer) FROM PUBLIC;
-
--- Every task of a run, one committed batch after another.  Citus batches keep their
--- fixed size (their ranges are planned per shard, see "Citus" below).
+-- Every task of a run, one committed batch after another.
 CREATE PROCEDURE envelope.reencrypt_run(run bigint, batch_size integer, max_rows_per_second integer)
 LANGUAGE plpgsql
 AS $$
@@ -878,22 +846,15 @@ DECLARE
     task_no integer;
     moved bigint;
     batch_start timestamptz;
-    adaptive boolean := NOT envelope.citus_fleet();
-    blocks_factor integer;
 BEGIN
     LOOP
         task_no := envelope.rotation_next_task(run);
         EXIT WHEN task_no IS NULL;
-        blocks_factor := 1;
         LOOP
             batch_start := pg_catalog.clock_timestamp();
-            moved := envelope.reencrypt_step(run, task_no,
-                                             envelope.reencrypt_scaled_batch(batch_size, blocks_factor));
+            moved := envelope.reencrypt_step(run, task_no, batch_size);
             COMMIT;
             EXIT WHEN moved IS NULL;
-            IF adaptive THEN
-                blocks_factor := envelope.reencrypt_next_blocks_factor(blocks_factor, moved, batch_size);
-            END IF;
             PERFORM pg_catalog.pg_sleep(envelope.rotation_throttle(moved, batch_start, max_rows_per_second));
         END LOOP;
     END LOOP;
