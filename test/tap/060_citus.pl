@@ -487,6 +487,33 @@ is($coord->safe_psql('upd', q{SELECT count(*) FROM d WHERE envelope.decrypt_text
 
 # ---- A coordinator not in the metadata (another database): no copy of the key tables
 # on it, a warning at install, and revocation still reaching its sessions.
+# ---- Per-tenant access: a grant names a role by oid, and oids differ between nodes.
+# Citus writes the copies through SQL, where a regrole travels as its name, so every
+# node's copy names the same role; the worker checks the role the query runs as.
+on_coord(q{
+CREATE ROLE citus_app_a LOGIN;
+CREATE ROLE citus_app_b LOGIN;
+GRANT envelope_user TO citus_app_a, citus_app_b;
+GRANT SELECT ON docs TO citus_app_a, citus_app_b;
+});
+on_coord(q{
+SELECT envelope.create_tenant('g01');
+INSERT INTO docs (tenant, id, body) SELECT 'g01', i, envelope.encrypt('g01', 'g' || i) FROM generate_series(1, 5) i;
+SELECT envelope.grant_tenant('g01', 'citus_app_a');
+});
+is( on_coord(
+		"SELECT string_agg(result, ',' ORDER BY nodeport) FROM run_command_on_workers("
+		  . "\$\$SELECT string_agg(role::text, ',') FROM envelope.tenant_grant WHERE tenant = 'g01'\$\$)"),
+	'citus_app_a,citus_app_a,citus_app_a',
+	'every worker\'s copy of the grant names the granted role');
+my $grant_sql = "SELECT count(envelope.decrypt_text(tenant, body)) > 0 FROM docs WHERE tenant = 'g01'";
+my ($ret) = 0;
+($ret, $out, $err) = $coord->psql('postgres', "SET ROLE citus_app_a; $grant_sql");
+is("$ret $out", '0 t', 'the granted role decrypts the tenant on its worker');
+($ret, $out, $err) = $coord->psql('postgres', "SET ROLE citus_app_b; $grant_sql");
+like($err, qr/permission denied for tenant "g01"/, 'a role without the grant is refused on the worker');
+on_coord("SELECT envelope.revoke_tenant('g01', 'citus_app_a')");
+
 for my $node ($w1, $w2, $coord)
 {
 	$node->safe_psql('postgres', 'CREATE DATABASE nocoord');
