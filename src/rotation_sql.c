@@ -45,6 +45,71 @@ reencrypt_binding(text *tenant, text *context)
 	return b;
 }
 
+/* The version and plaintext length of a stored value; an error if it is not one. */
+static void
+stored_value_header(const uint8 *in, size_t in_len, uint32 *version, size_t *plain_len)
+{
+	if (cipher_peek_version(in, in_len, version) != CIPHER_OK ||
+		cipher_plaintext_len(in, in_len, plain_len) != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("value is not a pg_envelope ciphertext"),
+				 errdetail("It is too short or has an unknown format byte."),
+				 errhidestmt(true)));
+}
+
+/*
+ * Decrypt a stored value of either format into `plain` (room for its plaintext
+ * length), with the errors of envelope.decrypt.
+ */
+static void
+decrypt_into(text *tenant, const CipherBinding *binding, const uint8 *in, size_t in_len,
+			 uint32 version, uint8 *plain)
+{
+	CipherStatus cs;
+
+	cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
+												 version,
+												 in[0] == CIPHER_FORMAT_SIV_V1 ?
+												 CIPHER_USE_DETERMINISTIC : CIPHER_USE_DECRYPT),
+						binding, in, in_len, plain);
+	if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("could not decrypt value for tenant \"%.*s\"",
+						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+				 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
+				 errhidestmt(true)));
+	if (cs != CIPHER_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("decryption failed in OpenSSL"),
+				 errhidestmt(true)));
+}
+
+/*
+ * The tenant's current equality key version; an error if it is not live (retired or
+ * destroyed), or first the error of a disabled or destroyed tenant, as every other
+ * function gives it.
+ */
+static uint32
+live_equality_version(text *tenant)
+{
+	uint32		target;
+
+	if (equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
+		return target;
+	if (keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)) == 0)
+		(void) keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("equality key version %u of tenant \"%.*s\" is not active", target,
+					(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
+			 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
+			 errhidestmt(true)));
+	return 0;					/* not reached */
+}
+
 /*
  * envelope.reencrypt_value(tenant, ciphertext, context): a randomized value decrypted
  * and encrypted again under the tenant's active version, in one call.  The batch
@@ -75,13 +140,7 @@ reencrypt_randomized(FunctionCallInfo fcinfo)
 	in = (const uint8 *) VARDATA_ANY(ciphertext);
 	in_len = VARSIZE_ANY_EXHDR(ciphertext);
 
-	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
-		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-				 errmsg("value is not a pg_envelope ciphertext"),
-				 errdetail("It is too short or has an unknown format byte."),
-				 errhidestmt(true)));
+	stored_value_header(in, in_len, &version, &plain_len);
 	if (in[0] != CIPHER_FORMAT_GCM_V1)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -95,27 +154,14 @@ reencrypt_randomized(FunctionCallInfo fcinfo)
 		EnvelopeKeyRef active;
 		uint8		nonce[CIPHER_NONCE_LEN];
 
-		cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant),
-													 VARSIZE_ANY_EXHDR(tenant), version,
-													 CIPHER_USE_DECRYPT),
-							&binding, in, in_len, plain);
-		if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-					 errmsg("could not decrypt value for tenant \"%.*s\"",
-							(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
-					 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
-					 errhidestmt(true)));
+		decrypt_into(tenant, &binding, in, in_len, version, plain);
+		active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+		result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+		SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+		cs = cipher_next_nonce(nonce);
 		if (cs == CIPHER_OK)
-		{
-			active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
-			result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
-			SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
-			cs = cipher_next_nonce(nonce);
-			if (cs == CIPHER_OK)
-				cs = cipher_encrypt(active.key, active.version, nonce, &binding,
-									plain, plain_len, (uint8 *) VARDATA(result));
-		}
+			cs = cipher_encrypt(active.key, active.version, nonce, &binding,
+								plain, plain_len, (uint8 *) VARDATA(result));
 		if (cs != CIPHER_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INTERNAL_ERROR),
@@ -183,7 +229,6 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 	uint32		target;
 	uint8	   *plain;
 	bytea	   *volatile result = NULL;
-	CipherStatus cs;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
@@ -195,39 +240,12 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
 
 	tenant = PG_GETARG_TEXT_PP(0);
 	binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));
-	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
-		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-				 errmsg("value is not a pg_envelope ciphertext"),
-				 errdetail("It is too short or has an unknown format byte."),
-				 errhidestmt(true)));
-	if (!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("equality key version %u of tenant \"%.*s\" is not active", target,
-						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
-				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
-				 errhidestmt(true)));
+	stored_value_header(in, in_len, &version, &plain_len);
+	target = live_equality_version(tenant);
 	plain = palloc(plain_len > 0 ? plain_len : 1);
 	PG_TRY();
 	{
-		cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant),
-													 VARSIZE_ANY_EXHDR(tenant), version,
-													 CIPHER_USE_DETERMINISTIC),
-							&binding, in, in_len, plain);
-		if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-					 errmsg("could not decrypt value for tenant \"%.*s\"",
-							(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
-					 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
-					 errhidestmt(true)));
-		if (cs != CIPHER_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("AES-256-SIV failed in OpenSSL"),
-					 errhidestmt(true)));
+		decrypt_into(tenant, &binding, in, in_len, version, plain);
 		/* Arguments 0 and 2 are the tenant and the context, as the encryption wants. */
 		result = envelope_encrypt_deterministic_under(fcinfo, target, (const char *) plain,
 													  plain_len);
@@ -251,34 +269,6 @@ envelope_reencrypt_value(PG_FUNCTION_ARGS)
  * source's value, decrypted in a buffer of this file and wiped on every path.
  */
 
-/*
- * Decrypt a stored value of either format into `plain` (room for its plaintext
- * length), with the errors of envelope.decrypt.
- */
-static void
-decrypt_into(text *tenant, const CipherBinding *binding, const uint8 *in, size_t in_len,
-			 uint32 version, uint8 *plain)
-{
-	CipherStatus cs;
-
-	cs = cipher_decrypt(keycache_key_for_decrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant),
-												 version,
-												 in[0] == CIPHER_FORMAT_SIV_V1 ?
-												 CIPHER_USE_DETERMINISTIC : CIPHER_USE_DECRYPT),
-						binding, in, in_len, plain);
-	if (cs == CIPHER_ERR_AUTH || cs == CIPHER_ERR_FORMAT)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-				 errmsg("could not decrypt value for tenant \"%.*s\"",
-						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
-				 errdetail("The ciphertext does not authenticate: it was altered, or it belongs to another tenant or context."),
-				 errhidestmt(true)));
-	if (cs != CIPHER_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("decryption failed in OpenSSL"),
-				 errhidestmt(true)));
-}
 
 PG_FUNCTION_INFO_V1(envelope_blind_index_needs_recompute);
 
@@ -340,25 +330,8 @@ envelope_blind_index_recompute(PG_FUNCTION_ARGS)
 	index_binding = reencrypt_binding(tenant, NULL);
 	in = (const uint8 *) VARDATA_ANY(source);
 	in_len = VARSIZE_ANY_EXHDR(source);
-	if (cipher_peek_version(in, in_len, &version) != CIPHER_OK ||
-		cipher_plaintext_len(in, in_len, &plain_len) != CIPHER_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
-				 errmsg("value is not a pg_envelope ciphertext"),
-				 errdetail("It is too short or has an unknown format byte."),
-				 errhidestmt(true)));
-	if (!equality_current_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant), &target))
-	{
-		/* A disabled or destroyed tenant: say that, as every other function does. */
-		if (keycache_active_version(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant)) == 0)
-			(void) keycache_key_for_encrypt(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("equality key version %u of tenant \"%.*s\" is not active", target,
-						(int) VARSIZE_ANY_EXHDR(tenant), VARDATA_ANY(tenant)),
-				 errhint("Reactivate it with envelope.reactivate_key_version(), or make a new one with envelope.rotate_equality_key()."),
-				 errhidestmt(true)));
-	}
+	stored_value_header(in, in_len, &version, &plain_len);
+	target = live_equality_version(tenant);
 
 	plain = palloc(plain_len > 0 ? plain_len : 1);
 	PG_TRY();
