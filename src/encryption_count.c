@@ -17,9 +17,14 @@
  * whose reservation is WAL-logged, and WAL is replayed in order, so a crash that keeps
  * a row encrypted under a count keeps the reservation too (its WAL precedes the row's).
  * Values returned to a client by a transaction that writes nothing are covered by a
- * flush of the reservation's WAL before the transaction commits (one window remains:
- * values a statement has already sent when the server crashes before that commit, in
- * the last wal_writer_delay, since the WAL writer flushes on its own too).  Blocks
+ * flush of the reservation's WAL when the transaction ends, before its commit and at
+ * its abort alike (a ROLLBACK may follow a SELECT that returned ciphertexts).  One
+ * window remains: values a statement has already streamed to its client when the
+ * server crashes while that statement or its transaction is still running, before the
+ * WAL writer has flushed the reservation on its own (it writes out whole WAL pages as
+ * they fill, within wal_writer_delay).  Such values reached no committed row, and the
+ * client saw the crash end its transaction.  Flushing at each reservation would close
+ * it, at one WAL flush per first block of every (tenant, key) a backend touches.  Blocks
  * reserved in a row the transaction itself inserted (a key it created) are given up if
  * it aborts, as the row is gone and may come back at 0.  What a crash loses
  * is the unused rest of each backend's blocks, and so does a backend that exits: the
@@ -63,6 +68,7 @@
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -120,20 +126,33 @@ typedef struct EncryptionBudget
 
 static HTAB *budgets = NULL;
 
-/* WAL of reservations not yet known to be flushed; flushed before this backend commits. */
+/*
+ * WAL of reservations not yet known to be flushed; flushed when this backend's
+ * transaction ends, committed or not.
+ */
 static XLogRecPtr unflushed_reservation = InvalidXLogRecPtr;
 static bool xact_callback_registered = false;
 
 /* Budgets whose row this transaction inserted (budget->row_uncommitted). */
 static int	budgets_on_uncommitted_rows = 0;
 
+/*
+ * The count table the budgets' blocks were reserved in.  DROP EXTENSION and CREATE
+ * EXTENSION make a new one whose rows start at 0, and may give a new key the
+ * (tenant_id, version) of an old one: a block of the old table must then never be
+ * used.  A relcache invalidation of the table (or of every relation) sets the flag,
+ * and the next row that finds it set looks the table up again.
+ */
+static Oid	budgets_count_table = InvalidOid;
+static bool count_table_recheck = false;
+
 /* ---------------------------------------------------------------------------
  * The setting
  */
 
-/* A changed limit applies to the next row: every block is given up (the rest is lost). */
+/* Every budget's unused rest is given up (always safe: the stored count stays an upper bound). */
 static void
-assign_max_encryptions(int newval, void *extra)
+give_up_all_blocks(void)
 {
 	HASH_SEQ_STATUS scan;
 	EncryptionBudget *b;
@@ -143,6 +162,13 @@ assign_max_encryptions(int newval, void *extra)
 	hash_seq_init(&scan, budgets);
 	while ((b = hash_seq_search(&scan)) != NULL)
 		b->end = b->next;
+}
+
+/* A changed limit applies to the next row: every block is given up (the rest is lost). */
+static void
+assign_max_encryptions(int newval, void *extra)
+{
+	give_up_all_blocks();
 }
 
 void
@@ -175,6 +201,48 @@ count_table(void)
 	Oid			nsp = get_namespace_oid("envelope", true);
 
 	return OidIsValid(nsp) ? get_relname_relid(COUNT_TABLE_NAME, nsp) : InvalidOid;
+}
+
+static void
+count_table_invalidated(Datum arg, Oid relid)
+{
+	if (!OidIsValid(relid) || relid == budgets_count_table)
+		count_table_recheck = true;
+}
+
+/*
+ * The blocks of every budget were reserved in `relid`'s rows, or are given up now:
+ * a count table other than the one they came from (the extension was dropped and
+ * created again, or updated from 0.1.0) has its own rows, starting at 0.
+ */
+static void
+budgets_reserve_in(Oid relid)
+{
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(count_table_invalidated, (Datum) 0);
+		callback_registered = true;
+	}
+	if (relid == budgets_count_table)
+		return;
+	if (budgets != NULL)
+	{
+		HASH_SEQ_STATUS scan;
+		EncryptionBudget *b;
+
+		hash_seq_init(&scan, budgets);
+		while ((b = hash_seq_search(&scan)) != NULL)
+		{
+			b->end = b->next;
+			b->tid_valid = false;
+			b->row_uncommitted = false;
+			b->block = ENCRYPTION_BLOCK_FIRST;
+		}
+	}
+	budgets_on_uncommitted_rows = 0;
+	budgets_count_table = relid;
 }
 
 /*
@@ -355,6 +423,20 @@ forget_uncommitted_rows(bool give_up_blocks)
 	budgets_on_uncommitted_rows = 0;
 }
 
+/* Make the reservations this backend handed counts out of durable. */
+static void
+flush_reservation_wal(void)
+{
+	if (!XLogRecPtrIsInvalid(unflushed_reservation))
+	{
+		XLogRecPtr	lsn = unflushed_reservation;
+
+		/* Cleared first: an error in the flush must not be retried forever. */
+		unflushed_reservation = InvalidXLogRecPtr;
+		XLogFlush(lsn);
+	}
+}
+
 static void
 count_xact_callback(XactEvent event, void *arg)
 {
@@ -362,16 +444,19 @@ count_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_PRE_COMMIT:
 		case XACT_EVENT_PRE_PREPARE:
-			if (!XLogRecPtrIsInvalid(unflushed_reservation))
-			{
-				XLogFlush(unflushed_reservation);
-				unflushed_reservation = InvalidXLogRecPtr;
-			}
+			flush_reservation_wal();
 			break;
 		case XACT_EVENT_COMMIT:
 			forget_uncommitted_rows(false);
 			break;
 		case XACT_EVENT_ABORT:
+			/*
+			 * A rolled-back transaction may have returned ciphertexts to its client
+			 * (a SELECT of encrypt() before ROLLBACK): their counts must outlive a
+			 * crash as much as a committed transaction's do.
+			 */
+			flush_reservation_wal();
+			/* FALLTHROUGH */
 		case XACT_EVENT_PREPARE:
 			/* A prepared transaction may yet roll back. */
 			forget_uncommitted_rows(true);
@@ -478,6 +563,7 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 	int64		start = 0;
 	XLogRecPtr	lsn = InvalidXLogRecPtr;
 
+	budgets_reserve_in(relid);
 	if (!OidIsValid(relid))
 	{
 		/*
@@ -549,11 +635,16 @@ count_encryption(const char *tenant, size_t tenant_len, EnvelopeKeyRef ref)
 {
 	EncryptionBudget *b = *ref.budget;
 
-	if (likely(b != NULL && b->next < b->end && b->key.tenant_id == ref.tenant_id &&
-			   b->key.version == ref.version))
+	if (likely(b != NULL && b->next < b->end && !count_table_recheck &&
+			   b->key.tenant_id == ref.tenant_id && b->key.version == ref.version))
 	{
 		b->next++;
 		return true;
+	}
+	if (count_table_recheck)
+	{
+		count_table_recheck = false;
+		budgets_reserve_in(count_table());
 	}
 	b = budget_entry(ref.tenant_id, ref.version);
 	*ref.budget = b;
