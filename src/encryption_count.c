@@ -62,6 +62,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "lib/ilist.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "utils/builtins.h"
@@ -122,9 +123,37 @@ typedef struct EncryptionBudget
 	bool		tid_valid;		/* tid: where its row was last found, in file */
 	ItemPointerData tid;
 	Oid			tid_file;		/* relfilenode (VACUUM FULL makes a new one) */
+	dlist_node	by_reservation;	/* place in budgets_by_reservation */
 } EncryptionBudget;
 
+/*
+ * The budgets live in a pool of at most BUDGET_POOL_SLOTS slots (twice the key
+ * cache's first level, L1_MAX_TENANTS), allocated in chunks as they are first needed
+ * and never freed: the key cache keeps pointers to them (LocalVersion.budget), which
+ * must never dangle.  When the pool is full, the slot least recently reserved in is
+ * given to the new key; its unused rest is lost, which is always safe (the stored
+ * count stays an upper bound), and a key cache entry still pointing at it sees
+ * another key in it and looks its own up again (count_encryption).  The hash maps a
+ * key to its slot.  About 110 bytes a slot with its hash entry: under 2 MB per backend,
+ * however many (tenant, version) the backend has encrypted under.
+ */
+#define BUDGET_POOL_SLOTS		16384
+#define BUDGET_CHUNK_SLOTS		256
+
+typedef struct BudgetHashEntry
+{
+	BudgetKey	key;			/* hash key */
+	EncryptionBudget *slot;
+} BudgetHashEntry;
+
+static MemoryContext budget_context = NULL;
 static HTAB *budgets = NULL;
+static EncryptionBudget *budget_chunks[BUDGET_POOL_SLOTS / BUDGET_CHUNK_SLOTS];
+static int	budget_slots_used = 0;
+/* Every slot in use, least recently reserved in first. */
+static dlist_head budgets_by_reservation = DLIST_STATIC_INIT(budgets_by_reservation);
+
+#define BUDGET_SLOT(i)	(&budget_chunks[(i) / BUDGET_CHUNK_SLOTS][(i) % BUDGET_CHUNK_SLOTS])
 
 /*
  * WAL of reservations not yet known to be flushed; flushed when this backend's
@@ -154,14 +183,8 @@ static bool count_table_recheck = false;
 static void
 give_up_all_blocks(void)
 {
-	HASH_SEQ_STATUS scan;
-	EncryptionBudget *b;
-
-	if (budgets == NULL)
-		return;
-	hash_seq_init(&scan, budgets);
-	while ((b = hash_seq_search(&scan)) != NULL)
-		b->end = b->next;
+	for (int i = 0; i < budget_slots_used; i++)
+		BUDGET_SLOT(i)->end = BUDGET_SLOT(i)->next;
 }
 
 /* A changed limit applies to the next row: every block is given up (the rest is lost). */
@@ -227,19 +250,14 @@ budgets_reserve_in(Oid relid)
 	}
 	if (relid == budgets_count_table)
 		return;
-	if (budgets != NULL)
+	for (int i = 0; i < budget_slots_used; i++)
 	{
-		HASH_SEQ_STATUS scan;
-		EncryptionBudget *b;
+		EncryptionBudget *b = BUDGET_SLOT(i);
 
-		hash_seq_init(&scan, budgets);
-		while ((b = hash_seq_search(&scan)) != NULL)
-		{
-			b->end = b->next;
-			b->tid_valid = false;
-			b->row_uncommitted = false;
-			b->block = ENCRYPTION_BLOCK_FIRST;
-		}
+		b->end = b->next;
+		b->tid_valid = false;
+		b->row_uncommitted = false;
+		b->block = ENCRYPTION_BLOCK_FIRST;
 	}
 	budgets_on_uncommitted_rows = 0;
 	budgets_count_table = relid;
@@ -404,13 +422,12 @@ reserve_in_place(Relation rel, ItemPointer tid, bool remembered, EncryptionBudge
 static void
 forget_uncommitted_rows(bool give_up_blocks)
 {
-	HASH_SEQ_STATUS scan;
-	EncryptionBudget *b;
-
-	if (budgets_on_uncommitted_rows == 0 || budgets == NULL)
+	if (budgets_on_uncommitted_rows == 0)
 		return;
-	hash_seq_init(&scan, budgets);
-	while ((b = hash_seq_search(&scan)) != NULL)
+	for (int i = 0; i < budget_slots_used; i++)
+	{
+		EncryptionBudget *b = BUDGET_SLOT(i);
+
 		if (b->row_uncommitted)
 		{
 			if (give_up_blocks)
@@ -420,6 +437,7 @@ forget_uncommitted_rows(bool give_up_blocks)
 			}
 			b->row_uncommitted = false;
 		}
+	}
 	budgets_on_uncommitted_rows = 0;
 }
 
@@ -506,10 +524,46 @@ note_reservation_wal(XLogRecPtr lsn)
  * Per row
  */
 
+/*
+ * A slot for a key that has none: a new one while the pool has room, else the one
+ * least recently reserved in, taken from its key.  A slot on a row this transaction
+ * inserted may be taken too: its blocks go with it, and if the key comes back in this
+ * transaction, its new slot finds the row its own again (find_count_row).
+ */
+static EncryptionBudget *
+budget_slot_for_new_key(void)
+{
+	EncryptionBudget *b;
+	BudgetHashEntry *entry;
+
+	if (budget_slots_used < BUDGET_POOL_SLOTS)
+	{
+		int			chunk = budget_slots_used / BUDGET_CHUNK_SLOTS;
+
+		if (budget_chunks[chunk] == NULL)
+			budget_chunks[chunk] = MemoryContextAllocZero(budget_context,
+														  BUDGET_CHUNK_SLOTS * sizeof(EncryptionBudget));
+		b = BUDGET_SLOT(budget_slots_used);
+		budget_slots_used++;
+		dlist_push_tail(&budgets_by_reservation, &b->by_reservation);
+		return b;
+	}
+	b = dlist_container(EncryptionBudget, by_reservation,
+						dlist_head_node(&budgets_by_reservation));
+	entry = hash_search(budgets, &b->key, HASH_FIND, NULL);
+	if (entry != NULL && entry->slot == b)
+		hash_search(budgets, &b->key, HASH_REMOVE, NULL);
+	if (b->row_uncommitted)
+		budgets_on_uncommitted_rows--;
+	dlist_move_tail(&budgets_by_reservation, &b->by_reservation);
+	return b;
+}
+
 static EncryptionBudget *
 budget_entry(int32 tenant_id, uint32 version)
 {
 	BudgetKey	key;
+	BudgetHashEntry *entry;
 	EncryptionBudget *b;
 	bool		found;
 
@@ -517,25 +571,37 @@ budget_entry(int32 tenant_id, uint32 version)
 	{
 		HASHCTL		info;
 
+		budget_context = AllocSetContextCreate(TopMemoryContext,
+											   "pg_envelope encryption counts",
+											   ALLOCSET_DEFAULT_SIZES);
 		memset(&info, 0, sizeof(info));
 		info.keysize = sizeof(BudgetKey);
-		info.entrysize = sizeof(EncryptionBudget);
-		info.hcxt = TopMemoryContext;
-		budgets = hash_create("pg_envelope encryption counts", 256, &info,
+		info.entrysize = sizeof(BudgetHashEntry);
+		info.hcxt = budget_context;
+		budgets = hash_create("pg_envelope encryption budgets by key", 256, &info,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
 	memset(&key, 0, sizeof(key));
 	key.tenant_id = tenant_id;
 	key.version = version;
-	b = hash_search(budgets, &key, HASH_ENTER, &found);
-	if (!found)
-	{
-		b->next = b->end = 0;
-		b->block = ENCRYPTION_BLOCK_FIRST;
-		b->warned = false;
-		b->row_uncommitted = false;
-		b->tid_valid = false;
-	}
+	entry = hash_search(budgets, &key, HASH_FIND, NULL);
+	if (entry != NULL)
+		return entry->slot;
+
+	/* The slot first, as taking one removes its old key from the hash. */
+	b = budget_slot_for_new_key();
+	/* Version 0 is no key's: the slot is nobody's until the hash has it. */
+	b->key.tenant_id = 0;
+	b->key.version = 0;
+	b->next = b->end = 0;
+	b->block = ENCRYPTION_BLOCK_FIRST;
+	b->warned = false;
+	b->row_uncommitted = false;
+	b->tid_valid = false;
+	entry = hash_search(budgets, &key, HASH_ENTER, &found);
+	Assert(!found);
+	entry->slot = b;
+	b->key = key;
 	return b;
 }
 
@@ -583,6 +649,7 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 				 errhidestmt(true)));
 
 	register_callbacks();
+	dlist_move_tail(&budgets_by_reservation, &b->by_reservation);
 	rel = table_open(relid, RowExclusiveLock);
 	result = ROW_NOT_THERE;
 	if (b->tid_valid && b->tid_file == rel->rd_node.relNode)
