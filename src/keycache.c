@@ -737,8 +737,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 				state = KEY_DESTROYED;
 		}
 		/* SPI may have run invalidation callbacks: find the entry again. */
-		lt = l1_refind(tenant, tenant_len, tenant_id);
-		if (lt == NULL)
+		if (have_rec && (lt = l1_refind(tenant, tenant_len, tenant_id)) == NULL)
 		{
 			l1_prefetch_wipe();
 			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);

@@ -6,8 +6,8 @@
 # One moto serves every region (the SigV4 scope picks the region's backend).  The
 # primary runs in us-east-1 and wraps its DEKs under a multi-Region key; ReplicateKey
 # puts the replica (same key id and key material, its own ARN) in eu-west-1.  A
-# streaming standby configured for eu-west-1 decrypts what the primary wrote, through
-# the replica; promoted, it makes new DEKs and re-wraps old ones there, recording the
+# streaming standby configured for eu-west-1 prewarms its cache and decrypts what the
+# primary wrote, through the replica; promoted, it makes new DEKs and re-wraps old ones there, recording the
 # eu-west-1 ARN that KMS answers with, and the primary's region still reads those.
 # moto 5.2 cannot decrypt anything under a multi-Region key without the correction in
 # test/kms/moto_server.py (real "mrk-" + 32 hex key ids).
@@ -53,14 +53,23 @@ is(psql_on($primary, "SELECT kms_key FROM envelope.data_key WHERE tenant = 'acme
 $primary->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('mrk_standby');
 $standby->init_from_backup($primary, 'b1', has_streaming => 1);
-$standby->append_conf('postgresql.conf', "envelope.aws_region = '$region2'\n");
+$standby->append_conf('postgresql.conf',
+	"envelope.aws_region = '$region2'\nenvelope.cache_prewarm = 'active'\n");
+$kms->reset_proxy;
 $standby->start;
 $primary->wait_for_catchup($standby, 'replay');
+
+# the hot standby prewarms its cache in its own region
+$standby->poll_query_until('postgres', "SELECT prewarm_state = 'done' FROM envelope.cache_stats")
+  or die 'the standby did not prewarm';
+is(psql_on($standby, "SELECT prewarm_loaded || '/' || prewarm_failed FROM envelope.cache_stats"),
+	'1/1', 'the standby prewarms acme\'s key; solo\'s single-Region key fails');
+is($kms->count('Decrypt', 'forwarded'), 1, 'with one Decrypt, answered by the replica');
 
 my $count_acme = "SELECT count(*) FROM t WHERE tenant = 'acme' AND envelope.decrypt_text(tenant, c) = v";
 $kms->reset_proxy;
 is(psql_on($standby, $count_acme), '20', 'the eu-west-1 standby decrypts every value');
-is($kms->count('Decrypt', 'forwarded'), 1, 'with one Decrypt, answered by the replica');
+is($kms->count('Decrypt', 'requests'), 0, 'from the prewarmed cache, without a KMS request');
 
 # ---- a single-Region key from another region: refused before any request
 $kms->reset_proxy;

@@ -153,8 +153,17 @@ ok($node->poll_query_until('postgres', 'SELECT entries = 0 FROM envelope.cache_s
 like(slurp_file($node->logfile), qr/cache prewarm could not load key version \d+ of tenant "\w+": .*DisabledException/,
 	'refused: the log says why');
 
+# ---- workers terminated half-way: the state says failed, not running forever
+restart_with({ cache_prewarm_rate => 1 });
+$node->poll_query_until('postgres', 'SELECT prewarm_loaded >= 1 FROM envelope.cache_stats')
+  or die 'the slow prewarm did not start';
+is(sql(q{SELECT count(pg_terminate_backend(pid)) >= 1 FROM pg_stat_activity
+          WHERE backend_type = 'pg_envelope cache prewarm'}), 't', 'terminated: the prewarm workers are stopped');
+is(wait_prewarm_finished(), 'failed', 'terminated: prewarm_state says failed');
+cmp_ok(stats('prewarm_loaded'), '<', $active_keys, 'terminated: it had not loaded everything');
+
 # ---- a tenant destroyed while its key is being loaded is not cached
-restart_with({}, sub { $kms->fault(op => 'Decrypt', mode => 'hold', count => 1, seconds => 60) });
+restart_with({ cache_prewarm_rate => 1000 }, sub { $kms->fault(op => 'Decrypt', mode => 'hold', count => 1, seconds => 60) });
 my $deadline = time() + 60;
 sleep(0.1) until $kms->count('Decrypt', 'faulted') >= 1 || time() > $deadline;
 is($kms->count('Decrypt', 'faulted'), 1, 'destroyed: the first load (of t01) is held in the proxy');
