@@ -474,7 +474,8 @@ count_xact_callback(XactEvent event, void *arg)
 			 * crash as much as a committed transaction's do.
 			 */
 			flush_reservation_wal();
-			/* FALLTHROUGH */
+			forget_uncommitted_rows(true);
+			break;
 		case XACT_EVENT_PREPARE:
 			/* A prepared transaction may yet roll back. */
 			forget_uncommitted_rows(true);
