@@ -87,3 +87,20 @@ SELECT version, encryptions FROM envelope.tenant_keys WHERE tenant = 'ec_big' AN
 ALTER SYSTEM RESET envelope.max_encryptions_per_key;
 SELECT pg_reload_conf();
 DROP TABLE ec_t, ec_lim, ec_big;
+
+-- DROP EXTENSION and CREATE EXTENSION in one session: the new count table starts at 0
+-- and gives a new key the (tenant_id, version) of an old one; a block this backend
+-- reserved in the old table is never used for it (each encryption is counted anew).
+\c
+SELECT tenant AS ec_old, tenant_id AS ec_id FROM envelope.tenant
+ WHERE state = 'active' AND active_version = 1 ORDER BY tenant_id LIMIT 1 \gset
+SELECT envelope.key_version(envelope.encrypt(:'ec_old', 'x')) AS v;
+DROP EXTENSION pg_envelope CASCADE;
+CREATE EXTENSION pg_envelope;
+SELECT count(envelope.create_tenant('ec_again_' || i)) = :ec_id AS created
+  FROM generate_series(1, :ec_id) i;
+SELECT tenant_id = :ec_id AS same_tenant_id, active_version
+  FROM envelope.tenant WHERE tenant = 'ec_again_' || :ec_id;
+SELECT count(envelope.encrypt('ec_again_' || :ec_id, 'v' || i)) FROM generate_series(1, 50) i;
+SELECT version, encryptions >= 50 AS covers_rows FROM envelope.tenant_keys
+ WHERE tenant = 'ec_again_' || :ec_id;

@@ -17,9 +17,14 @@
  * whose reservation is WAL-logged, and WAL is replayed in order, so a crash that keeps
  * a row encrypted under a count keeps the reservation too (its WAL precedes the row's).
  * Values returned to a client by a transaction that writes nothing are covered by a
- * flush of the reservation's WAL before the transaction commits (one window remains:
- * values a statement has already sent when the server crashes before that commit, in
- * the last wal_writer_delay, since the WAL writer flushes on its own too).  Blocks
+ * flush of the reservation's WAL when the transaction ends, before its commit and at
+ * its abort alike (a ROLLBACK may follow a SELECT that returned ciphertexts).  One
+ * window remains: values a statement has already streamed to its client when the
+ * server crashes while that statement or its transaction is still running, before the
+ * WAL writer has flushed the reservation on its own (it writes out whole WAL pages as
+ * they fill, within wal_writer_delay).  Such values reached no committed row, and the
+ * client saw the crash end its transaction.  Flushing at each reservation would close
+ * it, at one WAL flush per first block of every (tenant, key) a backend touches.  Blocks
  * reserved in a row the transaction itself inserted (a key it created) are given up if
  * it aborts, as the row is gone and may come back at 0.  What a crash loses
  * is the unused rest of each backend's blocks, and so does a backend that exits: the
@@ -57,12 +62,14 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "lib/ilist.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -116,33 +123,75 @@ typedef struct EncryptionBudget
 	bool		tid_valid;		/* tid: where its row was last found, in file */
 	ItemPointerData tid;
 	Oid			tid_file;		/* relfilenode (VACUUM FULL makes a new one) */
+	dlist_node	by_reservation;	/* place in budgets_by_reservation */
 } EncryptionBudget;
 
-static HTAB *budgets = NULL;
+/*
+ * The budgets live in a pool of at most BUDGET_POOL_SLOTS slots (twice the key
+ * cache's first level, L1_MAX_TENANTS), allocated in chunks as they are first needed
+ * and never freed: the key cache keeps pointers to them (LocalVersion.budget), which
+ * must never dangle.  When the pool is full, the slot least recently reserved in is
+ * given to the new key; its unused rest is lost, which is always safe (the stored
+ * count stays an upper bound), and a key cache entry still pointing at it sees
+ * another key in it and looks its own up again (count_encryption).  The hash maps a
+ * key to its slot.  About 110 bytes a slot with its hash entry: under 2 MB per backend,
+ * however many (tenant, version) the backend has encrypted under.
+ */
+#define BUDGET_POOL_SLOTS		16384
+#define BUDGET_CHUNK_SLOTS		256
 
-/* WAL of reservations not yet known to be flushed; flushed before this backend commits. */
+typedef struct BudgetHashEntry
+{
+	BudgetKey	key;			/* hash key */
+	EncryptionBudget *slot;
+} BudgetHashEntry;
+
+static MemoryContext budget_context = NULL;
+static HTAB *budgets = NULL;
+static EncryptionBudget *budget_chunks[BUDGET_POOL_SLOTS / BUDGET_CHUNK_SLOTS];
+static int	budget_slots_used = 0;
+/* Every slot in use, least recently reserved in first. */
+static dlist_head budgets_by_reservation = DLIST_STATIC_INIT(budgets_by_reservation);
+
+#define BUDGET_SLOT(i)	(&budget_chunks[(i) / BUDGET_CHUNK_SLOTS][(i) % BUDGET_CHUNK_SLOTS])
+
+/*
+ * WAL of reservations not yet known to be flushed; flushed when this backend's
+ * transaction ends, committed or not.
+ */
 static XLogRecPtr unflushed_reservation = InvalidXLogRecPtr;
 static bool xact_callback_registered = false;
 
 /* Budgets whose row this transaction inserted (budget->row_uncommitted). */
 static int	budgets_on_uncommitted_rows = 0;
 
+/*
+ * The count table the budgets' blocks were reserved in.  DROP EXTENSION and CREATE
+ * EXTENSION make a new one whose rows start at 0, and may give a new key the
+ * (tenant_id, version) of an old one: a block of the old table must then never be
+ * used.  A relcache invalidation of the table (or of every relation) sets the flag,
+ * and the next row that finds it set looks the table up again.
+ */
+static Oid	budgets_count_table = InvalidOid;
+static bool count_table_recheck = false;
+
 /* ---------------------------------------------------------------------------
  * The setting
  */
+
+/* Every budget's unused rest is given up (always safe: the stored count stays an upper bound). */
+static void
+give_up_all_blocks(void)
+{
+	for (int i = 0; i < budget_slots_used; i++)
+		BUDGET_SLOT(i)->end = BUDGET_SLOT(i)->next;
+}
 
 /* A changed limit applies to the next row: every block is given up (the rest is lost). */
 static void
 assign_max_encryptions(int newval, void *extra)
 {
-	HASH_SEQ_STATUS scan;
-	EncryptionBudget *b;
-
-	if (budgets == NULL)
-		return;
-	hash_seq_init(&scan, budgets);
-	while ((b = hash_seq_search(&scan)) != NULL)
-		b->end = b->next;
+	give_up_all_blocks();
 }
 
 void
@@ -175,6 +224,43 @@ count_table(void)
 	Oid			nsp = get_namespace_oid("envelope", true);
 
 	return OidIsValid(nsp) ? get_relname_relid(COUNT_TABLE_NAME, nsp) : InvalidOid;
+}
+
+static void
+count_table_invalidated(Datum arg, Oid relid)
+{
+	if (!OidIsValid(relid) || relid == budgets_count_table)
+		count_table_recheck = true;
+}
+
+/*
+ * The blocks of every budget were reserved in `relid`'s rows, or are given up now:
+ * a count table other than the one they came from (the extension was dropped and
+ * created again, or updated from 0.1.0) has its own rows, starting at 0.
+ */
+static void
+budgets_reserve_in(Oid relid)
+{
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(count_table_invalidated, (Datum) 0);
+		callback_registered = true;
+	}
+	if (relid == budgets_count_table)
+		return;
+	for (int i = 0; i < budget_slots_used; i++)
+	{
+		EncryptionBudget *b = BUDGET_SLOT(i);
+
+		b->end = b->next;
+		b->tid_valid = false;
+		b->row_uncommitted = false;
+		b->block = ENCRYPTION_BLOCK_FIRST;
+	}
+	budgets_on_uncommitted_rows = 0;
+	budgets_count_table = relid;
 }
 
 /*
@@ -336,13 +422,12 @@ reserve_in_place(Relation rel, ItemPointer tid, bool remembered, EncryptionBudge
 static void
 forget_uncommitted_rows(bool give_up_blocks)
 {
-	HASH_SEQ_STATUS scan;
-	EncryptionBudget *b;
-
-	if (budgets_on_uncommitted_rows == 0 || budgets == NULL)
+	if (budgets_on_uncommitted_rows == 0)
 		return;
-	hash_seq_init(&scan, budgets);
-	while ((b = hash_seq_search(&scan)) != NULL)
+	for (int i = 0; i < budget_slots_used; i++)
+	{
+		EncryptionBudget *b = BUDGET_SLOT(i);
+
 		if (b->row_uncommitted)
 		{
 			if (give_up_blocks)
@@ -352,7 +437,22 @@ forget_uncommitted_rows(bool give_up_blocks)
 			}
 			b->row_uncommitted = false;
 		}
+	}
 	budgets_on_uncommitted_rows = 0;
+}
+
+/* Make the reservations this backend handed counts out of durable. */
+static void
+flush_reservation_wal(void)
+{
+	if (!XLogRecPtrIsInvalid(unflushed_reservation))
+	{
+		XLogRecPtr	lsn = unflushed_reservation;
+
+		/* Cleared first: an error in the flush must not be retried forever. */
+		unflushed_reservation = InvalidXLogRecPtr;
+		XLogFlush(lsn);
+	}
 }
 
 static void
@@ -362,16 +462,20 @@ count_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_PRE_COMMIT:
 		case XACT_EVENT_PRE_PREPARE:
-			if (!XLogRecPtrIsInvalid(unflushed_reservation))
-			{
-				XLogFlush(unflushed_reservation);
-				unflushed_reservation = InvalidXLogRecPtr;
-			}
+			flush_reservation_wal();
 			break;
 		case XACT_EVENT_COMMIT:
 			forget_uncommitted_rows(false);
 			break;
 		case XACT_EVENT_ABORT:
+			/*
+			 * A rolled-back transaction may have returned ciphertexts to its client
+			 * (a SELECT of encrypt() before ROLLBACK): their counts must outlive a
+			 * crash as much as a committed transaction's do.
+			 */
+			flush_reservation_wal();
+			forget_uncommitted_rows(true);
+			break;
 		case XACT_EVENT_PREPARE:
 			/* A prepared transaction may yet roll back. */
 			forget_uncommitted_rows(true);
@@ -421,10 +525,46 @@ note_reservation_wal(XLogRecPtr lsn)
  * Per row
  */
 
+/*
+ * A slot for a key that has none: a new one while the pool has room, else the one
+ * least recently reserved in, taken from its key.  A slot on a row this transaction
+ * inserted may be taken too: its blocks go with it, and if the key comes back in this
+ * transaction, its new slot finds the row its own again (find_count_row).
+ */
+static EncryptionBudget *
+budget_slot_for_new_key(void)
+{
+	EncryptionBudget *b;
+	BudgetHashEntry *entry;
+
+	if (budget_slots_used < BUDGET_POOL_SLOTS)
+	{
+		int			chunk = budget_slots_used / BUDGET_CHUNK_SLOTS;
+
+		if (budget_chunks[chunk] == NULL)
+			budget_chunks[chunk] = MemoryContextAllocZero(budget_context,
+														  BUDGET_CHUNK_SLOTS * sizeof(EncryptionBudget));
+		b = BUDGET_SLOT(budget_slots_used);
+		budget_slots_used++;
+		dlist_push_tail(&budgets_by_reservation, &b->by_reservation);
+		return b;
+	}
+	b = dlist_container(EncryptionBudget, by_reservation,
+						dlist_head_node(&budgets_by_reservation));
+	entry = hash_search(budgets, &b->key, HASH_FIND, NULL);
+	if (entry != NULL && entry->slot == b)
+		hash_search(budgets, &b->key, HASH_REMOVE, NULL);
+	if (b->row_uncommitted)
+		budgets_on_uncommitted_rows--;
+	dlist_move_tail(&budgets_by_reservation, &b->by_reservation);
+	return b;
+}
+
 static EncryptionBudget *
 budget_entry(int32 tenant_id, uint32 version)
 {
 	BudgetKey	key;
+	BudgetHashEntry *entry;
 	EncryptionBudget *b;
 	bool		found;
 
@@ -432,25 +572,37 @@ budget_entry(int32 tenant_id, uint32 version)
 	{
 		HASHCTL		info;
 
+		budget_context = AllocSetContextCreate(TopMemoryContext,
+											   "pg_envelope encryption counts",
+											   ALLOCSET_DEFAULT_SIZES);
 		memset(&info, 0, sizeof(info));
 		info.keysize = sizeof(BudgetKey);
-		info.entrysize = sizeof(EncryptionBudget);
-		info.hcxt = TopMemoryContext;
-		budgets = hash_create("pg_envelope encryption counts", 256, &info,
+		info.entrysize = sizeof(BudgetHashEntry);
+		info.hcxt = budget_context;
+		budgets = hash_create("pg_envelope encryption budgets by key", 256, &info,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
 	memset(&key, 0, sizeof(key));
 	key.tenant_id = tenant_id;
 	key.version = version;
-	b = hash_search(budgets, &key, HASH_ENTER, &found);
-	if (!found)
-	{
-		b->next = b->end = 0;
-		b->block = ENCRYPTION_BLOCK_FIRST;
-		b->warned = false;
-		b->row_uncommitted = false;
-		b->tid_valid = false;
-	}
+	entry = hash_search(budgets, &key, HASH_FIND, NULL);
+	if (entry != NULL)
+		return entry->slot;
+
+	/* The slot first, as taking one removes its old key from the hash. */
+	b = budget_slot_for_new_key();
+	/* Version 0 is no key's: the slot is nobody's until the hash has it. */
+	b->key.tenant_id = 0;
+	b->key.version = 0;
+	b->next = b->end = 0;
+	b->block = ENCRYPTION_BLOCK_FIRST;
+	b->warned = false;
+	b->row_uncommitted = false;
+	b->tid_valid = false;
+	entry = hash_search(budgets, &key, HASH_ENTER, &found);
+	Assert(!found);
+	entry->slot = b;
+	b->key = key;
 	return b;
 }
 
@@ -478,6 +630,7 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 	int64		start = 0;
 	XLogRecPtr	lsn = InvalidXLogRecPtr;
 
+	budgets_reserve_in(relid);
 	if (!OidIsValid(relid))
 	{
 		/*
@@ -497,6 +650,7 @@ reserve_block(EncryptionBudget *b, const char *tenant, size_t tenant_len)
 				 errhidestmt(true)));
 
 	register_callbacks();
+	dlist_move_tail(&budgets_by_reservation, &b->by_reservation);
 	rel = table_open(relid, RowExclusiveLock);
 	result = ROW_NOT_THERE;
 	if (b->tid_valid && b->tid_file == rel->rd_node.relNode)
@@ -549,11 +703,16 @@ count_encryption(const char *tenant, size_t tenant_len, EnvelopeKeyRef ref)
 {
 	EncryptionBudget *b = *ref.budget;
 
-	if (likely(b != NULL && b->next < b->end && b->key.tenant_id == ref.tenant_id &&
-			   b->key.version == ref.version))
+	if (likely(b != NULL && b->next < b->end && !count_table_recheck &&
+			   b->key.tenant_id == ref.tenant_id && b->key.version == ref.version))
 	{
 		b->next++;
 		return true;
+	}
+	if (count_table_recheck)
+	{
+		count_table_recheck = false;
+		budgets_reserve_in(count_table());
 	}
 	b = budget_entry(ref.tenant_id, ref.version);
 	*ref.budget = b;

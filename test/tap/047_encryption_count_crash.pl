@@ -4,7 +4,8 @@
 # killed with SIGKILL mid-batch, which makes the server crash and replay its WAL.  After
 # the restart the stored count must be at least the number of committed rows, and new
 # encryptions continue above it.  A standby replays the counts, and refuses to encrypt
-# (it cannot write them).
+# (it cannot write them).  A transaction that delivered a ciphertext and rolled back
+# keeps its count through an immediate stop.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -92,5 +93,21 @@ my $decrypted = q{SELECT count(*) FROM sealed WHERE envelope.decrypt_text('crash
 is($standby->safe_psql('postgres', $decrypted), $node->safe_psql('postgres', $decrypted),
 	'and decrypts');
 $standby->stop;
+
+# ---- A transaction that returned a ciphertext and rolled back: its reservation is
+# flushed at the abort, so an immediate stop right after it loses no count (the next
+# backend must not hand the same counts out again).
+$node->safe_psql('postgres', q{SELECT envelope.create_tenant('aborted'); CHECKPOINT});
+my $aborted_sql = q{SELECT encryptions FROM envelope.tenant_keys WHERE tenant = 'aborted' AND version = 1};
+my $delivered = $node->safe_psql('postgres', q{
+BEGIN;
+SELECT count(envelope.encrypt('aborted', 'hello'));
+ROLLBACK;
+});
+is($delivered, '1', 'a rolled-back transaction returned one ciphertext');
+$node->stop('immediate');
+$node->start;
+cmp_ok($node->safe_psql('postgres', $aborted_sql), '>=', 1,
+	'after an immediate stop the stored count covers the ciphertext the aborted transaction delivered');
 $node->stop;
 done_testing();
