@@ -734,6 +734,45 @@ AS $$
      WHERE t.run_id = run AND t.finished_at IS NULL
 $$;
 
+-- The UPDATE of one batch, shared by reencrypt_step and (under Citus) the shards'
+-- reencrypt_relation_batch: blocks [first_block, end_block) of `rel`, re-encrypting the
+-- values of `col` that need it or, when `source_col` is given (a blind-index column),
+-- recomputing the stale blind indexes from it.  Returns how many rows changed.  A row a
+-- concurrent update changed is re-checked (EvalPlanQual) and handled from its new
+-- version: a new value already under the active version, or a new source, is seen.
+CREATE FUNCTION envelope.reencrypt_blocks(rel regclass, col name, tenant_col name,
+                                          source_col name, context text,
+                                          first_block bigint, end_block bigint)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    moved bigint;
+BEGIN
+    IF source_col IS NULL THEN
+        EXECUTE format(
+            'UPDATE %s SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
+            rel, col, tenant_col, col, col, tenant_col)
+          USING context, first_block, end_block;
+    ELSE
+        EXECUTE format(
+            'UPDATE %s SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
+            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
+            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
+            '   AND %I IS NOT NULL'
+            '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
+            rel, col, tenant_col, source_col, source_col, col, tenant_col)
+          USING context, first_block, end_block;
+    END IF;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    RETURN moved;
+END
+$$;
+
 -- One batch of a re-encryption task: a single UPDATE of the next block range, which
 -- re-encrypts the randomized values not under their tenant's active version and the
 -- deterministic values not under its equality key version, or, for a blind-index
@@ -804,27 +843,8 @@ BEGIN
     END IF;
 
     block_end := least(t.total, t.done + greatest(1, ceil(batch_size / rows_per_block))::bigint);
-    IF t.source_attnum IS NULL THEN
-        EXECUTE format(
-            'UPDATE %I.%I SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
-            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-            '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
-            rel_schema, rel_name, col, tenant_col, col, col, tenant_col)
-          USING t.context, t.done, block_end;
-    ELSE
-        -- A row whose source a concurrent update changed is re-checked (EvalPlanQual)
-        -- and its blind index made from the new source value.
-        EXECUTE format(
-            'UPDATE %I.%I SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
-            ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-            '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-            '   AND %I IS NOT NULL'
-            '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
-            rel_schema, rel_name, col, tenant_col, source_col, source_col, col, tenant_col)
-          USING t.context, t.done, block_end;
-    END IF;
-    GET DIAGNOSTICS moved = ROW_COUNT;
+    moved := envelope.reencrypt_blocks(t.relation, col, tenant_col, source_col, t.context,
+                                       t.done, block_end);
 
     UPDATE envelope.rotation_task x
        SET done = block_end, values_moved = x.values_moved + moved,
@@ -1474,26 +1494,8 @@ BEGIN
           INTO rows_per_block FROM pg_class c WHERE c.oid = relid;
         block_end := least(total, done_before + greatest(1, ceil(batch_size / rows_per_block))::bigint);
         BEGIN
-            IF source_column IS NULL THEN
-                EXECUTE format(
-                    'UPDATE %s SET %I = envelope.reencrypt_value(%I::pg_catalog.text, %I, $1)'
-                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-                    '   AND envelope.needs_reencryption(%I, %I::pg_catalog.text)',
-                    relid, column_name, tenant_column, column_name, column_name, tenant_column)
-                  USING context, done_before, block_end;
-            ELSE
-                EXECUTE format(
-                    'UPDATE %s SET %I = envelope.blind_index_recompute(%I::pg_catalog.text, %I, $1)'
-                    ' WHERE ctid OPERATOR(pg_catalog.>=) pg_catalog.format(''(%%s,0)'', $2)::pg_catalog.tid'
-                    '   AND ctid OPERATOR(pg_catalog.<) pg_catalog.format(''(%%s,0)'', $3)::pg_catalog.tid'
-                    '   AND %I IS NOT NULL'
-                    '   AND envelope.blind_index_needs_recompute(%I, %I::pg_catalog.text)',
-                    relid, column_name, tenant_column, source_column, source_column, column_name,
-                    tenant_column)
-                  USING context, done_before, block_end;
-            END IF;
-            GET DIAGNOSTICS moved = ROW_COUNT;
+            moved := envelope.reencrypt_blocks(relid, column_name, tenant_column, source_column,
+                                               context, done_before, block_end);
         EXCEPTION WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
                                     err_detail = PG_EXCEPTION_DETAIL, err_hint = PG_EXCEPTION_HINT;
@@ -1655,6 +1657,7 @@ REVOKE ALL ON FUNCTION
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
     envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
+    envelope.reencrypt_blocks(regclass, name, name, name, text, bigint, bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
     envelope.reencrypt_begin(regclass, name, name, integer, text),
@@ -1686,6 +1689,7 @@ GRANT EXECUTE ON FUNCTION
     envelope.reencrypt_add_task(bigint, regclass, name, name, text),
     envelope.reencrypt_add_blind_index_task(bigint, regclass, name, name, name, text),
     envelope.rotation_next_task(bigint),
+    envelope.reencrypt_blocks(regclass, name, name, name, text, bigint, bigint),
     envelope.reencrypt_step(bigint, integer, integer),
     envelope.reencrypt_check_batch(integer, integer),
     envelope.reencrypt_begin(regclass, name, name, integer, text),
