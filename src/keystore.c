@@ -347,12 +347,13 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 /*
  * The key cache's one question to the key store, through SQL where the direct read
  * (keystore_read.c) cannot answer it: a tenant and one of its versions (0: the active
- * one), with the latest committed state, and the roles granted the tenant.  The
- * reference for what keystore_direct_read_tenant_key must answer.  The plan is prepared once per backend and kept (SPI_keepplan), so a cache miss
- * parses nothing; the plan cache re-plans it by itself should the tables be dropped
- * and created again.  A database still at 0.1.0 has no envelope.tenant_grant: its
- * plan reads no grants, and is prepared again once the table appears (the update
- * invalidates envelope.tenant, which makes this backend look the tables up again).
+ * one), with the latest committed state, and the roles granted the tenant.  It is the
+ * reference for what keystore_direct_read_tenant_key must answer.  The plan is
+ * prepared once per backend and kept (SPI_keepplan), so a cache miss parses nothing;
+ * the plan cache re-plans it by itself should the tables be dropped and created again.
+ * A database still at 0.1.0 has no envelope.tenant_grant: its plan reads no grants,
+ * and is prepared again once the table appears (the update invalidates
+ * envelope.tenant, which makes this backend look the tables up again).
  */
 static SPIPlanPtr tenant_key_plan = NULL;
 static bool tenant_key_plan_reads_grants = false;
