@@ -240,6 +240,28 @@ SELECT CASE WHEN a."current_user" = current_user THEN '(superuser)' ELSE a."curr
   FROM envelope.audit_log a, ta_mark m
  WHERE a.id > m.last AND a.action IN ('grant', 'revoke') ORDER BY a.id;
 
+-- The key store is read through an index of tenant_grant only if that index compares
+-- tenants as text does.  With bpchar_ops 'ta-pad' and 'ta-pad ' are equal: a scan for
+-- 'ta-pad ' would stop at the 'ta-pad' grant and miss its own, opening the tenant to
+-- every envelope_user.  Such an index is not used; 'ta-pad ' stays closed.
+SELECT envelope.create_tenant('ta-pad');
+SELECT envelope.create_tenant('ta-pad ');
+SELECT envelope.grant_tenant('ta-pad', 'regress_ta_other') AS granted;
+SELECT envelope.grant_tenant('ta-pad ', 'regress_ta_app') AS granted;
+ALTER TABLE envelope.tenant_grant DROP CONSTRAINT tenant_grant_pkey;
+CREATE INDEX ta_grant_bpchar ON envelope.tenant_grant (tenant bpchar_ops);
+SET ROLE regress_ta_other;
+SELECT envelope.encrypt('ta-pad ', 'secret');
+SELECT envelope.decrypt_text('ta-pad', envelope.encrypt('ta-pad', 'mine')) AS own_tenant;
+RESET ROLE;
+SET ROLE regress_ta_app;
+SELECT envelope.decrypt_text('ta-pad ', envelope.encrypt('ta-pad ', 'mine')) AS own_tenant;
+RESET ROLE;
+DROP INDEX envelope.ta_grant_bpchar;
+ALTER TABLE envelope.tenant_grant ADD CONSTRAINT tenant_grant_pkey PRIMARY KEY (tenant, role);
+SELECT envelope.revoke_tenant('ta-pad', 'regress_ta_other') AS revoked;
+SELECT envelope.revoke_tenant('ta-pad ', 'regress_ta_app') AS revoked;
+
 DROP FUNCTION ta_read_as_owner(int), ta_read_as_caller(int);
 DROP TABLE ta_data, ta_mark;
 REVOKE EXECUTE ON FUNCTION envelope.reencrypt_value(text, bytea, text) FROM regress_ta_app, regress_ta_other;

@@ -43,9 +43,11 @@
 #include "catalog/pg_am.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
+#include "catalog/pg_opfamily.h"
 #include "catalog/pg_type.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -153,9 +155,32 @@ column_number(Relation rel, const char *name, Oid type, Oid *collation)
 }
 
 /*
+ * The btree operator family whose equality is the one the reader's ScanKeys use
+ * (texteq, int4eq) for a column of type `type`; InvalidOid for any other type.
+ */
+static Oid
+equality_opfamily(Oid type)
+{
+	switch (type)
+	{
+		case TEXTOID:
+			return TEXT_BTREE_FAM_OID;
+		case INT4OID:
+			return INTEGER_BTREE_FAM_OID;
+		default:
+			return InvalidOid;
+	}
+}
+
+/*
  * Can `index` find rows by equality on `keys` (its leading key columns, in order)?  A
- * valid btree on plain columns, without predicate, in the columns' own collations,
- * usable by every snapshot (no indcheckxmin).
+ * valid btree on plain columns, without predicate, usable by every snapshot (no
+ * indcheckxmin), whose key columns are compared by the type's own default operator
+ * family (text_ops, integer_ops) in the columns' own, deterministic collations.
+ * Anything else could order rows the ScanKey's equality tells apart as equal (bpchar_ops
+ * on text makes 'acme' and 'acme ' equal, so a scan would stop early and miss rows, a
+ * missed grant opening a restricted tenant), and would run a support function of
+ * somebody's choosing as the caller.
  */
 static bool
 index_leads_with(Relation heap, Relation index, const AttrNumber *keys, int nkeys)
@@ -169,8 +194,15 @@ index_leads_with(Relation heap, Relation index, const AttrNumber *keys, int nkey
 		return false;
 	for (int i = 0; i < nkeys; i++)
 	{
-		if (form->indkey.values[i] != keys[i] ||
-			index->rd_indcollation[i] != TupleDescAttr(RelationGetDescr(heap), keys[i] - 1)->attcollation)
+		Form_pg_attribute att = TupleDescAttr(RelationGetDescr(heap), keys[i] - 1);
+		Oid			opfamily = equality_opfamily(att->atttypid);
+
+		if (form->indkey.values[i] != keys[i] || !OidIsValid(opfamily) ||
+			index->rd_opfamily[i] != opfamily ||
+			index->rd_opcintype[i] != att->atttypid ||
+			index->rd_indcollation[i] != att->attcollation ||
+			(OidIsValid(att->attcollation) &&
+			 !get_collation_isdeterministic(att->attcollation)))
 			return false;
 	}
 	return true;
