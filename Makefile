@@ -23,7 +23,7 @@ UPDATE_SCRIPTS = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql))
 DATA = sql/$(EXTENSION)--0.1.0.sql $(UPDATE_SCRIPTS)
 DATA_built = $(FULL_SCRIPT)
 
-REGRESS = setup cipher deterministic errors roles keys plaintext_guard inventory audit guards health fleet equality blind_index_rekey tenant_access encryption_count
+REGRESS = setup cipher deterministic errors roles keys plaintext_guard inventory audit guards health fleet equality blind_index_rekey tenant_access encryption_count keystore_read
 TEST_TMP ?= $(CURDIR)/test/tmp
 REGRESS_OPTS = --temp-instance=$(TEST_TMP)/regress_instance \
 	--temp-config=$(TEST_TMP)/regress.conf

@@ -154,6 +154,12 @@ column_number(Relation rel, const char *name, Oid type, Oid *collation)
 	return InvalidAttrNumber;
 }
 
+static bool
+collation_is_deterministic(Oid collation)
+{
+	return !OidIsValid(collation) || get_collation_isdeterministic(collation);
+}
+
 /*
  * The btree operator family whose equality is the one the reader's ScanKeys use
  * (texteq, int4eq) for a column of type `type`; InvalidOid for any other type.
@@ -201,8 +207,7 @@ index_leads_with(Relation heap, Relation index, const AttrNumber *keys, int nkey
 			index->rd_opfamily[i] != opfamily ||
 			index->rd_opcintype[i] != att->atttypid ||
 			index->rd_indcollation[i] != att->attcollation ||
-			(OidIsValid(att->attcollation) &&
-			 !get_collation_isdeterministic(att->attcollation)))
+			!collation_is_deterministic(att->attcollation))
 			return false;
 	}
 	return true;
@@ -273,6 +278,16 @@ describe_key_tables(const KeyTableRelations *rels, const KeyStoreTables *tables,
 			return false;
 	}
 
+	/*
+	 * A non-deterministic collation makes texteq compare by collation rules, which a
+	 * heap scan would follow but which this reader was not written for: SQL answers.
+	 */
+	if (!collation_is_deterministic(layout->tenant_name_collation) ||
+		!collation_is_deterministic(layout->key_tenant_collation) ||
+		(rels->tenant_grant != NULL &&
+		 !collation_is_deterministic(layout->grant_tenant_collation)))
+		return false;
+
 	keys[0] = layout->tenant_name;
 	layout->tenant_index = find_index(rels->tenant, keys, 1);
 	keys[0] = layout->key_tenant;
@@ -328,12 +343,18 @@ open_key_table(Oid relid)
 				 errmsg("the key store of extension \"pg_envelope\" no longer exists"),
 				 errdetail("Relation %u of the key store was dropped.", relid),
 				 errhint("If the extension was dropped, run CREATE EXTENSION pg_envelope.")));
-	if (rel->rd_rel->relkind != RELKIND_RELATION)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("key store relation \"%s\" is not a table",
-						RelationGetRelationName(rel))));
 	return rel;
+}
+
+/*
+ * Is a key table a plain table holding all its rows itself?  A partitioned table, a
+ * view or foreign table put in its place, or inheritance children (whose rows a query
+ * on the parent returns) are read by the SQL path, which sees them all.
+ */
+static bool
+key_table_is_plain(Relation rel)
+{
+	return rel->rd_rel->relkind == RELKIND_RELATION && !rel->rd_rel->relhassubclass;
 }
 
 /*
@@ -495,8 +516,12 @@ read_data_key_row(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
 	systable_endscan(scan);
 }
 
-/* The roles granted the tenant, ascending, into out (copied into `result_cxt`). */
-static void
+/*
+ * The roles granted the tenant, ascending, into out (copied into `result_cxt`); false
+ * if a grant names no role (NOT NULL dropped from the column), which the SQL path
+ * refuses with an error of its own: it answers then.
+ */
+static bool
 read_grants(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
 			Datum name, TenantKeyRecord *out, MemoryContext result_cxt)
 {
@@ -517,7 +542,10 @@ read_grants(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
 		Datum		role = heap_getattr(tuple, layout->grant_role, desc, &isnull);
 
 		if (isnull)
-			continue;
+		{
+			systable_endscan(scan);
+			return false;
+		}
 		if (nroles == maxroles)
 		{
 			maxroles = Max(8, maxroles * 2);
@@ -528,15 +556,16 @@ read_grants(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
 	systable_endscan(scan);
 
 	if (nroles == 0)
-		return;
+		return true;
 	qsort(roles, nroles, sizeof(Oid), oid_cmp);
 	out->grant_roles = MemoryContextAlloc(result_cxt, sizeof(Oid) * nroles);
 	memcpy(out->grant_roles, roles, sizeof(Oid) * nroles);
 	out->ngrants = nroles;
+	return true;
 }
 
 /* The three reads, in the read's context; results in `result_cxt`. */
-static bool
+static KeyStoreDirectRead
 read_tenant_key(const KeyTableRelations *rels, const KeyTableLayout *layout,
 				const char *tenant, int32 version, TenantKeyRecord *out,
 				MemoryContext result_cxt)
@@ -545,18 +574,19 @@ read_tenant_key(const KeyTableRelations *rels, const KeyTableLayout *layout,
 	Snapshot	snapshot = RegisterSnapshot(IsInParallelMode() ? GetActiveSnapshot()
 											: GetLatestSnapshot());
 	Datum		name = CStringGetTextDatum(tenant);
-	bool		found;
+	KeyStoreDirectRead result = KEYSTORE_READ_NO_TENANT;
 
-	found = read_tenant_row(rels->tenant, layout, snapshot, name, out);
-	if (found)
+	if (read_tenant_row(rels->tenant, layout, snapshot, name, out))
 	{
+		result = KEYSTORE_READ_FOUND;
 		read_data_key_row(rels->data_key, layout, snapshot, name,
 						  version == 0 ? out->active_version : version, out, result_cxt);
-		if (rels->tenant_grant != NULL)
-			read_grants(rels->tenant_grant, layout, snapshot, name, out, result_cxt);
+		if (rels->tenant_grant != NULL &&
+			!read_grants(rels->tenant_grant, layout, snapshot, name, out, result_cxt))
+			result = KEYSTORE_READ_UNSUPPORTED;
 	}
 	UnregisterSnapshot(snapshot);
-	return found;
+	return result;
 }
 
 KeyStoreDirectRead
@@ -566,7 +596,7 @@ keystore_direct_read_tenant_key(const KeyStoreTables *tables, const char *tenant
 	MemoryContext caller_cxt = CurrentMemoryContext;
 	KeyTableRelations rels = {0};
 	KeyTableLayout layout;
-	bool		found;
+	KeyStoreDirectRead result;
 
 	memset(out, 0, sizeof(*out));
 
@@ -582,7 +612,9 @@ keystore_direct_read_tenant_key(const KeyStoreTables *tables, const char *tenant
 	rels.data_key = open_key_table(tables->data_key);
 	if (OidIsValid(tables->tenant_grant))
 		rels.tenant_grant = open_key_table(tables->tenant_grant);
-	if (!owner_sees_every_row(rels.tenant) || !owner_sees_every_row(rels.data_key) ||
+	if (!key_table_is_plain(rels.tenant) || !key_table_is_plain(rels.data_key) ||
+		(rels.tenant_grant != NULL && !key_table_is_plain(rels.tenant_grant)) ||
+		!owner_sees_every_row(rels.tenant) || !owner_sees_every_row(rels.data_key) ||
 		(rels.tenant_grant != NULL && !owner_sees_every_row(rels.tenant_grant)) ||
 		!key_table_layout(&rels, tables, &layout))
 	{
@@ -600,10 +632,12 @@ keystore_direct_read_tenant_key(const KeyStoreTables *tables, const char *tenant
 										 ALLOCSET_DEFAULT_SIZES);
 	MemoryContextReset(read_cxt);
 	MemoryContextSwitchTo(read_cxt);
-	found = read_tenant_key(&rels, &layout, tenant, version, out, caller_cxt);
+	result = read_tenant_key(&rels, &layout, tenant, version, out, caller_cxt);
 	MemoryContextSwitchTo(caller_cxt);
 	MemoryContextReset(read_cxt);
 
 	close_key_tables(&rels);
-	return found ? KEYSTORE_READ_FOUND : KEYSTORE_READ_NO_TENANT;
+	if (result == KEYSTORE_READ_UNSUPPORTED)
+		memset(out, 0, sizeof(*out));
+	return result;
 }
