@@ -498,6 +498,7 @@ keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out
 	tables.tenant = tenant_relid;
 	tables.data_key = data_key_relid;
 	tables.tenant_grant = tenant_grant_relid;
+	tables.owner = key_store_owner;
 	switch (keystore_direct_read_tenant_key(&tables, tenant, version, out))
 	{
 		case KEYSTORE_READ_FOUND:

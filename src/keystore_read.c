@@ -50,6 +50,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/rls.h"
 #include "utils/snapmgr.h"
 
 /* Where each column the reader needs is, and which index finds rows by it. */
@@ -358,13 +359,16 @@ key_table_is_plain(Relation rel)
 }
 
 /*
- * Row security forced on a key table applies to its owner, as whom the SQL path reads:
- * only that path gives the same answer.  (Without FORCE the owner bypasses it.)
+ * Could row security filter what the key store's owner, as whom the SQL path reads,
+ * sees of a key table?  check_enable_rls answers RLS_NONE only where no policy can
+ * apply at all; anything else (FORCE, an owner without BYPASSRLS under FORCE, the
+ * row_security setting) is for the SQL path, whose executor applies the policies.
  */
 static bool
-owner_sees_every_row(Relation rel)
+row_security_may_apply(Relation rel, Oid owner)
 {
-	return !(rel->rd_rel->relrowsecurity && rel->rd_rel->relforcerowsecurity);
+	return rel->rd_rel->relrowsecurity &&
+		check_enable_rls(RelationGetRelid(rel), owner, true) != RLS_NONE;
 }
 
 static void
@@ -614,8 +618,9 @@ keystore_direct_read_tenant_key(const KeyStoreTables *tables, const char *tenant
 		rels.tenant_grant = open_key_table(tables->tenant_grant);
 	if (!key_table_is_plain(rels.tenant) || !key_table_is_plain(rels.data_key) ||
 		(rels.tenant_grant != NULL && !key_table_is_plain(rels.tenant_grant)) ||
-		!owner_sees_every_row(rels.tenant) || !owner_sees_every_row(rels.data_key) ||
-		(rels.tenant_grant != NULL && !owner_sees_every_row(rels.tenant_grant)) ||
+		row_security_may_apply(rels.tenant, tables->owner) ||
+		row_security_may_apply(rels.data_key, tables->owner) ||
+		(rels.tenant_grant != NULL && row_security_may_apply(rels.tenant_grant, tables->owner)) ||
 		!key_table_layout(&rels, tables, &layout))
 	{
 		close_key_tables(&rels);

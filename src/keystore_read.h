@@ -13,6 +13,7 @@ typedef struct KeyStoreTables
 	Oid			tenant;
 	Oid			data_key;
 	Oid			tenant_grant;	/* InvalidOid in a key store still at 0.1.0 */
+	Oid			owner;			/* their owner, as whom the SQL path reads them */
 } KeyStoreTables;
 
 typedef enum KeyStoreDirectRead
