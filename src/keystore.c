@@ -115,7 +115,8 @@ lookup_key_store_owner(void)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("extension \"pg_envelope\" is not installed in this database"),
-				 errhint("Run CREATE EXTENSION pg_envelope.")));
+				 errhint("Run CREATE EXTENSION pg_envelope."),
+				 errhidestmt(true)));
 	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
 	if (!HeapTupleIsValid(tuple))
 		elog(ERROR, "cache lookup failed for relation %u", relid);

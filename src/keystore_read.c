@@ -343,7 +343,8 @@ open_key_table(Oid relid)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("the key store of extension \"pg_envelope\" no longer exists"),
 				 errdetail("Relation %u of the key store was dropped.", relid),
-				 errhint("If the extension was dropped, run CREATE EXTENSION pg_envelope.")));
+				 errhint("If the extension was dropped, run CREATE EXTENSION pg_envelope."),
+				 errhidestmt(true)));
 	return rel;
 }
 
