@@ -494,22 +494,39 @@ keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out
 {
 	KeyStoreTables tables;
 
-	if (!OidIsValid(tenant_relid) || !OidIsValid(key_store_owner))
-		key_store_owner = lookup_key_store_owner();
-	tables.tenant = tenant_relid;
-	tables.data_key = data_key_relid;
-	tables.tenant_grant = tenant_grant_relid;
-	tables.owner = key_store_owner;
-	switch (keystore_direct_read_tenant_key(&tables, tenant, version, out))
+	/*
+	 * A table looked up before may have gone with a dropped extension; one created
+	 * again since then has new tables, which the second look-up finds (and that of a
+	 * dropped one raises that the extension is not installed).
+	 */
+	for (int attempt = 1;; attempt++)
 	{
-		case KEYSTORE_READ_FOUND:
-			return true;
-		case KEYSTORE_READ_NO_TENANT:
-			return false;
-		case KEYSTORE_READ_UNSUPPORTED:
-			break;
+		if (!OidIsValid(tenant_relid) || !OidIsValid(key_store_owner))
+			key_store_owner = lookup_key_store_owner();
+		tables.tenant = tenant_relid;
+		tables.data_key = data_key_relid;
+		tables.tenant_grant = tenant_grant_relid;
+		tables.owner = key_store_owner;
+		switch (keystore_direct_read_tenant_key(&tables, tenant, version, out))
+		{
+			case KEYSTORE_READ_FOUND:
+				return true;
+			case KEYSTORE_READ_NO_TENANT:
+				return false;
+			case KEYSTORE_READ_UNSUPPORTED:
+				return read_tenant_key_through_spi(tenant, version, out);
+			case KEYSTORE_READ_TABLES_GONE:
+				if (attempt > 1)
+					ereport(ERROR,
+							(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+							 errmsg("the key store of extension \"pg_envelope\" no longer exists"),
+							 errdetail("A table of the key store was dropped."),
+							 errhint("If the extension was dropped, run CREATE EXTENSION pg_envelope."),
+							 errhidestmt(true)));
+				keystore_forget_relations();
+				break;
+		}
 	}
-	return read_tenant_key_through_spi(tenant, version, out);
 }
 
 /*

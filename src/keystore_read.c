@@ -330,22 +330,13 @@ key_table_layout(const KeyTableRelations *rels, const KeyStoreTables *tables,
  */
 
 /*
- * Open and lock a key table; an error if it has gone (the extension dropped since this
- * backend looked its tables up, or being dropped by a transaction that has committed).
+ * Open and lock a key table; NULL if it has gone (the extension dropped, and perhaps
+ * created again, since this backend looked its tables up).
  */
 static Relation
 open_key_table(Oid relid)
 {
-	Relation	rel = try_relation_open(relid, AccessShareLock);
-
-	if (rel == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("the key store of extension \"pg_envelope\" no longer exists"),
-				 errdetail("Relation %u of the key store was dropped.", relid),
-				 errhint("If the extension was dropped, run CREATE EXTENSION pg_envelope."),
-				 errhidestmt(true)));
-	return rel;
+	return try_relation_open(relid, AccessShareLock);
 }
 
 /*
@@ -617,6 +608,12 @@ keystore_direct_read_tenant_key(const KeyStoreTables *tables, const char *tenant
 	rels.data_key = open_key_table(tables->data_key);
 	if (OidIsValid(tables->tenant_grant))
 		rels.tenant_grant = open_key_table(tables->tenant_grant);
+	if (rels.tenant == NULL || rels.data_key == NULL ||
+		(OidIsValid(tables->tenant_grant) && rels.tenant_grant == NULL))
+	{
+		close_key_tables(&rels);
+		return KEYSTORE_READ_TABLES_GONE;
+	}
 	if (!key_table_is_plain(rels.tenant) || !key_table_is_plain(rels.data_key) ||
 		(rels.tenant_grant != NULL && !key_table_is_plain(rels.tenant_grant)) ||
 		row_security_may_apply(rels.tenant, tables->owner) ||

@@ -20,7 +20,8 @@ typedef enum KeyStoreDirectRead
 {
 	KEYSTORE_READ_FOUND,		/* *out filled in */
 	KEYSTORE_READ_NO_TENANT,	/* no such tenant */
-	KEYSTORE_READ_UNSUPPORTED	/* nothing read: ask the SQL path (keystore.c) */
+	KEYSTORE_READ_UNSUPPORTED,	/* nothing read: ask the SQL path (keystore.c) */
+	KEYSTORE_READ_TABLES_GONE	/* a table of `tables` no longer exists: look them up again */
 } KeyStoreDirectRead;
 
 /*

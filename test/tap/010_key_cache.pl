@@ -163,7 +163,7 @@ $live->query_safe('SELECT 1');
 $primary->safe_psql('dropped', 'DROP EXTENSION pg_envelope CASCADE');
 $live->{stderr} = '';
 $live->query("SELECT envelope.active_key_version('d2') -- dropped store marker");
-like($live->{stderr}, qr/the key store of extension "pg_envelope" no longer exists/,
+like($live->{stderr}, qr/extension "pg_envelope" is not installed in this database/,
 	'a key store dropped under a transaction gives a clear error');
 unlike(slurp_file($primary->logfile), qr/dropped store marker/,
 	'the statement of that error, which may carry a plaintext, stays out of the log');
@@ -176,6 +176,24 @@ SELECT envelope.rotate_tenant_key('d3');
 });
 is($live->query_safe("SELECT envelope.active_key_version('d3')"), '2',
 	'the session reads the key store of the extension created again');
+
+# Dropped and created again under a live transaction: the session's tables are gone,
+# it looks them up once more and reads the new ones.
+$live->query_safe('BEGIN');
+$live->query_safe('SELECT 1');
+$primary->safe_psql('dropped', q{
+DROP EXTENSION pg_envelope CASCADE;
+CREATE EXTENSION pg_envelope;
+});
+$live->{stderr} = '';
+$live->query("SELECT envelope.active_key_version('d4')");
+like($live->{stderr}, qr/tenant "d4" does not exist/,
+	'a key store created again under a transaction is looked up again in that transaction');
+$live->{stderr} = '';
+$live->query_safe('ROLLBACK');
+$primary->safe_psql('dropped', q{SELECT envelope.create_tenant('d4')});
+is($live->query_safe("SELECT envelope.active_key_version('d4')"), '1',
+	'and read in the next');
 $live->quit;
 
 $primary->stop;
