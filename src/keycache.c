@@ -10,7 +10,8 @@
  * (l1_admit).  The per-row path of encrypt/decrypt touches only this level plus one
  * atomic read of the shared generation counter.  A miss is answered from shared
  * memory (tenant state and DEK, in one lookup) when it holds them, else from the key
- * store (a prepared plan) and the KMS.
+ * store (its indexes, or SQL where they cannot answer: keystore_read_tenant_key) and
+ * the KMS.
  *
  * Revocation: the key store tables carry statement triggers that call
  * keycache_note_key_store_change().  At commit (never at rollback) that bumps the
@@ -209,7 +210,8 @@ l1_transient_for(const char *tenant, size_t tenant_len, int32 tenant_id)
 
 /*
  * The entry of `tenant` (L1's or the transient one) if it is still that of the tenant
- * with id `tenant_id`; for callers that ran SPI, which may process invalidations.
+ * with id `tenant_id`; for callers that read the key store, which processes
+ * invalidations (opening a table, or SPI).
  */
 static LocalTenant *
 l1_refind(const char *tenant, size_t tenant_len, int32 tenant_id)
@@ -556,7 +558,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		{
 			TenantKeyRecord rec;
 
-			/* Not in L2 at this generation: ask the key store (prepared plan). */
+			/* Not in L2 at this generation: ask the key store. */
 			read_key_store(key, tenant_len, version, shared_gen, &rec);
 			view.tenant_id = rec.tenant_id;
 			view.state = rec.state;
@@ -568,7 +570,10 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 			view.ngrants = rec.ngrants;
 			grant_roles = rec.grant_roles;	/* may be more than a view holds */
 
-			/* SPI may process invalidations; no pointer into the hash survives it. */
+			/*
+			 * Reading the key store processes invalidations (opening a table, SPI): no
+			 * pointer into the hash survives it.
+			 */
 			l1_ensure();
 			lt = hash_search(local_tenants, key, HASH_FIND, NULL);
 		}
@@ -736,7 +741,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 			if (rec.key.wrapped == NULL)
 				state = KEY_DESTROYED;
 		}
-		/* SPI may have run invalidation callbacks: find the entry again. */
+		/* The key store read may have run invalidation callbacks: find the entry again. */
 		if (have_rec && (lt = l1_refind(tenant, tenant_len, tenant_id)) == NULL)
 		{
 			l1_prefetch_wipe();

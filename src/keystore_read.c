@@ -7,7 +7,8 @@
  * one shared generation at commit, after which every backend re-reads every tenant it
  * meets; through SPI each re-read paid for a user switch, a GUC nest level and
  * search_path, SPI's memory contexts, plan revalidation and an executor start-up
- * (17-38 µs), which made it a visible part of reencrypt_all after rotate_keys.  Here
+ * (14.6-18.2 µs of CPU per re-read, against 4.8-6.2 µs here: test/bench/RESULTS.md,
+ * "The key cache's miss path without SPI"), which made it a visible part of reencrypt_all after rotate_keys.  Here
  * it is three short index scans, the way PostgreSQL's catalog code reads catalogs:
  * table_open, systable_beginscan with ScanKeys, heap_getattr.
  *
@@ -26,8 +27,10 @@
  * UPDATE adds columns), and each index is found in the table's index list by its key
  * columns.  The layout is cached per backend and forgotten on any invalidation of the
  * key tables (keystore_forget_relations, from the key cache's relcache callback).
- * Locks are kept until the transaction ends, as the executor keeps them, so the
- * tables and indexes cannot be dropped under a layout in use.  Where a column is
+ * The tables' locks are kept until the transaction ends, as the executor keeps them,
+ * so the tables cannot be dropped under a layout in use, nor their indexes (dropping
+ * an index locks its table too).  The index locks themselves are released by
+ * systable_endscan after each scan; find_index keeps its own until the end.  Where a column is
  * missing or of another type the SQL path answers instead; a missing index only means
  * a heap scan.
  */
@@ -228,7 +231,11 @@ find_index(Relation heap, const AttrNumber *keys, int nkeys)
 		Relation	index = index_open(indexoid, AccessShareLock);
 		bool		fits = index_leads_with(heap, index, keys, nkeys);
 
-		/* Locked until the transaction ends, as the scans that use it will be. */
+		/*
+		 * Kept locked until the transaction ends.  The scans' own index locks are
+		 * released by systable_endscan: what keeps an index in place under a layout in
+		 * use is the lock on its table, which any DROP INDEX waits for.
+		 */
 		index_close(index, NoLock);
 		if (fits)
 		{
