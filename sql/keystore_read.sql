@@ -4,6 +4,96 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 
+-- The same answers through the indexes and through SQL, for every kind of key store
+-- row: each case is asked once as the direct reader answers it, then again with
+-- row security forced on the key tables (a permissive policy: the rows are the same),
+-- which sends every read to SQL.
+CREATE ROLE regress_kr_one IN ROLE envelope_user;
+CREATE ROLE regress_kr_two IN ROLE envelope_user;
+CREATE ROLE regress_kr_none IN ROLE envelope_user;
+SELECT envelope.create_tenant('kr-live');
+CREATE TEMP TABLE kr_v AS SELECT 1 AS version, envelope.encrypt('kr-live', 'one') AS v;
+SELECT envelope.rotate_tenant_key('kr-live');
+INSERT INTO kr_v SELECT 2, envelope.encrypt('kr-live', 'two');
+SELECT envelope.rotate_tenant_key('kr-live');
+INSERT INTO kr_v SELECT 3, envelope.encrypt('kr-live', 'three');
+-- version 9 was never created
+INSERT INTO kr_v SELECT 9, overlay(v placing '\x00000009'::bytea from 2 for 4) FROM kr_v WHERE version = 3;
+SELECT envelope.retire_key_version('kr-live', 1);
+SELECT envelope.create_tenant('kr-off');
+INSERT INTO kr_v SELECT 10, envelope.encrypt('kr-off', 'off');
+SELECT envelope.disable_tenant('kr-off');
+SELECT envelope.create_tenant('kr-gone');
+INSERT INTO kr_v SELECT 20, envelope.encrypt('kr-gone', 'gone');
+SELECT envelope.destroy_tenant('kr-gone', 'kr-gone');
+SELECT envelope.create_tenant('kr-granted');
+SELECT envelope.grant_tenant('kr-granted', 'regress_kr_one') AS granted;
+SELECT envelope.grant_tenant('kr-granted', 'regress_kr_two') AS granted;
+GRANT SELECT ON kr_v TO PUBLIC;
+
+-- One case: its answer, or its error's SQLSTATE and message.
+CREATE FUNCTION kr_try(as_role text, query text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    answer text;
+BEGIN
+    IF as_role IS NOT NULL THEN
+        EXECUTE format('SET ROLE %I', as_role);
+    END IF;
+    BEGIN
+        EXECUTE query INTO answer;
+    EXCEPTION WHEN OTHERS THEN
+        answer := 'ERROR ' || SQLSTATE || ': ' || SQLERRM;
+    END;
+    RESET ROLE;
+    RETURN answer;
+END $$;
+CREATE TEMP TABLE kr_case (n int, as_role text, query text);
+INSERT INTO kr_case VALUES
+  (1, NULL, $q$SELECT envelope.active_key_version('kr-live')$q$),
+  (2, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-live', 'x'))$q$),
+  (3, NULL, $q$SELECT envelope.decrypt_text('kr-live', v) FROM kr_v WHERE version = 1$q$),
+  (4, NULL, $q$SELECT envelope.decrypt_text('kr-live', v) FROM kr_v WHERE version = 2$q$),
+  (5, NULL, $q$SELECT envelope.decrypt_text('kr-live', v) FROM kr_v WHERE version = 3$q$),
+  (6, NULL, $q$SELECT envelope.decrypt_text('kr-live', v) FROM kr_v WHERE version = 9$q$),
+  (7, NULL, $q$SELECT envelope.decrypt_text('kr-off', v) FROM kr_v WHERE version = 10$q$),
+  (8, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-off', 'x'))$q$),
+  (9, NULL, $q$SELECT envelope.decrypt_text('kr-gone', v) FROM kr_v WHERE version = 20$q$),
+  (10, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-gone', 'x'))$q$),
+  (11, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-nobody', 'x'))$q$),
+  (12, 'regress_kr_one', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
+  (13, 'regress_kr_two', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
+  (14, 'regress_kr_none', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
+  (15, 'regress_kr_none', $q$SELECT envelope.key_version(envelope.encrypt('kr-live', 'x'))$q$);
+
+-- Through the indexes (a key store change first: every tenant is read again).
+UPDATE envelope.tenant SET state = state WHERE false;
+CREATE TEMP TABLE kr_direct AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
+SELECT * FROM kr_direct ORDER BY n;
+
+-- Through SQL.
+ALTER TABLE envelope.tenant ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE envelope.data_key ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE envelope.tenant_grant ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY kr_all ON envelope.tenant USING (true);
+CREATE POLICY kr_all ON envelope.data_key USING (true);
+CREATE POLICY kr_all ON envelope.tenant_grant USING (true);
+UPDATE envelope.tenant SET state = state WHERE false;
+CREATE TEMP TABLE kr_sql AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
+SELECT n, d.answer AS direct, s.answer AS through_sql
+  FROM kr_direct d FULL JOIN kr_sql s USING (n)
+ WHERE d.answer IS DISTINCT FROM s.answer ORDER BY n;
+DROP POLICY kr_all ON envelope.tenant;
+DROP POLICY kr_all ON envelope.data_key;
+DROP POLICY kr_all ON envelope.tenant_grant;
+ALTER TABLE envelope.tenant NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY;
+ALTER TABLE envelope.data_key NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY;
+ALTER TABLE envelope.tenant_grant NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY;
+SELECT envelope.revoke_tenant('kr-granted', 'regress_kr_one') AS revoked;
+SELECT envelope.revoke_tenant('kr-granted', 'regress_kr_two') AS revoked;
+DROP FUNCTION kr_try(text, text);
+DROP TABLE kr_case, kr_direct, kr_sql, kr_v;
+DROP ROLE regress_kr_one, regress_kr_two, regress_kr_none;
+
 -- A tenant stored in an inheritance child of envelope.tenant is a row of the key
 -- store for every query on the table, so for the key cache too.  (Last: the table
 -- keeps relhassubclass until a VACUUM, which sends every later read to SQL.)
