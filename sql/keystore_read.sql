@@ -94,6 +94,26 @@ DROP FUNCTION kr_try(text, text);
 DROP TABLE kr_case, kr_direct, kr_sql, kr_v;
 DROP ROLE regress_kr_one, regress_kr_two, regress_kr_none;
 
+-- An index on envelope.tenant that compares names otherwise than text does (bpchar_ops
+-- makes 'kr-pad' and 'kr-pad ' equal) is not used: both tenants are found.
+SELECT envelope.create_tenant('kr-pad');
+SELECT envelope.create_tenant('kr-pad ');
+SELECT envelope.rotate_tenant_key('kr-pad ');
+SELECT conrelid::regclass, conname FROM pg_constraint
+ WHERE confrelid = 'envelope.tenant'::regclass OR conname = 'tenant_pkey' ORDER BY 2;
+ALTER TABLE envelope.tenant DROP CONSTRAINT tenant_pkey CASCADE;
+CREATE INDEX kr_tenant_bpchar ON envelope.tenant (tenant bpchar_ops);
+UPDATE envelope.tenant SET state = state WHERE false;
+SELECT envelope.active_key_version('kr-pad ') AS padded, envelope.active_key_version('kr-pad') AS plain;
+DROP INDEX envelope.kr_tenant_bpchar;
+ALTER TABLE envelope.tenant ADD CONSTRAINT tenant_pkey PRIMARY KEY (tenant);
+ALTER TABLE envelope.data_key ADD CONSTRAINT data_key_tenant_fkey
+    FOREIGN KEY (tenant) REFERENCES envelope.tenant (tenant);
+ALTER TABLE envelope.tenant_grant ADD CONSTRAINT tenant_grant_tenant_fkey
+    FOREIGN KEY (tenant) REFERENCES envelope.tenant (tenant);
+SELECT conrelid::regclass, conname FROM pg_constraint
+ WHERE confrelid = 'envelope.tenant'::regclass OR conname = 'tenant_pkey' ORDER BY 2;
+
 -- A tenant stored in an inheritance child of envelope.tenant is a row of the key
 -- store for every query on the table, so for the key cache too.  (Last: the table
 -- keeps relhassubclass until a VACUUM, which sends every later read to SQL.)
