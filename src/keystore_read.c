@@ -422,23 +422,20 @@ copy_text_attr(HeapTuple tuple, TupleDesc desc, AttrNumber attnum, MemoryContext
 	return s;
 }
 
-/* A copy of a bytea column in `cxt` (with a 4-byte header), NULL for NULL. */
+/* A copy of a bytea column in `cxt` (detoasted, with a 4-byte header), NULL for NULL. */
 static bytea *
 copy_bytea_attr(HeapTuple tuple, TupleDesc desc, AttrNumber attnum, MemoryContext cxt)
 {
 	bool		isnull;
 	Datum		d = heap_getattr(tuple, attnum, desc, &isnull);
-	bytea	   *b;
+	MemoryContext old;
 	bytea	   *copy;
-	size_t		len;
 
 	if (isnull)
 		return NULL;
-	b = DatumGetByteaPP(d);
-	len = VARSIZE_ANY_EXHDR(b);
-	copy = MemoryContextAlloc(cxt, len + VARHDRSZ);
-	SET_VARSIZE(copy, len + VARHDRSZ);
-	memcpy(VARDATA(copy), VARDATA_ANY(b), len);
+	old = MemoryContextSwitchTo(cxt);
+	copy = DatumGetByteaPCopy(d);
+	MemoryContextSwitchTo(old);
 	return copy;
 }
 
