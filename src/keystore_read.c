@@ -96,6 +96,8 @@ typedef struct KeyTableRelations
 
 static KeyTableLayout cached_layout;
 static bool cached_layout_valid = false;
+/* The cached layout's tables lack what the reader needs: the SQL path answers. */
+static bool cached_layout_unusable = false;
 
 /*
  * Counts keystore_direct_forget calls: a layout described while an invalidation
@@ -309,27 +311,32 @@ describe_key_tables(const KeyTableRelations *rels, const KeyStoreTables *tables,
 	return true;
 }
 
-/* The layout of the opened tables, from the cache or described now; false: unusable. */
+/*
+ * The layout of the opened tables, from the cache or described now; false: unusable.
+ * An unusable layout is cached too (until the same invalidation), so that a key store
+ * the reader cannot read costs one description, not one per miss.
+ */
 static bool
 key_table_layout(const KeyTableRelations *rels, const KeyStoreTables *tables,
 				 KeyTableLayout *layout)
 {
 	uint64		forget_count = layout_forget_count;
+	bool		usable;
 
 	if (cached_layout_valid &&
 		memcmp(&cached_layout.tables, tables, sizeof(KeyStoreTables)) == 0)
 	{
 		*layout = cached_layout;
-		return true;
+		return !cached_layout_unusable;
 	}
-	if (!describe_key_tables(rels, tables, layout))
-		return false;
+	usable = describe_key_tables(rels, tables, layout);
 	if (forget_count == layout_forget_count)
 	{
 		cached_layout = *layout;
+		cached_layout_unusable = !usable;
 		cached_layout_valid = true;
 	}
-	return true;
+	return usable;
 }
 
 /* ---------------------------------------------------------------------------
