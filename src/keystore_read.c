@@ -8,9 +8,10 @@
  * meets; through SPI each re-read paid for a user switch, a GUC nest level and
  * search_path, SPI's memory contexts, plan revalidation and an executor start-up
  * (14.6-18.2 µs of CPU per re-read, against 4.8-6.2 µs here: test/bench/RESULTS.md,
- * "The key cache's miss path without SPI"), which made it a visible part of reencrypt_all after rotate_keys.  Here
- * it is three short index scans, the way PostgreSQL's catalog code reads catalogs:
- * table_open, systable_beginscan with ScanKeys, heap_getattr.
+ * "The key cache's miss path without SPI"), which made it a visible part of
+ * reencrypt_all after rotate_keys.  Here it is three short index scans, the way
+ * PostgreSQL's catalog code reads catalogs: table_open, systable_beginscan with
+ * ScanKeys, heap_getattr.
  *
  * Why this is as safe as the SQL path.  The SQL path runs as the tables' owner with a
  * pinned search_path so that no object of the caller's choosing runs; here nothing
@@ -30,9 +31,10 @@
  * The tables' locks are kept until the transaction ends, as the executor keeps them,
  * so the tables cannot be dropped under a layout in use, nor their indexes (dropping
  * an index locks its table too).  The index locks themselves are released by
- * systable_endscan after each scan; find_index keeps its own until the end.  Where a column is
- * missing or of another type the SQL path answers instead; a missing index only means
- * a heap scan.
+ * systable_endscan after each scan; find_index keeps its own until the end.  Where a
+ * column is missing or of another type, or the tables are shaped otherwise than the
+ * reader expects (row security, inheritance, non-deterministic collations), the SQL
+ * path answers instead; a missing or unfit index only means a heap scan.
  */
 #include "pg_envelope.h"
 #include "citus_support.h"
