@@ -191,6 +191,12 @@ SELECT envelope.key_version(envelope.reencrypt_value('fleet-1', envelope.encrypt
            envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', 'x', 'c'), 'c'), 'c') AS same_plaintext,
        envelope.reencrypt_value(NULL, '\x01'::bytea) IS NULL AS null_tenant,
        envelope.reencrypt_value('fleet-1', NULL) IS NULL AS null_value;
+-- Empty, short and long values: the plaintext is kept on the stack up to 1 KB and in
+-- the heap beyond, both lengths must come back whole.
+SELECT n, envelope.decrypt_text('fleet-1',
+              envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', repeat('v', n), 'c'), 'c'),
+              'c') = repeat('v', n) AS same_plaintext
+  FROM unnest(ARRAY[0, 1023, 1024, 1025, 5000]) n;
 SELECT envelope.reencrypt_value('fleet-1', envelope.encrypt('fleet-1', 'x', 'c'), 'other');
 \echo :LAST_ERROR_SQLSTATE
 -- A deterministic value moves onto the equality key version: already there, same bytes.

@@ -111,32 +111,73 @@ live_equality_version(text *tenant)
 }
 
 /*
+ * A randomized value `in` (version `version`, plaintext length `plain_len`) decrypted
+ * and encrypted again under the tenant's active version into `out`, which has room
+ * for plain_len + CIPHER_OVERHEAD bytes.  The plaintext lives only in a buffer of this
+ * function (on the stack for the usual short values: no allocation per row), wiped on
+ * every path, never in a Datum.  The decryption finishes before the encryption key is
+ * looked up: fetching a new version may move the tenant's array of cached keys.
+ */
+#define REENCRYPT_STACK_PLAIN 1024
+
+static void
+reencrypt_randomized_into(text *tenant, const CipherBinding *binding,
+						  const uint8 *in, size_t in_len, uint32 version, size_t plain_len,
+						  uint8 *out)
+{
+	uint8		stack_plain[REENCRYPT_STACK_PLAIN];
+	uint8	   *plain = plain_len <= sizeof(stack_plain) ? stack_plain : palloc(plain_len);
+	CipherStatus cs;
+
+	PG_TRY();
+	{
+		EnvelopeKeyRef active;
+		uint8		nonce[CIPHER_NONCE_LEN];
+
+		decrypt_into(tenant, binding, in, in_len, version, plain);
+		active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
+		cs = cipher_next_nonce(nonce);
+		if (cs == CIPHER_OK)
+			cs = cipher_encrypt(active.key, active.version, nonce, binding,
+								plain, plain_len, out);
+		if (cs != CIPHER_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("AES-256-GCM failed in OpenSSL"),
+					 errhidestmt(true)));
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(plain, plain_len);
+		if (plain != stack_plain)
+			pfree(plain);
+	}
+	PG_END_TRY();
+}
+
+/*
  * envelope.reencrypt_value(tenant, ciphertext, context): a randomized value decrypted
- * and encrypted again under the tenant's active version, in one call.  The batch
- * engine's SET clause: the plaintext lives only in a buffer of this function, wiped
- * on every path, never in a Datum, and each key is looked up once per row.  The
- * decryption finishes before the encryption key is looked up: fetching a new version
- * may move the tenant's array of cached keys.
+ * and encrypted again under the tenant's active version, in one call: the batch
+ * engine's SET clause, each key looked up once per row.
  */
 static Datum
 reencrypt_randomized(FunctionCallInfo fcinfo)
 {
 	text	   *tenant;
+	text	   *context;
 	bytea	   *ciphertext;
 	CipherBinding binding;
 	const uint8 *in;
 	size_t		in_len;
 	size_t		plain_len;
 	uint32		version;
-	uint8	   *plain;
-	bytea	   *volatile result = NULL;
-	CipherStatus cs;
+	bytea	   *result;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
 	tenant = PG_GETARG_TEXT_PP(0);
 	ciphertext = PG_GETARG_BYTEA_PP(1);
-	binding = reencrypt_binding(tenant, PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2));
+	context = PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2);
 	in = (const uint8 *) VARDATA_ANY(ciphertext);
 	in_len = VARSIZE_ANY_EXHDR(ciphertext);
 
@@ -147,33 +188,11 @@ reencrypt_randomized(FunctionCallInfo fcinfo)
 				 errmsg("only randomized values are re-encrypted"),
 				 errdetail("Deterministic values stay under their equality key."),
 				 errhidestmt(true)));
-
-	plain = palloc(plain_len > 0 ? plain_len : 1);
-	PG_TRY();
-	{
-		EnvelopeKeyRef active;
-		uint8		nonce[CIPHER_NONCE_LEN];
-
-		decrypt_into(tenant, &binding, in, in_len, version, plain);
-		active = encryption_counted_key(VARDATA_ANY(tenant), VARSIZE_ANY_EXHDR(tenant));
-		result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
-		SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
-		cs = cipher_next_nonce(nonce);
-		if (cs == CIPHER_OK)
-			cs = cipher_encrypt(active.key, active.version, nonce, &binding,
-								plain, plain_len, (uint8 *) VARDATA(result));
-		if (cs != CIPHER_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("AES-256-GCM failed in OpenSSL"),
-					 errhidestmt(true)));
-	}
-	PG_FINALLY();
-	{
-		explicit_bzero(plain, plain_len > 0 ? plain_len : 1);
-		pfree(plain);
-	}
-	PG_END_TRY();
+	binding = reencrypt_binding(tenant, context);
+	result = palloc(VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+	SET_VARSIZE(result, VARHDRSZ + plain_len + CIPHER_OVERHEAD);
+	reencrypt_randomized_into(tenant, &binding, in, in_len, version, plain_len,
+							  (uint8 *) VARDATA(result));
 	PG_RETURN_BYTEA_P(result);
 }
 
