@@ -166,3 +166,23 @@ SELECT envelope.active_key_version('globex') IS NULL AS disabled;
 SELECT envelope.encrypt('globex', 'must fail');
 \echo :LAST_ERROR_SQLSTATE
 SELECT envelope.enable_tenant('globex');
+
+-- The key cache reads the key store through the tables' own indexes, found by their key
+-- columns, and the columns by name: without the data_key index it scans the table, and
+-- columns added or dropped elsewhere change nothing.
+BEGIN;
+ALTER TABLE envelope.data_key DROP CONSTRAINT data_key_pkey;
+ALTER TABLE envelope.tenant ADD COLUMN regress_extra integer;
+ALTER TABLE envelope.tenant DROP COLUMN created_at;
+SELECT envelope.rotate_tenant_key('acme') AS rotated_to \gset
+SELECT seq_scan AS data_key_scans FROM pg_stat_xact_user_tables
+ WHERE relid = 'envelope.data_key'::regclass \gset
+SELECT envelope.active_key_version('acme') = :rotated_to AS reads_new_version;
+SELECT seq_scan - :data_key_scans AS data_key_heap_scans FROM pg_stat_xact_user_tables
+ WHERE relid = 'envelope.data_key'::regclass;
+SELECT envelope.key_version(envelope.encrypt('acme', 'x')) = :rotated_to AS encrypts_under_it;
+SELECT envelope.decrypt_text('acme', envelope.encrypt('acme', 'still readable'));
+SELECT envelope.disable_tenant('acme');
+SELECT envelope.encrypt('acme', 'must fail');
+\echo :LAST_ERROR_SQLSTATE
+ROLLBACK;

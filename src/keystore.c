@@ -1,5 +1,6 @@
 /*
- * keystore.c — the key store: envelope.tenant and envelope.data_key, through SPI.
+ * keystore.c — the key store: envelope.tenant and envelope.data_key, through SPI
+ * (the key cache's miss path reads them directly: keystore_read.c).
  *
  * Callers of encrypt/decrypt hold no privilege on these tables, so every access here
  * runs as the tables' owner, in a restricted security context and with
@@ -12,6 +13,7 @@
  */
 #include "pg_envelope.h"
 #include "citus_support.h"
+#include "keystore_read.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
@@ -49,6 +51,7 @@ keystore_forget_relations(void)
 	tenant_relid = InvalidOid;
 	data_key_relid = InvalidOid;
 	tenant_grant_relid = InvalidOid;
+	keystore_direct_forget();
 }
 
 /*
@@ -220,11 +223,7 @@ int_column(HeapTuple tuple, TupleDesc desc, int col)
 static TenantState
 tenant_state_from_text(const char *s)
 {
-	if (strcmp(s, "active") == 0)
-		return TENANT_ACTIVE;
-	if (strcmp(s, "disabled") == 0)
-		return TENANT_DISABLED;
-	return TENANT_DESTROYED;
+	return keystore_tenant_state_of(s, strlen(s));
 }
 
 static const char *
@@ -245,11 +244,7 @@ tenant_state_text(TenantState state)
 static KeyState
 key_state_from_text(const char *s)
 {
-	if (strcmp(s, "active") == 0)
-		return KEY_ACTIVE;
-	if (strcmp(s, "retired") == 0)
-		return KEY_RETIRED;
-	return KEY_DESTROYED;
+	return keystore_key_state_of(s, strlen(s));
 }
 
 static const char *
@@ -350,13 +345,15 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 }
 
 /*
- * The key cache's one question to the key store: a tenant and one of its versions (0:
- * the active one), with the latest committed state, and the roles granted the tenant.
- * The plan is prepared once per backend and kept (SPI_keepplan), so a cache miss
- * parses nothing; the plan cache re-plans it by itself should the tables be dropped
- * and created again.  A database still at 0.1.0 has no envelope.tenant_grant: its
- * plan reads no grants, and is prepared again once the table appears (the update
- * invalidates envelope.tenant, which makes this backend look the tables up again).
+ * The key cache's one question to the key store, through SQL where the direct read
+ * (keystore_read.c) cannot answer it: a tenant and one of its versions (0: the active
+ * one), with the latest committed state, and the roles granted the tenant.  It is the
+ * reference for what keystore_direct_read_tenant_key must answer.  The plan is
+ * prepared once per backend and kept (SPI_keepplan), so a cache miss parses nothing;
+ * the plan cache re-plans it by itself should the tables be dropped and created again.
+ * A database still at 0.1.0 has no envelope.tenant_grant: its plan reads no grants,
+ * and is prepared again once the table appears (the update invalidates
+ * envelope.tenant, which makes this backend look the tables up again).
  */
 static SPIPlanPtr tenant_key_plan = NULL;
 static bool tenant_key_plan_reads_grants = false;
@@ -419,8 +416,8 @@ oid_array_column(HeapTuple tuple, TupleDesc desc, int col, MemoryContext cxt, in
 	return oids;
 }
 
-bool
-keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out)
+static bool
+read_tenant_key_through_spi(const char *tenant, int32 version, TenantKeyRecord *out)
 {
 	KeystoreSession session;
 	MemoryContext caller_cxt = CurrentMemoryContext;
@@ -483,6 +480,34 @@ keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out
 	}
 	keystore_leave(&session);
 	return found;
+}
+
+/*
+ * The key cache's miss path: straight from the tables through their indexes
+ * (keystore_read.c), which costs a few index probes where SPI cost a user switch, a
+ * GUC nest level, plan revalidation and an executor start-up; through SPI where the
+ * direct read cannot be right (Citus, a changed table shape).
+ */
+bool
+keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out)
+{
+	KeyStoreTables tables;
+
+	if (!OidIsValid(tenant_relid) || !OidIsValid(key_store_owner))
+		key_store_owner = lookup_key_store_owner();
+	tables.tenant = tenant_relid;
+	tables.data_key = data_key_relid;
+	tables.tenant_grant = tenant_grant_relid;
+	switch (keystore_direct_read_tenant_key(&tables, tenant, version, out))
+	{
+		case KEYSTORE_READ_FOUND:
+			return true;
+		case KEYSTORE_READ_NO_TENANT:
+			return false;
+		case KEYSTORE_READ_UNSUPPORTED:
+			break;
+	}
+	return read_tenant_key_through_spi(tenant, version, out);
 }
 
 /*

@@ -1,8 +1,9 @@
 /*
  * keystore.h — the key store: envelope.tenant and envelope.data_key, read and written
- * through SPI as the tables' owner (keystore.c).
+ * through SPI as the tables' owner (keystore.c), except the key cache's miss path,
+ * which reads them through their indexes (keystore_read.c).
  *
- * Every function runs as the tables' owner in a restricted security context, raises
+ * Every SPI access runs as the tables' owner in a restricted security context, raises
  * its errors itself, and allocates what it returns in the caller's memory context.
  * Reads on behalf of the key cache see the latest committed state, so a revocation
  * committed a moment ago stops a REPEATABLE READ transaction too.
@@ -78,8 +79,9 @@ extern void envelope_check_tenant(const char *tenant, size_t len);
 extern bool keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out);
 
 /*
- * The tenant and its `version` (0: the active one), latest committed state, through a
- * plan prepared once per backend; false if the tenant does not exist.
+ * The tenant and its `version` (0: the active one), latest committed state, read
+ * through the tables' indexes (through a plan prepared once per backend where that
+ * cannot be right, as under Citus); false if the tenant does not exist.
  */
 extern bool keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out);
 

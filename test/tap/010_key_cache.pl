@@ -146,5 +146,35 @@ unlike($log, qr/launch codes/, 'nor is the plaintext of a statement naming an un
 unlike($log, qr/$keyhex/i, 'the master key is not in the log');
 log_lacks_dek($log, local_dek($primary, $keyfile, $_, 1), "DEK of $_") for qw(t1 t2 t3);
 
+# ---- The extension dropped under a live session: its next read of the key store (for
+# a tenant its cache does not hold) says so in words, never crashes, and once the
+# extension is created again the session reads the new tables.
+$primary->safe_psql('postgres', 'CREATE DATABASE dropped');
+$primary->safe_psql('dropped', q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('d1');
+SELECT envelope.create_tenant('d2');
+UPDATE envelope.tenant SET state = state WHERE false;
+});
+my $live = $primary->background_psql('dropped', on_error_stop => 0);
+is($live->query_safe("SELECT envelope.active_key_version('d1')"), '1', 'a live session reads the key store');
+$live->query_safe('BEGIN');
+$live->query_safe('SELECT 1');
+$primary->safe_psql('dropped', 'DROP EXTENSION pg_envelope CASCADE');
+$live->{stderr} = '';
+$live->query("SELECT envelope.active_key_version('d2')");
+like($live->{stderr}, qr/the key store of extension "pg_envelope" no longer exists/,
+	'a key store dropped under a transaction gives a clear error');
+$live->{stderr} = '';
+$live->query_safe('ROLLBACK');
+$primary->safe_psql('dropped', q{
+CREATE EXTENSION pg_envelope;
+SELECT envelope.create_tenant('d3');
+SELECT envelope.rotate_tenant_key('d3');
+});
+is($live->query_safe("SELECT envelope.active_key_version('d3')"), '2',
+	'the session reads the key store of the extension created again');
+$live->quit;
+
 $primary->stop;
 done_testing();

@@ -123,6 +123,41 @@ $node->safe_psql('postgres', "SELECT envelope.rotate_tenant_key('many7')");
 is($reader->query_safe("SELECT envelope.key_version(envelope.encrypt('many7', 'x'))"), '2',
 	'a live session encrypts under the version made active by another session');
 
+# ---- The key store read of a cache miss keeps nothing per call.  In a transaction that
+# changed the key store every miss reads the key store (shared memory may not answer
+# it), and a scan cycling through twice as many tenants as the first level holds
+# misses on most rows: 1,000,000 calls (over 500,000 key store reads) must leave the
+# backend's memory where 100,000 left it.  The scans of envelope.tenant count the reads.
+my $nleak = 17000;
+$node->safe_psql('postgres', 'CREATE DATABASE leak');
+$node->safe_psql('leak', 'CREATE EXTENSION pg_envelope');
+# In batches: each create_tenant locks its tenant until the transaction ends.
+for (my $s = 0; $s < $nleak; $s += 5000)
+{
+	$node->safe_psql('leak', qq{
+SELECT count(envelope.create_tenant('leak' || i)) FROM generate_series($s + 1, least($s + 5000, $nleak)) i});
+}
+my $cycle = "'leak' || (i % $nleak + 1)";
+my $scans = q{SELECT idx_scan + seq_scan FROM pg_stat_xact_user_tables
+               WHERE relid = 'envelope.tenant'::regclass};
+my @mem = split /\n/, $node->safe_psql('leak', qq{
+BEGIN;
+UPDATE envelope.tenant SET state = state WHERE false;
+SELECT count(envelope.active_key_version($cycle)) FROM generate_series(1, 100000) i;
+SELECT sum(total_bytes) FROM pg_backend_memory_contexts;
+$scans;
+SELECT count(envelope.active_key_version($cycle)) FROM generate_series(1, 1000000) i;
+SELECT sum(total_bytes) FROM pg_backend_memory_contexts;
+$scans;
+ROLLBACK;
+});
+cmp_ok($mem[5] - $mem[2], '>=', 500000, 'over half of 1,000,000 calls read the key store')
+  or diag("tenant scans: $mem[2] after 100,000 calls, $mem[5] after 1,100,000");
+cmp_ok($mem[4] - $mem[1], '<', 1024 * 1024,
+	'1,000,000 calls leave the backend memory where 100,000 left it');
+note("backend memory: $mem[1] bytes after 100,000 calls, $mem[4] after 1,100,000; "
+	  . ($mem[5] - $mem[2]) . " key store reads in between");
+
 # ---- cache_stats of 0.1.0 keeps its twelve columns (its C symbol is unchanged), and
 # the update to 0.2.0 adds tenant_entries, evicted_reloads and hint.
 $node->safe_psql('postgres', 'CREATE DATABASE old_version');
