@@ -127,17 +127,25 @@ typedef struct EncryptionBudget
 } EncryptionBudget;
 
 /*
- * The budgets live in a pool of at most BUDGET_POOL_SLOTS slots (twice the key
- * cache's first level, L1_MAX_TENANTS), allocated in chunks as they are first needed
+ * The budgets live in a pool of slots, allocated in chunks as they are first needed
  * and never freed: the key cache keeps pointers to them (LocalVersion.budget), which
  * must never dangle.  When the pool is full, the slot least recently reserved in is
  * given to the new key; its unused rest is lost, which is always safe (the stored
  * count stays an upper bound), and a key cache entry still pointing at it sees
  * another key in it and looks its own up again (count_encryption).  The hash maps a
- * key to its slot.  About 110 bytes a slot with its hash entry: under 2 MB per backend,
- * however many (tenant, version) the backend has encrypted under.
+ * key to its slot.
+ *
+ * The pool holds as many keys as the shared key cache (envelope.cache_size), at
+ * least BUDGET_POOL_MIN_SLOTS and at most BUDGET_POOL_MAX_SLOTS: a scan that cycles
+ * through more keys than the pool holds gives up every slot before its key comes
+ * back, so each of its rows would reserve a new block (an index scan of the count
+ * table and a WAL record, about 5 µs); sized like the shared cache, the pool covers
+ * every key that can be served without the KMS.  About 110 bytes a slot with its hash
+ * entry: at most 2 MB per backend at the minimum, 14 MB at the maximum, however many
+ * (tenant, version) the backend has encrypted under.
  */
-#define BUDGET_POOL_SLOTS		16384
+#define BUDGET_POOL_MIN_SLOTS	16384
+#define BUDGET_POOL_MAX_SLOTS	131072
 #define BUDGET_CHUNK_SLOTS		256
 
 typedef struct BudgetHashEntry
@@ -148,8 +156,10 @@ typedef struct BudgetHashEntry
 
 static MemoryContext budget_context = NULL;
 static HTAB *budgets = NULL;
-static EncryptionBudget *budget_chunks[BUDGET_POOL_SLOTS / BUDGET_CHUNK_SLOTS];
+static EncryptionBudget *budget_chunks[BUDGET_POOL_MAX_SLOTS / BUDGET_CHUNK_SLOTS];
 static int	budget_slots_used = 0;
+/* The pool's size, fixed when the backend first counts (see above). */
+static int	budget_pool_slots = 0;
 /* Every slot in use, least recently reserved in first. */
 static dlist_head budgets_by_reservation = DLIST_STATIC_INIT(budgets_by_reservation);
 
@@ -537,7 +547,7 @@ budget_slot_for_new_key(void)
 	EncryptionBudget *b;
 	BudgetHashEntry *entry;
 
-	if (budget_slots_used < BUDGET_POOL_SLOTS)
+	if (budget_slots_used < budget_pool_slots)
 	{
 		int			chunk = budget_slots_used / BUDGET_CHUNK_SLOTS;
 
@@ -581,6 +591,9 @@ budget_entry(int32 tenant_id, uint32 version)
 		info.hcxt = budget_context;
 		budgets = hash_create("pg_envelope encryption budgets by key", 256, &info,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		/* Once per backend: without preload cache_size may change, the pool may not. */
+		budget_pool_slots = Min(Max(envelope_cache_size, BUDGET_POOL_MIN_SLOTS),
+								BUDGET_POOL_MAX_SLOTS);
 	}
 	memset(&key, 0, sizeof(key));
 	key.tenant_id = tenant_id;

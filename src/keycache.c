@@ -60,6 +60,7 @@ typedef struct LocalVersion
 	KeyState	state;			/* as of the tenant's generation; 0: not checked since */
 	uint64		wrapped_hash;	/* with tenant id and version, names the DEK in L2 */
 	TimestampTz expires_at;		/* of the shared copy the contexts came from */
+	DekHint		hint;			/* where L2 last found the DEK (seq 0: not known) */
 	CipherKey	key;			/* contexts set up as values need them */
 	struct EncryptionBudget *budget;	/* see EnvelopeKeyRef */
 } LocalVersion;
@@ -96,9 +97,13 @@ static LocalTenant *last_tenant = NULL;
 static size_t last_tenant_len = 0;
 
 /*
- * The contexts of the tenant evicted last, waiting to be re-keyed for the tenant that
- * took its place (cheaper than allocating new ones); whatever the new tenant does not
- * take is freed at once.
+ * The contexts of the tenant evicted last (or that the transient entry served last),
+ * waiting to be re-keyed for the tenant that took its place: cheaper than allocating
+ * new ones.  A row that needs both directions (reencrypt_value: decrypt under the old
+ * version, encrypt under the new) takes one context in each of its two set-ups, so
+ * what the first does not take stays here for the second.  Freed (which cleanses its
+ * key schedule) when the next tenant's contexts come, and at the end of every
+ * transaction, so that no context of a key lingers here past it.
  */
 static CipherKey l1_spare;
 
@@ -473,14 +478,18 @@ read_key_store(const char *name, size_t name_len, uint32 version, uint64 generat
 
 static LocalVersion *l1_find_version(LocalTenant *lt, uint32 version);
 static LocalVersion *l1_add_version(LocalTenant *lt, uint32 version);
+static void l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
+							uint64 wrapped_hash, DekHint hint);
 
 /*
  * The L1 entry of a tenant, valid at the current generation, or an error if the tenant
  * does not exist or (with must_be_active) is not active.  When the state has to be
- * looked up, that of `version` (0: the active one) is looked up with it.
+ * looked up, that of `version` (0: the active one) is looked up with it, and with
+ * want_key, for a tenant new to L1, its DEK too (into l1_prefetch).
  */
 static LocalTenant *
-l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint32 version)
+l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint32 version,
+				bool want_key)
 {
 	uint64		local_gen = l1_local_generation;
 	uint64		shared_gen = l2_generation();
@@ -492,6 +501,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	bool		found;
 	TenantView	view;
 	const Oid  *grant_roles = view.grant_roles;
+	bool		from_l2 = true;
+	const DekHint no_hint = {0, 0};
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -554,9 +565,12 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	{
 		last_tenant = NULL;
 		/* A tenant new to L1 needs its key too: L2 hands it out with the state. */
-		if (!l1_look_in_l2(key, tenant_len, shared_gen, version, lt == NULL, &view))
+		if (!l1_look_in_l2(key, tenant_len, shared_gen, version, want_key && lt == NULL,
+						   &view))
 		{
 			TenantKeyRecord rec;
+
+			from_l2 = false;
 
 			/* Not in L2 at this generation: ask the key store. */
 			read_key_store(key, tenant_len, version, shared_gen, &rec);
@@ -604,19 +618,22 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		/* Versions must be re-checked at this generation too. */
 		for (int i = 0; i < lt->nversions; i++)
 			lt->versions[i].state = (KeyState) 0;
-		if (view.has_version)
+		if (from_l2 && !want_key)
 		{
-			LocalVersion *lv = l1_find_version(lt, view.version);
-
-			if (lv == NULL)
-				lv = l1_add_version(lt, view.version);
-			if (lv->wrapped_hash != view.wrapped_hash)
-			{
-				cipher_key_free(&lv->key);	/* another key under the same number */
-				lv->wrapped_hash = view.wrapped_hash;
-			}
-			lv->state = view.version_state;
+			/*
+			 * A look at the state alone (needs_reencryption) is usually followed by
+			 * keys of other versions of the same tenant (reencrypt_value decrypts
+			 * under the old one and encrypts under the active one): note every
+			 * version L2 holds, with where its DEK was found, so that each of those
+			 * keys is copied through its hint without looking the tenant up again.
+			 */
+			for (int i = 0; i < view.nversions; i++)
+				l1_note_version(lt, view.versions[i].version, view.versions[i].state,
+								view.versions[i].wrapped_hash, view.versions[i].hint);
 		}
+		else if (view.has_version)
+			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
+							no_hint);
 		lt->generation = generation;
 		lt->shared_generation = shared_gen;
 	}
@@ -663,6 +680,24 @@ l1_add_version(LocalTenant *lt, uint32 version)
 	memset(lv, 0, sizeof(*lv));
 	lv->version = version;
 	return lv;
+}
+
+/* Record a version's state at the tenant's generation, and where L2 found its DEK. */
+static void
+l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_hash,
+				DekHint hint)
+{
+	LocalVersion *lv = l1_find_version(lt, version);
+
+	if (lv == NULL)
+		lv = l1_add_version(lt, version);
+	if (lv->wrapped_hash != wrapped_hash)
+	{
+		cipher_key_free(&lv->key);	/* another key under the same number */
+		lv->wrapped_hash = wrapped_hash;
+	}
+	lv->state = state;
+	lv->hint = hint;
 }
 
 static void
@@ -756,6 +791,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 			lv->wrapped_hash = hash;
 		}
 		lv->state = state;
+		lv->hint.seq = 0;		/* it may name the slot of what the version was */
 	}
 	if (state != KEY_ACTIVE)
 		raise_key_unusable(tenant, version, state, true);
@@ -766,6 +802,20 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	if (cipher_key_ready(&lv->key, use))
 		return &lv->key;
 
+	if (!l1_prefetch_matches(tenant_id, version, hash) && lv->hint.seq != 0 &&
+		!l1_pending_bump && l2_available())
+	{
+		/* Where L2 found it when this tenant was looked up: its slot, if still its. */
+		l1_prefetch_wipe();
+		if (l2_copy_hinted_dek(lv->hint, &l1_prefetch))
+		{
+			l1_prefetch_tenant_id = tenant_id;
+			l1_prefetch_version = version;
+			l1_prefetch_hash = hash;
+		}
+		else
+			lv->hint.seq = 0;
+	}
 	if (!l1_prefetch_matches(tenant_id, version, hash))
 	{
 		TenantView	view;
@@ -808,7 +858,6 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 
 	cs = cipher_key_add(&lv->key, use, dek, &l1_spare);
 	explicit_bzero(dek, sizeof(dek));
-	cipher_key_free(&l1_spare);
 	if (cs != CIPHER_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
@@ -837,7 +886,7 @@ l1_key(LocalTenant *lt, uint32 version, CipherUse use)
 EnvelopeKeyRef
 keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 {
-	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0, true);
 	EnvelopeKeyRef ref;
 
 	if (lt->access.nroles != 0)
@@ -856,7 +905,7 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 uint32
 keycache_active_version(const char *tenant, size_t tenant_len)
 {
-	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false, 0);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, false, 0, false);
 
 	l1_prefetch_wipe();
 	return lt->state == TENANT_ACTIVE ? lt->active_version : 0;
@@ -866,7 +915,7 @@ const CipherKey *
 keycache_key_for_decrypt(const char *tenant, size_t tenant_len, uint32 version,
 						 CipherUse use)
 {
-	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, version);
+	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, version, true);
 	const CipherKey *key;
 
 	if (lt->access.nroles != 0)
@@ -950,6 +999,8 @@ keycache_xact_callback(XactEvent event, void *arg)
 	/* The list lived in TopTransactionContext, which is going away. */
 	pending_purges = NIL;
 	l1_pending_bump = false;
+	/* No context of a key waits as the spare past its transaction. */
+	cipher_key_free(&l1_spare);
 }
 
 /*

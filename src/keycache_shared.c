@@ -134,9 +134,6 @@ typedef struct SharedTenantTag
 	uint64		name_hash;
 } SharedTenantTag;
 
-/* Versions whose state a shared tenant entry remembers; others are read on demand. */
-#define SHARED_TENANT_VERSIONS 4
-
 typedef struct SharedVersionState
 {
 	uint32		version;
@@ -1084,18 +1081,26 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 			version = entry->active_version;
 		view->version = version;
 		view->has_version = false;
+		view->nversions = entry->nversions;
 		for (int i = 0; i < entry->nversions; i++)
 		{
 			SharedVersionState *vs = &entry->versions[i];
+			VersionView *vv = &view->versions[i];
 
-			if (vs->version != version)
-				continue;
-			view->has_version = true;
-			view->version_state = vs->state;
-			view->wrapped_hash = vs->wrapped_hash;
-			if (dek != NULL && vs->state == KEY_ACTIVE && entry->state == TENANT_ACTIVE)
-				dek->found = version_copy_dek(vs, entry->tenant_id, now, dek);
-			break;
+			vv->version = vs->version;
+			vv->state = vs->state;
+			vv->wrapped_hash = vs->wrapped_hash;
+			if (vs->version == version)
+			{
+				view->has_version = true;
+				view->version_state = vs->state;
+				view->wrapped_hash = vs->wrapped_hash;
+				if (dek != NULL && vs->state == KEY_ACTIVE && entry->state == TENANT_ACTIVE)
+					dek->found = version_copy_dek(vs, entry->tenant_id, now, dek);
+			}
+			/* After the copy, which may have just left a hint. */
+			vv->hint.seq = pg_atomic_read_u64(&vs->dek_seq);
+			vv->hint.slot = pg_atomic_read_u32(&vs->dek_slot);
 		}
 		pg_atomic_write_u64(&entry->last_used, (uint64) now);
 	}
@@ -1103,6 +1108,33 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 	if (dek != NULL && dek->found)
 		l2_count_lookup(true);
 	return found;
+}
+
+bool
+l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	dek->found = false;
+	if (hint.seq == 0 || hint.slot >= (uint32) shared->capacity)
+		return false;
+	LWLockAcquire(shared->lock, LW_SHARED);
+	{
+		SharedDekSlot *ds = &shared_slots[hint.slot];
+
+		/* The number is the slot's only while it holds that one key (key_slot_take). */
+		if (ds->seq == hint.seq && now < ds->serve_until)
+		{
+			memcpy(dek->dek, ds->dek, KMS_DEK_LEN);
+			dek->expires_at = ds->serve_until;
+			pg_atomic_write_u64(&ds->last_used, (uint64) now);
+			dek->found = true;
+		}
+	}
+	LWLockRelease(shared->lock);
+	if (dek->found)
+		l2_count_lookup(true);
+	return dek->found;
 }
 
 static EvictVerdict

@@ -21,6 +21,29 @@
  */
 #define SHARED_TENANT_GRANTS 8
 
+/* Versions whose state shared memory holds with a tenant's; others are read on demand. */
+#define SHARED_TENANT_VERSIONS 4
+
+/*
+ * Where shared memory last found a version's DEK: a DEK slot and the sequence number
+ * that slot had then, unique to one assignment of the slot to one key (see
+ * l2_copy_hinted_dek).  seq 0: no hint.
+ */
+typedef struct DekHint
+{
+	uint32		slot;
+	uint64		seq;
+} DekHint;
+
+/* A version's state as shared memory holds it with its tenant's. */
+typedef struct VersionView
+{
+	uint32		version;
+	KeyState	state;
+	uint64		wrapped_hash;
+	DekHint		hint;
+} VersionView;
+
 /* What shared memory holds of a tenant and one of its versions at one generation. */
 typedef struct TenantView
 {
@@ -33,6 +56,9 @@ typedef struct TenantView
 	uint64		wrapped_hash;
 	int			ngrants;		/* roles granted the tenant (0: not restricted) */
 	Oid			grant_roles[SHARED_TENANT_GRANTS];
+	/* Every version held with the tenant (`version` among them if has_version). */
+	int			nversions;
+	VersionView versions[SHARED_TENANT_VERSIONS];
 } TenantView;
 
 /* Is the cache in shared memory?  Any call. */
@@ -99,6 +125,13 @@ extern bool l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
 extern void l2_load_key(const char *tenant, int32 tenant_id, uint32 version,
 						const DataKeyRecord *rec, uint8 dek[KMS_DEK_LEN],
 						TimestampTz *expires_at);
+
+/*
+ * Copy the DEK a hint from a TenantView names, if its slot still holds that key (the
+ * same sequence number) ready and unexpired: one lock, one cache line, no lookup.
+ * False otherwise (the caller then looks the tenant up again).  Counts the hit.
+ */
+extern bool l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek);
 
 /* Count a lookup that reached shared memory (hit or miss).  Any call. */
 extern void l2_count_lookup(bool hit);

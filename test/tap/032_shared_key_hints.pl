@@ -62,5 +62,17 @@ is($node->safe_psql('postgres', q{SELECT envelope.decrypt_text('a', envelope.enc
 $node->safe_psql('postgres', 'SELECT envelope.cache_flush()');
 is($node->safe_psql('postgres', $decrypt_a), 'a1,a2,a3', 'and every value of a decrypts from a cold cache');
 
+# A backend that looks at a tenant's state alone (needs_reencryption) keeps, for each
+# version, the slot shared memory found its key in, so that the keys re-encryption
+# needs next are copied from there.  Here b's keys take those slots between the look
+# and the decryption, in the same session: the session's own notes of the slots must
+# not be used either.
+is($node->safe_psql('postgres', $decrypt_a), 'a1,a2,a3', "a's keys found through the key hash again");
+is($node->safe_psql('postgres', qq{
+SELECT count(*) FROM data WHERE tenant = 'a' AND envelope.needs_reencryption(v, 'a');
+$decrypt_b;
+$decrypt_a;
+}), "2\n16\na1,a2,a3", "a's values decrypt after the slots this session noted went to b's keys");
+
 $node->stop;
 done_testing();

@@ -1,5 +1,6 @@
-# A backend's encryption budgets are bounded: it keeps at most 16,384 (tenant, DEK
-# version) reservations, whatever the number of keys it has encrypted under, and a
+# A backend's encryption budgets are bounded: it keeps at most as many (tenant, DEK
+# version) reservations as the shared key cache holds keys (envelope.cache_size, here
+# 16,384, the pool's minimum), whatever the number of keys it has encrypted under, and a
 # reservation given up to make room costs only its unused rest (the stored counts stay
 # at least the encryptions made).  One session encrypts under 17,000 keys, then under
 # 17,000 others, then under the first ones again: the budgets' memory context does not
@@ -13,7 +14,8 @@ use EnvelopeLocal qw(new_master_key local_node);
 
 my ($keyfile) = new_master_key();
 # Each new tenant takes a lock until its transaction ends.
-my $node = local_node('budget_pool', $keyfile, "max_locks_per_transaction = 512\n");
+my $node = local_node('budget_pool', $keyfile,
+	"max_locks_per_transaction = 512\nenvelope.cache_size = 16384\n");
 $node->start;
 $node->safe_psql('postgres', q{
 CREATE EXTENSION pg_envelope;
