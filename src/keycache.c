@@ -478,7 +478,10 @@ read_key_store(const char *name, size_t name_len, uint32 version, uint64 generat
 
 static LocalVersion *l1_find_version(LocalTenant *lt, uint32 version);
 static LocalVersion *l1_add_version(LocalTenant *lt, uint32 version);
-static void l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
+/* A version's DEK slot not known (slot sequence numbers start at 1). */
+static const DekHint no_dek_hint = {0, 0};
+
+static LocalVersion *l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
 							uint64 wrapped_hash, DekHint hint);
 
 /*
@@ -502,7 +505,6 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	TenantView	view;
 	const Oid  *grant_roles = view.grant_roles;
 	bool		from_l2 = true;
-	const DekHint no_hint = {0, 0};
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -633,7 +635,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		}
 		else if (view.has_version)
 			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
-							no_hint);
+							no_dek_hint);
 		lt->generation = generation;
 		lt->shared_generation = shared_gen;
 	}
@@ -682,8 +684,11 @@ l1_add_version(LocalTenant *lt, uint32 version)
 	return lv;
 }
 
-/* Record a version's state at the tenant's generation, and where L2 found its DEK. */
-static void
+/*
+ * Record a version's state at the tenant's generation, and where L2 found its DEK (a
+ * zero hint: nowhere known, since the slot it names may hold what the version was).
+ */
+static LocalVersion *
 l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_hash,
 				DekHint hint)
 {
@@ -698,6 +703,7 @@ l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_
 	}
 	lv->state = state;
 	lv->hint = hint;
+	return lv;
 }
 
 static void
@@ -782,16 +788,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 			l1_prefetch_wipe();
 			elog(ERROR, "pg_envelope key cache entry of tenant \"%s\" vanished", tenant);
 		}
-		lv = l1_find_version(lt, version);
-		if (lv == NULL)
-			lv = l1_add_version(lt, version);
-		if (lv->wrapped_hash != hash)
-		{
-			cipher_key_free(&lv->key);	/* another key under the same number */
-			lv->wrapped_hash = hash;
-		}
-		lv->state = state;
-		lv->hint.seq = 0;		/* it may name the slot of what the version was */
+		lv = l1_note_version(lt, version, state, hash, no_dek_hint);
 	}
 	if (state != KEY_ACTIVE)
 		raise_key_unusable(tenant, version, state, true);
