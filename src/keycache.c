@@ -482,7 +482,7 @@ static LocalVersion *l1_add_version(LocalTenant *lt, uint32 version);
 static const DekHint no_dek_hint = {0, 0};
 
 static LocalVersion *l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
-							uint64 wrapped_hash, DekHint hint);
+									  uint64 wrapped_hash, DekHint hint);
 
 /*
  * The L1 entry of a tenant, valid at the current generation, or an error if the tenant
