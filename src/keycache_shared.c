@@ -1181,8 +1181,6 @@ find_tenant_indexed(const SharedTenantTag *tag, const char *name, size_t name_le
 		return false;
 	seq = pg_atomic_read_u64(&ie->dek_seq);
 	slot = pg_atomic_read_u32(&ie->dek_slot);
-	if (seq != 0 && slot < (uint32) shared->capacity)
-		__builtin_prefetch(&shared_slots[slot]);
 
 	view->ngrants = 0;
 	view->tenant_id = ie->tenant_id;
