@@ -11,7 +11,8 @@
  * rollback keeps it), it reaches a standby by replay, and it needs no row lock.  The
  * block is then used up in backend memory: per row, one compare and one increment in
  * the backend's budget of the key, which the key cache keeps beside the key's cipher
- * contexts (no lookup, no lock, no shared memory).
+ * contexts, or for a tenant its first level serves through the transient entry in a
+ * slot of the tenant's id (no lookup, no lock, no shared memory).
  *
  * Why the stored figure never under-counts: a count is handed out only from a block
  * whose reservation is WAL-logged, and WAL is replayed in order, so a crash that keeps
@@ -128,12 +129,12 @@ typedef struct EncryptionBudget
 
 /*
  * The budgets live in a pool of slots, allocated in chunks as they are first needed
- * and never freed: the key cache keeps pointers to them (LocalVersion.budget), which
- * must never dangle.  When the pool is full, the slot least recently reserved in is
- * given to the new key; its unused rest is lost, which is always safe (the stored
- * count stays an upper bound), and a key cache entry still pointing at it sees
- * another key in it and looks its own up again (count_encryption).  The hash maps a
- * key to its slot.
+ * and never freed: the key cache keeps pointers to them (LocalVersion.budget, and its
+ * transient entry's slots by tenant id), which must never dangle.  When the pool is
+ * full, the slot least recently reserved in is given to the new key; its unused rest
+ * is lost, which is always safe (the stored count stays an upper bound), and a key
+ * cache entry still pointing at it sees another key in it and looks its own up again
+ * (count_encryption).  The hash maps a key to its slot.
  *
  * The pool holds as many keys as the shared key cache (envelope.cache_size), at
  * least BUDGET_POOL_MIN_SLOTS and at most BUDGET_POOL_MAX_SLOTS: a scan that cycles

@@ -214,6 +214,43 @@ l1_transient_for(const char *tenant, size_t tenant_len, int32 tenant_id)
 }
 
 /*
+ * Where the transient entry keeps the encryption budgets (encryption_count.c) of the
+ * tenants it serves: direct-mapped by tenant id, so that a tenant coming back to it
+ * finds the budget it had, as an L1 entry does in its LocalVersion.  A scan cycling
+ * through more tenants than L1 holds serves a new tenant on every row: without this,
+ * each of its rows looked its key up in the budgets' hash (the bucket, the entry and
+ * the budget: three cold lines).  Tenant ids are given out in sequence, so the ids of
+ * the tenants a scan cycles through rarely share a slot up to the array's size.
+ *
+ * What a slot holds is only a hint: count_encryption() uses a budget only if it
+ * carries the key (tenant id, version) being counted, and looks that key up otherwise;
+ * budgets are never freed, so a slot never dangles.  Sized like the budget pool
+ * (envelope.cache_size, 16,384 to 131,072), 128 KB to 1 MB, allocated once, by the
+ * first encryption served by the transient entry.
+ */
+#define L1_TRANSIENT_BUDGETS_MIN 16384
+#define L1_TRANSIENT_BUDGETS_MAX 131072
+
+static struct EncryptionBudget **l1_transient_budgets = NULL;
+static uint32 l1_transient_budgets_mask = 0;
+
+static struct EncryptionBudget **
+l1_transient_budget_slot(int32 tenant_id)
+{
+	if (l1_transient_budgets == NULL)
+	{
+		uint32		n = L1_TRANSIENT_BUDGETS_MIN;
+
+		while (n < (uint32) envelope_cache_size && n < L1_TRANSIENT_BUDGETS_MAX)
+			n *= 2;
+		l1_transient_budgets = MemoryContextAllocZero(TopMemoryContext,
+													  n * sizeof(struct EncryptionBudget *));
+		l1_transient_budgets_mask = n - 1;
+	}
+	return &l1_transient_budgets[(uint32) tenant_id & l1_transient_budgets_mask];
+}
+
+/*
  * The entry of `tenant` (L1's or the transient one) if it is still that of the tenant
  * with id `tenant_id`; for callers that read the key store, which processes
  * invalidations (opening a table, or SPI).
@@ -885,16 +922,26 @@ keycache_key_for_encrypt(const char *tenant, size_t tenant_len)
 {
 	LocalTenant *lt = l1_tenant_entry(tenant, tenant_len, true, 0, true);
 	EnvelopeKeyRef ref;
+	bool		transient;
 
 	if (lt->access.nroles != 0)
 		l1_prefetch_wipe();		/* no copy of a DEK waits through a check that may raise */
 	tenant_access_require(&lt->access, lt->name);
 	ref.version = lt->active_version;
 	ref.tenant_id = lt->tenant_id;
+	transient = lt == &l1_transient;
+	if (transient)
+	{
+		/* Fetched while the key is set up, which takes longer than a miss. */
+		ref.budget = l1_transient_budget_slot(ref.tenant_id);
+		if (*ref.budget != NULL)
+			__builtin_prefetch(*ref.budget, 1);
+	}
 	ref.key = l1_key(lt, ref.version, CIPHER_USE_ENCRYPT);
 	l1_prefetch_wipe();
 	/* l1_key returns the key inside its LocalVersion (lt may have moved meanwhile). */
-	ref.budget = &((LocalVersion *) ((char *) ref.key - offsetof(LocalVersion, key)))->budget;
+	if (!transient)
+		ref.budget = &((LocalVersion *) ((char *) ref.key - offsetof(LocalVersion, key)))->budget;
 	return ref;
 }
 

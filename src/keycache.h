@@ -26,8 +26,10 @@ typedef struct EnvelopeKeyRef
 	int32		tenant_id;		/* names the key with version (encryption counts) */
 	/*
 	 * This backend's encryption count of the key (encryption_count.c), kept beside the
-	 * key's contexts so the row path finds it without a lookup; NULL until set, and
-	 * valid only until the next call into the key cache.
+	 * key's contexts so the row path finds it without a lookup (for a tenant served
+	 * by the first level's transient entry, in a slot of its tenant id that other
+	 * tenants may share: check the key it carries); NULL until set, and valid only
+	 * until the next call into the key cache.
 	 */
 	struct EncryptionBudget **budget;
 } EnvelopeKeyRef;

@@ -54,6 +54,7 @@
 #include <sys/mman.h>
 
 #include "keycache_shared.h"
+#include "keycache_index.h"
 #include "kms_recheck.h"
 
 #include "miscadmin.h"
@@ -408,6 +409,7 @@ keycache_shmem_size(void)
 	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedKeyEntry)));
 	size = add_size(size, hash_estimate_size(envelope_cache_size, sizeof(SharedTenantEntry)));
 	size = add_size(size, dek_area_size(envelope_cache_size));
+	size = add_size(size, tenant_index_shmem_size(envelope_cache_size));
 	return size;
 }
 
@@ -459,6 +461,14 @@ keycache_shmem_startup(void)
 	shared_ghosts = (EvictionGhost *) arrays;
 	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
 	shared_slots = (SharedDekSlot *) TYPEALIGN(pagesize, area);
+	{
+		bool		index_found;
+		void	   *index_area = ShmemInitStruct("pg_envelope key cache tenant index",
+												 tenant_index_shmem_size(capacity),
+												 &index_found);
+
+		tenant_index_attach(index_area, capacity, !index_found);
+	}
 
 	if (!found)
 	{
@@ -1053,6 +1063,149 @@ version_copy_dek(SharedVersionState *vs, int32 tenant_id, TimestampTz now,
 	return true;
 }
 
+/* ---------------------------------------------------------------------------
+ * The tenant index (keycache_index.h), in step with the tenant hash: every write of a
+ * tenant entry rewrites or removes its index entry, under the same exclusive lock.
+ */
+static void
+index_key_of(TenantIndexKey *key, const SharedTenantTag *tag, const char *name,
+			 size_t name_len)
+{
+	key->dbid = tag->dbid;
+	key->tenant_relid = tag->tenant_relid;
+	key->name_hash = tag->name_hash;
+	key->name = name;
+	key->name_len = name_len;
+}
+
+/* The tenant `entry` holds leaves the hash, or its entry another name: unindex it. */
+static void
+tenant_index_forget_entry(const SharedTenantEntry *entry)
+{
+	TenantIndexKey key;
+
+	index_key_of(&key, &entry->tag, entry->name, entry->name_len);
+	tenant_index_forget(&key);
+}
+
+/*
+ * `entry` was written: index what it now says of the tenant and its active version,
+ * or unindex it where the index cannot say it all (granted roles, the active
+ * version's state not held).
+ */
+static void
+tenant_index_sync(const SharedTenantEntry *entry)
+{
+	TenantIndexKey key;
+	TenantIndexState st;
+	const SharedVersionState *vs = NULL;
+
+	index_key_of(&key, &entry->tag, entry->name, entry->name_len);
+	if (!tenant_index_holds_name(entry->name_len))
+		return;
+	for (int i = 0; i < entry->nversions; i++)
+		if (entry->versions[i].version == entry->active_version)
+			vs = &entry->versions[i];
+	if (entry->ngrants != 0 || vs == NULL)
+	{
+		tenant_index_forget(&key);
+		return;
+	}
+	st.generation = entry->generation;
+	st.tenant_id = entry->tenant_id;
+	st.state = entry->state;
+	st.active_version = entry->active_version;
+	st.version_state = vs->state;
+	st.wrapped_hash = vs->wrapped_hash;
+	st.dek_slot = pg_atomic_read_u32(unconstify(pg_atomic_uint32 *, &vs->dek_slot));
+	st.dek_seq = pg_atomic_read_u64(unconstify(pg_atomic_uint64 *, &vs->dek_seq));
+	st.hash_slot = entry->slot;
+	tenant_index_put(&key, &st);
+}
+
+/*
+ * Copy the DEK of the active version an index entry names, through its hint when the
+ * slot still holds that key, else through the key hash (leaving a hint in the entry).
+ * Caller holds the lock in either mode.
+ */
+static bool
+index_copy_dek(TenantIndexEntry *ie, uint32 slot, uint64 seq, TimestampTz now,
+			   SharedDekCopy *out)
+{
+	SharedKeyTag tag;
+	SharedKeyEntry *entry;
+
+	if (seq != 0 && slot < (uint32) shared->capacity)
+	{
+		SharedDekSlot *ds = &shared_slots[slot];
+
+		/* The number is the slot's only while it holds that one key (key_slot_take). */
+		if (ds->seq == seq && now < ds->serve_until)
+		{
+			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
+			out->expires_at = ds->serve_until;
+			pg_atomic_write_u64(&ds->last_used, (uint64) now);
+			return true;
+		}
+	}
+	make_tag(&tag, ie->tenant_id, ie->active_version, ie->wrapped_hash);
+	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
+		return false;
+	pg_atomic_write_u32(&ie->dek_slot, (uint32) entry->slot);
+	pg_atomic_write_u64(&ie->dek_seq, shared_slots[entry->slot].seq);
+	return true;
+}
+
+/*
+ * l2_find_tenant() for the active version (`version` 0 or the active one) of a tenant
+ * the index holds at `generation`: its state and DEK from one line, plus the DEK's.
+ * False when the index cannot answer (then the hash is looked at).  Caller holds the
+ * lock in shared mode.
+ */
+static bool
+find_tenant_indexed(const SharedTenantTag *tag, const char *name, size_t name_len,
+					uint64 generation, uint32 version, TimestampTz now, TenantView *view,
+					SharedDekCopy *dek)
+{
+	TenantIndexKey key;
+	TenantIndexEntry *ie;
+	uint32		slot;
+	uint64		seq;
+	SharedTenantEntry *owner;
+
+	index_key_of(&key, tag, name, name_len);
+	ie = tenant_index_find(&key);
+	if (ie == NULL || ie->generation != generation ||
+		(version != 0 && version != ie->active_version))
+		return false;
+	seq = pg_atomic_read_u64(&ie->dek_seq);
+	slot = pg_atomic_read_u32(&ie->dek_slot);
+
+	view->ngrants = 0;
+	view->tenant_id = ie->tenant_id;
+	view->state = (TenantState) ie->state;
+	view->active_version = ie->active_version;
+	view->version = ie->active_version;
+	view->has_version = true;
+	view->version_state = (KeyState) ie->version_state;
+	view->wrapped_hash = ie->wrapped_hash;
+	if (ie->version_state == KEY_ACTIVE && ie->state == TENANT_ACTIVE)
+		dek->found = index_copy_dek(ie, slot, seq, now, dek);
+	view->nversions = 1;
+	view->versions[0].version = ie->active_version;
+	view->versions[0].state = view->version_state;
+	view->versions[0].wrapped_hash = ie->wrapped_hash;
+	view->versions[0].hint.seq = pg_atomic_read_u64(&ie->dek_seq);
+	view->versions[0].hint.slot = pg_atomic_read_u32(&ie->dek_slot);
+
+	/* The tenant's last use, for the tenant ring's eviction (a store: nothing waits). */
+	owner = shared->tenant_ring.owner[ie->hash_slot];
+	if (owner != NULL)
+		pg_atomic_write_u64(&owner->last_used, (uint64) now);
+	return true;
+}
+
 bool
 l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 version,
 			   TenantView *view, SharedDekCopy *dek)
@@ -1066,6 +1219,15 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 		dek->found = false;
 	make_tenant_tag(&tag, name, name_len);
 	LWLockAcquire(shared->lock, LW_SHARED);
+	/* A tenant new to a backend's first level, for its active key: the index answers. */
+	if (dek != NULL &&
+		find_tenant_indexed(&tag, name, name_len, generation, version, now, view, dek))
+	{
+		LWLockRelease(shared->lock);
+		if (dek->found)
+			l2_count_lookup(true);
+		return true;
+	}
 	entry = hash_search(shared_tenants, &tag, HASH_FIND, NULL);
 	if (entry != NULL && entry->generation == generation &&
 		entry->ngrants <= SHARED_TENANT_GRANTS &&
@@ -1168,6 +1330,7 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 				LWLockRelease(shared->lock);
 				return;
 			}
+			tenant_index_forget_entry(victim);
 			ring_give_back(&shared->tenant_ring, victim->slot);
 			hash_search(shared_tenants, &victim->tag, HASH_REMOVE, NULL);
 		}
@@ -1180,6 +1343,8 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 		entry->tenant_id != rec->tenant_id)
 	{
 		/* Older news, another name with the same hash, or another tenant: start over. */
+		if (!tenant_entry_matches(entry, name, name_len))
+			tenant_index_forget_entry(entry);	/* the name this entry held */
 		entry->generation = generation;
 		entry->name_len = (uint32) name_len;
 		memcpy(entry->name, name, name_len);
@@ -1213,6 +1378,7 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 		pg_atomic_init_u32(&vs->dek_slot, 0);
 		pg_atomic_init_u64(&vs->dek_seq, 0);
 	}
+	tenant_index_sync(entry);
 	LWLockRelease(shared->lock);
 }
 
