@@ -452,28 +452,114 @@ raise_no_tenant(const char *name)
 			 errhidestmt(true)));
 }
 
+/* ---------------------------------------------------------------------------
+ * The last key store read
+ *
+ * What read_key_store() read last, kept until the next read: the tenant and every one
+ * of its versions with their wrapped DEKs, and the L1 generation it was read at.  A
+ * re-encryption looks at a tenant's state (its active version), then decrypts under an
+ * old version and encrypts under the active one; when neither DEK is in shared memory
+ * (after a rotation, or in a cluster just started) each needs its wrapped DEK for the
+ * KMS.  The read that checked the states had them: l1_fill takes them from here rather
+ * than reading the key store again, as long as the generation has not moved (so L1
+ * still trusts the states read with them) and the wrapped DEK is the one L1 noted.
+ * Wrapped DEKs are not secret: the context is reset, not wiped, at the next read.
+ */
+static MemoryContext last_read_cxt = NULL;
+static bool last_read_valid = false;
+static uint64 last_read_generation;
+static char last_read_tenant[ENVELOPE_TENANT_MAX + 1];
+static TenantKeyRecord last_read;
+
+/* Forget the last read and make room for the next (its record goes with the context). */
+static MemoryContext
+last_read_reset(void)
+{
+	last_read_valid = false;
+	if (last_read_cxt == NULL)
+		last_read_cxt = AllocSetContextCreate(TopMemoryContext,
+											  "pg_envelope last key store read",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(last_read_cxt);
+	return last_read_cxt;
+}
+
 /*
- * Read tenant `name` and its `version` (0: active) from the key store, and tell L2.
- * `generation` is the shared generation seen before reading: a change that commits
- * after it bumps the generation, so what is published here is never taken for newer.
- * A parallel query reads with its statement's snapshot, which may be older than the
- * generation, and a transaction that has changed the key store reads its own
- * uncommitted changes: what they read is theirs alone, never published.
- * A destroyed tenant or key seen here is wiped from L2: the committing backend does
- * that, but a standby or a key store edited by hand has no such backend.
+ * The wrapped DEK of `version` of tenant `tenant_id` (named `tenant`) as the last read
+ * found it, if that read was made at L1 generation `generation`, and the version was
+ * active with the wrapped DEK whose hash is `wrapped_hash`; NULL otherwise.
+ */
+static const DataKeyRecord *
+last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 version,
+			  uint64 wrapped_hash)
+{
+	if (!last_read_valid || last_read.tenant_id != tenant_id ||
+		last_read_generation != generation || strcmp(last_read_tenant, tenant) != 0)
+		return NULL;
+	for (int i = 0; i < last_read.nversions; i++)
+	{
+		const VersionKeyRecord *vr = &last_read.versions[i];
+
+		if (vr->version == (int32) version && vr->key.state == KEY_ACTIVE &&
+			vr->key.wrapped != NULL && l2_wrapped_hash(vr->key.wrapped) == wrapped_hash)
+			return &vr->key;
+	}
+	return NULL;
+}
+
+/*
+ * Wipe from L2 the DEKs of versions the read found unusable: the one asked for (all
+ * its keys), and any other retired version whose key the read names (one look each:
+ * a read now notes every version in L1, so that version may never be asked for here).
+ */
+static void
+read_key_store_purge_unusable(const TenantKeyRecord *rec)
+{
+	if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
+		l2_purge(rec->tenant_id, (uint32) rec->version);
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		const VersionKeyRecord *vr = &rec->versions[i];
+
+		if (vr->version != rec->version && vr->key.state != KEY_ACTIVE &&
+			vr->key.wrapped != NULL)
+			l2_purge_key(rec->tenant_id, (uint32) vr->version, l2_wrapped_hash(vr->key.wrapped));
+	}
+}
+
+/*
+ * Read tenant `name`, its `version` (0: active) and its other versions from the key
+ * store, keep the answer as the last read, and tell L2.  `generation` is the shared
+ * generation seen before reading: a change that commits after it bumps the generation,
+ * so what is published here is never taken for newer.  A parallel query reads with
+ * its statement's snapshot, which may be older than the generation, and a transaction
+ * that has changed the key store reads its own uncommitted changes: what they read is
+ * theirs alone, never published.  A destroyed tenant or key seen here is wiped from
+ * L2: the committing backend does that, but a standby or a key store edited by hand
+ * has no such backend.  *rec lives until the next read.
  */
 static void
 read_key_store(const char *name, size_t name_len, uint32 version, uint64 generation,
 			   TenantKeyRecord *rec)
 {
-	if (!keystore_read_tenant_key(name, (int32) version, rec))
+	uint64		l1_generation = l1_local_generation + generation;
+	MemoryContext old = MemoryContextSwitchTo(last_read_reset());
+	bool		found = keystore_read_tenant_key(name, (int32) version, rec);
+
+	MemoryContextSwitchTo(old);
+	if (!found)
 		raise_no_tenant(name);
 	if (rec->state == TENANT_DESTROYED)
 		l2_purge(rec->tenant_id, 0);
-	else if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
-		l2_purge(rec->tenant_id, (uint32) rec->version);
+	else
+		read_key_store_purge_unusable(rec);
 	if (l2_available() && !IsInParallelMode() && !l1_pending_bump)
 		l2_publish_tenant(name, name_len, generation, rec);
+	last_read = *rec;
+	last_read_generation = l1_generation;
+	memcpy(last_read_tenant, name, name_len);
+	last_read_tenant[name_len] = '\0';
+	last_read_valid = true;
 }
 
 static LocalVersion *l1_find_version(LocalTenant *lt, uint32 version);
@@ -483,6 +569,7 @@ static const DekHint no_dek_hint = {0, 0};
 
 static LocalVersion *l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
 									  uint64 wrapped_hash, DekHint hint);
+static void l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec);
 
 /*
  * The L1 entry of a tenant, valid at the current generation, or an error if the tenant
@@ -505,6 +592,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	TenantView	view;
 	const Oid  *grant_roles = view.grant_roles;
 	bool		from_l2 = true;
+	TenantKeyRecord rec;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -570,8 +658,6 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		if (!l1_look_in_l2(key, tenant_len, shared_gen, version, want_key && lt == NULL,
 						   &view))
 		{
-			TenantKeyRecord rec;
-
 			from_l2 = false;
 
 			/* Not in L2 at this generation: ask the key store. */
@@ -633,6 +719,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 				l1_note_version(lt, view.versions[i].version, view.versions[i].state,
 								view.versions[i].wrapped_hash, view.versions[i].hint);
 		}
+		else if (!from_l2)
+			l1_note_read_versions(lt, &rec);	/* every version: no second read */
 		else if (view.has_version)
 			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
 							no_dek_hint);
@@ -706,6 +794,23 @@ l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_
 	return lv;
 }
 
+/*
+ * Record the state of every version a key store read found (no DEK slot known): the
+ * keys a re-encryption needs next are then checked without reading it again.
+ */
+static void
+l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec)
+{
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		const DataKeyRecord *key = &rec->versions[i].key;
+
+		l1_note_version(lt, (uint32) rec->versions[i].version,
+						key->wrapped ? key->state : KEY_DESTROYED,
+						key->wrapped ? l2_wrapped_hash(key->wrapped) : 0, no_dek_hint);
+	}
+}
+
 static void
 raise_key_unusable(const char *tenant, uint32 version, KeyState state, bool exists)
 {
@@ -740,6 +845,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	size_t		tenant_len = lt->name_len;
 	int32		tenant_id = lt->tenant_id;
 	uint64		shared_gen = lt->shared_generation;
+	uint64		generation = lt->generation;
 	LocalVersion *lv = l1_find_version(lt, version);
 	TenantKeyRecord rec;
 	bool		have_rec = false;
@@ -836,7 +942,12 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	}
 	if (!have_dek)
 	{
-		if (!have_rec)
+		const DataKeyRecord *kept = have_rec ? NULL :
+			last_read_key(tenant, tenant_id, generation, version, hash);
+
+		if (kept != NULL)
+			rec.key = *kept;	/* read with the state checked above: no second read */
+		else if (!have_rec)
 		{
 			read_key_store(tenant, tenant_len, version, shared_gen, &rec);
 			if (rec.tenant_id != tenant_id || !rec.key_found || rec.key.wrapped == NULL ||

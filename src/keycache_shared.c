@@ -940,6 +940,33 @@ l2_purge(int32 tenant_id, uint32 version)
 	LWLockRelease(shared->lock);
 }
 
+void
+l2_purge_key(int32 tenant_id, uint32 version, uint64 wrapped_hash)
+{
+	SharedKeyTag tag;
+	bool		cached;
+
+	if (shared == NULL)
+		return;
+	make_tag(&tag, tenant_id, version, wrapped_hash);
+	/* Usually not there: look under the shared lock before taking the exclusive one. */
+	LWLockAcquire(shared->lock, LW_SHARED);
+	cached = hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL;
+	LWLockRelease(shared->lock);
+	if (!cached)
+		return;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	{
+		SharedKeyEntry *entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+
+		if (entry != NULL && entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else if (entry != NULL)
+			shared_remove_entry(entry);
+	}
+	LWLockRelease(shared->lock);
+}
+
 uint64
 l2_wrapped_hash(const bytea *wrapped)
 {
@@ -1144,6 +1171,59 @@ tenant_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
 	return EVICT_IF_OLDEST;
 }
 
+/*
+ * The versions of `rec` that shared memory holds with the tenant, best first: the one
+ * asked for, the active one, then the others newest first; at most
+ * SHARED_TENANT_VERSIONS.  Returns how many.
+ */
+static int
+versions_to_publish(const TenantKeyRecord *rec, const VersionKeyRecord **out)
+{
+	int			n = 0;
+
+	if (rec->key_found)
+		for (int i = 0; i < rec->nversions; i++)
+			if (rec->versions[i].version == rec->version)
+				out[n++] = &rec->versions[i];
+	for (int i = 0; i < rec->nversions && n < SHARED_TENANT_VERSIONS; i++)
+		if (rec->versions[i].version == rec->active_version &&
+			!(rec->key_found && rec->version == rec->active_version))
+			out[n++] = &rec->versions[i];
+	for (int i = rec->nversions - 1; i >= 0 && n < SHARED_TENANT_VERSIONS; i--)
+		if (rec->versions[i].version != rec->active_version &&
+			!(rec->key_found && rec->versions[i].version == rec->version))
+			out[n++] = &rec->versions[i];
+	return n;
+}
+
+/* Hold the state of version `vr` in a slot of `entry`: its own, a free one, or round robin. */
+static void
+publish_version(SharedTenantEntry *entry, const VersionKeyRecord *vr)
+{
+	SharedVersionState *vs = NULL;
+	uint64		hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	KeyState	state = vr->key.wrapped ? vr->key.state : KEY_DESTROYED;
+
+	for (int i = 0; i < entry->nversions; i++)
+		if (entry->versions[i].version == (uint32) vr->version)
+			vs = &entry->versions[i];
+	if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
+		vs = &entry->versions[entry->nversions++];
+	else if (vs == NULL)
+	{
+		vs = &entry->versions[entry->next_version_slot];
+		entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
+	}
+	else if (vs->wrapped_hash == hash && vs->state == state)
+		return;					/* as held: keep the hint to its DEK */
+	vs->version = (uint32) vr->version;
+	vs->state = state;
+	vs->wrapped_hash = hash;
+	/* The hint named the DEK of what the version was: found again on next use. */
+	pg_atomic_init_u32(&vs->dek_slot, 0);
+	pg_atomic_init_u64(&vs->dek_seq, 0);
+}
+
 void
 l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 				  const TenantKeyRecord *rec)
@@ -1152,6 +1232,8 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 	SharedTenantTag *tag = &tag_buf;
 	SharedTenantEntry *entry;
 	bool		found;
+	const VersionKeyRecord *publish[SHARED_TENANT_VERSIONS + 1];
+	int			npublish = versions_to_publish(rec, publish);
 
 	make_tenant_tag(tag, name, name_len);
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
@@ -1192,27 +1274,12 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 	entry->ngrants = rec->ngrants;
 	if (rec->ngrants > 0 && rec->ngrants <= SHARED_TENANT_GRANTS)
 		memcpy(entry->grant_roles, rec->grant_roles, sizeof(Oid) * rec->ngrants);
-	if (rec->key_found)
-	{
-		SharedVersionState *vs = NULL;
-
-		for (int i = 0; i < entry->nversions; i++)
-			if (entry->versions[i].version == (uint32) rec->version)
-				vs = &entry->versions[i];
-		if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
-			vs = &entry->versions[entry->nversions++];
-		else if (vs == NULL)
-		{
-			vs = &entry->versions[entry->next_version_slot];
-			entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
-		}
-		vs->version = (uint32) rec->version;
-		vs->state = rec->key.state;
-		vs->wrapped_hash = rec->key.wrapped ? l2_wrapped_hash(rec->key.wrapped) : 0;
-		/* The hint named the DEK of what the version was: found again on next use. */
-		pg_atomic_init_u32(&vs->dek_slot, 0);
-		pg_atomic_init_u64(&vs->dek_seq, 0);
-	}
+	/*
+	 * Best last: the round robin takes each slot at most once in one publish, so what
+	 * it replaces is older news or a version worse than the one written.
+	 */
+	for (int i = npublish - 1; i >= 0; i--)
+		publish_version(entry, publish[i]);
 	LWLockRelease(shared->lock);
 }
 
