@@ -39,6 +39,7 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "kms_recheck.h"
 #include "tenant_access.h"
 
 #include "access/parallel.h"
@@ -272,6 +273,28 @@ typedef struct PendingPurge
 } PendingPurge;
 
 static List *pending_purges = NIL;
+
+/*
+ * DEKs the KMS generated in the current transaction (create_tenant, rotate_tenant_key),
+ * waiting for its commit to enter the shared cache (keycache_prime).  Plaintext key
+ * bytes: held in one array of TopMemoryContext, never in transaction memory, and
+ * wiped at commit (once stored), at abort and PREPARE, at the abort of the
+ * subtransaction that made them, and before the array is moved to grow.
+ */
+typedef struct PendingNewKey
+{
+	int32		tenant_id;
+	uint32		version;
+	uint64		wrapped_hash;
+	int32		master_key;		/* kms_recheck slot */
+	uint64		revocation_epoch;	/* l2_revocation_epoch() when it was made */
+	SubTransactionId subid;		/* the subtransaction that made it */
+	uint8		dek[KMS_DEK_LEN];
+} PendingNewKey;
+
+static PendingNewKey *pending_new_keys = NULL;
+static int	n_pending_new_keys = 0;
+static int	max_pending_new_keys = 0;
 
 static inline bool
 l1_prefetch_matches(int32 tenant_id, uint32 version, uint64 wrapped_hash)
@@ -1067,6 +1090,118 @@ keycache_schedule_purge(int32 tenant_id, uint32 version)
 	MemoryContextSwitchTo(old);
 }
 
+/* Wipe and forget every pending new DEK. */
+static void
+pending_new_keys_wipe(void)
+{
+	if (pending_new_keys == NULL)
+		return;
+	explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
+	pfree(pending_new_keys);
+	pending_new_keys = NULL;
+	n_pending_new_keys = max_pending_new_keys = 0;
+}
+
+/*
+ * Room for one more pending DEK.  Grown by hand, not repalloc: the old array is wiped
+ * before it is freed.  An allocation failure raises before anything moved.
+ */
+static PendingNewKey *
+pending_new_key_slot(void)
+{
+	if (n_pending_new_keys == max_pending_new_keys)
+	{
+		int			newmax = Max(16, max_pending_new_keys * 2);
+		PendingNewKey *grown = MemoryContextAllocZero(TopMemoryContext,
+													  sizeof(PendingNewKey) * newmax);
+
+		if (pending_new_keys != NULL)
+		{
+			memcpy(grown, pending_new_keys, sizeof(PendingNewKey) * n_pending_new_keys);
+			explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
+			pfree(pending_new_keys);
+		}
+		pending_new_keys = grown;
+		max_pending_new_keys = newmax;
+	}
+	return &pending_new_keys[n_pending_new_keys++];
+}
+
+/*
+ * The transaction committed: its new DEKs enter the shared cache, unless a master key
+ * was refused since they were made (the worker evicts its keys and bumps the
+ * revocation epoch; one made before would escape that eviction).  No ERROR here.
+ */
+static void
+pending_new_keys_store(void)
+{
+	uint64		epoch = l2_revocation_epoch();
+
+	for (int i = 0; i < n_pending_new_keys; i++)
+	{
+		PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->revocation_epoch == epoch)
+			l2_store_new_key(p->tenant_id, p->version, p->wrapped_hash, p->master_key, p->dek);
+	}
+	pending_new_keys_wipe();
+}
+
+void
+keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
+			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
+{
+	PendingNewKey *p;
+	int32		master_key;
+
+	if (!l2_available())
+		return;
+	master_key = kms_recheck_track(provider, key_arn, tenant, version,
+								   (const uint8 *) VARDATA_ANY(wrapped),
+								   VARSIZE_ANY_EXHDR(wrapped));
+	p = pending_new_key_slot();
+	p->tenant_id = tenant_id;
+	p->version = version;
+	p->wrapped_hash = l2_wrapped_hash(wrapped);
+	p->master_key = master_key;
+	p->revocation_epoch = l2_revocation_epoch();
+	p->subid = GetCurrentSubTransactionId();
+	memcpy(p->dek, dek, KMS_DEK_LEN);
+}
+
+/*
+ * A subtransaction ended: the DEKs of one that aborted are wiped (its key store rows
+ * are gone); those of one that committed now belong to its parent.
+ */
+static void
+keycache_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						  SubTransactionId parentSubid, void *arg)
+{
+	int			kept = 0;
+
+	if (event != SUBXACT_EVENT_ABORT_SUB && event != SUBXACT_EVENT_COMMIT_SUB)
+		return;
+	for (int i = 0; i < n_pending_new_keys; i++)
+	{
+		PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->subid == mySubid && event == SUBXACT_EVENT_ABORT_SUB)
+		{
+			explicit_bzero(p, sizeof(*p));
+			continue;
+		}
+		if (p->subid == mySubid)
+			p->subid = parentSubid;
+		if (kept != i)
+		{
+			pending_new_keys[kept] = *p;
+			explicit_bzero(p, sizeof(*p));
+		}
+		kept++;
+	}
+	n_pending_new_keys = kept;
+}
+
 static void
 keycache_xact_callback(XactEvent event, void *arg)
 {
@@ -1076,6 +1211,8 @@ keycache_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
+			/* Before the purges: a tenant destroyed after its rotation goes too. */
+			pending_new_keys_store();
 			foreach(lc, pending_purges)
 			{
 				PendingPurge *p = lfirst(lc);
@@ -1104,6 +1241,8 @@ keycache_xact_callback(XactEvent event, void *arg)
 		default:
 			return;
 	}
+	/* Not stored at abort or PREPARE (a prepared transaction commits elsewhere). */
+	pending_new_keys_wipe();
 	/* The list lived in TopTransactionContext, which is going away. */
 	pending_purges = NIL;
 	l1_pending_bump = false;
@@ -1143,6 +1282,7 @@ keycache_init_backend(void)
 	if (registered)
 		return;
 	RegisterXactCallback(keycache_xact_callback, NULL);
+	RegisterSubXactCallback(keycache_subxact_callback, NULL);
 	CacheRegisterRelcacheCallback(keycache_relcache_callback, (Datum) 0);
 	registered = true;
 }

@@ -601,12 +601,15 @@ key_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
 	return EVICT_IF_OLDEST;
 }
 
+static void shared_evict(SharedKeyEntry *victim, TimestampTz now);
+
 /*
  * Make room for one entry: expired and failed entries first, else the least recently
  * used of the window at the ring's hand.  Caller holds the lock exclusively.  Returns
  * false when every slot is busy loading (the caller then goes to the KMS without
  * caching).
  */
+
 static bool
 shared_make_room(TimestampTz now)
 {
@@ -617,6 +620,14 @@ shared_make_room(TimestampTz now)
 	victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
 	if (victim == NULL)
 		return false;
+	shared_evict(victim, now);
+	return true;
+}
+
+/* Remove `victim` to make room, counting it.  Caller holds the lock exclusively. */
+static void
+shared_evict(SharedKeyEntry *victim, TimestampTz now)
+{
 	if (victim->state == SKEY_READY && !entry_expired(victim, now))
 	{
 		/* Evicted while still valid: remember it, to notice if it is needed again. */
@@ -633,7 +644,6 @@ shared_make_room(TimestampTz now)
 		s->evictions++;
 		stats_end();
 	}
-	return true;
 }
 
 /*
@@ -985,31 +995,60 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
 }
 
 /*
- * A DEK the KMS just generated goes straight into the shared cache, saving the first
- * Decrypt.  Should the creating transaction roll back, the entry names a tenant id
- * that is never used again and simply ages out.
+ * A DEK the KMS generated in a transaction that has just committed goes into the
+ * shared cache (the first use then needs no Decrypt), keyed and expiring like any
+ * other.  Called from the commit callback, where nothing may raise an ERROR: nothing
+ * here allocates (HASH_ENTER_NULL) or waits but for the lock.  It takes a free slot,
+ * or one whose key has expired or failed, or the least recently used of the eviction
+ * window if that key was not used within the last NEW_KEY_RECENT_USE; else it gives
+ * up: a rotation of 50,000 tenants must not evict the keys the other sessions are
+ * working with for keys that may not be used for hours, whose first use can still
+ * unwrap them.  A key already there (another backend loaded it since the commit) is
+ * left as it is.
  */
+static TimestampTz
+new_key_recent_use(void)
+{
+	/* As often as the sweeper wakes: a tenth of cache_ttl, between 1 s and 1 min. */
+	return Max(USECS_PER_SEC, Min(60 * USECS_PER_SEC, ttl_usec() / 10));
+}
+
 void
-keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
-			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
+l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 master_key,
+				 const uint8 dek[KMS_DEK_LEN])
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
-	int32		master_key;
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (shared == NULL)
 		return;
-	master_key = kms_recheck_track(provider, key_arn, tenant, version,
-								   (const uint8 *) VARDATA_ANY(wrapped),
-								   VARSIZE_ANY_EXHDR(wrapped));
-	make_tag(&tag, tenant_id, version, l2_wrapped_hash(wrapped));
+	make_tag(&tag, tenant_id, version, wrapped_hash);
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
-	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
-	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
+	if (hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL)
 	{
-		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
-		key_slot_take(entry, GetCurrentTimestamp());
+		LWLockRelease(shared->lock);
+		return;
+	}
+	if (shared->key_ring.nfree == 0)
+	{
+		SharedKeyEntry *victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
+
+		if (victim == NULL ||
+			(victim->state == SKEY_READY && !entry_expired(victim, now) &&
+			 (TimestampTz) pg_atomic_read_u64(&shared_slots[victim->slot].last_used) >
+			 now - new_key_recent_use()))
+		{
+			LWLockRelease(shared->lock);
+			return;
+		}
+		shared_evict(victim, now);
+	}
+	entry = hash_search(shared_hash, &tag, HASH_ENTER_NULL, &found);
+	if (entry != NULL)
+	{
+		key_slot_take(entry, now);
 		memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
 		entry->state = SKEY_READY;
 		entry->doomed = false;
@@ -1019,7 +1058,7 @@ keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *
 		entry->has_stale = false;
 		entry->grace_warned = false;
 		entry->grace_until = 0;
-		entry->loaded_at = GetCurrentTimestamp();
+		entry->loaded_at = now;
 		slot_sync(entry);
 	}
 	LWLockRelease(shared->lock);

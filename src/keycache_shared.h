@@ -137,6 +137,14 @@ extern bool l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek);
 /* Count a lookup that reached shared memory (hit or miss).  Any call. */
 extern void l2_count_lookup(bool hit);
 
+/*
+ * Put the DEK of (tenant_id, version, wrapped_hash), which the KMS generated in a
+ * transaction that has just committed, into shared memory if there is room without
+ * evicting a key in use (else nothing).  Raises no ERROR: for the commit callback.
+ */
+extern void l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
+							 int32 master_key, const uint8 dek[KMS_DEK_LEN]);
+
 /* Zero the DEKs of (tenant_id, version) (0: every version) of this database.  Any call. */
 extern void l2_purge(int32 tenant_id, uint32 version);
 
