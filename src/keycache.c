@@ -296,6 +296,31 @@ static PendingNewKey *pending_new_keys = NULL;
 static int	n_pending_new_keys = 0;
 static int	max_pending_new_keys = 0;
 
+/*
+ * The DEK of (tenant_id, version, wrapped_hash) if this transaction generated it: a
+ * tenant created or rotated and used in the same transaction needs no KMS Decrypt,
+ * though its key enters shared memory only at commit.  The copy expires like one
+ * loaded now.
+ */
+static bool
+pending_new_key_copy(int32 tenant_id, uint32 version, uint64 wrapped_hash,
+					 uint8 dek[KMS_DEK_LEN], TimestampTz *expires_at)
+{
+	for (int i = n_pending_new_keys - 1; i >= 0; i--)
+	{
+		const PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->tenant_id == tenant_id && p->version == version &&
+			p->wrapped_hash == wrapped_hash)
+		{
+			memcpy(dek, p->dek, KMS_DEK_LEN);
+			*expires_at = GetCurrentTimestamp() + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+			return true;
+		}
+	}
+	return false;
+}
+
 static inline bool
 l1_prefetch_matches(int32 tenant_id, uint32 version, uint64 wrapped_hash)
 {
@@ -963,6 +988,8 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 		if (have_dek)
 			l2_count_lookup(true);
 	}
+	if (!have_dek)
+		have_dek = pending_new_key_copy(tenant_id, version, hash, dek, &expires_at);
 	if (!have_dek)
 	{
 		const DataKeyRecord *kept = have_rec ? NULL :
