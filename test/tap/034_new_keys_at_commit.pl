@@ -141,5 +141,25 @@ is(hits($backend_pid, $dek, 'private'), 0, 'committed: wiped from the backend');
 is(hits($postmaster_pid, $dek, 'shared'), 1, 'and in shared memory once');
 $session->quit;
 
+# A full cache: the rotation's keys take the free slots, and no slot of a key in use.
+$node->append_conf('postgresql.conf', "envelope.cache_size = 16\n");
+$node->restart;
+$postmaster_pid = (split /\n/, slurp_file($node->data_dir . '/postmaster.pid'))[0];
+my $working_set = q{tenant IN ('t1','t2','t4','t5','t6','t7','t8','t9','t10','t11','t12','t13')};
+sql("SELECT count(envelope.decrypt(tenant, v)) FROM data WHERE $working_set");
+is(stat_value('entries'), 12, 'a working set of 12 keys in a cache of 16');
+my $evictions = stat_value('evictions');
+sql(q{
+BEGIN;
+SELECT count(envelope.create_tenant('r' || i)) FROM generate_series(1, 10) i;
+SELECT count(envelope.rotate_tenant_key('r' || i)) FROM generate_series(1, 10) i;
+COMMIT;
+});
+is(stat_value('entries'), 16, 'the new keys filled the free slots');
+is(stat_value('evictions'), $evictions, 'and evicted no key in use');
+$calls = stat_value('kms_decrypt_calls');
+sql("SELECT count(envelope.decrypt(tenant, v)) FROM data WHERE $working_set");
+is(stat_value('kms_decrypt_calls'), $calls, 'the working set is still cached');
+
 $node->stop;
 done_testing();
