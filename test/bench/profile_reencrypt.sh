@@ -23,10 +23,15 @@
 #   b. UPDATE fleet_b SET c = c                 (another one)
 # each collected whole.  A fresh backend (and a fresh shared cache: single-user mode
 # creates its own) pays every first touch of every tenant once: key store reads, DEK
-# unwraps, context set-up.  Prints instructions per row of each, and the calls and
-# inclusive instructions of the functions that do that first-touch work;
+# unwraps, context set-up.  Then, from a copy of the cluster taken before that
+# rotation, as fleet.sh has it (the rotation's new DEKs in the shared cache):
+#   c. CALL envelope.rotate_keys(older_than => '0'), then CALL envelope.reencrypt_all(10000)
+#   d. the rotation alone
+# in one single-user backend each; c - d is the re-encryption after a rotation in the
+# same cluster.  Prints instructions per row of a, b and c - d, and the calls and
+# inclusive instructions of the functions that do the first-touch work in a and c;
 # PROFILE_ROWS defaults to 200,000 in this mode.  Raw files:
-# test/bench/out/callgrind_whole.{reencrypt_all,plain_update}.out.
+# test/bench/out/callgrind_whole.{reencrypt_all,plain_update,rotate_reencrypt,rotate}.out.
 #
 # Expects the extension built and installed (fleet.sh or run.sh does that).
 set -euo pipefail
@@ -105,6 +110,15 @@ SET client_min_messages = warning;
 CALL envelope.rotate_keys(older_than => '0');
 CALL envelope.reencrypt_all(10000);
 UPDATE fleet_b SET c = c;
+VACUUM ANALYZE;
+CHECKPOINT;
+SQL
+    pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null
+    pg cp -a "$DIR/data" "$DIR/data_c"
+    pg cp -a "$DIR/data" "$DIR/data_d"
+    pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+    pg psql -X -q -h "$DIR" -p "$PORT" -d postgres -v ON_ERROR_STOP=1 >/dev/null <<SQL
+SET client_min_messages = warning;
 CALL envelope.rotate_keys(older_than => '0');
 VACUUM ANALYZE;
 CHECKPOINT;
@@ -112,21 +126,31 @@ SQL
     pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null
     echo "CALL envelope.reencrypt_all(10000)" > "$DIR/a.sql"
     echo "UPDATE fleet_b SET c = c" > "$DIR/b.sql"
+    printf "CALL envelope.rotate_keys(older_than => '0')\nCALL envelope.reencrypt_all(10000)\n" > "$DIR/c.sql"
+    echo "CALL envelope.rotate_keys(older_than => '0')" > "$DIR/d.sql"
     chmod 644 "$DIR"/*.sql
-    for f in a b; do
+    for f in a b c d; do
+        data="$DIR/data"; [ "$f" = c ] && data="$DIR/data_c"; [ "$f" = d ] && data="$DIR/data_d"
         pg valgrind -q --tool=callgrind --dump-instr=no --callgrind-out-file="$DIR/cg.$f" \
-            postgres --single -D "$DIR/data" postgres < "$DIR/$f.sql" > "$DIR/$f.log" 2>&1 \
+            postgres --single -D "$data" postgres < "$DIR/$f.sql" > "$DIR/$f.log" 2>&1 \
             || { cat "$DIR/$f.log" >&2; exit 1; }
     done
     cp "$DIR/cg.a" "$OUT/callgrind_whole.reencrypt_all.out"
     cp "$DIR/cg.b" "$OUT/callgrind_whole.plain_update.out"
-    per_row() { awk -v r="$ROWS" '/^(totals|summary):/ { printf "%.0f", $2 / r; exit }' "$1"; }
+    cp "$DIR/cg.c" "$OUT/callgrind_whole.rotate_reencrypt.out"
+    cp "$DIR/cg.d" "$OUT/callgrind_whole.rotate.out"
+    total() { awk '/^(totals|summary):/ { print $2; exit }' "$1"; }
+    per_row() { awk -v r="$ROWS" -v t="$(total "$1")" 'BEGIN { printf "%.0f", t / r }'; }
     echo "instructions per row, whole statement in a fresh single-user backend, $ROWS rows of 1,000 tenants:"
-    echo "  CALL envelope.reencrypt_all(10000): $(per_row "$DIR/cg.a")"
-    echo "  UPDATE fleet_b SET c = c: $(per_row "$DIR/cg.b")"
-    echo "first-touch work in reencrypt_all (calls, inclusive instructions):"
-    for fn in read_key_store keystore_read_tenant_key l1_fill l2_load_key l2_publish_tenant; do
-        printf "  %-26s %s\n" "$fn" "$(calls_and_cost "$DIR/cg.a" "$fn")"
+    echo "  a. CALL envelope.reencrypt_all(10000): $(per_row "$DIR/cg.a")"
+    echo "  b. UPDATE fleet_b SET c = c: $(per_row "$DIR/cg.b")"
+    awk -v r="$ROWS" -v c="$(total "$DIR/cg.c")" -v d="$(total "$DIR/cg.d")" \
+        'BEGIN { printf "  c - d. reencrypt_all after rotate_keys in the same backend: %.0f\n", (c - d) / r }'
+    for f in a c; do
+        echo "first-touch work in $f (calls, inclusive instructions):"
+        for fn in read_key_store keystore_read_tenant_key l1_fill l2_load_key l2_publish_tenant; do
+            printf "  %-26s %s\n" "$fn" "$(calls_and_cost "$DIR/cg.$f" "$fn")"
+        done
     done
     exit 0
 fi
