@@ -206,6 +206,7 @@ typedef struct KeyCacheShared
 	ConditionVariable loaded_cv;
 	pg_atomic_uint64 generation;
 	pg_atomic_uint64 revocation_epoch;	/* bumped when a master key is refused */
+	pg_atomic_uint64 purge_seq; /* written under the exclusive lock: l2_purge_sequence() */
 	int			capacity;
 	uint64		last_dek_seq;	/* under the exclusive lock: numbers DEK slot assignments */
 	SlotRing	key_ring;
@@ -476,6 +477,7 @@ keycache_shmem_startup(void)
 		ConditionVariableInit(&shared->loaded_cv);
 		pg_atomic_init_u64(&shared->generation, 0);
 		pg_atomic_init_u64(&shared->revocation_epoch, 0);
+		pg_atomic_init_u64(&shared->purge_seq, 0);
 		shared->capacity = capacity;
 		ring_init(&shared->key_ring, capacity);
 		ring_init(&shared->tenant_ring, capacity);
@@ -936,6 +938,21 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 	return result;
 }
 
+uint64
+l2_purge_sequence(void)
+{
+	if (shared == NULL)
+		return 0;
+	return pg_atomic_read_u64(&shared->purge_seq);
+}
+
+/* Caller holds the lock exclusively and is about to remove keys. */
+static inline void
+purge_sequence_bump(void)
+{
+	pg_atomic_fetch_add_u64(&shared->purge_seq, 1);
+}
+
 void
 l2_purge(int32 tenant_id, uint32 version)
 {
@@ -945,6 +962,7 @@ l2_purge(int32 tenant_id, uint32 version)
 	if (shared == NULL)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -976,6 +994,7 @@ l2_purge_key(int32 tenant_id, uint32 version, uint64 wrapped_hash)
 	if (!cached)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	{
 		SharedKeyEntry *entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
 
@@ -1005,16 +1024,24 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
 }
 
 /*
- * A DEK the KMS generated in a transaction that has just committed goes into the
- * shared cache (the first use then needs no Decrypt), keyed and expiring like any
- * other.  Called from the commit callback, where nothing may raise an ERROR: nothing
- * here allocates (HASH_ENTER_NULL) or waits but for the lock.  It takes a free slot,
- * or one whose key has expired or failed, or the least recently used of the eviction
- * window if that key was not used within the last NEW_KEY_RECENT_USE; else it gives
- * up: a rotation of 50,000 tenants must not evict the keys the other sessions are
- * working with for keys that may not be used for hours, whose first use can still
- * unwrap them.  A key already there (another backend loaded it since the commit) is
- * left as it is.
+ * DEKs the KMS generated in a transaction that has just committed go into the shared
+ * cache (the first use then needs no Decrypt), keyed like any other and expiring
+ * cache_ttl after they were made (their master key was noted in use then: a key must
+ * not outlive its master key's re-check).  Called from the commit callback, where
+ * nothing may raise an ERROR: nothing here allocates (HASH_ENTER_NULL) or waits but
+ * for the lock.  A key takes a free slot, or one whose key has expired or failed, or
+ * the least recently used of the eviction window if that key was not used within the
+ * last NEW_KEY_RECENT_USE; else the store gives up: a rotation of 50,000 tenants must
+ * not evict the keys the other sessions are working with for keys that may not be
+ * used for hours, whose first use can still unwrap them.  A key already there
+ * (another backend loaded it since the commit) is left as it is.
+ *
+ * Two removals may have run since the keys were made, and must not be undone: the
+ * eviction of a refused master key's keys (the revocation epoch moved, compared here
+ * under the lock, which that eviction bumps it under), and a purge or flush (the purge
+ * sequence moved since PRE_COMMIT: a destroy_tenant committed after this transaction
+ * became visible may have found nothing to purge).  Either keeps the key out, at the
+ * cost of one unwrap at its first use.
  */
 static TimestampTz
 new_key_recent_use(void)
@@ -1023,24 +1050,20 @@ new_key_recent_use(void)
 	return Max(USECS_PER_SEC, Min(60 * USECS_PER_SEC, ttl_usec() / 10));
 }
 
-void
-l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 master_key,
-				 const uint8 dek[KMS_DEK_LEN])
+/* One new key; false when there was no room.  Caller holds the lock exclusively. */
+static bool
+store_new_key(const NewDataKey *key, TimestampTz now)
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
-	TimestampTz now = GetCurrentTimestamp();
 
-	if (shared == NULL)
-		return;
-	make_tag(&tag, tenant_id, version, wrapped_hash);
-	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	if (pg_atomic_read_u64(&shared->revocation_epoch) != key->revocation_epoch ||
+		now - key->made_at >= ttl_usec())
+		return true;			/* refused since, or expired: not this one */
+	make_tag(&tag, key->tenant_id, key->version, key->wrapped_hash);
 	if (hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL)
-	{
-		LWLockRelease(shared->lock);
-		return;
-	}
+		return true;
 	if (shared->key_ring.nfree == 0)
 	{
 		SharedKeyEntry *victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
@@ -1049,29 +1072,43 @@ l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 mas
 			(victim->state == SKEY_READY && !entry_expired(victim, now) &&
 			 (TimestampTz) pg_atomic_read_u64(&shared_slots[victim->slot].last_used) >
 			 now - new_key_recent_use()))
-		{
-			LWLockRelease(shared->lock);
-			return;
-		}
+			return false;
 		shared_evict(victim, now);
 	}
 	entry = hash_search(shared_hash, &tag, HASH_ENTER_NULL, &found);
-	if (entry != NULL)
-	{
-		key_slot_take(entry, now);
-		memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
-		entry->state = SKEY_READY;
-		entry->doomed = false;
-		entry->load_seq = 0;
-		entry->failed_sqlstate = 0;
-		entry->master_key = master_key;
-		entry->has_stale = false;
-		entry->grace_warned = false;
-		entry->grace_until = 0;
-		entry->loaded_at = now;
-		slot_sync(entry);
-	}
+	if (entry == NULL)
+		return false;
+	key_slot_take(entry, now);
+	memcpy(shared_slots[entry->slot].dek, key->dek, KMS_DEK_LEN);
+	entry->state = SKEY_READY;
+	entry->doomed = false;
+	entry->load_seq = 0;
+	entry->failed_sqlstate = 0;
+	entry->master_key = key->master_key;
+	entry->has_stale = false;
+	entry->grace_warned = false;
+	entry->grace_until = 0;
+	entry->loaded_at = key->made_at;
+	slot_sync(entry);
+	return true;
+}
+
+bool
+l2_store_new_keys(const NewDataKey *const *keys, int n, uint64 purge_seq)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		room = true;
+
+	Assert(n <= L2_NEW_KEYS_PER_LOCK);
+	if (shared == NULL)
+		return false;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	if (pg_atomic_read_u64(&shared->purge_seq) != purge_seq)
+		room = false;
+	for (int i = 0; room && i < n; i++)
+		room = store_new_key(keys[i], now);
 	LWLockRelease(shared->lock);
+	return room;
 }
 
 /* ---------------------------------------------------------------------------
@@ -1647,6 +1684,7 @@ l2_flush_database(void)
 		return;
 	}
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -1666,8 +1704,10 @@ l2_flush_database(void)
  * it, in every database, and those whose master key is not tracked (to be safe); loads
  * in flight are dropped on arrival.  Then every backend's next row sees a new
  * generation and, with it, a new revocation epoch, and drops its first-level copies.
- * Exclusive lock, no I/O.  The generation is bumped after the epoch (both full
- * barriers), so a backend that sees the new generation sees the new epoch.
+ * Exclusive lock, no I/O.  The epoch moves before the lock is released: a new key
+ * stored at commit after this eviction (l2_store_new_keys compares the epoch under the
+ * lock) would otherwise escape it.  The generation is bumped after the epoch (both
+ * full barriers), so a backend that sees the new generation sees the new epoch.
  */
 void
 l2_evict_master_key(int master_key, bool newly_refused)
@@ -1679,6 +1719,7 @@ l2_evict_master_key(int master_key, bool newly_refused)
 	if (shared == NULL)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -1691,15 +1732,18 @@ l2_evict_master_key(int master_key, bool newly_refused)
 			removed++;
 		}
 	}
-	LWLockRelease(shared->lock);
 	if (removed > 0 || newly_refused)
+	{
+		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0)
 	{
 		KeyCacheStats *s = stats_begin();
 
 		s->evictions += removed;
 		stats_end();
-		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
-		pg_atomic_fetch_add_u64(&shared->generation, 1);
 	}
 }
 
