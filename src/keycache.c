@@ -92,6 +92,14 @@ typedef struct LocalTenant
  */
 #define L1_MAX_TENANTS 8192
 
+/*
+ * At most this many versions of one tenant in L1: the active one, and the few that
+ * values and re-encryption ask for.  A tenant rotated every month for years has
+ * dozens; noting them all would cost each backend memory per tenant and each row a
+ * longer walk.
+ */
+#define L1_MAX_VERSIONS 8
+
 static HTAB *local_tenants = NULL;
 static MemoryContext local_cxt = NULL;
 static dlist_head l1_lru = DLIST_STATIC_INIT(l1_lru);
@@ -615,7 +623,7 @@ last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 ver
 		const VersionKeyRecord *vr = &last_read.versions[i];
 
 		if (vr->version == (int32) version && vr->key.state == KEY_ACTIVE &&
-			vr->key.wrapped != NULL && l2_wrapped_hash(vr->key.wrapped) == wrapped_hash)
+			vr->key.wrapped != NULL && vr->wrapped_hash == wrapped_hash)
 			return &vr->key;
 	}
 	return NULL;
@@ -623,21 +631,28 @@ last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 ver
 
 /*
  * Wipe from L2 the DEKs of versions the read found unusable: the one asked for (all
- * its keys), and any other retired version whose key the read names (one look each:
- * a read now notes every version in L1, so that version may never be asked for here).
+ * its keys).  On a standby, where no committing backend wipes what a replayed change
+ * destroyed or retired, the other versions the read names too: a destroyed one
+ * entirely (its wrapped DEK is gone, and a rewrap may have left an older hash), a
+ * retired one by its exact key.  On a primary the commit of the change did that.
  */
 static void
 read_key_store_purge_unusable(const TenantKeyRecord *rec)
 {
 	if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
 		l2_purge(rec->tenant_id, (uint32) rec->version);
+	if (!RecoveryInProgress())
+		return;
 	for (int i = 0; i < rec->nversions; i++)
 	{
 		const VersionKeyRecord *vr = &rec->versions[i];
 
-		if (vr->version != rec->version && vr->key.state != KEY_ACTIVE &&
-			vr->key.wrapped != NULL)
-			l2_purge_key(rec->tenant_id, (uint32) vr->version, l2_wrapped_hash(vr->key.wrapped));
+		if (vr->version == rec->version)
+			continue;
+		if (vr->key.wrapped == NULL)
+			l2_purge(rec->tenant_id, (uint32) vr->version);
+		else if (vr->key.state != KEY_ACTIVE)
+			l2_purge_key(rec->tenant_id, (uint32) vr->version, vr->wrapped_hash);
 	}
 }
 
@@ -663,6 +678,13 @@ read_key_store(const char *name, size_t name_len, uint32 version, uint64 generat
 	MemoryContextSwitchTo(old);
 	if (!found)
 		raise_no_tenant(name);
+	/* Each version's name in L2, once per read. */
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		VersionKeyRecord *vr = &rec->versions[i];
+
+		vr->wrapped_hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	}
 	if (rec->state == TENANT_DESTROYED)
 		l2_purge(rec->tenant_id, 0);
 	else
@@ -866,21 +888,46 @@ l1_find_version(LocalTenant *lt, uint32 version)
 	return NULL;
 }
 
+/*
+ * A new version entry of `lt`.  At most L1_MAX_VERSIONS: past that, one not checked at
+ * the tenant's generation makes room (else any but the active version), so that a
+ * tenant rotated many times costs neither memory nor a long walk per row.  Every
+ * LocalVersion pointer into lt->versions is invalid afterwards.
+ */
 static LocalVersion *
 l1_add_version(LocalTenant *lt, uint32 version)
 {
 	LocalVersion *lv;
 
-	if (lt->nversions == lt->maxversions)
+	if (lt->nversions == L1_MAX_VERSIONS)
 	{
-		int			newmax = lt->maxversions == 0 ? 2 : lt->maxversions * 2;
+		int			victim = -1;
 
-		lt->versions = lt->versions == NULL ?
-			MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
-			repalloc(lt->versions, sizeof(LocalVersion) * newmax);
-		lt->maxversions = newmax;
+		for (int i = lt->nversions - 1; i >= 0; i--)
+		{
+			if (lt->versions[i].version == lt->active_version)
+				continue;
+			if (victim < 0 || lt->versions[i].state == (KeyState) 0)
+				victim = i;
+			if (lt->versions[i].state == (KeyState) 0)
+				break;
+		}
+		lv = &lt->versions[victim];
+		cipher_key_free(&lv->key);
 	}
-	lv = &lt->versions[lt->nversions++];
+	else
+	{
+		if (lt->nversions == lt->maxversions)
+		{
+			int			newmax = lt->maxversions == 0 ? 2 : lt->maxversions * 2;
+
+			lt->versions = lt->versions == NULL ?
+				MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
+				repalloc(lt->versions, sizeof(LocalVersion) * newmax);
+			lt->maxversions = newmax;
+		}
+		lv = &lt->versions[lt->nversions++];
+	}
 	memset(lv, 0, sizeof(*lv));
 	lv->version = version;
 	return lv;
@@ -908,21 +955,54 @@ l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_
 	return lv;
 }
 
+/* Move the active version to the front, where the per-row walk finds it first. */
+static void
+l1_active_version_first(LocalTenant *lt)
+{
+	for (int i = 1; i < lt->nversions; i++)
+	{
+		if (lt->versions[i].version == lt->active_version)
+		{
+			LocalVersion tmp = lt->versions[0];
+
+			lt->versions[0] = lt->versions[i];
+			lt->versions[i] = tmp;
+			return;
+		}
+	}
+}
+
 /*
- * Record the state of every version a key store read found (no DEK slot known): the
- * keys a re-encryption needs next are then checked without reading it again.
+ * Record what a key store read found of the versions the next rows are likely to ask
+ * for (no DEK slot known): the active version, the one asked for, and other active
+ * versions (a re-encryption reads the old ones), newest first, up to
+ * L1_MAX_VERSIONS in all.  Retired and destroyed versions other than the one asked
+ * for are not noted: a value under one fails anyway, after a look of its own.
  */
 static void
 l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec)
 {
-	for (int i = 0; i < rec->nversions; i++)
-	{
-		const DataKeyRecord *key = &rec->versions[i].key;
+	int			noted = 0;
 
-		l1_note_version(lt, (uint32) rec->versions[i].version,
-						key->wrapped ? key->state : KEY_DESTROYED,
-						key->wrapped ? l2_wrapped_hash(key->wrapped) : 0, no_dek_hint);
+	for (int pass = 0; pass < 3; pass++)
+	{
+		for (int i = rec->nversions - 1; i >= 0 && noted < L1_MAX_VERSIONS; i--)
+		{
+			const VersionKeyRecord *vr = &rec->versions[i];
+			bool		asked = rec->key_found && vr->version == rec->version;
+			bool		active = vr->version == rec->active_version;
+
+			if (pass == 0 ? !active :
+				pass == 1 ? !asked || active :
+				active || asked || vr->key.state != KEY_ACTIVE || vr->key.wrapped == NULL)
+				continue;
+			l1_note_version(lt, (uint32) vr->version,
+							vr->key.wrapped ? vr->key.state : KEY_DESTROYED,
+							vr->wrapped_hash, no_dek_hint);
+			noted++;
+		}
 	}
+	l1_active_version_first(lt);
 }
 
 static void

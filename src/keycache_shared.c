@@ -1439,7 +1439,7 @@ static void
 publish_version(SharedTenantEntry *entry, const VersionKeyRecord *vr)
 {
 	SharedVersionState *vs = NULL;
-	uint64		hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	uint64		hash = vr->wrapped_hash;	/* read_key_store computed it */
 	KeyState	state = vr->key.wrapped ? vr->key.state : KEY_DESTROYED;
 
 	for (int i = 0; i < entry->nversions; i++)
