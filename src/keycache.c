@@ -311,6 +311,16 @@ static bool l1_synced_with_standby = false;
 /* This transaction changed the key store: bump at commit, and read it, not L2, meanwhile. */
 static bool l1_pending_bump = false;
 
+/*
+ * A key store read made in parallel mode uses the statement's snapshot, which may
+ * predate the generation it is noted at: a change committed after the statement began
+ * would look not yet made.  Good for the rest of that statement, whose rows all see
+ * that snapshot; the first look outside it makes every L1 entry stale
+ * (l1_forget_parallel_reads).
+ */
+static bool l1_parallel_reads = false;
+static TimestampTz l1_parallel_reads_statement;
+
 /* Keys to wipe from L2 when the current transaction commits. */
 typedef struct PendingPurge
 {
@@ -689,7 +699,12 @@ read_key_store(const char *name, size_t name_len, uint32 version, uint64 generat
 		l2_purge(rec->tenant_id, 0);
 	else
 		read_key_store_purge_unusable(rec);
-	if (l2_available() && !IsInParallelMode() && !l1_pending_bump)
+	if (IsInParallelMode())
+	{
+		l1_parallel_reads = true;
+		l1_parallel_reads_statement = GetCurrentStatementStartTimestamp();
+	}
+	else if (l2_available() && !l1_pending_bump)
 		l2_publish_tenant(name, name_len, generation, rec);
 	last_read = *rec;
 	last_read_generation = l1_generation;
@@ -713,13 +728,24 @@ static void l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec);
  * looked up, that of `version` (0: the active one) is looked up with it, and with
  * want_key, for a tenant new to L1, its DEK too (into l1_prefetch).
  */
+/* Outside the statement whose parallel-mode reads L1 holds: make them stale. */
+static void
+l1_forget_parallel_reads(void)
+{
+	if (IsInParallelMode() &&
+		GetCurrentStatementStartTimestamp() == l1_parallel_reads_statement)
+		return;
+	l1_parallel_reads = false;
+	l1_local_generation++;
+}
+
 static LocalTenant *
 l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint32 version,
 				bool want_key)
 {
-	uint64		local_gen = l1_local_generation;
-	uint64		shared_gen = l2_generation();
-	uint64		generation = local_gen + shared_gen;
+	uint64		local_gen;
+	uint64		shared_gen;
+	uint64		generation;
 	L1FrontSlot *front;
 	uint32		name_hash;
 	char		key[ENVELOPE_TENANT_MAX + 1];
@@ -729,6 +755,12 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	const Oid  *grant_roles = view.grant_roles;
 	bool		from_l2 = true;
 	TenantKeyRecord rec;
+
+	if (unlikely(l1_parallel_reads))
+		l1_forget_parallel_reads();
+	local_gen = l1_local_generation;
+	shared_gen = l2_generation();
+	generation = local_gen + shared_gen;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
