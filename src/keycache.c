@@ -39,6 +39,7 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "encryption_count.h"
 #include "kms_recheck.h"
 #include "tenant_access.h"
 
@@ -235,11 +236,9 @@ l1_transient_for(const char *tenant, size_t tenant_len, int32 tenant_id)
  * What a slot holds is only a hint: count_encryption() uses a budget only if it
  * carries the key (tenant id, version) being counted, and looks that key up otherwise;
  * budgets are never freed, so a slot never dangles.  Sized like the budget pool
- * (envelope.cache_size, 16,384 to 131,072), 128 KB to 1 MB, allocated once, by the
- * first encryption served by the transient entry.
+ * (envelope.cache_size, BUDGET_POOL_MIN_SLOTS to BUDGET_POOL_MAX_SLOTS), 128 KB to
+ * 1 MB, allocated once, by the first encryption served by the transient entry.
  */
-#define L1_TRANSIENT_BUDGETS_MIN 16384
-#define L1_TRANSIENT_BUDGETS_MAX 131072
 
 static struct EncryptionBudget **l1_transient_budgets = NULL;
 static uint32 l1_transient_budgets_mask = 0;
@@ -249,9 +248,9 @@ l1_transient_budget_slot(int32 tenant_id)
 {
 	if (l1_transient_budgets == NULL)
 	{
-		uint32		n = L1_TRANSIENT_BUDGETS_MIN;
+		uint32		n = BUDGET_POOL_MIN_SLOTS;
 
-		while (n < (uint32) envelope_cache_size && n < L1_TRANSIENT_BUDGETS_MAX)
+		while (n < (uint32) envelope_cache_size && n < BUDGET_POOL_MAX_SLOTS)
 			n *= 2;
 		l1_transient_budgets = MemoryContextAllocZero(TopMemoryContext,
 													  n * sizeof(struct EncryptionBudget *));

@@ -1131,38 +1131,48 @@ tenant_entry_matches(const SharedTenantEntry *entry, const char *name, size_t na
 }
 
 /*
- * Copy the DEK of version `vs` of the tenant with id `tenant_id` if it is ready: from
- * the slot the version's hint names when the slot still holds it (one cache line),
- * else through the key hash, leaving a hint for the next lookup.  Caller holds the
- * lock in either mode.
+ * Copy the DEK in `slot` if the slot still carries sequence number `seq` (the number
+ * is the slot's only while it holds that one key: key_slot_take) and may be served at
+ * `now`.  Caller holds the lock in either mode.
  */
 static bool
-version_copy_dek(SharedVersionState *vs, int32 tenant_id, TimestampTz now,
-				 SharedDekCopy *out)
+slot_copy_if_still(uint32 slot, uint64 seq, TimestampTz now, SharedDekCopy *out)
 {
-	uint64		seq = pg_atomic_read_u64(&vs->dek_seq);
-	uint32		slot = pg_atomic_read_u32(&vs->dek_slot);
+	SharedDekSlot *ds;
+
+	if (seq == 0 || slot >= (uint32) shared->capacity)
+		return false;
+	ds = &shared_slots[slot];
+	if (ds->seq != seq || now >= ds->serve_until)
+		return false;
+	memcpy(out->dek, ds->dek, KMS_DEK_LEN);
+	out->expires_at = ds->serve_until;
+	pg_atomic_write_u64(&ds->last_used, (uint64) now);
+	return true;
+}
+
+/*
+ * Copy the DEK of (tenant_id, version, wrapped_hash) if it is ready: from the slot the
+ * hint (slot, seq, read by the caller from hint_slot and hint_seq) names while the
+ * slot still holds it (one cache line), else through the key hash, leaving a new hint
+ * for the next lookup.  Caller holds the lock in either mode.
+ */
+static bool
+copy_dek_through_hint(pg_atomic_uint32 *hint_slot, pg_atomic_uint64 *hint_seq,
+					  uint32 slot, uint64 seq, int32 tenant_id, uint32 version,
+					  uint64 wrapped_hash, TimestampTz now, SharedDekCopy *out)
+{
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 
-	if (seq != 0 && slot < (uint32) shared->capacity)
-	{
-		SharedDekSlot *ds = &shared_slots[slot];
-
-		if (ds->seq == seq && now < ds->serve_until)
-		{
-			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
-			out->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			return true;
-		}
-	}
-	make_tag(&tag, tenant_id, vs->version, vs->wrapped_hash);
+	if (slot_copy_if_still(slot, seq, now, out))
+		return true;
+	make_tag(&tag, tenant_id, version, wrapped_hash);
 	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
 	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
 		return false;
-	pg_atomic_write_u32(&vs->dek_slot, (uint32) entry->slot);
-	pg_atomic_write_u64(&vs->dek_seq, shared_slots[entry->slot].seq);
+	pg_atomic_write_u32(hint_slot, (uint32) entry->slot);
+	pg_atomic_write_u64(hint_seq, shared_slots[entry->slot].seq);
 	return true;
 }
 
@@ -1227,40 +1237,6 @@ tenant_index_sync(const SharedTenantEntry *entry)
 }
 
 /*
- * Copy the DEK of the active version an index entry names, through its hint when the
- * slot still holds that key, else through the key hash (leaving a hint in the entry).
- * Caller holds the lock in either mode.
- */
-static bool
-index_copy_dek(TenantIndexEntry *ie, uint32 slot, uint64 seq, TimestampTz now,
-			   SharedDekCopy *out)
-{
-	SharedKeyTag tag;
-	SharedKeyEntry *entry;
-
-	if (seq != 0 && slot < (uint32) shared->capacity)
-	{
-		SharedDekSlot *ds = &shared_slots[slot];
-
-		/* The number is the slot's only while it holds that one key (key_slot_take). */
-		if (ds->seq == seq && now < ds->serve_until)
-		{
-			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
-			out->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			return true;
-		}
-	}
-	make_tag(&tag, ie->tenant_id, ie->active_version, ie->wrapped_hash);
-	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
-	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
-		return false;
-	pg_atomic_write_u32(&ie->dek_slot, (uint32) entry->slot);
-	pg_atomic_write_u64(&ie->dek_seq, shared_slots[entry->slot].seq);
-	return true;
-}
-
-/*
  * l2_find_tenant() for the active version (`version` 0 or the active one) of a tenant
  * the index holds at `generation`: its state and DEK from one line, plus the DEK's.
  * False when the index cannot answer (then the hash is looked at).  Caller holds the
@@ -1294,7 +1270,9 @@ find_tenant_indexed(const SharedTenantTag *tag, const char *name, size_t name_le
 	view->version_state = (KeyState) ie->version_state;
 	view->wrapped_hash = ie->wrapped_hash;
 	if (ie->version_state == KEY_ACTIVE && ie->state == TENANT_ACTIVE)
-		dek->found = index_copy_dek(ie, slot, seq, now, dek);
+		dek->found = copy_dek_through_hint(&ie->dek_slot, &ie->dek_seq, slot, seq,
+										   ie->tenant_id, ie->active_version,
+										   ie->wrapped_hash, now, dek);
 	view->nversions = 1;
 	view->versions[0].version = ie->active_version;
 	view->versions[0].state = view->version_state;
@@ -1361,7 +1339,11 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 				view->version_state = vs->state;
 				view->wrapped_hash = vs->wrapped_hash;
 				if (dek != NULL && vs->state == KEY_ACTIVE && entry->state == TENANT_ACTIVE)
-					dek->found = version_copy_dek(vs, entry->tenant_id, now, dek);
+					dek->found = copy_dek_through_hint(&vs->dek_slot, &vs->dek_seq,
+													   pg_atomic_read_u32(&vs->dek_slot),
+													   pg_atomic_read_u64(&vs->dek_seq),
+													   entry->tenant_id, vs->version,
+													   vs->wrapped_hash, now, dek);
 			}
 			/* After the copy, which may have just left a hint. */
 			vv->hint.seq = pg_atomic_read_u64(&vs->dek_seq);
@@ -1384,18 +1366,7 @@ l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek)
 	if (hint.seq == 0 || hint.slot >= (uint32) shared->capacity)
 		return false;
 	LWLockAcquire(shared->lock, LW_SHARED);
-	{
-		SharedDekSlot *ds = &shared_slots[hint.slot];
-
-		/* The number is the slot's only while it holds that one key (key_slot_take). */
-		if (ds->seq == hint.seq && now < ds->serve_until)
-		{
-			memcpy(dek->dek, ds->dek, KMS_DEK_LEN);
-			dek->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			dek->found = true;
-		}
-	}
+	dek->found = slot_copy_if_still(hint.slot, hint.seq, now, dek);
 	LWLockRelease(shared->lock);
 	if (dek->found)
 		l2_count_lookup(true);
@@ -1493,6 +1464,8 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 			hash_search(shared_tenants, &victim->tag, HASH_REMOVE, NULL);
 		}
 		entry = hash_search(shared_tenants, tag, HASH_ENTER, &found);
+		/* A recycled element: the name it held is not this entry's, and in no index. */
+		entry->name_len = 0;
 		entry->slot = ring_take(&shared->tenant_ring, entry);
 		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
 		entry->generation = generation + 1;	/* anything but `generation`: reset below */
