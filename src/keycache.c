@@ -887,7 +887,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 								view.versions[i].wrapped_hash, view.versions[i].hint);
 		}
 		else if (!from_l2)
-			l1_note_read_versions(lt, &rec);	/* every version: no second read */
+			l1_note_read_versions(lt, &rec);	/* the likely next ones: no second read */
 		else if (view.has_version)
 			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
 							no_dek_hint);
