@@ -57,6 +57,7 @@
 #include "keycache_index.h"
 #include "kms_recheck.h"
 
+#include "access/xact.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "port/atomics.h"
@@ -518,6 +519,26 @@ shared_remove_entry(SharedKeyEntry *entry)
 	hash_search(shared_hash, &entry->tag, HASH_REMOVE, NULL);
 }
 
+/*
+ * The time a lookup serves DEK copies by and stamps their last use with: the start of
+ * the current statement, which the first level (keycache.c) expires its own copies by
+ * too, and which costs no clock read (a lookup runs for every row that misses the
+ * first level, and the clock read showed in its profile).  So a statement that
+ * started before a key expired may still be handed a copy of it later on, as it may
+ * keep using the copy it holds; the next statement is not, and the sweeper zeroes the
+ * key within a tenth of envelope.cache_ttl in any case.  Last-use stamps are as coarse
+ * as statements: the eviction of a full cache sees a long statement's keys as used at
+ * its start.  Loads (and so grace), eviction and the sweeper read the clock.  Outside
+ * a statement (a background worker that sets no statement time) the clock too.
+ */
+static inline TimestampTz
+lookup_time(void)
+{
+	TimestampTz t = GetCurrentStatementStartTimestamp();
+
+	return t != 0 ? t : GetCurrentTimestamp();
+}
+
 static TimestampTz
 ttl_usec(void)
 {
@@ -712,7 +733,7 @@ l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_
 	make_tag(&tag, tenant_id, version, wrapped_hash);
 	LWLockAcquire(shared->lock, LW_SHARED);
 	hit = shared_copy_ready(hash_search(shared_hash, &tag, HASH_FIND, NULL),
-							GetCurrentTimestamp(), dek, expires_at);
+							lookup_time(), dek, expires_at);
 	LWLockRelease(shared->lock);
 	return hit;
 }
@@ -1213,7 +1234,7 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 	SharedTenantTag tag;
 	SharedTenantEntry *entry;
 	bool		found = false;
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now = lookup_time();
 
 	if (dek != NULL)
 		dek->found = false;
@@ -1275,7 +1296,7 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 bool
 l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek)
 {
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now = lookup_time();
 
 	dek->found = false;
 	if (hint.seq == 0 || hint.slot >= (uint32) shared->capacity)
