@@ -12,7 +12,7 @@ CREATE ROLE regress_kr_one IN ROLE envelope_user;
 CREATE ROLE regress_kr_two IN ROLE envelope_user;
 CREATE ROLE regress_kr_none IN ROLE envelope_user;
 SELECT envelope.create_tenant('kr-live');
-CREATE TEMP TABLE kr_v AS SELECT 1 AS version, envelope.encrypt('kr-live', 'one') AS v;
+CREATE TABLE kr_v AS SELECT 1 AS version, envelope.encrypt('kr-live', 'one') AS v;
 SELECT envelope.rotate_tenant_key('kr-live');
 INSERT INTO kr_v SELECT 2, envelope.encrypt('kr-live', 'two');
 SELECT envelope.rotate_tenant_key('kr-live');
@@ -26,6 +26,23 @@ SELECT envelope.disable_tenant('kr-off');
 SELECT envelope.create_tenant('kr-gone');
 INSERT INTO kr_v SELECT 20, envelope.encrypt('kr-gone', 'gone');
 SELECT envelope.destroy_tenant('kr-gone', 'kr-gone');
+-- Six versions, more than shared memory holds with a tenant: 1 retired, 2 destroyed
+-- (by hand, as a standby may see it), 3 to 6 active.  One read answers them all.
+SELECT envelope.create_tenant('kr-many');
+INSERT INTO kr_v SELECT 31, envelope.encrypt('kr-many', 'many 1');
+SELECT envelope.rotate_tenant_key('kr-many');
+INSERT INTO kr_v SELECT 32, envelope.encrypt('kr-many', 'many 2');
+SELECT envelope.rotate_tenant_key('kr-many');
+INSERT INTO kr_v SELECT 33, envelope.encrypt('kr-many', 'many 3');
+SELECT envelope.rotate_tenant_key('kr-many');
+INSERT INTO kr_v SELECT 34, envelope.encrypt('kr-many', 'many 4');
+SELECT envelope.rotate_tenant_key('kr-many');
+INSERT INTO kr_v SELECT 35, envelope.encrypt('kr-many', 'many 5');
+SELECT envelope.rotate_tenant_key('kr-many');
+INSERT INTO kr_v SELECT 36, envelope.encrypt('kr-many', 'many 6');
+SELECT envelope.retire_key_version('kr-many', 1);
+UPDATE envelope.data_key SET state = 'destroyed', wrapped_dek = NULL
+ WHERE tenant = 'kr-many' AND version = 2;
 SELECT envelope.create_tenant('kr-granted');
 SELECT envelope.grant_tenant('kr-granted', 'regress_kr_one') AS granted;
 SELECT envelope.grant_tenant('kr-granted', 'regress_kr_two') AS granted;
@@ -47,7 +64,7 @@ BEGIN
     RESET ROLE;
     RETURN answer;
 END $$;
-CREATE TEMP TABLE kr_case (n int, as_role text, query text);
+CREATE TABLE kr_case (n int, as_role text, query text);
 INSERT INTO kr_case VALUES
   (1, NULL, $q$SELECT envelope.active_key_version('kr-live')$q$),
   (2, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-live', 'x'))$q$),
@@ -63,12 +80,30 @@ INSERT INTO kr_case VALUES
   (12, 'regress_kr_one', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
   (13, 'regress_kr_two', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
   (14, 'regress_kr_none', $q$SELECT envelope.key_version(envelope.encrypt('kr-granted', 'x'))$q$),
-  (15, 'regress_kr_none', $q$SELECT envelope.key_version(envelope.encrypt('kr-live', 'x'))$q$);
+  (15, 'regress_kr_none', $q$SELECT envelope.key_version(envelope.encrypt('kr-live', 'x'))$q$),
+  (16, NULL, $q$SELECT envelope.active_key_version('kr-many')$q$),
+  (17, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 31$q$),
+  (18, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 32$q$),
+  (19, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 33$q$),
+  (20, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 34$q$),
+  (21, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 35$q$),
+  (22, NULL, $q$SELECT envelope.decrypt_text('kr-many', v) FROM kr_v WHERE version = 36$q$),
+  (23, NULL, $q$SELECT envelope.key_version(envelope.encrypt('kr-many', 'x'))$q$);
 
 -- Through the indexes (a key store change first: every tenant is read again).
 UPDATE envelope.tenant SET state = state WHERE false;
-CREATE TEMP TABLE kr_direct AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
+CREATE TABLE kr_direct AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
 SELECT * FROM kr_direct ORDER BY n;
+
+-- A new session finds what those reads published in shared memory (no key store
+-- change since): the same answers.
+\c
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+CREATE TABLE kr_shared AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
+SELECT n, d.answer AS direct, s.answer AS from_shared_memory
+  FROM kr_direct d FULL JOIN kr_shared s USING (n)
+ WHERE d.answer IS DISTINCT FROM s.answer ORDER BY n;
 
 -- Through SQL.
 ALTER TABLE envelope.tenant ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
@@ -78,7 +113,7 @@ CREATE POLICY kr_all ON envelope.tenant USING (true);
 CREATE POLICY kr_all ON envelope.data_key USING (true);
 CREATE POLICY kr_all ON envelope.tenant_grant USING (true);
 UPDATE envelope.tenant SET state = state WHERE false;
-CREATE TEMP TABLE kr_sql AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
+CREATE TABLE kr_sql AS SELECT n, kr_try(as_role, query) AS answer FROM kr_case;
 SELECT n, d.answer AS direct, s.answer AS through_sql
   FROM kr_direct d FULL JOIN kr_sql s USING (n)
  WHERE d.answer IS DISTINCT FROM s.answer ORDER BY n;
@@ -91,7 +126,7 @@ ALTER TABLE envelope.tenant_grant NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL
 SELECT envelope.revoke_tenant('kr-granted', 'regress_kr_one') AS revoked;
 SELECT envelope.revoke_tenant('kr-granted', 'regress_kr_two') AS revoked;
 DROP FUNCTION kr_try(text, text);
-DROP TABLE kr_case, kr_direct, kr_sql, kr_v;
+DROP TABLE kr_case, kr_direct, kr_shared, kr_sql, kr_v;
 DROP ROLE regress_kr_one, regress_kr_two, regress_kr_none;
 
 -- An index on envelope.tenant that compares names otherwise than text does (bpchar_ops

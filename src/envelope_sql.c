@@ -397,7 +397,8 @@ envelope_lock_tenant(const char *tenant)
 
 /*
  * Ask the KMS for DEK `version` of `tenant`, store it with `store` (which returns the
- * tenant id), and put the plaintext DEK in the shared cache; it is wiped on every path.
+ * tenant id), and have the plaintext DEK put in the shared cache when the transaction
+ * commits (keycache_prime keeps its own copy); this one is wiped on every path.
  */
 typedef int32 (*StoreNewKey) (const char *tenant, int32 version, const char *provider,
 							  const char *tenant_kms_key, const char *key_arn,

@@ -39,6 +39,7 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "kms_recheck.h"
 #include "tenant_access.h"
 
 #include "access/parallel.h"
@@ -383,6 +384,53 @@ typedef struct PendingPurge
 
 static List *pending_purges = NIL;
 
+/*
+ * DEKs the KMS generated in the current transaction (create_tenant, rotate_tenant_key),
+ * waiting for its commit to enter the shared cache (keycache_prime).  Plaintext key
+ * bytes: held in one array of TopMemoryContext, never in transaction memory, and
+ * wiped at commit (once stored), at abort and PREPARE, at the abort of the
+ * subtransaction that made them, and before the array is moved to grow.
+ */
+typedef struct PendingNewKey
+{
+	int32		tenant_id;
+	uint32		version;
+	uint64		wrapped_hash;
+	int32		master_key;		/* kms_recheck slot */
+	uint64		revocation_epoch;	/* l2_revocation_epoch() when it was made */
+	SubTransactionId subid;		/* the subtransaction that made it */
+	uint8		dek[KMS_DEK_LEN];
+} PendingNewKey;
+
+static PendingNewKey *pending_new_keys = NULL;
+static int	n_pending_new_keys = 0;
+static int	max_pending_new_keys = 0;
+
+/*
+ * The DEK of (tenant_id, version, wrapped_hash) if this transaction generated it: a
+ * tenant created or rotated and used in the same transaction needs no KMS Decrypt,
+ * though its key enters shared memory only at commit.  The copy expires like one
+ * loaded now.
+ */
+static bool
+pending_new_key_copy(int32 tenant_id, uint32 version, uint64 wrapped_hash,
+					 uint8 dek[KMS_DEK_LEN], TimestampTz *expires_at)
+{
+	for (int i = n_pending_new_keys - 1; i >= 0; i--)
+	{
+		const PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->tenant_id == tenant_id && p->version == version &&
+			p->wrapped_hash == wrapped_hash)
+		{
+			memcpy(dek, p->dek, KMS_DEK_LEN);
+			*expires_at = GetCurrentTimestamp() + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+			return true;
+		}
+	}
+	return false;
+}
+
 static inline bool
 l1_prefetch_matches(int32 tenant_id, uint32 version, uint64 wrapped_hash)
 {
@@ -561,28 +609,114 @@ raise_no_tenant(const char *name)
 			 errhidestmt(true)));
 }
 
+/* ---------------------------------------------------------------------------
+ * The last key store read
+ *
+ * What read_key_store() read last, kept until the next read: the tenant and every one
+ * of its versions with their wrapped DEKs, and the L1 generation it was read at.  A
+ * re-encryption looks at a tenant's state (its active version), then decrypts under an
+ * old version and encrypts under the active one; when neither DEK is in shared memory
+ * (after a rotation, or in a cluster just started) each needs its wrapped DEK for the
+ * KMS.  The read that checked the states had them: l1_fill takes them from here rather
+ * than reading the key store again, as long as the generation has not moved (so L1
+ * still trusts the states read with them) and the wrapped DEK is the one L1 noted.
+ * Wrapped DEKs are not secret: the context is reset, not wiped, at the next read.
+ */
+static MemoryContext last_read_cxt = NULL;
+static bool last_read_valid = false;
+static uint64 last_read_generation;
+static char last_read_tenant[ENVELOPE_TENANT_MAX + 1];
+static TenantKeyRecord last_read;
+
+/* Forget the last read and make room for the next (its record goes with the context). */
+static MemoryContext
+last_read_reset(void)
+{
+	last_read_valid = false;
+	if (last_read_cxt == NULL)
+		last_read_cxt = AllocSetContextCreate(TopMemoryContext,
+											  "pg_envelope last key store read",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(last_read_cxt);
+	return last_read_cxt;
+}
+
 /*
- * Read tenant `name` and its `version` (0: active) from the key store, and tell L2.
- * `generation` is the shared generation seen before reading: a change that commits
- * after it bumps the generation, so what is published here is never taken for newer.
- * A parallel query reads with its statement's snapshot, which may be older than the
- * generation, and a transaction that has changed the key store reads its own
- * uncommitted changes: what they read is theirs alone, never published.
- * A destroyed tenant or key seen here is wiped from L2: the committing backend does
- * that, but a standby or a key store edited by hand has no such backend.
+ * The wrapped DEK of `version` of tenant `tenant_id` (named `tenant`) as the last read
+ * found it, if that read was made at L1 generation `generation`, and the version was
+ * active with the wrapped DEK whose hash is `wrapped_hash`; NULL otherwise.
+ */
+static const DataKeyRecord *
+last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 version,
+			  uint64 wrapped_hash)
+{
+	if (!last_read_valid || last_read.tenant_id != tenant_id ||
+		last_read_generation != generation || strcmp(last_read_tenant, tenant) != 0)
+		return NULL;
+	for (int i = 0; i < last_read.nversions; i++)
+	{
+		const VersionKeyRecord *vr = &last_read.versions[i];
+
+		if (vr->version == (int32) version && vr->key.state == KEY_ACTIVE &&
+			vr->key.wrapped != NULL && l2_wrapped_hash(vr->key.wrapped) == wrapped_hash)
+			return &vr->key;
+	}
+	return NULL;
+}
+
+/*
+ * Wipe from L2 the DEKs of versions the read found unusable: the one asked for (all
+ * its keys), and any other retired version whose key the read names (one look each:
+ * a read now notes every version in L1, so that version may never be asked for here).
+ */
+static void
+read_key_store_purge_unusable(const TenantKeyRecord *rec)
+{
+	if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
+		l2_purge(rec->tenant_id, (uint32) rec->version);
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		const VersionKeyRecord *vr = &rec->versions[i];
+
+		if (vr->version != rec->version && vr->key.state != KEY_ACTIVE &&
+			vr->key.wrapped != NULL)
+			l2_purge_key(rec->tenant_id, (uint32) vr->version, l2_wrapped_hash(vr->key.wrapped));
+	}
+}
+
+/*
+ * Read tenant `name`, its `version` (0: active) and its other versions from the key
+ * store, keep the answer as the last read, and tell L2.  `generation` is the shared
+ * generation seen before reading: a change that commits after it bumps the generation,
+ * so what is published here is never taken for newer.  A parallel query reads with
+ * its statement's snapshot, which may be older than the generation, and a transaction
+ * that has changed the key store reads its own uncommitted changes: what they read is
+ * theirs alone, never published.  A destroyed tenant or key seen here is wiped from
+ * L2: the committing backend does that, but a standby or a key store edited by hand
+ * has no such backend.  *rec lives until the next read.
  */
 static void
 read_key_store(const char *name, size_t name_len, uint32 version, uint64 generation,
 			   TenantKeyRecord *rec)
 {
-	if (!keystore_read_tenant_key(name, (int32) version, rec))
+	uint64		l1_generation = l1_local_generation + generation;
+	MemoryContext old = MemoryContextSwitchTo(last_read_reset());
+	bool		found = keystore_read_tenant_key(name, (int32) version, rec);
+
+	MemoryContextSwitchTo(old);
+	if (!found)
 		raise_no_tenant(name);
 	if (rec->state == TENANT_DESTROYED)
 		l2_purge(rec->tenant_id, 0);
-	else if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
-		l2_purge(rec->tenant_id, (uint32) rec->version);
+	else
+		read_key_store_purge_unusable(rec);
 	if (l2_available() && !IsInParallelMode() && !l1_pending_bump)
 		l2_publish_tenant(name, name_len, generation, rec);
+	last_read = *rec;
+	last_read_generation = l1_generation;
+	memcpy(last_read_tenant, name, name_len);
+	last_read_tenant[name_len] = '\0';
+	last_read_valid = true;
 }
 
 static LocalVersion *l1_find_version(LocalTenant *lt, uint32 version);
@@ -592,6 +726,7 @@ static const DekHint no_dek_hint = {0, 0};
 
 static LocalVersion *l1_note_version(LocalTenant *lt, uint32 version, KeyState state,
 									  uint64 wrapped_hash, DekHint hint);
+static void l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec);
 
 /*
  * The L1 entry of a tenant, valid at the current generation, or an error if the tenant
@@ -614,6 +749,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	TenantView	view;
 	const Oid  *grant_roles = view.grant_roles;
 	bool		from_l2 = true;
+	TenantKeyRecord rec;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -679,8 +815,6 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		if (!l1_look_in_l2(key, tenant_len, shared_gen, version, want_key && lt == NULL,
 						   &view))
 		{
-			TenantKeyRecord rec;
-
 			from_l2 = false;
 
 			/* Not in L2 at this generation: ask the key store. */
@@ -742,6 +876,8 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 				l1_note_version(lt, view.versions[i].version, view.versions[i].state,
 								view.versions[i].wrapped_hash, view.versions[i].hint);
 		}
+		else if (!from_l2)
+			l1_note_read_versions(lt, &rec);	/* every version: no second read */
 		else if (view.has_version)
 			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
 							no_dek_hint);
@@ -815,6 +951,23 @@ l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_
 	return lv;
 }
 
+/*
+ * Record the state of every version a key store read found (no DEK slot known): the
+ * keys a re-encryption needs next are then checked without reading it again.
+ */
+static void
+l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec)
+{
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		const DataKeyRecord *key = &rec->versions[i].key;
+
+		l1_note_version(lt, (uint32) rec->versions[i].version,
+						key->wrapped ? key->state : KEY_DESTROYED,
+						key->wrapped ? l2_wrapped_hash(key->wrapped) : 0, no_dek_hint);
+	}
+}
+
 static void
 raise_key_unusable(const char *tenant, uint32 version, KeyState state, bool exists)
 {
@@ -849,6 +1002,7 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 	size_t		tenant_len = lt->name_len;
 	int32		tenant_id = lt->tenant_id;
 	uint64		shared_gen = lt->shared_generation;
+	uint64		generation = lt->generation;
 	LocalVersion *lv = l1_find_version(lt, version);
 	TenantKeyRecord rec;
 	bool		have_rec = false;
@@ -944,8 +1098,15 @@ l1_fill(LocalTenant *lt, uint32 version, CipherUse use)
 			l2_count_lookup(true);
 	}
 	if (!have_dek)
+		have_dek = pending_new_key_copy(tenant_id, version, hash, dek, &expires_at);
+	if (!have_dek)
 	{
-		if (!have_rec)
+		const DataKeyRecord *kept = have_rec ? NULL :
+			last_read_key(tenant, tenant_id, generation, version, hash);
+
+		if (kept != NULL)
+			rec.key = *kept;	/* read with the state checked above: no second read */
+		else if (!have_rec)
 		{
 			read_key_store(tenant, tenant_len, version, shared_gen, &rec);
 			if (rec.tenant_id != tenant_id || !rec.key_found || rec.key.wrapped == NULL ||
@@ -1075,6 +1236,118 @@ keycache_schedule_purge(int32 tenant_id, uint32 version)
 	MemoryContextSwitchTo(old);
 }
 
+/* Wipe and forget every pending new DEK. */
+static void
+pending_new_keys_wipe(void)
+{
+	if (pending_new_keys == NULL)
+		return;
+	explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
+	pfree(pending_new_keys);
+	pending_new_keys = NULL;
+	n_pending_new_keys = max_pending_new_keys = 0;
+}
+
+/*
+ * Room for one more pending DEK.  Grown by hand, not repalloc: the old array is wiped
+ * before it is freed.  An allocation failure raises before anything moved.
+ */
+static PendingNewKey *
+pending_new_key_slot(void)
+{
+	if (n_pending_new_keys == max_pending_new_keys)
+	{
+		int			newmax = Max(16, max_pending_new_keys * 2);
+		PendingNewKey *grown = MemoryContextAllocZero(TopMemoryContext,
+													  sizeof(PendingNewKey) * newmax);
+
+		if (pending_new_keys != NULL)
+		{
+			memcpy(grown, pending_new_keys, sizeof(PendingNewKey) * n_pending_new_keys);
+			explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
+			pfree(pending_new_keys);
+		}
+		pending_new_keys = grown;
+		max_pending_new_keys = newmax;
+	}
+	return &pending_new_keys[n_pending_new_keys++];
+}
+
+/*
+ * The transaction committed: its new DEKs enter the shared cache, unless a master key
+ * was refused since they were made (the worker evicts its keys and bumps the
+ * revocation epoch; one made before would escape that eviction).  No ERROR here.
+ */
+static void
+pending_new_keys_store(void)
+{
+	uint64		epoch = l2_revocation_epoch();
+
+	for (int i = 0; i < n_pending_new_keys; i++)
+	{
+		PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->revocation_epoch == epoch)
+			l2_store_new_key(p->tenant_id, p->version, p->wrapped_hash, p->master_key, p->dek);
+	}
+	pending_new_keys_wipe();
+}
+
+void
+keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
+			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
+{
+	PendingNewKey *p;
+	int32		master_key;
+
+	if (!l2_available())
+		return;
+	master_key = kms_recheck_track(provider, key_arn, tenant, version,
+								   (const uint8 *) VARDATA_ANY(wrapped),
+								   VARSIZE_ANY_EXHDR(wrapped));
+	p = pending_new_key_slot();
+	p->tenant_id = tenant_id;
+	p->version = version;
+	p->wrapped_hash = l2_wrapped_hash(wrapped);
+	p->master_key = master_key;
+	p->revocation_epoch = l2_revocation_epoch();
+	p->subid = GetCurrentSubTransactionId();
+	memcpy(p->dek, dek, KMS_DEK_LEN);
+}
+
+/*
+ * A subtransaction ended: the DEKs of one that aborted are wiped (its key store rows
+ * are gone); those of one that committed now belong to its parent.
+ */
+static void
+keycache_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						  SubTransactionId parentSubid, void *arg)
+{
+	int			kept = 0;
+
+	if (event != SUBXACT_EVENT_ABORT_SUB && event != SUBXACT_EVENT_COMMIT_SUB)
+		return;
+	for (int i = 0; i < n_pending_new_keys; i++)
+	{
+		PendingNewKey *p = &pending_new_keys[i];
+
+		if (p->subid == mySubid && event == SUBXACT_EVENT_ABORT_SUB)
+		{
+			explicit_bzero(p, sizeof(*p));
+			continue;
+		}
+		if (p->subid == mySubid)
+			p->subid = parentSubid;
+		if (kept != i)
+		{
+			pending_new_keys[kept] = *p;
+			explicit_bzero(p, sizeof(*p));
+		}
+		kept++;
+	}
+	n_pending_new_keys = kept;
+}
+
 static void
 keycache_xact_callback(XactEvent event, void *arg)
 {
@@ -1084,6 +1357,8 @@ keycache_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
+			/* Before the purges: a tenant destroyed after its rotation goes too. */
+			pending_new_keys_store();
 			foreach(lc, pending_purges)
 			{
 				PendingPurge *p = lfirst(lc);
@@ -1112,6 +1387,8 @@ keycache_xact_callback(XactEvent event, void *arg)
 		default:
 			return;
 	}
+	/* Not stored at abort or PREPARE (a prepared transaction commits elsewhere). */
+	pending_new_keys_wipe();
 	/* The list lived in TopTransactionContext, which is going away. */
 	pending_purges = NIL;
 	l1_pending_bump = false;
@@ -1151,6 +1428,7 @@ keycache_init_backend(void)
 	if (registered)
 		return;
 	RegisterXactCallback(keycache_xact_callback, NULL);
+	RegisterSubXactCallback(keycache_subxact_callback, NULL);
 	CacheRegisterRelcacheCallback(keycache_relcache_callback, (Datum) 0);
 	registered = true;
 }

@@ -93,8 +93,10 @@ extern void keycache_flush(void);
 extern int	keycache_sweep(void);
 
 /*
- * Put a DEK the KMS just generated under `key_arn` of `provider` into the shared cache
- * (saves the first Decrypt), and have its master key re-checked.
+ * A DEK the KMS just generated under `key_arn` of `provider`: have its master key
+ * re-checked, and keep a copy (wiped on every path) that enters the shared cache when
+ * the transaction commits (saves the first Decrypt), if there is room without evicting
+ * a key in use; nothing is cached if it aborts.
  */
 extern void keycache_prime(const char *tenant, int32 tenant_id, uint32 version,
 						   const char *provider, const char *key_arn,

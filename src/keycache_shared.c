@@ -632,12 +632,15 @@ key_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
 	return EVICT_IF_OLDEST;
 }
 
+static void shared_evict(SharedKeyEntry *victim, TimestampTz now);
+
 /*
  * Make room for one entry: expired and failed entries first, else the least recently
  * used of the window at the ring's hand.  Caller holds the lock exclusively.  Returns
  * false when every slot is busy loading (the caller then goes to the KMS without
  * caching).
  */
+
 static bool
 shared_make_room(TimestampTz now)
 {
@@ -648,6 +651,14 @@ shared_make_room(TimestampTz now)
 	victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
 	if (victim == NULL)
 		return false;
+	shared_evict(victim, now);
+	return true;
+}
+
+/* Remove `victim` to make room, counting it.  Caller holds the lock exclusively. */
+static void
+shared_evict(SharedKeyEntry *victim, TimestampTz now)
+{
 	if (victim->state == SKEY_READY && !entry_expired(victim, now))
 	{
 		/* Evicted while still valid: remember it, to notice if it is needed again. */
@@ -664,7 +675,6 @@ shared_make_room(TimestampTz now)
 		s->evictions++;
 		stats_end();
 	}
-	return true;
 }
 
 /*
@@ -971,6 +981,33 @@ l2_purge(int32 tenant_id, uint32 version)
 	LWLockRelease(shared->lock);
 }
 
+void
+l2_purge_key(int32 tenant_id, uint32 version, uint64 wrapped_hash)
+{
+	SharedKeyTag tag;
+	bool		cached;
+
+	if (shared == NULL)
+		return;
+	make_tag(&tag, tenant_id, version, wrapped_hash);
+	/* Usually not there: look under the shared lock before taking the exclusive one. */
+	LWLockAcquire(shared->lock, LW_SHARED);
+	cached = hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL;
+	LWLockRelease(shared->lock);
+	if (!cached)
+		return;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	{
+		SharedKeyEntry *entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
+
+		if (entry != NULL && entry->state == SKEY_LOADING)
+			entry->doomed = true;
+		else if (entry != NULL)
+			shared_remove_entry(entry);
+	}
+	LWLockRelease(shared->lock);
+}
+
 uint64
 l2_wrapped_hash(const bytea *wrapped)
 {
@@ -989,31 +1026,60 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
 }
 
 /*
- * A DEK the KMS just generated goes straight into the shared cache, saving the first
- * Decrypt.  Should the creating transaction roll back, the entry names a tenant id
- * that is never used again and simply ages out.
+ * A DEK the KMS generated in a transaction that has just committed goes into the
+ * shared cache (the first use then needs no Decrypt), keyed and expiring like any
+ * other.  Called from the commit callback, where nothing may raise an ERROR: nothing
+ * here allocates (HASH_ENTER_NULL) or waits but for the lock.  It takes a free slot,
+ * or one whose key has expired or failed, or the least recently used of the eviction
+ * window if that key was not used within the last NEW_KEY_RECENT_USE; else it gives
+ * up: a rotation of 50,000 tenants must not evict the keys the other sessions are
+ * working with for keys that may not be used for hours, whose first use can still
+ * unwrap them.  A key already there (another backend loaded it since the commit) is
+ * left as it is.
  */
+static TimestampTz
+new_key_recent_use(void)
+{
+	/* As often as the sweeper wakes: a tenth of cache_ttl, between 1 s and 1 min. */
+	return Max(USECS_PER_SEC, Min(60 * USECS_PER_SEC, ttl_usec() / 10));
+}
+
 void
-keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
-			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
+l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 master_key,
+				 const uint8 dek[KMS_DEK_LEN])
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
-	int32		master_key;
+	TimestampTz now = GetCurrentTimestamp();
 
 	if (shared == NULL)
 		return;
-	master_key = kms_recheck_track(provider, key_arn, tenant, version,
-								   (const uint8 *) VARDATA_ANY(wrapped),
-								   VARSIZE_ANY_EXHDR(wrapped));
-	make_tag(&tag, tenant_id, version, l2_wrapped_hash(wrapped));
+	make_tag(&tag, tenant_id, version, wrapped_hash);
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
-	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
-	if (entry == NULL && shared_make_room(GetCurrentTimestamp()))
+	if (hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL)
 	{
-		entry = hash_search(shared_hash, &tag, HASH_ENTER, &found);
-		key_slot_take(entry, GetCurrentTimestamp());
+		LWLockRelease(shared->lock);
+		return;
+	}
+	if (shared->key_ring.nfree == 0)
+	{
+		SharedKeyEntry *victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
+
+		if (victim == NULL ||
+			(victim->state == SKEY_READY && !entry_expired(victim, now) &&
+			 (TimestampTz) pg_atomic_read_u64(&shared_slots[victim->slot].last_used) >
+			 now - new_key_recent_use()))
+		{
+			LWLockRelease(shared->lock);
+			return;
+		}
+		shared_evict(victim, now);
+	}
+	entry = hash_search(shared_hash, &tag, HASH_ENTER_NULL, &found);
+	if (entry != NULL)
+	{
+		key_slot_take(entry, now);
 		memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
 		entry->state = SKEY_READY;
 		entry->doomed = false;
@@ -1023,7 +1089,7 @@ keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *
 		entry->has_stale = false;
 		entry->grace_warned = false;
 		entry->grace_until = 0;
-		entry->loaded_at = GetCurrentTimestamp();
+		entry->loaded_at = now;
 		slot_sync(entry);
 	}
 	LWLockRelease(shared->lock);
@@ -1327,6 +1393,59 @@ tenant_victim_verdict(void *owner, TimestampTz now, uint64 *last_used)
 	return EVICT_IF_OLDEST;
 }
 
+/*
+ * The versions of `rec` that shared memory holds with the tenant, best first: the one
+ * asked for, the active one, then the others newest first; at most
+ * SHARED_TENANT_VERSIONS.  Returns how many.
+ */
+static int
+versions_to_publish(const TenantKeyRecord *rec, const VersionKeyRecord **out)
+{
+	int			n = 0;
+
+	if (rec->key_found)
+		for (int i = 0; i < rec->nversions; i++)
+			if (rec->versions[i].version == rec->version)
+				out[n++] = &rec->versions[i];
+	for (int i = 0; i < rec->nversions && n < SHARED_TENANT_VERSIONS; i++)
+		if (rec->versions[i].version == rec->active_version &&
+			!(rec->key_found && rec->version == rec->active_version))
+			out[n++] = &rec->versions[i];
+	for (int i = rec->nversions - 1; i >= 0 && n < SHARED_TENANT_VERSIONS; i--)
+		if (rec->versions[i].version != rec->active_version &&
+			!(rec->key_found && rec->versions[i].version == rec->version))
+			out[n++] = &rec->versions[i];
+	return n;
+}
+
+/* Hold the state of version `vr` in a slot of `entry`: its own, a free one, or round robin. */
+static void
+publish_version(SharedTenantEntry *entry, const VersionKeyRecord *vr)
+{
+	SharedVersionState *vs = NULL;
+	uint64		hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	KeyState	state = vr->key.wrapped ? vr->key.state : KEY_DESTROYED;
+
+	for (int i = 0; i < entry->nversions; i++)
+		if (entry->versions[i].version == (uint32) vr->version)
+			vs = &entry->versions[i];
+	if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
+		vs = &entry->versions[entry->nversions++];
+	else if (vs == NULL)
+	{
+		vs = &entry->versions[entry->next_version_slot];
+		entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
+	}
+	else if (vs->wrapped_hash == hash && vs->state == state)
+		return;					/* as held: keep the hint to its DEK */
+	vs->version = (uint32) vr->version;
+	vs->state = state;
+	vs->wrapped_hash = hash;
+	/* The hint named the DEK of what the version was: found again on next use. */
+	pg_atomic_init_u32(&vs->dek_slot, 0);
+	pg_atomic_init_u64(&vs->dek_seq, 0);
+}
+
 void
 l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 				  const TenantKeyRecord *rec)
@@ -1335,6 +1454,8 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 	SharedTenantTag *tag = &tag_buf;
 	SharedTenantEntry *entry;
 	bool		found;
+	const VersionKeyRecord *publish[SHARED_TENANT_VERSIONS + 1];
+	int			npublish = versions_to_publish(rec, publish);
 
 	make_tenant_tag(tag, name, name_len);
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
@@ -1378,27 +1499,12 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 	entry->ngrants = rec->ngrants;
 	if (rec->ngrants > 0 && rec->ngrants <= SHARED_TENANT_GRANTS)
 		memcpy(entry->grant_roles, rec->grant_roles, sizeof(Oid) * rec->ngrants);
-	if (rec->key_found)
-	{
-		SharedVersionState *vs = NULL;
-
-		for (int i = 0; i < entry->nversions; i++)
-			if (entry->versions[i].version == (uint32) rec->version)
-				vs = &entry->versions[i];
-		if (vs == NULL && entry->nversions < SHARED_TENANT_VERSIONS)
-			vs = &entry->versions[entry->nversions++];
-		else if (vs == NULL)
-		{
-			vs = &entry->versions[entry->next_version_slot];
-			entry->next_version_slot = (entry->next_version_slot + 1) % SHARED_TENANT_VERSIONS;
-		}
-		vs->version = (uint32) rec->version;
-		vs->state = rec->key.state;
-		vs->wrapped_hash = rec->key.wrapped ? l2_wrapped_hash(rec->key.wrapped) : 0;
-		/* The hint named the DEK of what the version was: found again on next use. */
-		pg_atomic_init_u32(&vs->dek_slot, 0);
-		pg_atomic_init_u64(&vs->dek_seq, 0);
-	}
+	/*
+	 * Best last: the round robin takes each slot at most once in one publish, so what
+	 * it replaces is older news or a version worse than the one written.
+	 */
+	for (int i = npublish - 1; i >= 0; i--)
+		publish_version(entry, publish[i]);
 	tenant_index_sync(entry);
 	LWLockRelease(shared->lock);
 }

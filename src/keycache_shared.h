@@ -96,8 +96,9 @@ extern bool l2_find_tenant(const char *name, size_t name_len, uint64 generation,
 						   uint32 version, TenantView *view, SharedDekCopy *dek);
 
 /*
- * Hold what the key store said of a tenant (and of rec->version if key_found), read
- * after observing shared generation `generation` with the latest snapshot.
+ * Hold what the key store said of a tenant and of up to SHARED_TENANT_VERSIONS of its
+ * versions (rec->version if key_found and the active one first, then the newest),
+ * read after observing shared generation `generation` with the latest snapshot.
  */
 extern void l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 							  const TenantKeyRecord *rec);
@@ -136,8 +137,19 @@ extern bool l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek);
 /* Count a lookup that reached shared memory (hit or miss).  Any call. */
 extern void l2_count_lookup(bool hit);
 
+/*
+ * Put the DEK of (tenant_id, version, wrapped_hash), which the KMS generated in a
+ * transaction that has just committed, into shared memory if there is room without
+ * evicting a key in use (else nothing).  Raises no ERROR: for the commit callback.
+ */
+extern void l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
+							 int32 master_key, const uint8 dek[KMS_DEK_LEN]);
+
 /* Zero the DEKs of (tenant_id, version) (0: every version) of this database.  Any call. */
 extern void l2_purge(int32 tenant_id, uint32 version);
+
+/* Zero the one DEK of (tenant_id, version, wrapped_hash) if it is cached.  Any call. */
+extern void l2_purge_key(int32 tenant_id, uint32 version, uint64 wrapped_hash);
 
 /* Zero every DEK of this database and bump the generation.  Any call. */
 extern void l2_flush_database(void);

@@ -347,14 +347,14 @@ keystore_get_data_key(const char *tenant, int32 version, DataKeyRecord *out)
 
 /*
  * The key cache's one question to the key store, through SQL where the direct read
- * (keystore_read.c) cannot answer it: a tenant and one of its versions (0: the active
- * one), with the latest committed state, and the roles granted the tenant.  It is the
- * reference for what keystore_direct_read_tenant_key must answer.  The plan is
- * prepared once per backend and kept (SPI_keepplan), so a cache miss parses nothing;
- * the plan cache re-plans it by itself should the tables be dropped and created again.
- * A database still at 0.1.0 has no envelope.tenant_grant: its plan reads no grants,
- * and is prepared again once the table appears (the update invalidates
- * envelope.tenant, which makes this backend look the tables up again).
+ * (keystore_read.c) cannot answer it: a tenant and every one of its versions (one row
+ * each, none if it has none), with the latest committed state, and the roles granted
+ * the tenant.  It is the reference for what keystore_direct_read_tenant_key must
+ * answer.  The plan is prepared once per backend and kept (SPI_keepplan), so a cache
+ * miss parses nothing; the plan cache re-plans it by itself should the tables be
+ * dropped and created again.  A database still at 0.1.0 has no envelope.tenant_grant:
+ * its plan reads no grants, and is prepared again once the table appears (the update
+ * invalidates envelope.tenant, which makes this backend look the tables up again).
  */
 static SPIPlanPtr tenant_key_plan = NULL;
 static bool tenant_key_plan_reads_grants = false;
@@ -362,7 +362,7 @@ static bool tenant_key_plan_reads_grants = false;
 static SPIPlanPtr
 prepare_tenant_key_plan(bool read_grants)
 {
-	Oid			argtypes[2] = {TEXTOID, INT4OID};
+	Oid			argtypes[1] = {TEXTOID};
 	SPIPlanPtr	plan;
 
 	plan = SPI_prepare(read_grants ?
@@ -374,18 +374,16 @@ prepare_tenant_key_plan(bool read_grants)
 					   "  FROM envelope.tenant t"
 					   "  LEFT JOIN envelope.data_key d"
 					   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
-					   "   AND d.version OPERATOR(pg_catalog.=)"
-					   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
-					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1" :
+					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1"
+					   " ORDER BY d.version" :
 					   "SELECT t.tenant_id, t.state, t.active_version,"
 					   "       d.version, d.state, d.kms_provider, d.kms_key, d.wrapped_dek"
 					   "  FROM envelope.tenant t"
 					   "  LEFT JOIN envelope.data_key d"
 					   "    ON d.tenant OPERATOR(pg_catalog.=) t.tenant"
-					   "   AND d.version OPERATOR(pg_catalog.=)"
-					   "       CASE WHEN $2 OPERATOR(pg_catalog.=) 0 THEN t.active_version ELSE $2 END"
-					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1",
-					   2, argtypes);
+					   " WHERE t.tenant OPERATOR(pg_catalog.=) $1"
+					   " ORDER BY d.version",
+					   1, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
@@ -417,12 +415,35 @@ oid_array_column(HeapTuple tuple, TupleDesc desc, int col, MemoryContext cxt, in
 	return oids;
 }
 
+/* Columns 4 to 8 of a row of the tenant key plan: one DEK version. */
+static void
+version_key_columns(HeapTuple tuple, TupleDesc desc, MemoryContext cxt, VersionKeyRecord *vr)
+{
+	bool		isnull;
+	Datum		wrapped;
+
+	vr->version = int_column(tuple, desc, 4);
+	vr->key.state = key_state_from_text(copy_text_column(tuple, desc, 5, cxt));
+	vr->key.kms_provider = copy_text_column(tuple, desc, 6, cxt);
+	vr->key.kms_key = copy_text_column(tuple, desc, 7, cxt);
+	wrapped = SPI_getbinval(tuple, desc, 8, &isnull);
+	if (isnull)
+		vr->key.wrapped = NULL;
+	else
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+
+		vr->key.wrapped = DatumGetByteaPCopy(wrapped);
+		MemoryContextSwitchTo(old);
+	}
+}
+
 static bool
 read_tenant_key_through_spi(const char *tenant, int32 version, TenantKeyRecord *out)
 {
 	KeystoreSession session;
 	MemoryContext caller_cxt = CurrentMemoryContext;
-	Datum		values[2] = {CStringGetTextDatum(tenant), Int32GetDatum(version)};
+	Datum		values[1] = {CStringGetTextDatum(tenant)};
 	Snapshot	snapshot;
 	bool		found = false;
 	int			ret;
@@ -442,41 +463,40 @@ read_tenant_key_through_spi(const char *tenant, int32 version, TenantKeyRecord *
 	/* As execute_latest(): a revocation committed a moment ago stops this reader too. */
 	snapshot = IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot();
 	ret = SPI_execute_snapshot(tenant_key_plan, values, NULL, snapshot, InvalidSnapshot,
-							   true, false, 1);
+							   true, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "SPI_execute_snapshot failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 1)
+	if (SPI_processed >= 1)
 	{
-		HeapTuple	tuple = SPI_tuptable->vals[0];
+		HeapTuple	first = SPI_tuptable->vals[0];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *state = copy_text_column(tuple, desc, 2, caller_cxt);
+		int32		wanted;
 		bool		isnull;
-		Datum		wrapped;
 
-		out->tenant_id = int_column(tuple, desc, 1);
-		out->state = tenant_state_from_text(state);
-		out->active_version = int_column(tuple, desc, 3);
-		out->version = int_column(tuple, desc, 4);
-		(void) SPI_getbinval(tuple, desc, 4, &isnull);
-		out->key_found = !isnull;
-		if (out->key_found)
+		out->tenant_id = int_column(first, desc, 1);
+		out->state = tenant_state_from_text(copy_text_column(first, desc, 2, caller_cxt));
+		out->active_version = int_column(first, desc, 3);
+		wanted = version == 0 ? out->active_version : version;
+		(void) SPI_getbinval(first, desc, 4, &isnull);
+		if (!isnull)			/* a tenant without versions has one row of NULLs */
 		{
-			out->key.state = key_state_from_text(copy_text_column(tuple, desc, 5, caller_cxt));
-			out->key.kms_provider = copy_text_column(tuple, desc, 6, caller_cxt);
-			out->key.kms_key = copy_text_column(tuple, desc, 7, caller_cxt);
-			wrapped = SPI_getbinval(tuple, desc, 8, &isnull);
-			if (isnull)
-				out->key.wrapped = NULL;
-			else
+			out->versions = MemoryContextAlloc(caller_cxt,
+											   sizeof(VersionKeyRecord) * SPI_processed);
+			for (uint64 i = 0; i < SPI_processed; i++)
 			{
-				MemoryContext old = MemoryContextSwitchTo(caller_cxt);
+				VersionKeyRecord *vr = &out->versions[out->nversions++];
 
-				out->key.wrapped = DatumGetByteaPCopy(wrapped);
-				MemoryContextSwitchTo(old);
+				version_key_columns(SPI_tuptable->vals[i], desc, caller_cxt, vr);
+				if (vr->version == wanted)
+				{
+					out->key_found = true;
+					out->version = wanted;
+					out->key = vr->key;
+				}
 			}
 		}
 		if (tenant_key_plan_reads_grants)
-			out->grant_roles = oid_array_column(tuple, desc, 9, caller_cxt, &out->ngrants);
+			out->grant_roles = oid_array_column(first, desc, 9, caller_cxt, &out->ngrants);
 		found = true;
 	}
 	keystore_leave(&session);

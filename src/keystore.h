@@ -49,7 +49,19 @@ typedef struct DataKeyRecord
 	bytea	   *wrapped;		/* NULL once destroyed */
 } DataKeyRecord;
 
-/* One tenant and one of its versions, as the key cache reads them on a miss. */
+/* One DEK version of a tenant, as the key cache reads them on a miss. */
+typedef struct VersionKeyRecord
+{
+	int32		version;
+	DataKeyRecord key;
+} VersionKeyRecord;
+
+/*
+ * One tenant and every one of its versions, as the key cache reads them on a miss:
+ * the versions are few, and a re-encryption needs two of them (the old for decrypting,
+ * the active one for encrypting) right after a look at the tenant's state, so one read
+ * answers all three.  `key` is the version asked for (a copy of its entry in versions).
+ */
 typedef struct TenantKeyRecord
 {
 	int32		tenant_id;
@@ -60,6 +72,8 @@ typedef struct TenantKeyRecord
 	DataKeyRecord key;
 	int			ngrants;		/* roles granted the tenant (0: open to envelope_user) */
 	Oid		   *grant_roles;	/* ngrants role oids, ascending; NULL when none */
+	int			nversions;		/* every DEK version of the tenant, ascending */
+	VersionKeyRecord *versions;
 } TenantKeyRecord;
 
 /* One stored DEK, as rewrap walks them. */
@@ -79,8 +93,8 @@ extern void envelope_check_tenant(const char *tenant, size_t len);
 extern bool keystore_get_tenant(const char *tenant, bool for_update, TenantRecord *out);
 
 /*
- * The tenant and its `version` (0: the active one), latest committed state, read
- * through the tables' indexes (through a plan prepared once per backend where that
+ * The tenant, its `version` (0: the active one) and all its other versions, latest
+ * committed state, read through the tables' indexes (through a plan prepared once per backend where that
  * cannot be right, as under Citus); false if the tenant does not exist.
  */
 extern bool keystore_read_tenant_key(const char *tenant, int32 version, TenantKeyRecord *out);

@@ -1,7 +1,7 @@
 /*
- * keystore_read.c — the key cache's miss path: one tenant, one of its DEK versions and
- * its granted roles, read straight from envelope.tenant, envelope.data_key and
- * envelope.tenant_grant through their own indexes.
+ * keystore_read.c — the key cache's miss path: one tenant, every one of its DEK
+ * versions and its granted roles, read straight from envelope.tenant, envelope.data_key
+ * and envelope.tenant_grant through their own indexes.
  *
  * Why not SPI, as the rest of keystore.c does.  Every key store change anywhere bumps
  * one shared generation at commit, after which every backend re-reads every tenant it
@@ -498,31 +498,63 @@ read_tenant_row(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
 	return found;
 }
 
-/* DEK `version` of the tenant into out->key (copied into `result_cxt`), if it exists. */
+static int
+version_record_cmp(const void *a, const void *b)
+{
+	int32		va = ((const VersionKeyRecord *) a)->version;
+	int32		vb = ((const VersionKeyRecord *) b)->version;
+
+	return va < vb ? -1 : va > vb;
+}
+
+/*
+ * Every DEK version of the tenant, ascending, into out->versions (copied into
+ * `result_cxt`), and the one of `version` into out->key, if it exists: one range scan
+ * of the (tenant, version) index by its first column.
+ */
 static void
-read_data_key_row(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
-				  Datum name, int32 version, TenantKeyRecord *out, MemoryContext result_cxt)
+read_data_key_rows(Relation rel, const KeyTableLayout *layout, Snapshot snapshot,
+				   Datum name, int32 version, TenantKeyRecord *out, MemoryContext result_cxt)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
-	ScanKeyData keys[2];
+	ScanKeyData key;
 	SysScanDesc scan;
 	HeapTuple	tuple;
+	int			maxversions = 0;
 
-	equality_key(&keys[0], layout->key_tenant, F_TEXTEQ, layout->key_tenant_collation, name);
-	equality_key(&keys[1], layout->key_version, F_INT4EQ, InvalidOid, Int32GetDatum(version));
+	equality_key(&key, layout->key_tenant, F_TEXTEQ, layout->key_tenant_collation, name);
 	scan = systable_beginscan(rel, layout->key_index, OidIsValid(layout->key_index),
-							  snapshot, 2, keys);
-	tuple = systable_getnext(scan);
-	if (HeapTupleIsValid(tuple))
+							  snapshot, 1, &key);
+	while (HeapTupleIsValid(tuple = systable_getnext(scan)))
 	{
-		out->key_found = true;
-		out->version = int4_attr(tuple, desc, layout->key_version);
-		out->key.state = key_state_attr(tuple, desc, layout->key_state);
-		out->key.kms_provider = copy_text_attr(tuple, desc, layout->key_kms_provider, result_cxt);
-		out->key.kms_key = copy_text_attr(tuple, desc, layout->key_kms_key, result_cxt);
-		out->key.wrapped = copy_bytea_attr(tuple, desc, layout->key_wrapped, result_cxt);
+		VersionKeyRecord *vr;
+
+		if (out->nversions == maxversions)
+		{
+			maxversions = Max(4, maxversions * 2);
+			out->versions = out->versions == NULL ?
+				MemoryContextAlloc(result_cxt, sizeof(VersionKeyRecord) * maxversions) :
+				repalloc(out->versions, sizeof(VersionKeyRecord) * maxversions);
+		}
+		vr = &out->versions[out->nversions++];
+		vr->version = int4_attr(tuple, desc, layout->key_version);
+		vr->key.state = key_state_attr(tuple, desc, layout->key_state);
+		vr->key.kms_provider = copy_text_attr(tuple, desc, layout->key_kms_provider, result_cxt);
+		vr->key.kms_key = copy_text_attr(tuple, desc, layout->key_kms_key, result_cxt);
+		vr->key.wrapped = copy_bytea_attr(tuple, desc, layout->key_wrapped, result_cxt);
 	}
 	systable_endscan(scan);
+
+	/* A heap scan (no usable index) finds them in any order. */
+	if (out->nversions > 1)
+		qsort(out->versions, out->nversions, sizeof(VersionKeyRecord), version_record_cmp);
+	for (int i = 0; i < out->nversions; i++)
+		if (out->versions[i].version == version)
+		{
+			out->key_found = true;
+			out->version = version;
+			out->key = out->versions[i].key;
+		}
 }
 
 /*
@@ -588,8 +620,8 @@ read_tenant_key(const KeyTableRelations *rels, const KeyTableLayout *layout,
 	if (read_tenant_row(rels->tenant, layout, snapshot, name, out))
 	{
 		result = KEYSTORE_READ_FOUND;
-		read_data_key_row(rels->data_key, layout, snapshot, name,
-						  version == 0 ? out->active_version : version, out, result_cxt);
+		read_data_key_rows(rels->data_key, layout, snapshot, name,
+						   version == 0 ? out->active_version : version, out, result_cxt);
 		if (rels->tenant_grant != NULL &&
 			!read_grants(rels->tenant_grant, layout, snapshot, name, out, result_cxt))
 			result = KEYSTORE_READ_UNSUPPORTED;

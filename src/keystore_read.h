@@ -26,7 +26,7 @@ typedef enum KeyStoreDirectRead
 
 /*
  * What keystore_read_tenant_key answers (the tenant, its `version` or, for 0, its
- * active one, and its granted roles), read from the tables through their indexes at
+ * active one, every one of its versions, and its granted roles), read from the tables through their indexes at
  * the latest committed state (the active snapshot in parallel mode), with no user
  * switch, setting change or SPI.  Results are palloc'd in the caller's context and
  * nothing else outlives the call.  KEYSTORE_READ_UNSUPPORTED when the tables are not

@@ -22,13 +22,25 @@
 # is reported beside it.
 # Figures are reported, never asserted; test/bench/RESULTS.md keeps the latest.
 #
-# Knobs: BENCH_FLEET_ROWS=200000, BENCH_FLEET_RUNS=5, BENCH_PORT=54341.
+# Row order: by default row i belongs to tenant i mod 1,000, so every row switches
+# tenant (the worst case for the key cache: each row needs another tenant's two keys).
+# BENCH_FLEET_LAYOUT=clustered stores each tenant's rows together instead, as a table
+# clustered on its tenant column (or loaded tenant by tenant) has them.
+#
+# Knobs: BENCH_FLEET_ROWS=200000, BENCH_FLEET_RUNS=5, BENCH_PORT=54341,
+# BENCH_FLEET_LAYOUT=interleaved|clustered.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ROWS="${BENCH_FLEET_ROWS:-200000}"
 RUNS="${BENCH_FLEET_RUNS:-5}"
 PORT="${BENCH_PORT:-54341}"
+LAYOUT="${BENCH_FLEET_LAYOUT:-interleaved}"
+case "$LAYOUT" in
+    interleaved) ORDER="i" ;;
+    clustered) ORDER="i % 1000, i" ;;
+    *) echo "BENCH_FLEET_LAYOUT must be interleaved or clustered, not $LAYOUT" >&2; exit 1 ;;
+esac
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -77,7 +89,8 @@ for t in a b c; do
     q "CREATE TABLE fleet_$t (id integer, tenant text, c bytea)"
 done
 q "INSERT INTO fleet_a SELECT i, 'tenant' || (i % 1000 + 1),
-          envelope.encrypt('tenant' || (i % 1000 + 1), md5(i::text)) FROM generate_series(1, $ROWS) i"
+          envelope.encrypt('tenant' || (i % 1000 + 1), md5(i::text)) FROM generate_series(1, $ROWS) i
+          ORDER BY $ORDER"
 q "INSERT INTO fleet_b SELECT * FROM fleet_a"
 q "INSERT INTO fleet_c SELECT * FROM fleet_a"
 q "SELECT envelope.register_column('fleet_a', 'c', 'tenant')"
@@ -113,6 +126,7 @@ UPDATE_CPU="$(cut -d' ' -f2 "$DIR/update" | median)"
 ROTATE_MS="$(median < "$DIR/rotate_ms")"
 CRYPTO_MS="$(cut -d' ' -f1 "$DIR/crypto" | median)"
 RATIO="$(median < "$DIR/ratio")"
+echo "row layout: $LAYOUT (BENCH_FLEET_LAYOUT)"
 awk -v rows="$ROWS" -v r="$REENC_MS" -v u="$UPDATE_MS" -v rot="$ROTATE_MS" -v c="$CRYPTO_MS" \
     -v rc="$REENC_CPU" -v uc="$UPDATE_CPU" -v ratio="$RATIO" 'BEGIN {
     rr = rows / (r / 1000); ur = rows / (u / 1000);

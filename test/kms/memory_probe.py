@@ -4,9 +4,9 @@
     memory_probe.py unwrap KEYFILE KEY_ID TENANT VERSION WRAPPED_HEX
         prints the DEK (hex) inside a wrapped key of the local provider, using the
         format documented in src/kms_local.c
-    memory_probe.py find PID DEK_HEX
-        searches the shared mappings of PID for the DEK and prints one line per hit:
-        "hit <address> flags=<VmFlags>"; then "hits N"
+    memory_probe.py find PID DEK_HEX [private]
+        searches the shared mappings of PID (with "private": its private ones) for the
+        DEK and prints one line per hit: "hit <address> flags=<VmFlags>"; then "hits N"
 
 Test-only: it needs the master key file and the right to read /proc/PID/mem.
 """
@@ -32,7 +32,7 @@ def unwrap(keyfile, key_id, tenant, version, wrapped_hex):
     print(AESGCM(key).decrypt(nonce, body, aad).hex())
 
 
-def find(pid, dek_hex):
+def find(pid, dek_hex, where="shared"):
     dek = bytes.fromhex(dek_hex)
     flags = {}
     current = None
@@ -46,8 +46,9 @@ def find(pid, dek_hex):
     hits = 0
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         for (start, end, perms), vmflags in flags.items():
-            # The main shared memory segment: shared ("s"), readable, not a file we mapped.
-            if not perms.startswith("r") or perms[3] != "s":
+            # The main shared memory segment: shared ("s"), readable, not a file we mapped;
+            # with "private", the process's own memory instead (heap, stack, anonymous).
+            if not perms.startswith("r") or perms[3] != ("p" if where == "private" else "s"):
                 continue
             try:
                 mem.seek(start)
@@ -66,6 +67,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "unwrap":
         unwrap(*sys.argv[2:7])
     elif sys.argv[1] == "find":
-        find(int(sys.argv[2]), sys.argv[3])
+        find(int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
     else:
         sys.exit("usage: memory_probe.py unwrap|find ...")
