@@ -64,6 +64,7 @@
 #include "storage/condition_variable.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
+#include "storage/pg_shmem.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "common/hashfn.h"
@@ -384,11 +385,57 @@ ring_victim(SlotRing *ring, EvictVerdict (*verdict) (void *owner, TimestampTz no
 /* ---------------------------------------------------------------------------
  * Shared memory set-up
  */
+/* The system's default huge page size (Hugepagesize in /proc/meminfo); 0 if none. */
+static Size
+default_huge_page_size(void)
+{
+	FILE	   *f = fopen("/proc/meminfo", "r");
+	char		line[128];
+	unsigned long kb = 0;
+
+	if (f == NULL)
+		return 0;
+	while (fgets(line, sizeof(line), f) != NULL)
+		if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1)
+			break;
+	fclose(f);
+	return (Size) kb * 1024;
+}
+
+/*
+ * The boundary the DEK array starts and ends on, so that madvise and mlock cover
+ * exactly this array.  A segment in huge pages can be marked only in whole huge pages:
+ * aligned to the base page alone, MADV_DONTDUMP fails there (EINVAL) and the keys
+ * would be in core dumps.  With huge_pages = try (the default) the segment may or may
+ * not get them, so anything but huge_pages = off aligns to the huge page size, at the
+ * price of at most two huge pages of padding.  Both settings are fixed at server start,
+ * so the size requested and the layout at start-up agree.
+ */
+static Size
+dek_area_alignment(void)
+{
+	static Size alignment = 0;
+
+	if (alignment == 0)
+	{
+		Size		huge = 0;
+
+		alignment = (Size) sysconf(_SC_PAGESIZE);
+		if (huge_pages != HUGE_PAGES_OFF)
+			huge = huge_page_size > 0 ? (Size) huge_page_size * 1024 : default_huge_page_size();
+		if (huge > alignment)
+			alignment = huge;
+	}
+	return alignment;
+}
+
 static Size
 dek_area_size(int capacity)
 {
-	/* Page-aligned start and end, so madvise/mlock cover exactly this array. */
-	return (Size) capacity * sizeof(SharedDekSlot) + 2 * (Size) sysconf(_SC_PAGESIZE);
+	Size		alignment = dek_area_alignment();
+
+	/* Room to align the start, and the array rounded up to whole (huge) pages. */
+	return TYPEALIGN(alignment, (Size) capacity * sizeof(SharedDekSlot)) + alignment;
 }
 
 static Size
@@ -442,7 +489,7 @@ keycache_shmem_startup(void)
 {
 	bool		found;
 	HASHCTL		info;
-	Size		pagesize = (Size) sysconf(_SC_PAGESIZE);
+	Size		alignment = dek_area_alignment();
 	int			capacity = envelope_cache_size;
 	char	   *area;
 	char	   *arrays;
@@ -461,7 +508,7 @@ keycache_shmem_startup(void)
 	arrays += ring_arrays_size(capacity);
 	shared_ghosts = (EvictionGhost *) arrays;
 	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
-	shared_slots = (SharedDekSlot *) TYPEALIGN(pagesize, area);
+	shared_slots = (SharedDekSlot *) TYPEALIGN(alignment, area);
 	{
 		bool		index_found;
 		void	   *index_area = ShmemInitStruct("pg_envelope key cache tenant index",
@@ -485,7 +532,7 @@ keycache_shmem_startup(void)
 		memset(&shared->stats, 0, sizeof(shared->stats));
 		shared->last_dek_seq = 0;
 		memset(shared_slots, 0, (Size) capacity * sizeof(SharedDekSlot));
-		protect_dek_area(shared_slots, TYPEALIGN(pagesize, (Size) capacity * sizeof(SharedDekSlot)));
+		protect_dek_area(shared_slots, TYPEALIGN(alignment, (Size) capacity * sizeof(SharedDekSlot)));
 	}
 
 	memset(&info, 0, sizeof(info));
