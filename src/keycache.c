@@ -154,45 +154,118 @@ l1_front_index(const char *tenant, size_t tenant_len)
 }
 
 /*
- * How many L1 entries have each value of (name hash mod L1_PRESENCE_SIZE): where it is
- * 0, the tenant is not in L1 and the hash table need not be searched.  A scan cycling
- * through more tenants than L1 holds misses it on most rows; this saves each of those
- * rows a walk to a cold bucket.  Exact, not a guess: every insertion and removal
- * counts.
- */
-#define L1_PRESENCE_SIZE 32768
-
-static uint16 l1_presence[L1_PRESENCE_SIZE];
-
-static inline uint16 *
-l1_presence_of(uint32 name_hash)
-{
-	return &l1_presence[name_hash & (L1_PRESENCE_SIZE - 1)];
-}
-
-/*
+ * What L1 holds, and which tenants missed it lately, in one cache line per bucket of
+ * name hashes: a scan cycling through more tenants than L1 holds asks both questions
+ * on most rows, of a tenant L1 does not hold, and this answers them with one line
+ * instead of the hash table's bucket, a presence count and an admission slot.
+ *
+ * held: a 16-bit fingerprint (l1_fingerprint) of each tenant in L1, where it has room;
+ * `overflow` counts the tenants of the bucket whose fingerprint found none.  Exact as
+ * a multiset: every insertion into L1 adds one fingerprint or one overflow, every
+ * removal takes back one fingerprint equal to its own (whichever tenant it was noted
+ * for: they cannot be told apart) or else one overflow.  So a tenant whose fingerprint
+ * is not there, in a bucket without overflow, is not in L1 and the hash table need not
+ * be searched; with L1 full (8 tenants per bucket on average) a tenant it does not
+ * hold is searched for in about 1 in 8,000 cases, plus the rare buckets past 16.
+ *
  * Admission to a full L1.  When a scan cycles through more tenants than L1 holds,
  * least-recently-used replacement evicts every tenant before its next row comes:
  * each row would then pay for an eviction, an insertion, and a re-key of the evicted
  * tenant's contexts, all in memory that has gone cold.  So a tenant missing from a
- * full L1 gets in only on its second miss within a while (a direct-mapped array of
- * name hashes remembers the first); until then its row is served by the transient
- * entry below, whose contexts are re-keyed in place and stay in the CPU's caches.
- * Tenants that come back soon enough still get in, and L1 keeps what it has.
+ * full L1 gets in only on its second miss within a while: `seen` remembers the
+ * fingerprints of the last L1_FILTER_SEEN tenants of the bucket that were turned
+ * away (14,336 in all); until then its row is served by the transient entry below,
+ * whose contexts are re-keyed in place and stay in the CPU's caches.  Tenants that
+ * come back soon enough still get in, and L1 keeps what it has.
+ *
+ * 1,024 buckets of 64 bytes: 64 KB per backend.
  */
-#define L1_ADMIT_FILTER_SIZE 16384
+#define L1_FILTER_BUCKETS 1024
+#define L1_FILTER_HELD 16
+#define L1_FILTER_SEEN 14
 
-static uint32 l1_admit_filter[L1_ADMIT_FILTER_SIZE];
-
-static bool
-l1_admit(const char *tenant, size_t tenant_len)
+typedef struct L1FilterBucket
 {
-	uint32		h = l1_name_hash(tenant, tenant_len);
-	uint32	   *seen = &l1_admit_filter[h & (L1_ADMIT_FILTER_SIZE - 1)];
+	uint16		held[L1_FILTER_HELD];	/* fingerprints of tenants in L1; 0: free */
+	uint16		seen[L1_FILTER_SEEN];	/* of tenants lately turned away; 0: none */
+	uint16		overflow;		/* tenants in L1 whose fingerprint is not in held */
+	uint16		seen_next;		/* where the next one turned away is noted */
+} L1FilterBucket;
 
-	if (*seen == h)
-		return true;
-	*seen = h;
+StaticAssertDecl(sizeof(L1FilterBucket) == 64, "a filter bucket is one cache line");
+
+static L1FilterBucket l1_filter[L1_FILTER_BUCKETS] pg_attribute_aligned(64);
+
+static inline L1FilterBucket *
+l1_filter_bucket(uint32 name_hash)
+{
+	return &l1_filter[name_hash & (L1_FILTER_BUCKETS - 1)];
+}
+
+/* Bits of the name hash that the bucket number does not use; never 0 (a free slot). */
+static inline uint16
+l1_fingerprint(uint32 name_hash)
+{
+	uint16		fp = (uint16) (name_hash >> 10);
+
+	return fp != 0 ? fp : 1;
+}
+
+/* Could L1 hold the tenant of this hash?  False: it does not. */
+static inline bool
+l1_filter_may_hold(uint32 name_hash)
+{
+	const L1FilterBucket *b = l1_filter_bucket(name_hash);
+	uint16		fp = l1_fingerprint(name_hash);
+	bool		match = false;
+
+	for (int i = 0; i < L1_FILTER_HELD; i++)
+		match |= b->held[i] == fp;
+	return match || b->overflow != 0;
+}
+
+static void
+l1_filter_add(uint32 name_hash)
+{
+	L1FilterBucket *b = l1_filter_bucket(name_hash);
+
+	for (int i = 0; i < L1_FILTER_HELD; i++)
+		if (b->held[i] == 0)
+		{
+			b->held[i] = l1_fingerprint(name_hash);
+			return;
+		}
+	b->overflow++;
+}
+
+static void
+l1_filter_remove(uint32 name_hash)
+{
+	L1FilterBucket *b = l1_filter_bucket(name_hash);
+	uint16		fp = l1_fingerprint(name_hash);
+
+	for (int i = 0; i < L1_FILTER_HELD; i++)
+		if (b->held[i] == fp)
+		{
+			b->held[i] = 0;
+			return;
+		}
+	Assert(b->overflow > 0);
+	b->overflow--;
+}
+
+/* May the tenant of this hash, missing from a full L1, enter it? */
+static bool
+l1_admit(uint32 name_hash)
+{
+	L1FilterBucket *b = l1_filter_bucket(name_hash);
+	uint16		fp = l1_fingerprint(name_hash);
+
+	for (int i = 0; i < L1_FILTER_SEEN; i++)
+		if (b->seen[i] == fp)
+			return true;
+	b->seen[b->seen_next] = fp;
+	b->seen_next = (b->seen_next + 1) % L1_FILTER_SEEN;
 	return false;
 }
 
@@ -477,10 +550,9 @@ l1_reset(void)
 		hash_destroy(local_tenants);
 		local_tenants = NULL;
 	}
-	memset(l1_presence, 0, sizeof(l1_presence));
+	memset(l1_filter, 0, sizeof(l1_filter));
 	l1_free_versions(&l1_transient);
 	memset(&l1_transient, 0, sizeof(l1_transient));	/* its versions go with local_cxt */
-	memset(l1_admit_filter, 0, sizeof(l1_admit_filter));
 	cipher_key_free(&l1_spare);
 	l1_prefetch_wipe();
 	if (local_cxt != NULL)
@@ -530,7 +602,7 @@ l1_evict_one(void)
 		pfree(victim->versions);
 	tenant_access_free(&victim->access);
 	dlist_delete(&victim->lru);
-	(*l1_presence_of(l1_name_hash(victim->name, victim->name_len)))--;
+	l1_filter_remove(l1_name_hash(victim->name, victim->name_len));
 	if (front->lt == victim)
 		front->lt = NULL;
 	if (last_tenant == victim)
@@ -816,7 +888,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 
 	l1_ensure();
 	l1_prefetch_wipe();
-	lt = *l1_presence_of(name_hash) == 0 ? NULL :
+	lt = !l1_filter_may_hold(name_hash) ? NULL :
 		hash_search(local_tenants, key, HASH_FIND, NULL);
 	if (lt == NULL || lt->generation != generation)
 	{
@@ -848,7 +920,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 		}
 
 		if (lt == NULL && hash_get_num_entries(local_tenants) >= L1_MAX_TENANTS &&
-			!l1_admit(key, tenant_len))
+			!l1_admit(name_hash))
 			lt = l1_transient_for(key, tenant_len, view.tenant_id);
 		else if (lt == NULL)
 		{
@@ -856,7 +928,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 				l1_evict_one();
 			lt = hash_search(local_tenants, key, HASH_ENTER, &found);
 			Assert(!found);
-			(*l1_presence_of(name_hash))++;
+			l1_filter_add(name_hash);
 			lt->name_len = (uint32) tenant_len;
 			lt->nversions = lt->maxversions = 0;
 			lt->versions = NULL;

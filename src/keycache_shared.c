@@ -52,6 +52,7 @@
 #include "pg_envelope.h"
 
 #include <sys/mman.h>
+#include <time.h>
 
 #include "keycache_shared.h"
 #include "keycache_index.h"
@@ -63,6 +64,7 @@
 #include "storage/condition_variable.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
+#include "storage/pg_shmem.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "common/hashfn.h"
@@ -384,11 +386,57 @@ ring_victim(SlotRing *ring, EvictVerdict (*verdict) (void *owner, TimestampTz no
 /* ---------------------------------------------------------------------------
  * Shared memory set-up
  */
+/* The system's default huge page size (Hugepagesize in /proc/meminfo); 0 if none. */
+static Size
+default_huge_page_size(void)
+{
+	FILE	   *f = fopen("/proc/meminfo", "r");
+	char		line[128];
+	unsigned long kb = 0;
+
+	if (f == NULL)
+		return 0;
+	while (fgets(line, sizeof(line), f) != NULL)
+		if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1)
+			break;
+	fclose(f);
+	return (Size) kb * 1024;
+}
+
+/*
+ * The boundary the DEK array starts and ends on, so that madvise and mlock cover
+ * exactly this array.  A segment in huge pages can be marked only in whole huge pages:
+ * aligned to the base page alone, MADV_DONTDUMP fails there (EINVAL) and the keys
+ * would be in core dumps.  With huge_pages = try (the default) the segment may or may
+ * not get them, so anything but huge_pages = off aligns to the huge page size, at the
+ * price of at most two huge pages of padding.  Both settings are fixed at server start,
+ * so the size requested and the layout at start-up agree.
+ */
+static Size
+dek_area_alignment(void)
+{
+	static Size alignment = 0;
+
+	if (alignment == 0)
+	{
+		Size		huge = 0;
+
+		alignment = (Size) sysconf(_SC_PAGESIZE);
+		if (huge_pages != HUGE_PAGES_OFF)
+			huge = huge_page_size > 0 ? (Size) huge_page_size * 1024 : default_huge_page_size();
+		if (huge > alignment)
+			alignment = huge;
+	}
+	return alignment;
+}
+
 static Size
 dek_area_size(int capacity)
 {
-	/* Page-aligned start and end, so madvise/mlock cover exactly this array. */
-	return (Size) capacity * sizeof(SharedDekSlot) + 2 * (Size) sysconf(_SC_PAGESIZE);
+	Size		alignment = dek_area_alignment();
+
+	/* Room to align the start, and the array rounded up to whole (huge) pages. */
+	return TYPEALIGN(alignment, (Size) capacity * sizeof(SharedDekSlot)) + alignment;
 }
 
 static Size
@@ -442,7 +490,7 @@ keycache_shmem_startup(void)
 {
 	bool		found;
 	HASHCTL		info;
-	Size		pagesize = (Size) sysconf(_SC_PAGESIZE);
+	Size		alignment = dek_area_alignment();
 	int			capacity = envelope_cache_size;
 	char	   *area;
 	char	   *arrays;
@@ -461,7 +509,7 @@ keycache_shmem_startup(void)
 	arrays += ring_arrays_size(capacity);
 	shared_ghosts = (EvictionGhost *) arrays;
 	area = ShmemInitStruct("pg_envelope key cache keys", dek_area_size(capacity), &found);
-	shared_slots = (SharedDekSlot *) TYPEALIGN(pagesize, area);
+	shared_slots = (SharedDekSlot *) TYPEALIGN(alignment, area);
 	{
 		bool		index_found;
 		void	   *index_area = ShmemInitStruct("pg_envelope key cache tenant index",
@@ -486,7 +534,7 @@ keycache_shmem_startup(void)
 		memset(&shared->stats, 0, sizeof(shared->stats));
 		shared->last_dek_seq = 0;
 		memset(shared_slots, 0, (Size) capacity * sizeof(SharedDekSlot));
-		protect_dek_area(shared_slots, TYPEALIGN(pagesize, (Size) capacity * sizeof(SharedDekSlot)));
+		protect_dek_area(shared_slots, TYPEALIGN(alignment, (Size) capacity * sizeof(SharedDekSlot)));
 	}
 
 	memset(&info, 0, sizeof(info));
@@ -518,6 +566,32 @@ shared_remove_entry(SharedKeyEntry *entry)
 		entry->slot = -1;
 	}
 	hash_search(shared_hash, &entry->tag, HASH_REMOVE, NULL);
+}
+
+/*
+ * The time a lookup serves DEK copies by and stamps their last use with: the kernel's
+ * coarse real-time clock, which is read from memory it keeps up to date (about 5 ns
+ * here) where GetCurrentTimestamp() reads the precise clock (about 25 ns, and a lookup
+ * runs for every row that misses the first level: the read showed in its profile).
+ * It lags real time by at most a tick (1 to 10 ms): a key may be served that long
+ * past its expiry, and its last use looks that much older, both negligible against
+ * envelope.cache_ttl and the windows that compare last uses.  The statement's start
+ * time, free to read, would not do: a statement running longer than the window in
+ * which a key counts as in use (l2_store_new_key) would see the keys it is using
+ * evicted as unused.  Loads (and so grace), eviction and the sweeper read the precise
+ * clock.
+ */
+static inline TimestampTz
+lookup_time(void)
+{
+#ifdef CLOCK_REALTIME_COARSE
+	struct timespec ts;
+
+	if (clock_gettime(CLOCK_REALTIME_COARSE, &ts) == 0)
+		return (TimestampTz) (ts.tv_sec - ((POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY)) *
+			USECS_PER_SEC + ts.tv_nsec / 1000;
+#endif
+	return GetCurrentTimestamp();
 }
 
 static TimestampTz
@@ -724,7 +798,7 @@ l2_peek_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, uint8 dek[KMS_
 	make_tag(&tag, tenant_id, version, wrapped_hash);
 	LWLockAcquire(shared->lock, LW_SHARED);
 	hit = shared_copy_ready(hash_search(shared_hash, &tag, HASH_FIND, NULL),
-							GetCurrentTimestamp(), dek, expires_at);
+							lookup_time(), dek, expires_at);
 	LWLockRelease(shared->lock);
 	return hit;
 }
@@ -1294,7 +1368,7 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 	SharedTenantTag tag;
 	SharedTenantEntry *entry;
 	bool		found = false;
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now = lookup_time();
 
 	if (dek != NULL)
 		dek->found = false;
@@ -1360,7 +1434,7 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 bool
 l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek)
 {
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now = lookup_time();
 
 	dek->found = false;
 	if (hint.seq == 0 || hint.slot >= (uint32) shared->capacity)

@@ -32,7 +32,9 @@
 # Knobs: SWEEP_ROWS=200000  SWEEP_RUNS=3  SWEEP_TENANTS="1000 8000 20000 50000 100000"
 #        SWEEP_CACHE_SIZE=131072  SWEEP_KMS_TENANTS=20000  SWEEP_REENC_ROWS=1000000
 #        SWEEP_REENC_TENANTS=50000  SWEEP_KMS=1 (0 skips 3.)  SWEEP_PORT=54359
-#        ENVELOPE_PYTHON
+#        SWEEP_HUGE_PAGES=0 (1: huge_pages = on for the shared segment; reserve them
+#        first, as root: the script says how many and stops when too few are free;
+#        0: huge_pages = off)  ENVELOPE_PYTHON
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -82,6 +84,22 @@ log_line_prefix = '%m [%p] '
 CONF
 echo "envelope.cache_size = $CACHE_SIZE" > "$DIR/data/sweep.conf"
 echo "include_if_exists = 'sweep.conf'" >> "$DIR/data/postgresql.conf"
+# Huge pages for the shared segment (SWEEP_HUGE_PAGES=1): huge_pages = on, after checking that
+# enough are reserved; otherwise huge_pages = off, whatever the machine has reserved.
+if [ "${SWEEP_HUGE_PAGES:-0}" = 1 ]; then
+    need="$(pg postgres -D "$DIR/data" -C shared_memory_size_in_huge_pages)"
+    free="$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)"
+    if [ "${free:-0}" -lt "$need" ]; then
+        echo "!! SWEEP_HUGE_PAGES=1, but this cluster needs $need huge pages and ${free:-0} are free" >&2
+        echo "!! (HugePages_Total $(awk '/^HugePages_Total:/ {print $2}' /proc/meminfo))." >&2
+        echo "!! As root: echo $need > /proc/sys/vm/nr_hugepages, and back to 0 afterwards." >&2
+        exit 1
+    fi
+    echo "huge_pages = on" >> "$DIR/data/postgresql.conf"
+    echo "huge pages: on ($need of $free free)"
+else
+    echo "huge_pages = off" >> "$DIR/data/postgresql.conf"
+fi
 pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 cat /proc/loadavg > "$DIR/load_start"
 head -n 1 /proc/stat > "$DIR/cpu_start"

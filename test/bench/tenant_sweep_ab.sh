@@ -17,7 +17,8 @@
 # other to see the noise.  The installed library is put back at the end.
 #
 # Knobs: AB_TENANTS="1000 50000 100000"  AB_ROWS=200000  AB_RUNS=3  AB_ROUNDS=2
-#        AB_PORT=54360
+#        AB_PORT=54360  AB_HUGE_PAGES=0 (1: huge_pages = on, huge pages reserved by
+#        hand first; 0: huge_pages = off)
 # Writes test/bench/out/sweep_ab.txt (one line per build and round).
 set -euo pipefail
 
@@ -67,6 +68,22 @@ jit = off
 autovacuum = off
 CONF
 cp "${BUILDS[0]}" "$LIB"
+# Huge pages for the shared segment (AB_HUGE_PAGES=1): huge_pages = on, after checking that
+# enough are reserved; otherwise huge_pages = off, whatever the machine has reserved.
+if [ "${AB_HUGE_PAGES:-0}" = 1 ]; then
+    need="$(pg postgres -D "$DIR/data" -C shared_memory_size_in_huge_pages)"
+    free="$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)"
+    if [ "${free:-0}" -lt "$need" ]; then
+        echo "!! AB_HUGE_PAGES=1, but this cluster needs $need huge pages and ${free:-0} are free" >&2
+        echo "!! (HugePages_Total $(awk '/^HugePages_Total:/ {print $2}' /proc/meminfo))." >&2
+        echo "!! As root: echo $need > /proc/sys/vm/nr_hugepages, and back to 0 afterwards." >&2
+        exit 1
+    fi
+    echo "huge_pages = on" >> "$DIR/data/postgresql.conf"
+    echo "huge pages: on ($need of $free free)"
+else
+    echo "huge_pages = off" >> "$DIR/data/postgresql.conf"
+fi
 pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 q "CREATE EXTENSION pg_envelope" >/dev/null
 for ((s = 0; s < MAX_T; s += 5000)); do
