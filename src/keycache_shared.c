@@ -577,7 +577,7 @@ shared_remove_entry(SharedKeyEntry *entry)
  * past its expiry, and its last use looks that much older, both negligible against
  * envelope.cache_ttl and the windows that compare last uses.  The statement's start
  * time, free to read, would not do: a statement running longer than the window in
- * which a key counts as in use (l2_store_new_key) would see the keys it is using
+ * which a key counts as in use (store_new_key) would see the keys it is using
  * evicted as unused.  Loads (and so grace), eviction and the sweeper read the precise
  * clock.
  */
