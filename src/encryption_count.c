@@ -145,8 +145,6 @@ typedef struct EncryptionBudget
  * entry: at most 2 MB per backend at the minimum, 14 MB at the maximum, however many
  * (tenant, version) the backend has encrypted under.
  */
-#define BUDGET_POOL_MIN_SLOTS	16384
-#define BUDGET_POOL_MAX_SLOTS	131072
 #define BUDGET_CHUNK_SLOTS		256
 
 typedef struct BudgetHashEntry

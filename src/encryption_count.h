@@ -18,6 +18,13 @@
 
 #include "keycache.h"
 
+/*
+ * The budget pool holds envelope.cache_size keys, clamped to these bounds (see
+ * encryption_count.c); the key cache's transient entry sizes its budget hints alike.
+ */
+#define BUDGET_POOL_MIN_SLOTS	16384
+#define BUDGET_POOL_MAX_SLOTS	131072
+
 /* envelope.max_encryptions_per_key (pg_envelope.c defines it through this module). */
 extern int	envelope_max_encryptions_per_key;
 

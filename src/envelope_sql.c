@@ -411,13 +411,15 @@ new_data_key(const char *tenant, int32 version, const char *provider, const char
 	uint8		dek[KMS_DEK_LEN];
 	bytea	   *wrapped;
 	char	   *key_arn;
+	uint64		epoch = keycache_new_key_epoch();
 
 	PG_TRY();
 	{
 		envelope_kms_generate(provider, kms_key, tenant, (uint32) version, dek, &wrapped, &key_arn);
 		tenant_id = store(tenant, version, provider, kms_key, key_arn, wrapped, tenant_id);
 		encryption_count_add_key(tenant_id, (uint32) version);
-		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek);
+		keycache_prime(tenant, tenant_id, (uint32) version, provider, key_arn, wrapped, dek,
+					   epoch);
 	}
 	PG_FINALLY();
 	{

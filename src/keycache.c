@@ -39,12 +39,14 @@
 
 #include "keycache_shared.h"
 #include "citus_support.h"
+#include "encryption_count.h"
 #include "kms_recheck.h"
 #include "tenant_access.h"
 
 #include "access/parallel.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "common/hashfn.h"
 #include "lib/ilist.h"
 #include "miscadmin.h"
 #include "utils/hsearch.h"
@@ -90,6 +92,14 @@ typedef struct LocalTenant
  * and a re-key of the evicted tenant's context.
  */
 #define L1_MAX_TENANTS 8192
+
+/*
+ * At most this many versions of one tenant in L1: the active one, and the few that
+ * values and re-encryption ask for.  A tenant rotated every month for years has
+ * dozens; noting them all would cost each backend memory per tenant and each row a
+ * longer walk.
+ */
+#define L1_MAX_VERSIONS 8
 
 static HTAB *local_tenants = NULL;
 static MemoryContext local_cxt = NULL;
@@ -299,11 +309,9 @@ l1_transient_for(const char *tenant, size_t tenant_len, int32 tenant_id)
  * What a slot holds is only a hint: count_encryption() uses a budget only if it
  * carries the key (tenant id, version) being counted, and looks that key up otherwise;
  * budgets are never freed, so a slot never dangles.  Sized like the budget pool
- * (envelope.cache_size, 16,384 to 131,072), 128 KB to 1 MB, allocated once, by the
- * first encryption served by the transient entry.
+ * (envelope.cache_size, BUDGET_POOL_MIN_SLOTS to BUDGET_POOL_MAX_SLOTS), 128 KB to
+ * 1 MB, allocated once, by the first encryption served by the transient entry.
  */
-#define L1_TRANSIENT_BUDGETS_MIN 16384
-#define L1_TRANSIENT_BUDGETS_MAX 131072
 
 static struct EncryptionBudget **l1_transient_budgets = NULL;
 static uint32 l1_transient_budgets_mask = 0;
@@ -313,9 +321,9 @@ l1_transient_budget_slot(int32 tenant_id)
 {
 	if (l1_transient_budgets == NULL)
 	{
-		uint32		n = L1_TRANSIENT_BUDGETS_MIN;
+		uint32		n = BUDGET_POOL_MIN_SLOTS;
 
-		while (n < (uint32) envelope_cache_size && n < L1_TRANSIENT_BUDGETS_MAX)
+		while (n < (uint32) envelope_cache_size && n < BUDGET_POOL_MAX_SLOTS)
 			n *= 2;
 		l1_transient_budgets = MemoryContextAllocZero(TopMemoryContext,
 													  n * sizeof(struct EncryptionBudget *));
@@ -375,6 +383,16 @@ static bool l1_synced_with_standby = false;
 /* This transaction changed the key store: bump at commit, and read it, not L2, meanwhile. */
 static bool l1_pending_bump = false;
 
+/*
+ * A key store read made in parallel mode uses the statement's snapshot, which may
+ * predate the generation it is noted at: a change committed after the statement began
+ * would look not yet made.  Good for the rest of that statement, whose rows all see
+ * that snapshot; the first look outside it makes every L1 entry stale
+ * (l1_forget_parallel_reads).
+ */
+static bool l1_parallel_reads = false;
+static TimestampTz l1_parallel_reads_statement;
+
 /* Keys to wipe from L2 when the current transaction commits. */
 typedef struct PendingPurge
 {
@@ -389,42 +407,70 @@ static List *pending_purges = NIL;
  * waiting for its commit to enter the shared cache (keycache_prime).  Plaintext key
  * bytes: held in one array of TopMemoryContext, never in transaction memory, and
  * wiped at commit (once stored), at abort and PREPARE, at the abort of the
- * subtransaction that made them, and before the array is moved to grow.
+ * subtransaction that made them, and before the array is moved to grow.  A chained
+ * hash on (tenant id, version) finds one in O(1): a transaction that rotates 50,000
+ * tenants and then re-encrypts their values looks each up once.
  */
 typedef struct PendingNewKey
 {
-	int32		tenant_id;
-	uint32		version;
-	uint64		wrapped_hash;
-	int32		master_key;		/* kms_recheck slot */
-	uint64		revocation_epoch;	/* l2_revocation_epoch() when it was made */
+	NewDataKey	key;
 	SubTransactionId subid;		/* the subtransaction that made it */
-	uint8		dek[KMS_DEK_LEN];
+	int			next;			/* next in its hash chain, -1: none */
 } PendingNewKey;
 
 static PendingNewKey *pending_new_keys = NULL;
 static int	n_pending_new_keys = 0;
 static int	max_pending_new_keys = 0;
+static int *pending_new_key_heads = NULL;	/* max_pending_new_keys chains, -1: empty */
+
+/* l2_purge_sequence() at PRE_COMMIT of a transaction with new keys. */
+static uint64 pending_new_keys_purge_seq = 0;
+
+static inline int
+pending_new_key_chain(int32 tenant_id, uint32 version)
+{
+	/* max_pending_new_keys is a power of two */
+	return (int) (hash_combine((uint32) tenant_id, version) & (max_pending_new_keys - 1));
+}
+
+/* Chain every pending key again (after the array grew or was compacted). */
+static void
+pending_new_keys_rechain(void)
+{
+	for (int c = 0; c < max_pending_new_keys; c++)
+		pending_new_key_heads[c] = -1;
+	for (int i = 0; i < n_pending_new_keys; i++)
+	{
+		PendingNewKey *p = &pending_new_keys[i];
+		int			c = pending_new_key_chain(p->key.tenant_id, p->key.version);
+
+		p->next = pending_new_key_heads[c];
+		pending_new_key_heads[c] = i;
+	}
+}
 
 /*
  * The DEK of (tenant_id, version, wrapped_hash) if this transaction generated it: a
  * tenant created or rotated and used in the same transaction needs no KMS Decrypt,
- * though its key enters shared memory only at commit.  The copy expires like one
- * loaded now.
+ * though its key enters shared memory only at commit.  The copy expires as the shared
+ * one will, cache_ttl after the key was made.
  */
 static bool
 pending_new_key_copy(int32 tenant_id, uint32 version, uint64 wrapped_hash,
 					 uint8 dek[KMS_DEK_LEN], TimestampTz *expires_at)
 {
-	for (int i = n_pending_new_keys - 1; i >= 0; i--)
+	if (n_pending_new_keys == 0)
+		return false;
+	for (int i = pending_new_key_heads[pending_new_key_chain(tenant_id, version)]; i >= 0;
+		 i = pending_new_keys[i].next)
 	{
-		const PendingNewKey *p = &pending_new_keys[i];
+		const NewDataKey *k = &pending_new_keys[i].key;
 
-		if (p->tenant_id == tenant_id && p->version == version &&
-			p->wrapped_hash == wrapped_hash)
+		if (k->tenant_id == tenant_id && k->version == version &&
+			k->wrapped_hash == wrapped_hash)
 		{
-			memcpy(dek, p->dek, KMS_DEK_LEN);
-			*expires_at = GetCurrentTimestamp() + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
+			memcpy(dek, k->dek, KMS_DEK_LEN);
+			*expires_at = k->made_at + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
 			return true;
 		}
 	}
@@ -658,7 +704,7 @@ last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 ver
 		const VersionKeyRecord *vr = &last_read.versions[i];
 
 		if (vr->version == (int32) version && vr->key.state == KEY_ACTIVE &&
-			vr->key.wrapped != NULL && l2_wrapped_hash(vr->key.wrapped) == wrapped_hash)
+			vr->key.wrapped != NULL && vr->wrapped_hash == wrapped_hash)
 			return &vr->key;
 	}
 	return NULL;
@@ -666,21 +712,28 @@ last_read_key(const char *tenant, int32 tenant_id, uint64 generation, uint32 ver
 
 /*
  * Wipe from L2 the DEKs of versions the read found unusable: the one asked for (all
- * its keys), and any other retired version whose key the read names (one look each:
- * a read now notes every version in L1, so that version may never be asked for here).
+ * its keys).  On a standby, where no committing backend wipes what a replayed change
+ * destroyed or retired, the other versions the read names too: a destroyed one
+ * entirely (its wrapped DEK is gone, and a rewrap may have left an older hash), a
+ * retired one by its exact key.  On a primary the commit of the change did that.
  */
 static void
 read_key_store_purge_unusable(const TenantKeyRecord *rec)
 {
 	if (rec->key_found && (rec->key.state != KEY_ACTIVE || rec->key.wrapped == NULL))
 		l2_purge(rec->tenant_id, (uint32) rec->version);
+	if (!RecoveryInProgress())
+		return;
 	for (int i = 0; i < rec->nversions; i++)
 	{
 		const VersionKeyRecord *vr = &rec->versions[i];
 
-		if (vr->version != rec->version && vr->key.state != KEY_ACTIVE &&
-			vr->key.wrapped != NULL)
-			l2_purge_key(rec->tenant_id, (uint32) vr->version, l2_wrapped_hash(vr->key.wrapped));
+		if (vr->version == rec->version)
+			continue;
+		if (vr->key.wrapped == NULL)
+			l2_purge(rec->tenant_id, (uint32) vr->version);
+		else if (vr->key.state != KEY_ACTIVE)
+			l2_purge_key(rec->tenant_id, (uint32) vr->version, vr->wrapped_hash);
 	}
 }
 
@@ -706,11 +759,23 @@ read_key_store(const char *name, size_t name_len, uint32 version, uint64 generat
 	MemoryContextSwitchTo(old);
 	if (!found)
 		raise_no_tenant(name);
+	/* Each version's name in L2, once per read. */
+	for (int i = 0; i < rec->nversions; i++)
+	{
+		VersionKeyRecord *vr = &rec->versions[i];
+
+		vr->wrapped_hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	}
 	if (rec->state == TENANT_DESTROYED)
 		l2_purge(rec->tenant_id, 0);
 	else
 		read_key_store_purge_unusable(rec);
-	if (l2_available() && !IsInParallelMode() && !l1_pending_bump)
+	if (IsInParallelMode())
+	{
+		l1_parallel_reads = true;
+		l1_parallel_reads_statement = GetCurrentStatementStartTimestamp();
+	}
+	else if (l2_available() && !l1_pending_bump)
 		l2_publish_tenant(name, name_len, generation, rec);
 	last_read = *rec;
 	last_read_generation = l1_generation;
@@ -734,13 +799,24 @@ static void l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec);
  * looked up, that of `version` (0: the active one) is looked up with it, and with
  * want_key, for a tenant new to L1, its DEK too (into l1_prefetch).
  */
+/* Outside the statement whose parallel-mode reads L1 holds: make them stale. */
+static void
+l1_forget_parallel_reads(void)
+{
+	if (IsInParallelMode() &&
+		GetCurrentStatementStartTimestamp() == l1_parallel_reads_statement)
+		return;
+	l1_parallel_reads = false;
+	l1_local_generation++;
+}
+
 static LocalTenant *
 l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint32 version,
 				bool want_key)
 {
-	uint64		local_gen = l1_local_generation;
-	uint64		shared_gen = l2_generation();
-	uint64		generation = local_gen + shared_gen;
+	uint64		local_gen;
+	uint64		shared_gen;
+	uint64		generation;
 	L1FrontSlot *front;
 	uint32		name_hash;
 	char		key[ENVELOPE_TENANT_MAX + 1];
@@ -750,6 +826,12 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 	const Oid  *grant_roles = view.grant_roles;
 	bool		from_l2 = true;
 	TenantKeyRecord rec;
+
+	if (unlikely(l1_parallel_reads))
+		l1_forget_parallel_reads();
+	local_gen = l1_local_generation;
+	shared_gen = l2_generation();
+	generation = local_gen + shared_gen;
 
 	/* The hot path: the same tenant as the previous row. */
 	if (last_tenant != NULL && last_tenant->generation == generation &&
@@ -877,7 +959,7 @@ l1_tenant_entry(const char *tenant, size_t tenant_len, bool must_be_active, uint
 								view.versions[i].wrapped_hash, view.versions[i].hint);
 		}
 		else if (!from_l2)
-			l1_note_read_versions(lt, &rec);	/* every version: no second read */
+			l1_note_read_versions(lt, &rec);	/* the likely next ones: no second read */
 		else if (view.has_version)
 			l1_note_version(lt, view.version, view.version_state, view.wrapped_hash,
 							no_dek_hint);
@@ -909,21 +991,46 @@ l1_find_version(LocalTenant *lt, uint32 version)
 	return NULL;
 }
 
+/*
+ * A new version entry of `lt`.  At most L1_MAX_VERSIONS: past that, one not checked at
+ * the tenant's generation makes room (else any but the active version), so that a
+ * tenant rotated many times costs neither memory nor a long walk per row.  Every
+ * LocalVersion pointer into lt->versions is invalid afterwards.
+ */
 static LocalVersion *
 l1_add_version(LocalTenant *lt, uint32 version)
 {
 	LocalVersion *lv;
 
-	if (lt->nversions == lt->maxversions)
+	if (lt->nversions == L1_MAX_VERSIONS)
 	{
-		int			newmax = lt->maxversions == 0 ? 2 : lt->maxversions * 2;
+		int			victim = -1;
 
-		lt->versions = lt->versions == NULL ?
-			MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
-			repalloc(lt->versions, sizeof(LocalVersion) * newmax);
-		lt->maxversions = newmax;
+		for (int i = lt->nversions - 1; i >= 0; i--)
+		{
+			if (lt->versions[i].version == lt->active_version)
+				continue;
+			if (victim < 0 || lt->versions[i].state == (KeyState) 0)
+				victim = i;
+			if (lt->versions[i].state == (KeyState) 0)
+				break;
+		}
+		lv = &lt->versions[victim];
+		cipher_key_free(&lv->key);
 	}
-	lv = &lt->versions[lt->nversions++];
+	else
+	{
+		if (lt->nversions == lt->maxversions)
+		{
+			int			newmax = lt->maxversions == 0 ? 2 : lt->maxversions * 2;
+
+			lt->versions = lt->versions == NULL ?
+				MemoryContextAllocZero(local_cxt, sizeof(LocalVersion) * newmax) :
+				repalloc(lt->versions, sizeof(LocalVersion) * newmax);
+			lt->maxversions = newmax;
+		}
+		lv = &lt->versions[lt->nversions++];
+	}
 	memset(lv, 0, sizeof(*lv));
 	lv->version = version;
 	return lv;
@@ -951,21 +1058,54 @@ l1_note_version(LocalTenant *lt, uint32 version, KeyState state, uint64 wrapped_
 	return lv;
 }
 
+/* Move the active version to the front, where the per-row walk finds it first. */
+static void
+l1_active_version_first(LocalTenant *lt)
+{
+	for (int i = 1; i < lt->nversions; i++)
+	{
+		if (lt->versions[i].version == lt->active_version)
+		{
+			LocalVersion tmp = lt->versions[0];
+
+			lt->versions[0] = lt->versions[i];
+			lt->versions[i] = tmp;
+			return;
+		}
+	}
+}
+
 /*
- * Record the state of every version a key store read found (no DEK slot known): the
- * keys a re-encryption needs next are then checked without reading it again.
+ * Record what a key store read found of the versions the next rows are likely to ask
+ * for (no DEK slot known): the active version, the one asked for, and other active
+ * versions (a re-encryption reads the old ones), newest first, up to
+ * L1_MAX_VERSIONS in all.  Retired and destroyed versions other than the one asked
+ * for are not noted: a value under one fails anyway, after a look of its own.
  */
 static void
 l1_note_read_versions(LocalTenant *lt, const TenantKeyRecord *rec)
 {
-	for (int i = 0; i < rec->nversions; i++)
-	{
-		const DataKeyRecord *key = &rec->versions[i].key;
+	int			noted = 0;
 
-		l1_note_version(lt, (uint32) rec->versions[i].version,
-						key->wrapped ? key->state : KEY_DESTROYED,
-						key->wrapped ? l2_wrapped_hash(key->wrapped) : 0, no_dek_hint);
+	for (int pass = 0; pass < 3; pass++)
+	{
+		for (int i = rec->nversions - 1; i >= 0 && noted < L1_MAX_VERSIONS; i--)
+		{
+			const VersionKeyRecord *vr = &rec->versions[i];
+			bool		asked = rec->key_found && vr->version == rec->version;
+			bool		active = vr->version == rec->active_version;
+
+			if (pass == 0 ? !active :
+				pass == 1 ? !asked || active :
+				active || asked || vr->key.state != KEY_ACTIVE || vr->key.wrapped == NULL)
+				continue;
+			l1_note_version(lt, (uint32) vr->version,
+							vr->key.wrapped ? vr->key.state : KEY_DESTROYED,
+							vr->wrapped_hash, no_dek_hint);
+			noted++;
+		}
 	}
+	l1_active_version_first(lt);
 }
 
 static void
@@ -1244,7 +1384,9 @@ pending_new_keys_wipe(void)
 		return;
 	explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
 	pfree(pending_new_keys);
+	pfree(pending_new_key_heads);
 	pending_new_keys = NULL;
+	pending_new_key_heads = NULL;
 	n_pending_new_keys = max_pending_new_keys = 0;
 }
 
@@ -1260,59 +1402,85 @@ pending_new_key_slot(void)
 		int			newmax = Max(16, max_pending_new_keys * 2);
 		PendingNewKey *grown = MemoryContextAllocZero(TopMemoryContext,
 													  sizeof(PendingNewKey) * newmax);
+		int		   *heads = MemoryContextAlloc(TopMemoryContext, sizeof(int) * newmax);
 
 		if (pending_new_keys != NULL)
 		{
 			memcpy(grown, pending_new_keys, sizeof(PendingNewKey) * n_pending_new_keys);
 			explicit_bzero(pending_new_keys, sizeof(PendingNewKey) * max_pending_new_keys);
 			pfree(pending_new_keys);
+			pfree(pending_new_key_heads);
 		}
 		pending_new_keys = grown;
+		pending_new_key_heads = heads;
 		max_pending_new_keys = newmax;
+		pending_new_keys_rechain();
 	}
 	return &pending_new_keys[n_pending_new_keys++];
 }
 
 /*
- * The transaction committed: its new DEKs enter the shared cache, unless a master key
- * was refused since they were made (the worker evicts its keys and bumps the
- * revocation epoch; one made before would escape that eviction).  No ERROR here.
+ * The transaction committed: its new DEKs enter the shared cache, under one lock
+ * acquisition per L2_NEW_KEYS_PER_LOCK of them, until one finds no room (the rest
+ * would not either) or a purge has run since PRE_COMMIT (l2_store_new_keys).  No
+ * ERROR here.
  */
 static void
 pending_new_keys_store(void)
 {
-	uint64		epoch = l2_revocation_epoch();
+	const NewDataKey *batch[L2_NEW_KEYS_PER_LOCK];
 
-	for (int i = 0; i < n_pending_new_keys; i++)
+	for (int i = 0; i < n_pending_new_keys;)
 	{
-		PendingNewKey *p = &pending_new_keys[i];
+		int			n = 0;
 
-		if (p->revocation_epoch == epoch)
-			l2_store_new_key(p->tenant_id, p->version, p->wrapped_hash, p->master_key, p->dek);
+		while (n < L2_NEW_KEYS_PER_LOCK && i < n_pending_new_keys)
+			batch[n++] = &pending_new_keys[i++].key;
+		if (!l2_store_new_keys(batch, n, pending_new_keys_purge_seq))
+			break;
 	}
 	pending_new_keys_wipe();
 }
 
+uint64
+keycache_new_key_epoch(void)
+{
+	return l2_revocation_epoch();
+}
+
 void
 keycache_prime(const char *tenant, int32 tenant_id, uint32 version, const char *provider,
-			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN])
+			   const char *key_arn, const bytea *wrapped, const uint8 dek[KMS_DEK_LEN],
+			   uint64 epoch)
 {
 	PendingNewKey *p;
 	int32		master_key;
+	TimestampTz made_at;
+	int			chain;
 
 	if (!l2_available())
 		return;
+
+	/*
+	 * Before the master key is noted in use: the key must expire no later than the
+	 * re-checks of its master key go on (they stop a cache_ttl after its last use).
+	 */
+	made_at = GetCurrentTimestamp();
 	master_key = kms_recheck_track(provider, key_arn, tenant, version,
 								   (const uint8 *) VARDATA_ANY(wrapped),
 								   VARSIZE_ANY_EXHDR(wrapped));
 	p = pending_new_key_slot();
-	p->tenant_id = tenant_id;
-	p->version = version;
-	p->wrapped_hash = l2_wrapped_hash(wrapped);
-	p->master_key = master_key;
-	p->revocation_epoch = l2_revocation_epoch();
+	p->key.tenant_id = tenant_id;
+	p->key.version = version;
+	p->key.wrapped_hash = l2_wrapped_hash(wrapped);
+	p->key.master_key = master_key;
+	p->key.revocation_epoch = epoch;
+	p->key.made_at = made_at;
 	p->subid = GetCurrentSubTransactionId();
-	memcpy(p->dek, dek, KMS_DEK_LEN);
+	memcpy(p->key.dek, dek, KMS_DEK_LEN);
+	chain = pending_new_key_chain(tenant_id, version);
+	p->next = pending_new_key_heads[chain];
+	pending_new_key_heads[chain] = (int) (p - pending_new_keys);
 }
 
 /*
@@ -1345,7 +1513,11 @@ keycache_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		}
 		kept++;
 	}
-	n_pending_new_keys = kept;
+	if (kept != n_pending_new_keys)
+	{
+		n_pending_new_keys = kept;
+		pending_new_keys_rechain();
+	}
 }
 
 static void
@@ -1355,6 +1527,16 @@ keycache_xact_callback(XactEvent event, void *arg)
 
 	switch (event)
 	{
+		case XACT_EVENT_PRE_COMMIT:
+
+			/*
+			 * Before this transaction's rows become visible: a purge that runs after
+			 * them (a destroy_tenant that waited for this transaction) may find none
+			 * of its new keys in shared memory yet, and they must not go in after it.
+			 */
+			if (n_pending_new_keys > 0)
+				pending_new_keys_purge_seq = l2_purge_sequence();
+			return;
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			/* Before the purges: a tenant destroyed after its rotation goes too. */

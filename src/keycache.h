@@ -93,14 +93,23 @@ extern void keycache_flush(void);
 extern int	keycache_sweep(void);
 
 /*
+ * Read before the KMS is asked to generate a DEK, and handed to keycache_prime with
+ * it: a master key refused after this (the epoch moved) keeps the DEK out of shared
+ * memory, even if the KMS answered before the refusal reached this backend.
+ */
+extern uint64 keycache_new_key_epoch(void);
+
+/*
  * A DEK the KMS just generated under `key_arn` of `provider`: have its master key
  * re-checked, and keep a copy (wiped on every path) that enters the shared cache when
  * the transaction commits (saves the first Decrypt), if there is room without evicting
- * a key in use; nothing is cached if it aborts.
+ * a key in use and `epoch` (keycache_new_key_epoch() before the KMS call) still
+ * holds; nothing is cached if it aborts.
  */
 extern void keycache_prime(const char *tenant, int32 tenant_id, uint32 version,
 						   const char *provider, const char *key_arn,
-						   const bytea *wrapped, const uint8 dek[KMS_DEK_LEN]);
+						   const bytea *wrapped, const uint8 dek[KMS_DEK_LEN],
+						   uint64 epoch);
 
 /*
  * For the cache prewarm: load the DEK of (tenant, version) into the shared cache as a

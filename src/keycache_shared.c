@@ -208,6 +208,7 @@ typedef struct KeyCacheShared
 	ConditionVariable loaded_cv;
 	pg_atomic_uint64 generation;
 	pg_atomic_uint64 revocation_epoch;	/* bumped when a master key is refused */
+	pg_atomic_uint64 purge_seq; /* written under the exclusive lock: l2_purge_sequence() */
 	int			capacity;
 	uint64		last_dek_seq;	/* under the exclusive lock: numbers DEK slot assignments */
 	SlotRing	key_ring;
@@ -524,6 +525,7 @@ keycache_shmem_startup(void)
 		ConditionVariableInit(&shared->loaded_cv);
 		pg_atomic_init_u64(&shared->generation, 0);
 		pg_atomic_init_u64(&shared->revocation_epoch, 0);
+		pg_atomic_init_u64(&shared->purge_seq, 0);
 		shared->capacity = capacity;
 		ring_init(&shared->key_ring, capacity);
 		ring_init(&shared->tenant_ring, capacity);
@@ -575,7 +577,7 @@ shared_remove_entry(SharedKeyEntry *entry)
  * past its expiry, and its last use looks that much older, both negligible against
  * envelope.cache_ttl and the windows that compare last uses.  The statement's start
  * time, free to read, would not do: a statement running longer than the window in
- * which a key counts as in use (l2_store_new_key) would see the keys it is using
+ * which a key counts as in use (store_new_key) would see the keys it is using
  * evicted as unused.  Loads (and so grace), eviction and the sweeper read the precise
  * clock.
  */
@@ -1010,6 +1012,21 @@ shared_finish_load(const SharedKeyTag *tag, uint32 load_seq, const uint8 *dek, i
 	return result;
 }
 
+uint64
+l2_purge_sequence(void)
+{
+	if (shared == NULL)
+		return 0;
+	return pg_atomic_read_u64(&shared->purge_seq);
+}
+
+/* Caller holds the lock exclusively and is about to remove keys. */
+static inline void
+purge_sequence_bump(void)
+{
+	pg_atomic_fetch_add_u64(&shared->purge_seq, 1);
+}
+
 void
 l2_purge(int32 tenant_id, uint32 version)
 {
@@ -1019,6 +1036,7 @@ l2_purge(int32 tenant_id, uint32 version)
 	if (shared == NULL)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -1050,6 +1068,7 @@ l2_purge_key(int32 tenant_id, uint32 version, uint64 wrapped_hash)
 	if (!cached)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	{
 		SharedKeyEntry *entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
 
@@ -1079,16 +1098,24 @@ make_tag(SharedKeyTag *tag, int32 tenant_id, uint32 version, uint64 hash)
 }
 
 /*
- * A DEK the KMS generated in a transaction that has just committed goes into the
- * shared cache (the first use then needs no Decrypt), keyed and expiring like any
- * other.  Called from the commit callback, where nothing may raise an ERROR: nothing
- * here allocates (HASH_ENTER_NULL) or waits but for the lock.  It takes a free slot,
- * or one whose key has expired or failed, or the least recently used of the eviction
- * window if that key was not used within the last NEW_KEY_RECENT_USE; else it gives
- * up: a rotation of 50,000 tenants must not evict the keys the other sessions are
- * working with for keys that may not be used for hours, whose first use can still
- * unwrap them.  A key already there (another backend loaded it since the commit) is
- * left as it is.
+ * DEKs the KMS generated in a transaction that has just committed go into the shared
+ * cache (the first use then needs no Decrypt), keyed like any other and expiring
+ * cache_ttl after they were made (their master key was noted in use then: a key must
+ * not outlive its master key's re-check).  Called from the commit callback, where
+ * nothing may raise an ERROR: nothing here allocates (HASH_ENTER_NULL) or waits but
+ * for the lock.  A key takes a free slot, or one whose key has expired or failed, or
+ * the least recently used of the eviction window if that key was not used within the
+ * last NEW_KEY_RECENT_USE; else the store gives up: a rotation of 50,000 tenants must
+ * not evict the keys the other sessions are working with for keys that may not be
+ * used for hours, whose first use can still unwrap them.  A key already there
+ * (another backend loaded it since the commit) is left as it is.
+ *
+ * Two removals may have run since the keys were made, and must not be undone: the
+ * eviction of a refused master key's keys (the revocation epoch moved, compared here
+ * under the lock, which that eviction bumps it under), and a purge or flush (the purge
+ * sequence moved since PRE_COMMIT: a destroy_tenant committed after this transaction
+ * became visible may have found nothing to purge).  Either keeps the key out, at the
+ * cost of one unwrap at its first use.
  */
 static TimestampTz
 new_key_recent_use(void)
@@ -1097,24 +1124,20 @@ new_key_recent_use(void)
 	return Max(USECS_PER_SEC, Min(60 * USECS_PER_SEC, ttl_usec() / 10));
 }
 
-void
-l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 master_key,
-				 const uint8 dek[KMS_DEK_LEN])
+/* One new key; false when there was no room.  Caller holds the lock exclusively. */
+static bool
+store_new_key(const NewDataKey *key, TimestampTz now)
 {
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 	bool		found;
-	TimestampTz now = GetCurrentTimestamp();
 
-	if (shared == NULL)
-		return;
-	make_tag(&tag, tenant_id, version, wrapped_hash);
-	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	if (pg_atomic_read_u64(&shared->revocation_epoch) != key->revocation_epoch ||
+		now - key->made_at >= ttl_usec())
+		return true;			/* refused since, or expired: not this one */
+	make_tag(&tag, key->tenant_id, key->version, key->wrapped_hash);
 	if (hash_search(shared_hash, &tag, HASH_FIND, NULL) != NULL)
-	{
-		LWLockRelease(shared->lock);
-		return;
-	}
+		return true;
 	if (shared->key_ring.nfree == 0)
 	{
 		SharedKeyEntry *victim = ring_victim(&shared->key_ring, key_victim_verdict, now);
@@ -1123,29 +1146,43 @@ l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash, int32 mas
 			(victim->state == SKEY_READY && !entry_expired(victim, now) &&
 			 (TimestampTz) pg_atomic_read_u64(&shared_slots[victim->slot].last_used) >
 			 now - new_key_recent_use()))
-		{
-			LWLockRelease(shared->lock);
-			return;
-		}
+			return false;
 		shared_evict(victim, now);
 	}
 	entry = hash_search(shared_hash, &tag, HASH_ENTER_NULL, &found);
-	if (entry != NULL)
-	{
-		key_slot_take(entry, now);
-		memcpy(shared_slots[entry->slot].dek, dek, KMS_DEK_LEN);
-		entry->state = SKEY_READY;
-		entry->doomed = false;
-		entry->load_seq = 0;
-		entry->failed_sqlstate = 0;
-		entry->master_key = master_key;
-		entry->has_stale = false;
-		entry->grace_warned = false;
-		entry->grace_until = 0;
-		entry->loaded_at = now;
-		slot_sync(entry);
-	}
+	if (entry == NULL)
+		return false;
+	key_slot_take(entry, now);
+	memcpy(shared_slots[entry->slot].dek, key->dek, KMS_DEK_LEN);
+	entry->state = SKEY_READY;
+	entry->doomed = false;
+	entry->load_seq = 0;
+	entry->failed_sqlstate = 0;
+	entry->master_key = key->master_key;
+	entry->has_stale = false;
+	entry->grace_warned = false;
+	entry->grace_until = 0;
+	entry->loaded_at = key->made_at;
+	slot_sync(entry);
+	return true;
+}
+
+bool
+l2_store_new_keys(const NewDataKey *const *keys, int n, uint64 purge_seq)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		room = true;
+
+	Assert(n <= L2_NEW_KEYS_PER_LOCK);
+	if (shared == NULL)
+		return false;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	if (pg_atomic_read_u64(&shared->purge_seq) != purge_seq)
+		room = false;
+	for (int i = 0; room && i < n; i++)
+		room = store_new_key(keys[i], now);
 	LWLockRelease(shared->lock);
+	return room;
 }
 
 /* ---------------------------------------------------------------------------
@@ -1168,38 +1205,48 @@ tenant_entry_matches(const SharedTenantEntry *entry, const char *name, size_t na
 }
 
 /*
- * Copy the DEK of version `vs` of the tenant with id `tenant_id` if it is ready: from
- * the slot the version's hint names when the slot still holds it (one cache line),
- * else through the key hash, leaving a hint for the next lookup.  Caller holds the
- * lock in either mode.
+ * Copy the DEK in `slot` if the slot still carries sequence number `seq` (the number
+ * is the slot's only while it holds that one key: key_slot_take) and may be served at
+ * `now`.  Caller holds the lock in either mode.
  */
 static bool
-version_copy_dek(SharedVersionState *vs, int32 tenant_id, TimestampTz now,
-				 SharedDekCopy *out)
+slot_copy_if_still(uint32 slot, uint64 seq, TimestampTz now, SharedDekCopy *out)
 {
-	uint64		seq = pg_atomic_read_u64(&vs->dek_seq);
-	uint32		slot = pg_atomic_read_u32(&vs->dek_slot);
+	SharedDekSlot *ds;
+
+	if (seq == 0 || slot >= (uint32) shared->capacity)
+		return false;
+	ds = &shared_slots[slot];
+	if (ds->seq != seq || now >= ds->serve_until)
+		return false;
+	memcpy(out->dek, ds->dek, KMS_DEK_LEN);
+	out->expires_at = ds->serve_until;
+	pg_atomic_write_u64(&ds->last_used, (uint64) now);
+	return true;
+}
+
+/*
+ * Copy the DEK of (tenant_id, version, wrapped_hash) if it is ready: from the slot the
+ * hint (slot, seq, read by the caller from hint_slot and hint_seq) names while the
+ * slot still holds it (one cache line), else through the key hash, leaving a new hint
+ * for the next lookup.  Caller holds the lock in either mode.
+ */
+static bool
+copy_dek_through_hint(pg_atomic_uint32 *hint_slot, pg_atomic_uint64 *hint_seq,
+					  uint32 slot, uint64 seq, int32 tenant_id, uint32 version,
+					  uint64 wrapped_hash, TimestampTz now, SharedDekCopy *out)
+{
 	SharedKeyTag tag;
 	SharedKeyEntry *entry;
 
-	if (seq != 0 && slot < (uint32) shared->capacity)
-	{
-		SharedDekSlot *ds = &shared_slots[slot];
-
-		if (ds->seq == seq && now < ds->serve_until)
-		{
-			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
-			out->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			return true;
-		}
-	}
-	make_tag(&tag, tenant_id, vs->version, vs->wrapped_hash);
+	if (slot_copy_if_still(slot, seq, now, out))
+		return true;
+	make_tag(&tag, tenant_id, version, wrapped_hash);
 	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
 	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
 		return false;
-	pg_atomic_write_u32(&vs->dek_slot, (uint32) entry->slot);
-	pg_atomic_write_u64(&vs->dek_seq, shared_slots[entry->slot].seq);
+	pg_atomic_write_u32(hint_slot, (uint32) entry->slot);
+	pg_atomic_write_u64(hint_seq, shared_slots[entry->slot].seq);
 	return true;
 }
 
@@ -1264,40 +1311,6 @@ tenant_index_sync(const SharedTenantEntry *entry)
 }
 
 /*
- * Copy the DEK of the active version an index entry names, through its hint when the
- * slot still holds that key, else through the key hash (leaving a hint in the entry).
- * Caller holds the lock in either mode.
- */
-static bool
-index_copy_dek(TenantIndexEntry *ie, uint32 slot, uint64 seq, TimestampTz now,
-			   SharedDekCopy *out)
-{
-	SharedKeyTag tag;
-	SharedKeyEntry *entry;
-
-	if (seq != 0 && slot < (uint32) shared->capacity)
-	{
-		SharedDekSlot *ds = &shared_slots[slot];
-
-		/* The number is the slot's only while it holds that one key (key_slot_take). */
-		if (ds->seq == seq && now < ds->serve_until)
-		{
-			memcpy(out->dek, ds->dek, KMS_DEK_LEN);
-			out->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			return true;
-		}
-	}
-	make_tag(&tag, ie->tenant_id, ie->active_version, ie->wrapped_hash);
-	entry = hash_search(shared_hash, &tag, HASH_FIND, NULL);
-	if (!shared_copy_ready(entry, now, out->dek, &out->expires_at))
-		return false;
-	pg_atomic_write_u32(&ie->dek_slot, (uint32) entry->slot);
-	pg_atomic_write_u64(&ie->dek_seq, shared_slots[entry->slot].seq);
-	return true;
-}
-
-/*
  * l2_find_tenant() for the active version (`version` 0 or the active one) of a tenant
  * the index holds at `generation`: its state and DEK from one line, plus the DEK's.
  * False when the index cannot answer (then the hash is looked at).  Caller holds the
@@ -1331,7 +1344,9 @@ find_tenant_indexed(const SharedTenantTag *tag, const char *name, size_t name_le
 	view->version_state = (KeyState) ie->version_state;
 	view->wrapped_hash = ie->wrapped_hash;
 	if (ie->version_state == KEY_ACTIVE && ie->state == TENANT_ACTIVE)
-		dek->found = index_copy_dek(ie, slot, seq, now, dek);
+		dek->found = copy_dek_through_hint(&ie->dek_slot, &ie->dek_seq, slot, seq,
+										   ie->tenant_id, ie->active_version,
+										   ie->wrapped_hash, now, dek);
 	view->nversions = 1;
 	view->versions[0].version = ie->active_version;
 	view->versions[0].state = view->version_state;
@@ -1398,7 +1413,11 @@ l2_find_tenant(const char *name, size_t name_len, uint64 generation, uint32 vers
 				view->version_state = vs->state;
 				view->wrapped_hash = vs->wrapped_hash;
 				if (dek != NULL && vs->state == KEY_ACTIVE && entry->state == TENANT_ACTIVE)
-					dek->found = version_copy_dek(vs, entry->tenant_id, now, dek);
+					dek->found = copy_dek_through_hint(&vs->dek_slot, &vs->dek_seq,
+													   pg_atomic_read_u32(&vs->dek_slot),
+													   pg_atomic_read_u64(&vs->dek_seq),
+													   entry->tenant_id, vs->version,
+													   vs->wrapped_hash, now, dek);
 			}
 			/* After the copy, which may have just left a hint. */
 			vv->hint.seq = pg_atomic_read_u64(&vs->dek_seq);
@@ -1421,18 +1440,7 @@ l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek)
 	if (hint.seq == 0 || hint.slot >= (uint32) shared->capacity)
 		return false;
 	LWLockAcquire(shared->lock, LW_SHARED);
-	{
-		SharedDekSlot *ds = &shared_slots[hint.slot];
-
-		/* The number is the slot's only while it holds that one key (key_slot_take). */
-		if (ds->seq == hint.seq && now < ds->serve_until)
-		{
-			memcpy(dek->dek, ds->dek, KMS_DEK_LEN);
-			dek->expires_at = ds->serve_until;
-			pg_atomic_write_u64(&ds->last_used, (uint64) now);
-			dek->found = true;
-		}
-	}
+	dek->found = slot_copy_if_still(hint.slot, hint.seq, now, dek);
 	LWLockRelease(shared->lock);
 	if (dek->found)
 		l2_count_lookup(true);
@@ -1476,7 +1484,7 @@ static void
 publish_version(SharedTenantEntry *entry, const VersionKeyRecord *vr)
 {
 	SharedVersionState *vs = NULL;
-	uint64		hash = vr->key.wrapped ? l2_wrapped_hash(vr->key.wrapped) : 0;
+	uint64		hash = vr->wrapped_hash;	/* read_key_store computed it */
 	KeyState	state = vr->key.wrapped ? vr->key.state : KEY_DESTROYED;
 
 	for (int i = 0; i < entry->nversions; i++)
@@ -1530,6 +1538,8 @@ l2_publish_tenant(const char *name, size_t name_len, uint64 generation,
 			hash_search(shared_tenants, &victim->tag, HASH_REMOVE, NULL);
 		}
 		entry = hash_search(shared_tenants, tag, HASH_ENTER, &found);
+		/* A recycled element: the name it held is not this entry's, and in no index. */
+		entry->name_len = 0;
 		entry->slot = ring_take(&shared->tenant_ring, entry);
 		pg_atomic_init_u64(&entry->last_used, (uint64) GetCurrentTimestamp());
 		entry->generation = generation + 1;	/* anything but `generation`: reset below */
@@ -1721,6 +1731,7 @@ l2_flush_database(void)
 		return;
 	}
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -1740,8 +1751,10 @@ l2_flush_database(void)
  * it, in every database, and those whose master key is not tracked (to be safe); loads
  * in flight are dropped on arrival.  Then every backend's next row sees a new
  * generation and, with it, a new revocation epoch, and drops its first-level copies.
- * Exclusive lock, no I/O.  The generation is bumped after the epoch (both full
- * barriers), so a backend that sees the new generation sees the new epoch.
+ * Exclusive lock, no I/O.  The epoch moves before the lock is released: a new key
+ * stored at commit after this eviction (l2_store_new_keys compares the epoch under the
+ * lock) would otherwise escape it.  The generation is bumped after the epoch (both
+ * full barriers), so a backend that sees the new generation sees the new epoch.
  */
 void
 l2_evict_master_key(int master_key, bool newly_refused)
@@ -1753,6 +1766,7 @@ l2_evict_master_key(int master_key, bool newly_refused)
 	if (shared == NULL)
 		return;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	purge_sequence_bump();
 	hash_seq_init(&scan, shared_hash);
 	while ((entry = hash_seq_search(&scan)) != NULL)
 	{
@@ -1765,15 +1779,18 @@ l2_evict_master_key(int master_key, bool newly_refused)
 			removed++;
 		}
 	}
-	LWLockRelease(shared->lock);
 	if (removed > 0 || newly_refused)
+	{
+		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
+		pg_atomic_fetch_add_u64(&shared->generation, 1);
+	}
+	LWLockRelease(shared->lock);
+	if (removed > 0)
 	{
 		KeyCacheStats *s = stats_begin();
 
 		s->evictions += removed;
 		stats_end();
-		pg_atomic_fetch_add_u64(&shared->revocation_epoch, 1);
-		pg_atomic_fetch_add_u64(&shared->generation, 1);
 	}
 }
 

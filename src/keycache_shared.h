@@ -138,12 +138,40 @@ extern bool l2_copy_hinted_dek(DekHint hint, SharedDekCopy *dek);
 extern void l2_count_lookup(bool hit);
 
 /*
- * Put the DEK of (tenant_id, version, wrapped_hash), which the KMS generated in a
- * transaction that has just committed, into shared memory if there is room without
- * evicting a key in use (else nothing).  Raises no ERROR: for the commit callback.
+ * A DEK the KMS generated in the current transaction, waiting for its commit to enter
+ * shared memory (l2_store_new_keys).  Plaintext key bytes: the owner wipes them.
  */
-extern void l2_store_new_key(int32 tenant_id, uint32 version, uint64 wrapped_hash,
-							 int32 master_key, const uint8 dek[KMS_DEK_LEN]);
+typedef struct NewDataKey
+{
+	int32		tenant_id;
+	uint32		version;
+	uint64		wrapped_hash;
+	int32		master_key;		/* kms_recheck slot of its master key */
+	uint64		revocation_epoch;	/* l2_revocation_epoch() before the KMS was asked */
+	TimestampTz made_at;		/* before its master key was noted in use: expires from then */
+	uint8		dek[KMS_DEK_LEN];
+} NewDataKey;
+
+/* How many keys l2_store_new_keys stores under one acquisition of the lock. */
+#define L2_NEW_KEYS_PER_LOCK 64
+
+/*
+ * Counts every removal of keys from shared memory (purge, flush, eviction of a refused
+ * master key's keys).  Read at PRE_COMMIT by a transaction with new keys: if it has
+ * moved when they are stored, a purge may have run after this transaction's rows
+ * became visible, and may have missed keys this transaction is about to store.  Any call.
+ */
+extern uint64 l2_purge_sequence(void);
+
+/*
+ * Put the n (at most L2_NEW_KEYS_PER_LOCK) DEKs the KMS generated in a transaction
+ * that has just committed into shared memory, under one acquisition of the lock, each
+ * if there is room without evicting a key in use, it has not expired since made_at,
+ * and no master key was refused since its revocation_epoch.  False (the caller stops)
+ * when a key found no room or the purge sequence is no longer `purge_seq`.  Raises no
+ * ERROR: for the commit callback.
+ */
+extern bool l2_store_new_keys(const NewDataKey *const *keys, int n, uint64 purge_seq);
 
 /* Zero the DEKs of (tenant_id, version) (0: every version) of this database.  Any call. */
 extern void l2_purge(int32 tenant_id, uint32 version);

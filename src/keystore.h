@@ -54,6 +54,7 @@ typedef struct VersionKeyRecord
 {
 	int32		version;
 	DataKeyRecord key;
+	uint64		wrapped_hash;	/* the key cache's name of key.wrapped (0: none); set by it */
 } VersionKeyRecord;
 
 /*

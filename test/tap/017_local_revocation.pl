@@ -69,6 +69,39 @@ rename("$keyfile.new", $keyfile) or die "rename: $!";
 ($out) = attempt();
 is($out, 'top secret', 'with the original key file back, decryption resumes');
 
+# A key made before its master key was refused never enters shared memory, though the
+# refusal is over by the time its transaction commits: the refusal evicted every key
+# under the master key, and this one must not come back after it.
+sub decrypt_calls
+{
+	return $node->safe_psql('postgres', 'SELECT kms_decrypt_calls FROM envelope.cache_stats');
+}
+my $rotating = $node->background_psql('postgres');
+$rotating->query_safe('BEGIN');
+$rotating->query_safe("SELECT envelope.rotate_tenant_key('acme')");
+copy($otherfile, "$keyfile.new") or die "copy: $!";
+chmod(0600, "$keyfile.new");
+rename("$keyfile.new", $keyfile) or die "rename: $!";
+$t0 = time();
+$state = '';
+while (time() - $t0 < $interval + 15)
+{
+	(undef, $state) = attempt();
+	last if $state ne '';
+	usleep(100_000);
+}
+is($state, '42704', 'refused while a rotation waits for its commit');
+copy("$keyfile.orig", "$keyfile.new") or die "copy: $!";
+chmod(0600, "$keyfile.new");
+rename("$keyfile.new", $keyfile) or die "rename: $!";
+$rotating->query_safe('COMMIT');
+$rotating->quit;
+my $calls = decrypt_calls();
+is($node->safe_psql('postgres', "SELECT envelope.decrypt_text('acme', envelope.encrypt('acme', 'new'))"),
+	'new', 'the rotated tenant encrypts under its new key');
+is(decrypt_calls(), $calls + 1,
+	'whose DEK, made before the refusal, was not cached at the commit: unwrapped at its first use');
+
 $s->quit;
 $node->stop;
 done_testing();

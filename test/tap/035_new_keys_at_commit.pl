@@ -161,5 +161,21 @@ $calls = stat_value('kms_decrypt_calls');
 sql("SELECT count(envelope.decrypt(tenant, v)) FROM data WHERE $working_set");
 is(stat_value('kms_decrypt_calls'), $calls, 'the working set is still cached');
 
+# A new key expires cache_ttl after it was made, as its master key's re-checks do
+# (they stop a cache_ttl after the key was noted in use), not after the commit: a
+# transaction that outlives cache_ttl leaves its key for the first use to unwrap.
+$node->append_conf('postgresql.conf', "envelope.cache_ttl = 2\n");
+$node->reload;
+sql(q{
+BEGIN;
+SELECT envelope.rotate_tenant_key('t8');
+SELECT pg_sleep(3);
+COMMIT;
+});
+$calls = stat_value('kms_decrypt_calls');
+sql("SELECT envelope.encrypt('t8', 'after a long rotation')");
+is(stat_value('kms_decrypt_calls'), $calls + 1,
+	'a key made more than cache_ttl before its commit is not cached');
+
 $node->stop;
 done_testing();
