@@ -84,22 +84,9 @@ log_line_prefix = '%m [%p] '
 CONF
 echo "envelope.cache_size = $CACHE_SIZE" > "$DIR/data/sweep.conf"
 echo "include_if_exists = 'sweep.conf'" >> "$DIR/data/postgresql.conf"
-# Huge pages for the shared segment (SWEEP_HUGE_PAGES=1): huge_pages = on, after checking that
-# enough are reserved; otherwise huge_pages = off, whatever the machine has reserved.
-if [ "${SWEEP_HUGE_PAGES:-0}" = 1 ]; then
-    need="$(pg postgres -D "$DIR/data" -C shared_memory_size_in_huge_pages)"
-    free="$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)"
-    if [ "${free:-0}" -lt "$need" ]; then
-        echo "!! SWEEP_HUGE_PAGES=1, but this cluster needs $need huge pages and ${free:-0} are free" >&2
-        echo "!! (HugePages_Total $(awk '/^HugePages_Total:/ {print $2}' /proc/meminfo))." >&2
-        echo "!! As root: echo $need > /proc/sys/vm/nr_hugepages, and back to 0 afterwards." >&2
-        exit 1
-    fi
-    echo "huge_pages = on" >> "$DIR/data/postgresql.conf"
-    echo "huge pages: on ($need of $free free)"
-else
-    echo "huge_pages = off" >> "$DIR/data/postgresql.conf"
-fi
+# Huge pages for the shared segment (SWEEP_HUGE_PAGES=1), see huge_pages.sh.
+source "$ROOT/test/bench/huge_pages.sh"
+huge_pages_conf SWEEP_HUGE_PAGES "${SWEEP_HUGE_PAGES:-0}" "$DIR/data"
 pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 cat /proc/loadavg > "$DIR/load_start"
 head -n 1 /proc/stat > "$DIR/cpu_start"

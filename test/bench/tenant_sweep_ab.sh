@@ -68,22 +68,9 @@ jit = off
 autovacuum = off
 CONF
 cp "${BUILDS[0]}" "$LIB"
-# Huge pages for the shared segment (AB_HUGE_PAGES=1): huge_pages = on, after checking that
-# enough are reserved; otherwise huge_pages = off, whatever the machine has reserved.
-if [ "${AB_HUGE_PAGES:-0}" = 1 ]; then
-    need="$(pg postgres -D "$DIR/data" -C shared_memory_size_in_huge_pages)"
-    free="$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)"
-    if [ "${free:-0}" -lt "$need" ]; then
-        echo "!! AB_HUGE_PAGES=1, but this cluster needs $need huge pages and ${free:-0} are free" >&2
-        echo "!! (HugePages_Total $(awk '/^HugePages_Total:/ {print $2}' /proc/meminfo))." >&2
-        echo "!! As root: echo $need > /proc/sys/vm/nr_hugepages, and back to 0 afterwards." >&2
-        exit 1
-    fi
-    echo "huge_pages = on" >> "$DIR/data/postgresql.conf"
-    echo "huge pages: on ($need of $free free)"
-else
-    echo "huge_pages = off" >> "$DIR/data/postgresql.conf"
-fi
+# Huge pages for the shared segment (AB_HUGE_PAGES=1), see huge_pages.sh.
+source "$ROOT/test/bench/huge_pages.sh"
+huge_pages_conf AB_HUGE_PAGES "${AB_HUGE_PAGES:-0}" "$DIR/data"
 pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 q "CREATE EXTENSION pg_envelope" >/dev/null
 for ((s = 0; s < MAX_T; s += 5000)); do
