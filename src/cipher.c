@@ -1,10 +1,12 @@
 /*
- * cipher.c — pg_envelope's value formats over OpenSSL EVP: AES-256-GCM, AES-256-SIV and
+ * cipher.c — pg_envelope's value formats over OpenSSL: AES-256-GCM, AES-256-SIV and
  * the HMAC blind index.
  *
  * Plain C: no PostgreSQL headers, no error reporting beyond a CipherStatus.  See
  * cipher.h for the format.  Every OpenSSL context is owned by a CipherKey, which keeps
  * the AES key schedule so that encrypting a value costs an IV reset, not a re-key.
+ * The GCM contexts go through the provider's dispatch functions (gcm_dispatch.c), EVP
+ * when those cannot be used; everything else through EVP.
  */
 #include <string.h>
 #include <unistd.h>

@@ -1,7 +1,8 @@
 /*
  * cipher.h — the value cipher: AES-256-GCM and pg_envelope's ciphertext format.
  *
- * Plain C over OpenSSL EVP; knows nothing of tenants' keys, SQL or KMSs.  Functions
+ * Plain C over OpenSSL (EVP, and the provider's own AES-GCM functions: gcm_dispatch.h);
+ * knows nothing of tenants' keys, SQL or KMSs.  Functions
  * return a CipherStatus; the SQL layer turns it into an error.
  *
  * Ciphertext format, version 1 (33 bytes of overhead):
