@@ -3,8 +3,9 @@
  * for why, what it relies on and when the caller falls back to EVP).
  *
  * Every call checks what EVP_EncryptUpdate and friends check for a provider cipher:
- * the return value, and that an update consumed and produced exactly its input
- * (outsize given as the input length, as EVP gives it for a stream-like AEAD).
+ * the return value, that an update produced exactly its input's length (outsize given
+ * as the input length, as EVP gives it for a cipher of block size 1); and, stricter
+ * than EVP for provider ciphers, that input and output do not partly overlap.
  */
 #include <string.h>
 #include <strings.h>
@@ -220,6 +221,19 @@ gcm_dispatch_aad(GcmDispatchCtx *ctx, const uint8_t *aad, size_t len)
 	return ctx->fns->update(ctx->algctx, NULL, &outl, len, aad, len) == 1 && outl == len;
 }
 
+/*
+ * Do the buffers overlap other than exactly (in place)?  OpenSSL's own ciphers do not
+ * promise a right result then; EVP refuses it for legacy ciphers only.
+ */
+static bool
+partially_overlapping(const uint8_t *in, const uint8_t *out, size_t len)
+{
+	uintptr_t	i = (uintptr_t) in;
+	uintptr_t	o = (uintptr_t) out;
+
+	return in != out && (i < o ? o - i < len : i - o < len);
+}
+
 bool
 gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t len, uint8_t *out)
 {
@@ -227,6 +241,8 @@ gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t len, uint8_t 
 
 	if (len == 0)
 		return true;
+	if (partially_overlapping(in, out, len))
+		return false;
 	return ctx->fns->update(ctx->algctx, out, &outl, len, in, len) == 1 && outl == len;
 }
 
