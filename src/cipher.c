@@ -1,10 +1,12 @@
 /*
- * cipher.c — pg_envelope's value formats over OpenSSL EVP: AES-256-GCM, AES-256-SIV and
+ * cipher.c — pg_envelope's value formats over OpenSSL: AES-256-GCM, AES-256-SIV and
  * the HMAC blind index.
  *
  * Plain C: no PostgreSQL headers, no error reporting beyond a CipherStatus.  See
  * cipher.h for the format.  Every OpenSSL context is owned by a CipherKey, which keeps
  * the AES key schedule so that encrypting a value costs an IV reset, not a re-key.
+ * The GCM contexts go through the provider's dispatch functions (gcm_dispatch.c), EVP
+ * when those cannot be used; everything else through EVP.
  */
 #include <string.h>
 #include <unistd.h>
@@ -19,6 +21,7 @@
 #include <openssl/rand.h>
 
 #include "cipher.h"
+#include "gcm_dispatch.h"
 
 /* Nonces drawn per RAND_bytes call: one syscall-free refill per this many values. */
 #define NONCE_POOL_SIZE (CIPHER_NONCE_LEN * 512)
@@ -322,31 +325,101 @@ aes_gcm(void)
 }
 
 /*
+ * A GCM context of one direction.  By default the provider's own context, driven
+ * through its dispatch functions (gcm_dispatch.h: about 40 % of a short value's GCM
+ * instructions on OpenSSL 3.0 are EVP's plumbing); an EVP context when that path is
+ * not available for the fetched cipher, or when a test asks for EVP.
+ */
+typedef struct GcmContext
+{
+	GcmDispatchCtx dispatch;	/* in use when dispatch.algctx != NULL */
+	EVP_CIPHER_CTX *evp;		/* otherwise this */
+	bool		encrypting;
+} GcmContext;
+
+/* The implementation new GCM contexts use (cipher_gcm_set_path, for tests). */
+static CipherGcmPath gcm_path = CIPHER_GCM_DISPATCH;
+
+void
+cipher_gcm_set_path(CipherGcmPath path)
+{
+	gcm_path = path;
+}
+
+static void
+gcm_context_free(GcmContext *ctx)
+{
+	if (ctx == NULL)
+		return;
+	/* Both kinds cleanse their key schedules when freed. */
+	gcm_dispatch_free(&ctx->dispatch);
+	EVP_CIPHER_CTX_free(ctx->evp);
+	free(ctx);
+}
+
+static bool
+gcm_context_is_dispatch(const GcmContext *ctx)
+{
+	return ctx->dispatch.algctx != NULL;
+}
+
+/* Key an EVP context, new or re-keyed; the default IV length is the 96 bits we use. */
+static bool
+gcm_evp_key(GcmContext *ctx, const uint8_t raw[CIPHER_KEY_LEN])
+{
+	if (ctx->evp != NULL)
+		return EVP_CipherInit_ex(ctx->evp, NULL, NULL, raw, NULL, ctx->encrypting ? 1 : 0) == 1;
+	ctx->evp = EVP_CIPHER_CTX_new();
+	return ctx->evp != NULL && aes_gcm() != NULL &&
+		EVP_CipherInit_ex(ctx->evp, aes_gcm(), NULL, raw, NULL, ctx->encrypting ? 1 : 0) == 1 &&
+		EVP_CIPHER_CTX_get_iv_length(ctx->evp) == CIPHER_NONCE_LEN;
+}
+
+/*
  * A GCM context keyed with `raw`.  A spare context of the same direction is re-keyed
  * in place (its old key schedule is overwritten), which costs a key expansion instead
- * of an allocation and a provider set-up.  The default IV length is the 96 bits we use.
+ * of an allocation and a provider set-up.  It keeps its implementation, unless it is a
+ * dispatch context and a test has asked for EVP: then it is replaced.
  */
-static EVP_CIPHER_CTX *
-gcm_context(const uint8_t raw[CIPHER_KEY_LEN], bool encrypting, EVP_CIPHER_CTX *spare)
+static GcmContext *
+gcm_context(const uint8_t raw[CIPHER_KEY_LEN], bool encrypting, GcmContext *spare)
 {
-	EVP_CIPHER_CTX *ctx = spare;
+	GcmContext *ctx = spare;
+	bool		want_dispatch = gcm_path == CIPHER_GCM_DISPATCH;
 
-	if (ctx != NULL)
+	if (ctx != NULL && (want_dispatch || !gcm_context_is_dispatch(ctx)))
 	{
-		if (EVP_CipherInit_ex(ctx, NULL, NULL, raw, NULL, encrypting ? 1 : 0) == 1)
+		bool		ok;
+
+		ctx->encrypting = encrypting;
+		ok = gcm_context_is_dispatch(ctx) ?
+			gcm_dispatch_rekey(&ctx->dispatch, raw, CIPHER_KEY_LEN, encrypting) :
+			gcm_evp_key(ctx, raw);
+		if (ok)
 			return ctx;
-		EVP_CIPHER_CTX_free(ctx);
-		return NULL;
 	}
-	ctx = EVP_CIPHER_CTX_new();
-	if (ctx == NULL || aes_gcm() == NULL ||
-		EVP_CipherInit_ex(ctx, aes_gcm(), NULL, raw, NULL, encrypting ? 1 : 0) != 1 ||
-		EVP_CIPHER_CTX_get_iv_length(ctx) != CIPHER_NONCE_LEN)
-	{
-		EVP_CIPHER_CTX_free(ctx);
+	gcm_context_free(ctx);
+
+	ctx = calloc(1, sizeof(GcmContext));
+	if (ctx == NULL)
 		return NULL;
-	}
-	return ctx;
+	ctx->encrypting = encrypting;
+	/* Falls back to EVP when the provider's functions cannot be used. */
+	if (want_dispatch && aes_gcm() != NULL &&
+		gcm_dispatch_new(&ctx->dispatch, aes_gcm(), raw, CIPHER_KEY_LEN, encrypting))
+		return ctx;
+	if (gcm_evp_key(ctx, raw))
+		return ctx;
+	gcm_context_free(ctx);
+	return NULL;
+}
+
+CipherGcmPath
+cipher_key_gcm_path(const CipherKey *key, CipherUse use)
+{
+	const GcmContext *ctx = (const GcmContext *) (use == CIPHER_USE_ENCRYPT ? key->enc : key->dec);
+
+	return ctx != NULL && gcm_context_is_dispatch(ctx) ? CIPHER_GCM_DISPATCH : CIPHER_GCM_EVP;
 }
 
 /* The AES-SIV key of deterministic values, its contexts re-initialised per value. */
@@ -405,7 +478,7 @@ cipher_key_add(CipherKey *key, CipherUse use, const uint8_t raw[CIPHER_KEY_LEN],
 				void	  **slot = encrypting ? &key->enc : &key->dec;
 				void	  **spare_slot = spare == NULL ? NULL :
 					encrypting ? &spare->enc : &spare->dec;
-				EVP_CIPHER_CTX *reuse = spare_slot ? (EVP_CIPHER_CTX *) *spare_slot : NULL;
+				GcmContext *reuse = spare_slot ? (GcmContext *) *spare_slot : NULL;
 
 				if (*slot != NULL)
 					return CIPHER_OK;
@@ -460,8 +533,8 @@ cipher_key_free(CipherKey *key)
 {
 	if (key == NULL)
 		return;
-	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->enc);
-	EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *) key->dec);
+	gcm_context_free((GcmContext *) key->enc);
+	gcm_context_free((GcmContext *) key->dec);
 	siv_key_free((SivKey *) key->siv);
 	EVP_MAC_CTX_free((EVP_MAC_CTX *) key->mac);
 	key->enc = key->dec = key->siv = key->mac = NULL;
@@ -483,16 +556,28 @@ get_be32(const uint8_t *p)
 		((uint32_t) p[2] << 8) | (uint32_t) p[3];
 }
 
+/* Start a value under the context's key: only the IV changes. */
+static bool
+gcm_start(GcmContext *ctx, const uint8_t nonce[CIPHER_NONCE_LEN])
+{
+	if (gcm_context_is_dispatch(ctx))
+		return gcm_dispatch_start(&ctx->dispatch, nonce, CIPHER_NONCE_LEN);
+	return ctx->encrypting ? EVP_EncryptInit_ex(ctx->evp, NULL, NULL, NULL, nonce) == 1
+		: EVP_DecryptInit_ex(ctx->evp, NULL, NULL, NULL, nonce) == 1;
+}
+
 /* Feed AAD to a GCM context in pieces; GCM concatenates them. */
 static int
-aad_update(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *data, size_t len)
+aad_update(GcmContext *ctx, bool encrypting, const uint8_t *data, size_t len)
 {
 	int			outl;
 
 	if (len == 0)
 		return 1;
-	return encrypting ? EVP_EncryptUpdate(ctx, NULL, &outl, data, (int) len)
-		: EVP_DecryptUpdate(ctx, NULL, &outl, data, (int) len);
+	if (gcm_context_is_dispatch(ctx))
+		return gcm_dispatch_aad(&ctx->dispatch, data, len);
+	return encrypting ? EVP_EncryptUpdate(ctx->evp, NULL, &outl, data, (int) len)
+		: EVP_DecryptUpdate(ctx->evp, NULL, &outl, data, (int) len);
 }
 
 /*
@@ -501,7 +586,7 @@ aad_update(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *data, size_t len
  * GCM AAD update has a fixed cost that shows per row.
  */
 static int
-feed_envelope_aad(EVP_CIPHER_CTX *ctx, bool encrypting, const uint8_t *header,
+feed_envelope_aad(GcmContext *ctx, bool encrypting, const uint8_t *header,
 				  const CipherBinding *binding)
 {
 	uint8_t		buf[512];
@@ -567,40 +652,56 @@ gcm_tag_param(EVP_CIPHER_CTX *ctx, bool set, uint8_t *tag)
 }
 
 /*
- * The body of a GCM seal once the AAD is in: encrypt, finish, take the tag.  OpenSSL
- * takes int lengths; callers keep values under 1 GB (PostgreSQL's limit), well within.
+ * The body of a GCM seal once the AAD is in: encrypt, finish, take the tag.  OpenSSL's
+ * EVP takes int lengths; callers keep values under 1 GB (PostgreSQL's limit), well
+ * within.
  */
 static CipherStatus
-gcm_seal_body(EVP_CIPHER_CTX *ctx, const uint8_t *plain, size_t plain_len,
+gcm_seal_body(GcmContext *ctx, const uint8_t *plain, size_t plain_len,
 			  uint8_t *out, uint8_t *tag)
 {
 	int			outl = 0;
 	int			finl = 0;
 
-	if (plain_len > 0 && EVP_EncryptUpdate(ctx, out, &outl, plain, (int) plain_len) != 1)
+	if (gcm_context_is_dispatch(ctx))
+		return gcm_dispatch_update(&ctx->dispatch, plain, plain_len, out) &&
+			gcm_dispatch_seal_final(&ctx->dispatch, tag, CIPHER_TAG_LEN) ?
+			CIPHER_OK : CIPHER_ERR_INTERNAL;
+
+	if (plain_len > 0 && EVP_EncryptUpdate(ctx->evp, out, &outl, plain, (int) plain_len) != 1)
 		return CIPHER_ERR_INTERNAL;
-	if (EVP_EncryptFinal_ex(ctx, out + outl, &finl) != 1 ||
-		!gcm_tag_param(ctx, false, tag))
+	if (EVP_EncryptFinal_ex(ctx->evp, out + outl, &finl) != 1 ||
+		!gcm_tag_param(ctx->evp, false, tag))
 		return CIPHER_ERR_INTERNAL;
 	return CIPHER_OK;
 }
 
-static CipherStatus
-gcm_open_body(EVP_CIPHER_CTX *ctx, const uint8_t *in, size_t in_len,
-			  const uint8_t *tag, uint8_t *out)
+static bool
+gcm_evp_open(EVP_CIPHER_CTX *ctx, const uint8_t *in, size_t in_len,
+			 const uint8_t *tag, uint8_t *out)
 {
 	int			outl = 0;
 	int			finl = 0;
 
-	if (in_len > 0 && EVP_DecryptUpdate(ctx, out, &outl, in, (int) in_len) != 1)
-		goto fail;
-	if (!gcm_tag_param(ctx, true, (uint8_t *) tag))
-		goto fail;
-	if (EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1)
-		goto fail;
-	return CIPHER_OK;
+	return (in_len == 0 || EVP_DecryptUpdate(ctx, out, &outl, in, (int) in_len) == 1) &&
+		gcm_tag_param(ctx, true, (uint8_t *) tag) &&
+		EVP_DecryptFinal_ex(ctx, out + outl, &finl) == 1;
+}
 
-fail:
+static CipherStatus
+gcm_open_body(GcmContext *ctx, const uint8_t *in, size_t in_len,
+			  const uint8_t *tag, uint8_t *out)
+{
+	bool		ok;
+
+	if (gcm_context_is_dispatch(ctx))
+		ok = gcm_dispatch_update(&ctx->dispatch, in, in_len, out) &&
+			gcm_dispatch_open_final(&ctx->dispatch, tag, CIPHER_TAG_LEN);
+	else
+		ok = gcm_evp_open(ctx->evp, in, in_len, tag, out);
+	if (ok)
+		return CIPHER_OK;
+
 	/* The tag did not verify: nothing decrypted may leave this function. */
 	cipher_wipe(out, in_len);
 	return CIPHER_ERR_AUTH;
@@ -637,7 +738,7 @@ cipher_encrypt(const CipherKey *key, uint32_t version,
 			   const CipherBinding *binding,
 			   const uint8_t *plain, size_t plain_len, uint8_t *out)
 {
-	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->enc;
+	GcmContext *ctx = (GcmContext *) key->enc;
 	uint8_t    *header = out;
 
 	if (ctx == NULL)
@@ -647,7 +748,7 @@ cipher_encrypt(const CipherKey *key, uint32_t version,
 	memcpy(header + 5, nonce, CIPHER_NONCE_LEN);
 
 	/* Only the IV changes: the key schedule set in cipher_key_init() is kept. */
-	if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+	if (!gcm_start(ctx, nonce) ||
 		!feed_envelope_aad(ctx, true, header, binding))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_seal_body(ctx, plain, plain_len, out + CIPHER_HEADER_LEN,
@@ -661,7 +762,7 @@ CipherStatus
 cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 			   const uint8_t *in, size_t in_len, uint8_t *out)
 {
-	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->dec;
+	GcmContext *ctx = (GcmContext *) key->dec;
 	uint32_t	version;
 	size_t		body_len;
 
@@ -673,7 +774,7 @@ cipher_decrypt(const CipherKey *key, const CipherBinding *binding,
 		return CIPHER_ERR_INTERNAL;
 	body_len = in_len - CIPHER_OVERHEAD;
 
-	if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, in + 5) != 1 ||
+	if (!gcm_start(ctx, in + 5) ||
 		!feed_envelope_aad(ctx, false, in, binding))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_open_body(ctx, in + CIPHER_HEADER_LEN, body_len,
@@ -686,9 +787,9 @@ cipher_gcm_seal(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
 				const uint8_t *plain, size_t plain_len,
 				uint8_t *out, uint8_t tag[CIPHER_TAG_LEN])
 {
-	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->enc;
+	GcmContext *ctx = (GcmContext *) key->enc;
 
-	if (ctx == NULL || EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+	if (ctx == NULL || !gcm_start(ctx, nonce) ||
 		!aad_update(ctx, true, aad, aad_len))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_seal_body(ctx, plain, plain_len, out, tag);
@@ -700,9 +801,9 @@ cipher_gcm_open(const CipherKey *key, const uint8_t nonce[CIPHER_NONCE_LEN],
 				const uint8_t *in, size_t in_len,
 				const uint8_t tag[CIPHER_TAG_LEN], uint8_t *out)
 {
-	EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *) key->dec;
+	GcmContext *ctx = (GcmContext *) key->dec;
 
-	if (ctx == NULL || EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+	if (ctx == NULL || !gcm_start(ctx, nonce) ||
 		!aad_update(ctx, false, aad, aad_len))
 		return CIPHER_ERR_INTERNAL;
 	return gcm_open_body(ctx, in, in_len, tag, out);

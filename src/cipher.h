@@ -1,7 +1,8 @@
 /*
  * cipher.h — the value cipher: AES-256-GCM and pg_envelope's ciphertext format.
  *
- * Plain C over OpenSSL EVP; knows nothing of tenants' keys, SQL or KMSs.  Functions
+ * Plain C over OpenSSL (EVP, and the provider's own AES-GCM functions: gcm_dispatch.h);
+ * knows nothing of tenants' keys, SQL or KMSs.  Functions
  * return a CipherStatus; the SQL layer turns it into an error.
  *
  * Ciphertext format, version 1 (33 bytes of overhead):
@@ -87,8 +88,8 @@ typedef enum CipherStatus
  */
 typedef struct CipherKey
 {
-	void	   *enc;			/* EVP_CIPHER_CTX *, AES-256-GCM encryption */
-	void	   *dec;			/* EVP_CIPHER_CTX *, AES-256-GCM decryption */
+	void	   *enc;			/* AES-256-GCM encryption context (cipher.c) */
+	void	   *dec;			/* AES-256-GCM decryption context (cipher.c) */
 	void	   *siv;			/* AES-SIV contexts (cipher.c), re-initialised per value */
 	void	   *mac;			/* EVP_MAC_CTX *, keyed HMAC template for the blind index */
 } CipherKey;
@@ -110,6 +111,26 @@ typedef struct CipherBinding
 	const char *context;		/* NULL: no context */
 	size_t		context_len;
 } CipherBinding;
+
+/*
+ * The two implementations of the GCM contexts: the provider's dispatch functions (the
+ * default; src/gcm_dispatch.h says why and when it falls back to EVP) or OpenSSL's EVP.
+ */
+typedef enum CipherGcmPath
+{
+	CIPHER_GCM_DISPATCH,
+	CIPHER_GCM_EVP
+} CipherGcmPath;
+
+/*
+ * For tests: the implementation GCM contexts set up from now on ask for (contexts
+ * already set up keep theirs).  CIPHER_GCM_DISPATCH still falls back to EVP when the
+ * provider's functions cannot be used.
+ */
+extern void cipher_gcm_set_path(CipherGcmPath path);
+
+/* The implementation of `key`'s GCM context for `use` (CIPHER_USE_ENCRYPT or _DECRYPT). */
+extern CipherGcmPath cipher_key_gcm_path(const CipherKey *key, CipherUse use);
 
 /* Every context of `raw` into a zeroed `key`; on failure nothing is left allocated. */
 extern CipherStatus cipher_key_init(CipherKey *key, const uint8_t raw[CIPHER_KEY_LEN]);

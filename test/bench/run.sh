@@ -97,7 +97,7 @@ mkdir -p "$OUT"
 # The C floor, with the flags of `make unit`.
 UNIT_CFLAGS="$(make -C "$ROOT" -s --no-print-directory \
     --eval='bench-unit-cflags: ; @echo $(UNIT_CFLAGS)' bench-unit-cflags)"
-(cd "$ROOT" && ${CC:-cc} $UNIT_CFLAGS -o "$OUT/cipher_floor" test/bench/cipher_floor.c src/cipher.c -lssl -lcrypto)
+(cd "$ROOT" && ${CC:-cc} $UNIT_CFLAGS -o "$OUT/cipher_floor" test/bench/cipher_floor.c src/cipher.c src/gcm_dispatch.c -lssl -lcrypto)
 
 DIR="$(mktemp -d /tmp/pg_envelope_bench.XXXXXX)"
 chmod 755 "$DIR"

@@ -7,6 +7,11 @@
  *    as refused parameters, not silently skipped.
  * 2. The envelope format: round trip, binding to tenant, context and header, tamper and
  *    truncation detection, no plaintext released on failure, nonce freshness.
+ *
+ * The GCM tests run twice, once through each implementation of the GCM contexts (the
+ * provider's dispatch functions, src/gcm_dispatch.c, and OpenSSL's EVP), and check that
+ * the keys really use the one asked for: a dispatch path that quietly fell back to EVP
+ * fails here rather than passing untested.
  */
 
 #include <json-c/json.h>
@@ -19,8 +24,22 @@
 
 #include <openssl/evp.h>
 
+static const char *
+gcm_path_name(CipherGcmPath path)
+{
+	return path == CIPHER_GCM_DISPATCH ? "provider dispatch" : "EVP";
+}
+
+/* Both GCM contexts of `key` use `path` (the one the tests asked for). */
+static bool
+key_uses_path(const CipherKey *key, CipherGcmPath path)
+{
+	return cipher_key_gcm_path(key, CIPHER_USE_ENCRYPT) == path &&
+		cipher_key_gcm_path(key, CIPHER_USE_DECRYPT) == path;
+}
+
 static void
-test_wycheproof(void)
+test_wycheproof(CipherGcmPath gcm_path)
 {
 	char		path[1024];
 	json_object *root;
@@ -28,6 +47,7 @@ test_wycheproof(void)
 	int			valid_ok = 0,
 				invalid_ok = 0,
 				refused = 0,
+				wrong_path = 0,
 				total_valid = 0,
 				total_invalid = 0;
 
@@ -77,6 +97,8 @@ test_wycheproof(void)
 				  msg_len >= 0 && ct_len == msg_len, "tcId %d: malformed vector", tc_id);
 
 			CHECK(cipher_key_init(&ck, key) == CIPHER_OK, "tcId %d: key init", tc_id);
+			if (!key_uses_path(&ck, gcm_path))
+				wrong_path++;
 			out = malloc(ct_len + 1);
 			st = cipher_gcm_open(&ck, iv, aad, aad_len, ct, ct_len, tag, out);
 			if (valid)
@@ -114,8 +136,10 @@ test_wycheproof(void)
 		}
 	}
 	json_object_put(root);
-	printf("wycheproof AES-256-GCM: %d/%d valid, %d/%d invalid rejected, %d vectors of other parameters refused\n",
-		   valid_ok, total_valid, invalid_ok, total_invalid, refused);
+	printf("wycheproof AES-256-GCM (%s): %d/%d valid, %d/%d invalid rejected, %d vectors of other parameters refused\n",
+		   gcm_path_name(gcm_path), valid_ok, total_valid, invalid_ok, total_invalid, refused);
+	CHECK(wrong_path == 0, "%d keys did not use the %s implementation asked for",
+		  wrong_path, gcm_path_name(gcm_path));
 	CHECK(total_valid == 39 && valid_ok == 39, "expected 39/39 valid, got %d/%d", valid_ok, total_valid);
 	CHECK(total_invalid == 27 && invalid_ok == 27, "expected 27/27 invalid, got %d/%d", invalid_ok, total_invalid);
 }
@@ -665,6 +689,8 @@ test_contexts_per_use(void)
 	memset(&reused, 0, sizeof(reused));
 	CHECK(cipher_key_add(&reused, CIPHER_USE_DECRYPT, raw2, &spare) == CIPHER_OK, "re-keyed context");
 	CHECK(spare.dec == NULL && spare.mac != NULL, "the spare gave up its decrypt context only");
+	CHECK(cipher_key_gcm_path(&reused, CIPHER_USE_DECRYPT) == cipher_key_gcm_path(&full, CIPHER_USE_DECRYPT),
+		  "the re-keyed context keeps its implementation");
 	CHECK(cipher_decrypt(&reused, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_ERR_AUTH,
 		  "the re-keyed context no longer opens the old key's values");
 	{
@@ -681,17 +707,150 @@ test_contexts_per_use(void)
 	cipher_key_free(&full);
 }
 
+/*
+ * A child of fork() uses both the contexts it inherited and contexts it sets up itself
+ * (the dispatch look-up is redone per process), on values its parent sealed.
+ */
+static void
+test_gcm_after_fork(CipherGcmPath path)
+{
+	uint8_t		raw[CIPHER_KEY_LEN];
+	CipherKey	key;
+	CipherBinding acme = binding("acme", NULL);
+	const char *msg = "sealed before the fork";
+	size_t		len = strlen(msg);
+	uint8_t		ct[64], nonce[CIPHER_NONCE_LEN];
+	int			status = -1;
+	pid_t		pid;
+
+	CHECK(cipher_random_bytes(raw, sizeof(raw)) == CIPHER_OK, "random");
+	CHECK(cipher_key_init(&key, raw) == CIPHER_OK && key_uses_path(&key, path), "key init");
+	CHECK(cipher_next_nonce(nonce) == CIPHER_OK &&
+		  cipher_encrypt(&key, 1, nonce, &acme, (const uint8_t *) msg, len, ct) == CIPHER_OK, "encrypt");
+	pid = fork();
+	if (pid == 0)
+	{
+		CipherKey	fresh;
+		uint8_t		pt[64], ct2[64];
+		bool		ok;
+
+		ok = cipher_decrypt(&key, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+			memcmp(pt, msg, len) == 0 &&
+			cipher_key_init(&fresh, raw) == CIPHER_OK && key_uses_path(&fresh, path) &&
+			cipher_decrypt(&fresh, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+			memcmp(pt, msg, len) == 0 &&
+			cipher_next_nonce(nonce) == CIPHER_OK &&
+			cipher_encrypt(&fresh, 1, nonce, &acme, (const uint8_t *) msg, len, ct2) == CIPHER_OK &&
+			cipher_decrypt(&key, &acme, ct2, len + CIPHER_OVERHEAD, pt) == CIPHER_OK;
+		_exit(ok ? 0 : 1);
+	}
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		  "%s: a forked child could not use inherited or new GCM contexts", gcm_path_name(path));
+	cipher_key_free(&key);
+}
+
+/*
+ * In-place sealing works.  Partly overlapping buffers are refused on the dispatch path
+ * (EVP checks that for legacy ciphers only, so its path is not asked to).
+ */
+static void
+test_gcm_overlap(CipherGcmPath path)
+{
+	uint8_t		raw[CIPHER_KEY_LEN] = {7};
+	uint8_t		nonce[CIPHER_NONCE_LEN] = {1};
+	uint8_t		buf[80], copy[64], sealed[64], tag[CIPHER_TAG_LEN], tag2[CIPHER_TAG_LEN];
+	CipherKey	key;
+
+	for (size_t i = 0; i < sizeof(buf); i++)
+		buf[i] = (uint8_t) i;
+	memcpy(copy, buf, sizeof(copy));
+	CHECK(cipher_key_init_gcm(&key, raw) == CIPHER_OK && key_uses_path(&key, path), "key init");
+	CHECK(cipher_gcm_seal(&key, nonce, NULL, 0, copy, 64, sealed, tag) == CIPHER_OK, "seal");
+	CHECK(cipher_gcm_seal(&key, nonce, NULL, 0, buf, 64, buf, tag2) == CIPHER_OK &&
+		  memcmp(buf, sealed, 64) == 0 && memcmp(tag, tag2, sizeof(tag)) == 0,
+		  "%s: in-place seal", gcm_path_name(path));
+	memcpy(buf, copy, sizeof(copy));
+	if (path == CIPHER_GCM_DISPATCH)
+		CHECK(cipher_gcm_seal(&key, nonce, NULL, 0, buf, 64, buf + 1, tag2) != CIPHER_OK,
+			  "%s: partly overlapping buffers accepted", gcm_path_name(path));
+	cipher_key_free(&key);
+}
+
+/*
+ * A context of each implementation taken over as a spare by the other: a dispatch
+ * context is replaced when EVP is asked for; an EVP context (as when the dispatch path
+ * is not available) is re-keyed.  Values cross between the implementations.
+ */
+static void
+test_gcm_paths_cross(void)
+{
+	uint8_t		raw[CIPHER_KEY_LEN], raw2[CIPHER_KEY_LEN];
+	CipherKey	via_dispatch, via_evp, spare, rekeyed;
+	CipherBinding acme = binding("acme", "ctx");
+	const char *msg = "one format, two implementations";
+	size_t		len = strlen(msg);
+	uint8_t		ct[64], ct2[64], pt[64], nonce[CIPHER_NONCE_LEN];
+
+	CHECK(cipher_random_bytes(raw, sizeof(raw)) == CIPHER_OK &&
+		  cipher_random_bytes(raw2, sizeof(raw2)) == CIPHER_OK, "random");
+	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
+	CHECK(cipher_key_init_gcm(&via_dispatch, raw) == CIPHER_OK &&
+		  key_uses_path(&via_dispatch, CIPHER_GCM_DISPATCH), "dispatch key");
+	cipher_gcm_set_path(CIPHER_GCM_EVP);
+	CHECK(cipher_key_init_gcm(&via_evp, raw) == CIPHER_OK &&
+		  key_uses_path(&via_evp, CIPHER_GCM_EVP), "EVP key");
+
+	CHECK(cipher_next_nonce(nonce) == CIPHER_OK &&
+		  cipher_encrypt(&via_dispatch, 3, nonce, &acme, (const uint8_t *) msg, len, ct) == CIPHER_OK &&
+		  cipher_encrypt(&via_evp, 3, nonce, &acme, (const uint8_t *) msg, len, ct2) == CIPHER_OK &&
+		  memcmp(ct, ct2, len + CIPHER_OVERHEAD) == 0, "both implementations seal the same bytes");
+	CHECK(cipher_decrypt(&via_evp, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+		  memcmp(pt, msg, len) == 0, "EVP opens a dispatch-sealed value");
+
+	/* EVP asked for: the dispatch spare is replaced by an EVP context. */
+	spare = via_dispatch;
+	memset(&via_dispatch, 0, sizeof(via_dispatch));
+	memset(&rekeyed, 0, sizeof(rekeyed));
+	CHECK(cipher_key_add(&rekeyed, CIPHER_USE_DECRYPT, raw2, &spare) == CIPHER_OK &&
+		  cipher_key_gcm_path(&rekeyed, CIPHER_USE_DECRYPT) == CIPHER_GCM_EVP &&
+		  spare.dec == NULL, "a dispatch spare is replaced when EVP is asked for");
+	cipher_key_free(&rekeyed);
+
+	/* Dispatch asked for: an EVP spare is re-keyed and stays EVP. */
+	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
+	memset(&rekeyed, 0, sizeof(rekeyed));
+	CHECK(cipher_key_add(&rekeyed, CIPHER_USE_DECRYPT, raw, &via_evp) == CIPHER_OK &&
+		  cipher_key_gcm_path(&rekeyed, CIPHER_USE_DECRYPT) == CIPHER_GCM_EVP &&
+		  via_evp.dec == NULL, "an EVP spare is re-keyed");
+	CHECK(cipher_decrypt(&rekeyed, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
+		  memcmp(pt, msg, len) == 0, "the re-keyed EVP spare opens the new key's value");
+
+	cipher_key_free(&rekeyed);
+	cipher_key_free(&spare);
+	cipher_key_free(&via_evp);
+}
+
 int
 main(void)
 {
-	test_wycheproof();
+	static const CipherGcmPath paths[] = {CIPHER_GCM_DISPATCH, CIPHER_GCM_EVP};
+
+	for (size_t p = 0; p < sizeof(paths) / sizeof(paths[0]); p++)
+	{
+		cipher_gcm_set_path(paths[p]);
+		test_wycheproof(paths[p]);
+		test_envelope_format();
+		test_format_known_answers();
+		test_contexts_per_use();
+		test_gcm_after_fork(paths[p]);
+		test_gcm_overlap(paths[p]);
+	}
+	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
+	test_gcm_paths_cross();
+
 	test_wycheproof_siv();
 	test_siv_reuse();
 	test_deterministic();
-	test_envelope_format();
-	test_format_known_answers();
-
-	test_contexts_per_use();
 	test_nonces();
 	return unit_finish("test_cipher");
 }

@@ -1,0 +1,298 @@
+/*
+ * gcm_dispatch.c — AES-GCM through the provider's dispatch table (see gcm_dispatch.h
+ * for why, what it relies on and when the caller falls back to EVP).
+ *
+ * Every call checks what EVP_EncryptUpdate and friends check for a provider cipher:
+ * the return value, that an update produced exactly its input's length (outsize given
+ * as the input length, as EVP gives it for a cipher of block size 1); and, stricter
+ * than EVP for provider ciphers, that input and output do not partly overlap.
+ */
+#include <string.h>
+#include <strings.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <openssl/core_dispatch.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#include <openssl/provider.h>
+
+#include "gcm_dispatch.h"
+
+struct GcmDispatchTable
+{
+	OSSL_FUNC_cipher_newctx_fn *newctx;
+	OSSL_FUNC_cipher_freectx_fn *freectx;
+	OSSL_FUNC_cipher_encrypt_init_fn *encrypt_init;
+	OSSL_FUNC_cipher_decrypt_init_fn *decrypt_init;
+	OSSL_FUNC_cipher_update_fn *update;
+	OSSL_FUNC_cipher_final_fn *final;
+	OSSL_FUNC_cipher_get_ctx_params_fn *get_ctx_params;
+	OSSL_FUNC_cipher_set_ctx_params_fn *set_ctx_params;
+	void	   *provctx;		/* the provider's context, argument of newctx */
+};
+
+/*
+ * The process's look-up: for one cipher (cipher.c fetches AES-256-GCM once), done in
+ * the process that first needs it.  `table` is only written when a look-up succeeds,
+ * so contexts made before a fork keep valid functions whatever the child finds.
+ */
+static struct
+{
+	const EVP_CIPHER *cipher;	/* the cipher looked up; a reference is held on it */
+	pid_t		pid;			/* the process that looked it up */
+	bool		usable;
+	GcmDispatchTable table;
+}			lookup;
+
+/* Is `name` one of the colon-separated names of an algorithm (case-insensitive)? */
+static bool
+names_include(const char *names, const char *name)
+{
+	size_t		len = strlen(name);
+
+	for (const char *p = names; p != NULL && *p != '\0';)
+	{
+		const char *end = strchr(p, ':');
+		size_t		n = end ? (size_t) (end - p) : strlen(p);
+
+		if (n == len && strncasecmp(p, name, len) == 0)
+			return true;
+		p = end ? end + 1 : NULL;
+	}
+	return false;
+}
+
+/* Copy the functions this layer calls from one implementation; false if any is missing. */
+static bool
+table_from_dispatch(const OSSL_DISPATCH *fns, GcmDispatchTable *t)
+{
+	memset(t, 0, sizeof(*t));
+	for (; fns->function_id != 0; fns++)
+	{
+		switch (fns->function_id)
+		{
+			case OSSL_FUNC_CIPHER_NEWCTX:
+				t->newctx = OSSL_FUNC_cipher_newctx(fns);
+				break;
+			case OSSL_FUNC_CIPHER_FREECTX:
+				t->freectx = OSSL_FUNC_cipher_freectx(fns);
+				break;
+			case OSSL_FUNC_CIPHER_ENCRYPT_INIT:
+				t->encrypt_init = OSSL_FUNC_cipher_encrypt_init(fns);
+				break;
+			case OSSL_FUNC_CIPHER_DECRYPT_INIT:
+				t->decrypt_init = OSSL_FUNC_cipher_decrypt_init(fns);
+				break;
+			case OSSL_FUNC_CIPHER_UPDATE:
+				t->update = OSSL_FUNC_cipher_update(fns);
+				break;
+			case OSSL_FUNC_CIPHER_FINAL:
+				t->final = OSSL_FUNC_cipher_final(fns);
+				break;
+			case OSSL_FUNC_CIPHER_GET_CTX_PARAMS:
+				t->get_ctx_params = OSSL_FUNC_cipher_get_ctx_params(fns);
+				break;
+			case OSSL_FUNC_CIPHER_SET_CTX_PARAMS:
+				t->set_ctx_params = OSSL_FUNC_cipher_set_ctx_params(fns);
+				break;
+		}
+	}
+	return t->newctx && t->freectx && t->encrypt_init && t->decrypt_init &&
+		t->update && t->final && t->get_ctx_params && t->set_ctx_params;
+}
+
+/*
+ * Find the implementation of exactly `cipher` in the provider that EVP_CIPHER_fetch
+ * took it from: the one algorithm of that provider with the cipher's name among its
+ * names.  None, or more than one (implementations told apart by properties only), and
+ * the caller uses EVP.  (Descriptions cannot tell them apart: OpenSSL 3.0's providers
+ * leave algorithm_description NULL and EVP makes one up.)
+ */
+static bool
+find_implementation(const EVP_CIPHER *cipher, GcmDispatchTable *t)
+{
+	const OSSL_PROVIDER *prov = EVP_CIPHER_get0_provider(cipher);
+	const char *name = EVP_CIPHER_get0_name(cipher);
+	const OSSL_ALGORITHM *algs;
+	const OSSL_ALGORITHM *match = NULL;
+	int			no_store = 0;
+	int			matches = 0;
+	bool		ok = false;
+
+	if (prov == NULL || name == NULL)
+		return false;
+	algs = OSSL_PROVIDER_query_operation(prov, OSSL_OP_CIPHER, &no_store);
+	if (algs == NULL)
+		return false;
+	for (const OSSL_ALGORITHM *a = algs; a->algorithm_names != NULL; a++)
+	{
+		if (names_include(a->algorithm_names, name))
+		{
+			match = a;
+			matches++;
+		}
+	}
+	if (matches == 1)
+	{
+		ok = table_from_dispatch(match->implementation, t);
+		t->provctx = OSSL_PROVIDER_get0_provider_ctx(prov);
+	}
+	OSSL_PROVIDER_unquery_operation(prov, OSSL_OP_CIPHER, algs);
+	return ok;
+}
+
+/* The table for `cipher` in this process, or NULL. */
+static const GcmDispatchTable *
+table_for(const EVP_CIPHER *cipher)
+{
+	GcmDispatchTable found;
+
+	if (cipher == NULL)
+		return NULL;
+	if (lookup.cipher != NULL && lookup.cipher != cipher)
+		return NULL;			/* one cipher per process; any other goes through EVP */
+	if (lookup.cipher != NULL && lookup.pid == getpid())
+		return lookup.usable ? &lookup.table : NULL;
+
+	if (lookup.cipher == NULL)
+	{
+		/* Hold the provider (through its cipher) for as long as the table is used. */
+		if (EVP_CIPHER_up_ref((EVP_CIPHER *) cipher) != 1)
+			return NULL;
+		lookup.cipher = cipher;
+	}
+	lookup.pid = getpid();
+	lookup.usable = find_implementation(cipher, &found);
+	if (lookup.usable)
+		lookup.table = found;
+	return lookup.usable ? &lookup.table : NULL;
+}
+
+bool
+gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool encrypting)
+{
+	int			(*init) (void *, const unsigned char *, size_t,
+						 const unsigned char *, size_t, const OSSL_PARAM[]);
+
+	init = encrypting ? ctx->fns->encrypt_init : ctx->fns->decrypt_init;
+	ctx->encrypting = encrypting;
+	return init(ctx->algctx, key, key_len, NULL, 0, NULL) == 1;
+}
+
+bool
+gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
+				 const uint8_t *key, size_t key_len, bool encrypting)
+{
+	const GcmDispatchTable *fns = table_for(cipher);
+
+	memset(ctx, 0, sizeof(*ctx));
+	if (fns == NULL)
+		return false;
+	ctx->fns = fns;
+	ctx->algctx = fns->newctx(fns->provctx);
+	if (ctx->algctx == NULL)
+	{
+		memset(ctx, 0, sizeof(*ctx));
+		return false;
+	}
+	if (!gcm_dispatch_rekey(ctx, key, key_len, encrypting))
+	{
+		gcm_dispatch_free(ctx);
+		return false;
+	}
+	return true;
+}
+
+bool
+gcm_dispatch_start(GcmDispatchCtx *ctx, const uint8_t *iv, size_t iv_len)
+{
+	return (ctx->encrypting ? ctx->fns->encrypt_init : ctx->fns->decrypt_init)
+		(ctx->algctx, NULL, 0, iv, iv_len, NULL) == 1;
+}
+
+bool
+gcm_dispatch_aad(GcmDispatchCtx *ctx, const uint8_t *aad, size_t len)
+{
+	size_t		outl = 0;
+
+	if (len == 0)
+		return true;
+	return ctx->fns->update(ctx->algctx, NULL, &outl, len, aad, len) == 1 && outl == len;
+}
+
+/*
+ * Do the buffers overlap other than exactly (in place)?  OpenSSL's own ciphers do not
+ * promise a right result then; EVP refuses it for legacy ciphers only.
+ */
+static bool
+partially_overlapping(const uint8_t *in, const uint8_t *out, size_t len)
+{
+	uintptr_t	i = (uintptr_t) in;
+	uintptr_t	o = (uintptr_t) out;
+
+	return in != out && (i < o ? o - i < len : i - o < len);
+}
+
+bool
+gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t len, uint8_t *out)
+{
+	size_t		outl = 0;
+
+	if (len == 0)
+		return true;
+	if (partially_overlapping(in, out, len))
+		return false;
+	return ctx->fns->update(ctx->algctx, out, &outl, len, in, len) == 1 && outl == len;
+}
+
+/* The final step: GCM writes nothing here (outsize 0, as EVP passes for it). */
+static bool
+dispatch_final(GcmDispatchCtx *ctx)
+{
+	unsigned char none[1];
+	size_t		outl = 0;
+
+	return ctx->fns->final(ctx->algctx, none, &outl, 0) == 1 && outl == 0;
+}
+
+bool
+gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len)
+{
+	OSSL_PARAM	params[2];
+
+	if (!dispatch_final(ctx))
+		return false;
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, tag_len);
+	params[1] = OSSL_PARAM_construct_end();
+	return ctx->fns->get_ctx_params(ctx->algctx, params) == 1 &&
+		params[0].return_size == tag_len;
+}
+
+bool
+gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len)
+{
+	OSSL_PARAM	params[2];
+
+	/*
+	 * The tag goes in before the final step, which compares it in constant time.  The
+	 * context keeps the previous value's tag otherwise, so a failed set is a failure.
+	 */
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG,
+												  (void *) tag, tag_len);
+	params[1] = OSSL_PARAM_construct_end();
+	return ctx->fns->set_ctx_params(ctx->algctx, params) == 1 && dispatch_final(ctx);
+}
+
+void
+gcm_dispatch_free(GcmDispatchCtx *ctx)
+{
+	/*
+	 * OpenSSL 3.0's AES-GCM freectx (providers/implementations/ciphers/
+	 * cipher_aes_gcm.c, aes_gcm_freectx) is OPENSSL_clear_free of the whole context:
+	 * the key schedule and the GHASH key are cleansed, as EVP_CIPHER_CTX_free does.
+	 */
+	if (ctx->algctx != NULL)
+		ctx->fns->freectx(ctx->algctx);
+	memset(ctx, 0, sizeof(*ctx));
+}

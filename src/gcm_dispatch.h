@@ -1,0 +1,78 @@
+/*
+ * gcm_dispatch.h — AES-GCM straight through the provider's dispatch functions.
+ *
+ * Why: OpenSSL 3.0's EVP layer costs per value what the cipher itself barely does for
+ * short values: every EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) asks the provider
+ * for the IV length through a parameter round trip, every update and final goes
+ * through checks and an indirection, and the tag is a parameter exchange by name.  On
+ * a re-encrypted row that plumbing was about 2,300 of the 5,980 instructions of its
+ * two GCM operations (test/bench/RESULTS.md).  OpenSSL 3.2+ trims much of this; on 3.0
+ * this layer calls the same implementation without it.
+ *
+ * What it relies on: only the documented provider interface of provider-cipher(7).
+ * The implementation is exactly the one EVP_CIPHER_fetch() chose for the EVP_CIPHER
+ * the caller passes: its provider (EVP_CIPHER_get0_provider), the one algorithm of
+ * that provider whose names include the cipher's name (EVP_CIPHER_get0_name), and that
+ * provider's context (OSSL_PROVIDER_get0_provider_ctx).  The
+ * EVP_CIPHER holds the provider loaded; this layer takes its own reference to it, so
+ * the function pointers stay valid for the life of the process.
+ *
+ * When it is not used (the caller falls back to EVP): no algorithm, or more than one,
+ * matches the fetched cipher in its provider; a function this layer calls is missing
+ * from the table; or any set-up step (new context, first key) fails.
+ *
+ * Plain C, no PostgreSQL headers.  The look-up is done once per process, lazily, and
+ * again in a child after fork() (a backend never trusts what its postmaster looked up).
+ * Not thread-safe, like the rest of cipher.c's per-process state.
+ */
+#ifndef PG_ENVELOPE_GCM_DISPATCH_H
+#define PG_ENVELOPE_GCM_DISPATCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <openssl/evp.h>
+
+/* The provider's functions for one cipher (gcm_dispatch.c). */
+typedef struct GcmDispatchTable GcmDispatchTable;
+
+/* One keyed provider context and the direction it was initialised for. */
+typedef struct GcmDispatchCtx
+{
+	const GcmDispatchTable *fns;
+	void	   *algctx;			/* the provider's own context (its key schedule) */
+	bool		encrypting;
+} GcmDispatchCtx;
+
+/*
+ * A new provider context of `cipher` keyed with `key` for one direction, into `ctx`.
+ * False (and `ctx` zeroed) when the dispatch path cannot be used: the caller uses EVP.
+ */
+extern bool gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
+							 const uint8_t *key, size_t key_len, bool encrypting);
+
+/* Re-key an existing context (its old key schedule is overwritten). */
+extern bool gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len,
+							   bool encrypting);
+
+/* Start a value: a fresh IV (the key is kept).  GCM refuses to reuse a finished IV. */
+extern bool gcm_dispatch_start(GcmDispatchCtx *ctx, const uint8_t *iv, size_t iv_len);
+
+/* Feed additional authenticated data (may be called several times, before update). */
+extern bool gcm_dispatch_aad(GcmDispatchCtx *ctx, const uint8_t *aad, size_t len);
+
+/* Encrypt or decrypt `len` bytes of `in` into `out`; true only if all `len` came out. */
+extern bool gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t len,
+								uint8_t *out);
+
+/* Finish an encryption and take its tag. */
+extern bool gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len);
+
+/* Finish a decryption against `tag`; false if it does not verify (or anything failed). */
+extern bool gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len);
+
+/* Free the provider context (AES-GCM's freectx cleanses it); `ctx` is zeroed. */
+extern void gcm_dispatch_free(GcmDispatchCtx *ctx);
+
+#endif							/* PG_ENVELOPE_GCM_DISPATCH_H */
