@@ -25,7 +25,10 @@
 # timing each step by the session's CPU time (/proc/self/schedstat, ns; the CALL's
 # batches run in the same backend).  Prints per build and round the median of the
 # runs (ms) per step, then per build the median over rounds; the figure to compare is
-# the ratio of those medians (and, since other load only adds, that of the minima).  The installed library is put back at the end.
+# the ratio of those medians (and, since other load only adds, that of the minima).
+# A step repeated within a run is also summed up without its first time in each run
+# (which sets up the keys of the run's rotation): "steady".  The installed library is
+# put back at the end.
 #
 # Knobs: FLEET_AB_ROWS=200000  FLEET_AB_RUNS=3  FLEET_AB_ROUNDS=3  BENCH_PORT=54431
 #        FLEET_AB_STEPS="scan_inter scan_clust scan_inter scan_clust inter clust call"
@@ -148,8 +151,13 @@ print("%s round %s (load %s): %s" % (label, rnd, load, "  ".join(
 PY
     done
 done
-python3 - "$OUT/fleet_ab.txt" <<'PY'
+python3 - "$OUT/fleet_ab.txt" "$STEPS" <<'PY'
 import re, statistics, sys
+# A step that comes k > 1 times in a run: its first time sets up the keys of the run's
+# rotation, the others are the steady state ("steady": their median and minimum).
+repeats = {}
+for step in sys.argv[2].split():
+    repeats[step] = repeats.get(step, 0) + 1
 per, runs = {}, {}
 for line in open(sys.argv[1]):
     label = line.split(" round ")[0]
@@ -160,9 +168,18 @@ first = None
 for label, steps in per.items():
     meds = {s: statistics.median(v) for s, v in steps.items()}
     mins = {s: min(v) for s, v in runs[label].items()}
+    steady = {}
+    for s, v in runs[label].items():
+        k = repeats.get(s, 1)
+        if k > 1:
+            steady[s] = [x for i, x in enumerate(v) if i % k != 0]
     if first is None:
-        first = (meds, mins)
+        first = (meds, mins, steady)
     print("%s: %s" % (label, "  ".join(
-        "%s median of rounds %.1f ms (%.3f), min of runs %.1f ms (%.3f)"
-        % (s, meds[s], meds[s] / first[0][s], mins[s], mins[s] / first[1][s]) for s in meds)))
+        "%s median of rounds %.1f ms (%.3f), min of runs %.1f ms (%.3f)%s"
+        % (s, meds[s], meds[s] / first[0][s], mins[s], mins[s] / first[1][s],
+           "" if s not in steady else ", steady median %.1f ms (%.3f) min %.1f ms" % (
+               statistics.median(steady[s]),
+               statistics.median(steady[s]) / statistics.median(first[2][s]), min(steady[s])))
+        for s in meds)))
 PY
