@@ -194,7 +194,12 @@ l1_front_remember(L1FrontSet *set, LocalTenant *lt, uint32 name_len, uint32 name
 	slot->name_hash = name_hash;
 }
 
-/* Forget `lt` (being evicted) in its set. */
+/*
+ * Forget `lt` (being evicted) in its set.  A slot left behind would not serve a wrong
+ * entry (the hash table hands the evicted entry's memory to the tenant entering in its
+ * place, whose name the look compares), but it would keep a way from a tenant that
+ * could use it.
+ */
 static void
 l1_front_forget(L1FrontSet *set, const LocalTenant *lt)
 {
