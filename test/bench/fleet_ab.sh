@@ -30,7 +30,7 @@
 # (which sets up the keys of the run's rotation): "steady".  The installed library is
 # put back at the end.
 #
-# Knobs: FLEET_AB_ROWS=200000  FLEET_AB_RUNS=3  FLEET_AB_ROUNDS=3  BENCH_PORT=54431
+# Knobs: FLEET_AB_ROWS=200000  FLEET_AB_RUNS=3  FLEET_AB_ROUNDS=3  BENCH_PORT=54366
 #        FLEET_AB_STEPS="scan_inter scan_clust scan_inter scan_clust inter clust call"
 #        (the steps of each run, in order; a step may come more than once)
 # Writes test/bench/out/fleet_ab.txt.
@@ -41,7 +41,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ROWS="${FLEET_AB_ROWS:-200000}"
 RUNS="${FLEET_AB_RUNS:-3}"
 ROUNDS="${FLEET_AB_ROUNDS:-3}"
-PORT="${BENCH_PORT:-54431}"
+PORT="${BENCH_PORT:-54366}"
 STEPS="${FLEET_AB_STEPS:-scan_inter scan_clust scan_inter scan_clust inter clust call}"
 BUILDS=()
 for so in "$@"; do BUILDS+=("$(readlink -f "$so")"); done
