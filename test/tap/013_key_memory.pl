@@ -17,7 +17,10 @@ system($python, '-c', 'import cryptography') == 0
   or BAIL_OUT("$python cannot import cryptography: this test cannot run");
 
 my ($keyfile) = new_master_key();
-my $node = local_node('memory', $keyfile, "envelope.cache_size = 16\n");
+# Pages locked with mlock() are what this test looks for; a segment in huge pages
+# (huge_pages = try takes them wherever the machine reserves them) is never swapped but
+# shows no "lo" flag: test/tap/037_huge_pages.pl covers that case.
+my $node = local_node('memory', $keyfile, "envelope.cache_size = 16\nhuge_pages = off\n");
 $node->start;
 my $postmaster_pid = (split /\n/, slurp_file($node->data_dir . '/postmaster.pid'))[0];
 sub sql { return $node->safe_psql('postgres', $_[0]); }
