@@ -207,6 +207,8 @@ gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 bool
 gcm_dispatch_start(GcmDispatchCtx *ctx, const uint8_t *iv, size_t iv_len)
 {
+	if (iv_len != GCM_DISPATCH_IV_LEN)
+		return false;
 	return (ctx->encrypting ? ctx->fns->encrypt_init : ctx->fns->decrypt_init)
 		(ctx->algctx, NULL, 0, iv, iv_len, NULL) == 1;
 }
@@ -261,7 +263,7 @@ gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len)
 {
 	OSSL_PARAM	params[2];
 
-	if (!dispatch_final(ctx))
+	if (tag_len != GCM_DISPATCH_TAG_LEN || !dispatch_final(ctx))
 		return false;
 	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, tag_len);
 	params[1] = OSSL_PARAM_construct_end();
@@ -273,6 +275,9 @@ bool
 gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len)
 {
 	OSSL_PARAM	params[2];
+
+	if (tag_len != GCM_DISPATCH_TAG_LEN)
+		return false;
 
 	/*
 	 * The tag goes in before the final step, which compares it in constant time.  The

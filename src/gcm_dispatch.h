@@ -34,6 +34,14 @@
 
 #include <openssl/evp.h>
 
+/*
+ * The only IV and tag lengths this layer takes (pg_envelope's format, cipher.h).  The
+ * provider accepts IVs of any length and tags of 1 to 16 bytes: a shorter tag given
+ * to open would be checked on its bytes only, so anything else is refused here.
+ */
+#define GCM_DISPATCH_IV_LEN		12
+#define GCM_DISPATCH_TAG_LEN	16
+
 /* The provider's functions for one cipher (gcm_dispatch.c). */
 typedef struct GcmDispatchTable GcmDispatchTable;
 
@@ -56,7 +64,10 @@ extern bool gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 extern bool gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len,
 							   bool encrypting);
 
-/* Start a value: a fresh IV (the key is kept).  GCM refuses to reuse a finished IV. */
+/*
+ * Start a value: a fresh IV (the key is kept).  GCM refuses to reuse a finished IV.
+ * False unless iv_len is GCM_DISPATCH_IV_LEN.
+ */
 extern bool gcm_dispatch_start(GcmDispatchCtx *ctx, const uint8_t *iv, size_t iv_len);
 
 /* Feed additional authenticated data (may be called several times, before update). */
@@ -66,10 +77,13 @@ extern bool gcm_dispatch_aad(GcmDispatchCtx *ctx, const uint8_t *aad, size_t len
 extern bool gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t len,
 								uint8_t *out);
 
-/* Finish an encryption and take its tag. */
+/* Finish an encryption and take its tag; false unless tag_len is GCM_DISPATCH_TAG_LEN. */
 extern bool gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len);
 
-/* Finish a decryption against `tag`; false if it does not verify (or anything failed). */
+/*
+ * Finish a decryption against `tag`; false if it does not verify (or anything failed,
+ * a tag_len other than GCM_DISPATCH_TAG_LEN included).
+ */
 extern bool gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len);
 
 /* Free the provider context (AES-GCM's freectx cleanses it); `ctx` is zeroed. */

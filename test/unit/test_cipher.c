@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "cipher.h"
+#include "gcm_dispatch.h"
 #include "unit.h"
 #include "format_vectors.h"
 
@@ -777,6 +778,46 @@ test_gcm_overlap(CipherGcmPath path)
 }
 
 /*
+ * The dispatch layer takes only pg_envelope's 12-byte IV and 16-byte tag: the provider
+ * itself would take an 8-byte IV, hand out a truncated tag, and open a value against
+ * the first 8 bytes of its tag alone.
+ */
+static void
+test_dispatch_lengths(void)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	uint8_t		key[32] = {3}, iv[GCM_DISPATCH_IV_LEN] = {4};
+	uint8_t		msg[20] = "twenty bytes of text", ct[20], pt[20], tag[GCM_DISPATCH_TAG_LEN];
+	GcmDispatchCtx enc, dec;
+
+	CHECK(aes != NULL && gcm_dispatch_new(&enc, aes, key, sizeof(key), true) &&
+		  gcm_dispatch_new(&dec, aes, key, sizeof(key), false), "dispatch contexts");
+	if (enc.algctx == NULL || dec.algctx == NULL)
+	{
+		EVP_CIPHER_free(aes);
+		return;
+	}
+	CHECK(!gcm_dispatch_start(&enc, iv, 8), "an 8-byte IV accepted");
+	CHECK(!gcm_dispatch_start(&enc, iv, 16), "a 16-byte IV accepted");
+	CHECK(gcm_dispatch_start(&enc, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&enc, msg, sizeof(msg), ct) &&
+		  !gcm_dispatch_seal_final(&enc, tag, 8), "an 8-byte tag handed out");
+	CHECK(gcm_dispatch_start(&enc, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&enc, msg, sizeof(msg), ct) &&
+		  gcm_dispatch_seal_final(&enc, tag, sizeof(tag)), "seal");
+	CHECK(gcm_dispatch_start(&dec, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&dec, ct, sizeof(ct), pt) &&
+		  !gcm_dispatch_open_final(&dec, tag, 8), "opened against 8 bytes of its tag");
+	CHECK(gcm_dispatch_start(&dec, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&dec, ct, sizeof(ct), pt) &&
+		  gcm_dispatch_open_final(&dec, tag, sizeof(tag)) &&
+		  memcmp(pt, msg, sizeof(msg)) == 0, "open");
+	gcm_dispatch_free(&enc);
+	gcm_dispatch_free(&dec);
+	EVP_CIPHER_free(aes);
+}
+
+/*
  * A context of each implementation taken over as a spare by the other: a dispatch
  * context is replaced when EVP is asked for; an EVP context (as when the dispatch path
  * is not available) is re-keyed.  Values cross between the implementations.
@@ -847,6 +888,7 @@ main(void)
 	}
 	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
 	test_gcm_paths_cross();
+	test_dispatch_lengths();
 
 	test_wycheproof_siv();
 	test_siv_reuse();
