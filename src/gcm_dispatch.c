@@ -14,6 +14,7 @@
 
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/params.h>
 #include <openssl/provider.h>
 
@@ -271,22 +272,37 @@ gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len)
 		params[0].return_size == tag_len;
 }
 
-bool
-gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len)
+/*
+ * The tag goes in before the final step, which compares it in constant time.  The
+ * context keeps the previous value's tag otherwise, so a failed set is a failure of its
+ * own, not a mismatch.
+ */
+static GcmDispatchOpenResult
+check_tag(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len)
 {
 	OSSL_PARAM	params[2];
 
 	if (tag_len != GCM_DISPATCH_TAG_LEN)
-		return false;
-
-	/*
-	 * The tag goes in before the final step, which compares it in constant time.  The
-	 * context keeps the previous value's tag otherwise, so a failed set is a failure.
-	 */
+		return GCM_DISPATCH_OPEN_FAILED;
 	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG,
 												  (void *) tag, tag_len);
 	params[1] = OSSL_PARAM_construct_end();
-	return ctx->fns->set_ctx_params(ctx->algctx, params) == 1 && dispatch_final(ctx);
+	if (ctx->fns->set_ctx_params(ctx->algctx, params) != 1)
+		return GCM_DISPATCH_OPEN_FAILED;
+	return dispatch_final(ctx) ? GCM_DISPATCH_OPENED : GCM_DISPATCH_TAG_MISMATCH;
+}
+
+GcmDispatchOpenResult
+gcm_dispatch_open(GcmDispatchCtx *ctx, const uint8_t *in, size_t len,
+				  const uint8_t *tag, size_t tag_len, uint8_t *out)
+{
+	GcmDispatchOpenResult result;
+
+	result = gcm_dispatch_update(ctx, in, len, out) ?
+		check_tag(ctx, tag, tag_len) : GCM_DISPATCH_OPEN_FAILED;
+	if (result != GCM_DISPATCH_OPENED && len > 0)
+		OPENSSL_cleanse(out, len);
+	return result;
 }
 
 void

@@ -80,11 +80,22 @@ extern bool gcm_dispatch_update(GcmDispatchCtx *ctx, const uint8_t *in, size_t l
 /* Finish an encryption and take its tag; false unless tag_len is GCM_DISPATCH_TAG_LEN. */
 extern bool gcm_dispatch_seal_final(GcmDispatchCtx *ctx, uint8_t *tag, size_t tag_len);
 
+/* How a decryption ended. */
+typedef enum GcmDispatchOpenResult
+{
+	GCM_DISPATCH_OPENED,		/* the tag verified: the output is the plaintext */
+	GCM_DISPATCH_TAG_MISMATCH,	/* the tag did not verify (altered value or binding, wrong key) */
+	GCM_DISPATCH_OPEN_FAILED	/* anything else: overlapping buffers, a refused tag length */
+} GcmDispatchOpenResult;
+
 /*
- * Finish a decryption against `tag`; false if it does not verify (or anything failed,
- * a tag_len other than GCM_DISPATCH_TAG_LEN included).
+ * Decrypt `len` bytes of `in` into `out` (after start and aad) and check `tag`, of
+ * GCM_DISPATCH_TAG_LEN bytes.  Unless the result is GCM_DISPATCH_OPENED, `out` is
+ * wiped: not a byte of unauthenticated plaintext is left there.
  */
-extern bool gcm_dispatch_open_final(GcmDispatchCtx *ctx, const uint8_t *tag, size_t tag_len);
+extern GcmDispatchOpenResult gcm_dispatch_open(GcmDispatchCtx *ctx, const uint8_t *in,
+											   size_t len, const uint8_t *tag,
+											   size_t tag_len, uint8_t *out);
 
 /* Free the provider context (AES-GCM's freectx cleanses it); `ctx` is zeroed. */
 extern void gcm_dispatch_free(GcmDispatchCtx *ctx);
