@@ -15,6 +15,7 @@
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/params.h>
 #include <openssl/provider.h>
 
@@ -170,8 +171,9 @@ table_for(const EVP_CIPHER *cipher)
 	return lookup.usable ? &lookup.table : NULL;
 }
 
-bool
-gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool encrypting)
+/* Key (or re-key) the provider context for one direction. */
+static bool
+key_context(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool encrypting)
 {
 	int			(*init) (void *, const unsigned char *, size_t,
 						 const unsigned char *, size_t, const OSSL_PARAM[]);
@@ -181,28 +183,43 @@ gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool
 	return init(ctx->algctx, key, key_len, NULL, 0, NULL) == 1;
 }
 
+/*
+ * A new keyed context, or false with nothing allocated.  The caller tries EVP next, so
+ * what a failure here pushed on OpenSSL's error queue is dropped (ERR_pop_to_mark):
+ * it must not be read as the cause of a later, unrelated failure.
+ */
 bool
 gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 				 const uint8_t *key, size_t key_len, bool encrypting)
 {
-	const GcmDispatchTable *fns = table_for(cipher);
+	const GcmDispatchTable *fns;
+	bool		ok = false;
 
 	memset(ctx, 0, sizeof(*ctx));
-	if (fns == NULL)
-		return false;
-	ctx->fns = fns;
-	ctx->algctx = fns->newctx(fns->provctx);
-	if (ctx->algctx == NULL)
+	ERR_set_mark();
+	fns = table_for(cipher);
+	if (fns != NULL)
 	{
-		memset(ctx, 0, sizeof(*ctx));
-		return false;
+		ctx->fns = fns;
+		ctx->algctx = fns->newctx(fns->provctx);
+		ok = ctx->algctx != NULL && key_context(ctx, key, key_len, encrypting);
+		if (!ok)
+			gcm_dispatch_free(ctx);
 	}
-	if (!gcm_dispatch_rekey(ctx, key, key_len, encrypting))
-	{
-		gcm_dispatch_free(ctx);
-		return false;
-	}
-	return true;
+	ERR_pop_to_mark();
+	return ok;
+}
+
+/* A re-key that fails is followed by a new context (cipher.c): no trace on the queue. */
+bool
+gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool encrypting)
+{
+	bool		ok;
+
+	ERR_set_mark();
+	ok = key_context(ctx, key, key_len, encrypting);
+	ERR_pop_to_mark();
+	return ok;
 }
 
 bool

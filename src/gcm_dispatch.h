@@ -56,11 +56,12 @@ typedef struct GcmDispatchCtx
 /*
  * A new provider context of `cipher` keyed with `key` for one direction, into `ctx`.
  * False (and `ctx` zeroed) when the dispatch path cannot be used: the caller uses EVP.
+ * A failed attempt leaves OpenSSL's error queue as it found it.
  */
 extern bool gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 							 const uint8_t *key, size_t key_len, bool encrypting);
 
-/* Re-key an existing context (its old key schedule is overwritten). */
+/* Re-key an existing context (its old key schedule is overwritten); as above on failure. */
 extern bool gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len,
 							   bool encrypting);
 

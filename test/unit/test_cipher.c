@@ -23,6 +23,7 @@
 #include "unit.h"
 #include "format_vectors.h"
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 
 static const char *
@@ -841,6 +842,30 @@ test_dispatch_lengths(void)
 }
 
 /*
+ * A dispatch set-up that fails (here a 16-byte key for AES-256) leaves nothing on
+ * OpenSSL's error queue: the caller falls back to EVP, and a stale error would be read
+ * as the cause of whatever fails next.
+ */
+static void
+test_dispatch_error_queue(void)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	uint8_t		key[32] = {5};
+	GcmDispatchCtx ctx;
+
+	ERR_clear_error();
+	CHECK(aes != NULL && !gcm_dispatch_new(&ctx, aes, key, 16, true) && ctx.algctx == NULL,
+		  "a 16-byte key accepted for AES-256-GCM");
+	CHECK(ERR_peek_error() == 0, "a failed dispatch set-up left an error on the queue");
+	CHECK(gcm_dispatch_new(&ctx, aes, key, sizeof(key), false), "dispatch context");
+	ERR_clear_error();
+	CHECK(!gcm_dispatch_rekey(&ctx, key, 16, false), "a re-key with a 16-byte key accepted");
+	CHECK(ERR_peek_error() == 0, "a failed dispatch re-key left an error on the queue");
+	gcm_dispatch_free(&ctx);
+	EVP_CIPHER_free(aes);
+}
+
+/*
  * A context of each implementation taken over as a spare by the other: a dispatch
  * context is replaced when EVP is asked for; an EVP context (as when the dispatch path
  * is not available) is re-keyed.  Values cross between the implementations.
@@ -912,6 +937,7 @@ main(void)
 	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
 	test_gcm_paths_cross();
 	test_dispatch_lengths();
+	test_dispatch_error_queue();
 
 	test_wycheproof_siv();
 	test_siv_reuse();
