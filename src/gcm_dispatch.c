@@ -104,6 +104,29 @@ table_from_dispatch(const OSSL_DISPATCH *fns, GcmDispatchTable *t)
 		t->update && t->final && t->get_ctx_params && t->set_ctx_params;
 }
 
+/* The fault the next look-up meets (gcm_dispatch_inject_fault, for tests). */
+static GcmDispatchFault injected_fault = GCM_DISPATCH_FAULT_NONE;
+
+void
+gcm_dispatch_inject_fault(GcmDispatchFault fault)
+{
+	injected_fault = fault;
+}
+
+/*
+ * Is `prov` one of OpenSSL's own providers, whose AES-GCM this layer is written against
+ * (gcm_dispatch.h says what it relies on in them)?
+ */
+static bool
+openssl_own_provider(const OSSL_PROVIDER *prov)
+{
+	const char *name = OSSL_PROVIDER_get0_name(prov);
+
+	if (injected_fault == GCM_DISPATCH_FAULT_FOREIGN_PROVIDER)
+		name = "pg_envelope_test";
+	return name != NULL && (strcmp(name, "default") == 0 || strcmp(name, "fips") == 0);
+}
+
 /*
  * Find the implementation of exactly `cipher` in the provider that EVP_CIPHER_fetch
  * took it from: the one algorithm of that provider with the cipher's name among its
@@ -122,7 +145,7 @@ find_implementation(const EVP_CIPHER *cipher, GcmDispatchTable *t)
 	int			matches = 0;
 	bool		ok = false;
 
-	if (prov == NULL || name == NULL)
+	if (prov == NULL || name == NULL || !openssl_own_provider(prov))
 		return false;
 	algs = OSSL_PROVIDER_query_operation(prov, OSSL_OP_CIPHER, &no_store);
 	if (algs == NULL)
@@ -143,6 +166,8 @@ find_implementation(const EVP_CIPHER *cipher, GcmDispatchTable *t)
 	OSSL_PROVIDER_unquery_operation(prov, OSSL_OP_CIPHER, algs);
 	return ok;
 }
+
+static bool passes_known_answer(const GcmDispatchTable *t);
 
 /* The table for `cipher` in this process, or NULL. */
 static const GcmDispatchTable *
@@ -165,7 +190,7 @@ table_for(const EVP_CIPHER *cipher)
 		lookup.cipher = cipher;
 	}
 	lookup.pid = getpid();
-	lookup.usable = find_implementation(cipher, &found);
+	lookup.usable = find_implementation(cipher, &found) && passes_known_answer(&found);
 	if (lookup.usable)
 		lookup.table = found;
 	return lookup.usable ? &lookup.table : NULL;
@@ -183,6 +208,20 @@ key_context(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len, bool encryp
 	return init(ctx->algctx, key, key_len, NULL, 0, NULL) == 1;
 }
 
+/* A new context of `fns`, keyed; false with `ctx` zeroed and nothing allocated. */
+static bool
+new_context(GcmDispatchCtx *ctx, const GcmDispatchTable *fns,
+			const uint8_t *key, size_t key_len, bool encrypting)
+{
+	memset(ctx, 0, sizeof(*ctx));
+	ctx->fns = fns;
+	ctx->algctx = fns->newctx(fns->provctx);
+	if (ctx->algctx != NULL && key_context(ctx, key, key_len, encrypting))
+		return true;
+	gcm_dispatch_free(ctx);
+	return false;
+}
+
 /*
  * A new keyed context, or false with nothing allocated.  The caller tries EVP next, so
  * what a failure here pushed on OpenSSL's error queue is dropped (ERR_pop_to_mark):
@@ -198,14 +237,7 @@ gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 	memset(ctx, 0, sizeof(*ctx));
 	ERR_set_mark();
 	fns = table_for(cipher);
-	if (fns != NULL)
-	{
-		ctx->fns = fns;
-		ctx->algctx = fns->newctx(fns->provctx);
-		ok = ctx->algctx != NULL && key_context(ctx, key, key_len, encrypting);
-		if (!ok)
-			gcm_dispatch_free(ctx);
-	}
+	ok = fns != NULL && new_context(ctx, fns, key, key_len, encrypting);
 	ERR_pop_to_mark();
 	return ok;
 }
@@ -333,4 +365,105 @@ gcm_dispatch_free(GcmDispatchCtx *ctx)
 	if (ctx->algctx != NULL)
 		ctx->fns->freectx(ctx->algctx);
 	memset(ctx, 0, sizeof(*ctx));
+}
+
+/*
+ * The known-answer self-test a table passes before it is used: Wycheproof
+ * aes_gcm_test.json tcId 102 (AES-256, 96-bit IV, 16 bytes of AAD, 20 bytes of message
+ * so that the last block is partial, 128-bit tag), run through this layer's own
+ * functions as a value is.
+ */
+static const uint8_t kat_key[32] = {
+	0xf3, 0x23, 0x64, 0xb1, 0xd3, 0x39, 0xd8, 0x2e, 0x4f, 0x13, 0x2d, 0x8f, 0x4a, 0x0e, 0xc1, 0xff,
+	0x7e, 0x74, 0x65, 0x17, 0xfa, 0x07, 0xef, 0x1a, 0x7f, 0x42, 0x2f, 0x4e, 0x25, 0xa4, 0x81, 0x94};
+static const uint8_t kat_iv[GCM_DISPATCH_IV_LEN] = {
+	0x5a, 0x86, 0xa5, 0x0a, 0x0e, 0x8a, 0x17, 0x9c, 0x73, 0x4b, 0x99, 0x6d};
+static const uint8_t kat_aad[16] = {
+	0xab, 0x2a, 0xc7, 0xc4, 0x4c, 0x60, 0xbd, 0xf8, 0x22, 0x8c, 0x78, 0x84, 0xad, 0xb2, 0x01, 0x84};
+static const uint8_t kat_plain[20] = {
+	0x43, 0x89, 0x1b, 0xcc, 0xb5, 0x22, 0xb1, 0xe7, 0x2a, 0x6b, 0x53, 0xcf, 0x31, 0xc0, 0x74, 0xe9,
+	0xd6, 0xc2, 0xdf, 0x8e};
+static const uint8_t kat_cipher[20] = {
+	0x43, 0xdd, 0xa8, 0x32, 0xe9, 0x42, 0xe2, 0x86, 0xda, 0x31, 0x4d, 0xaa, 0x99, 0xbe, 0xf5, 0x07,
+	0x1d, 0x9d, 0x2c, 0x78};
+static const uint8_t kat_tag[GCM_DISPATCH_TAG_LEN] = {
+	0xc3, 0x92, 0x25, 0x83, 0x47, 0x6c, 0xed, 0x57, 0x54, 0x04, 0xdd, 0xb8, 0x5d, 0xd8, 0xcd, 0x44};
+
+/* Seal the vector; true if ciphertext and tag are the expected ones. */
+static bool
+kat_seal(const GcmDispatchTable *t, const uint8_t *expect_cipher, const uint8_t *expect_tag)
+{
+	GcmDispatchCtx ctx;
+	uint8_t		out[sizeof(kat_plain)];
+	uint8_t		tag[GCM_DISPATCH_TAG_LEN];
+	bool		ok;
+
+	if (!new_context(&ctx, t, kat_key, sizeof(kat_key), true))
+		return false;
+	ok = gcm_dispatch_start(&ctx, kat_iv, sizeof(kat_iv)) &&
+		gcm_dispatch_aad(&ctx, kat_aad, sizeof(kat_aad)) &&
+		gcm_dispatch_update(&ctx, kat_plain, sizeof(kat_plain), out) &&
+		gcm_dispatch_seal_final(&ctx, tag, sizeof(tag)) &&
+		memcmp(out, expect_cipher, sizeof(out)) == 0 &&
+		memcmp(tag, expect_tag, sizeof(tag)) == 0;
+	gcm_dispatch_free(&ctx);
+	return ok;
+}
+
+/*
+ * Open the vector with `tag`: true if it opens to the plaintext (`expect_open`) or,
+ * with a wrong tag, is refused as a mismatch with every output byte wiped.
+ */
+static bool
+kat_open(const GcmDispatchTable *t, const uint8_t *tag, bool expect_open)
+{
+	GcmDispatchCtx ctx;
+	uint8_t		out[sizeof(kat_cipher)];
+	GcmDispatchOpenResult result;
+	bool		ok;
+
+	if (!new_context(&ctx, t, kat_key, sizeof(kat_key), false))
+		return false;
+	memset(out, 0xA5, sizeof(out));
+	ok = gcm_dispatch_start(&ctx, kat_iv, sizeof(kat_iv)) &&
+		gcm_dispatch_aad(&ctx, kat_aad, sizeof(kat_aad));
+	result = ok ? gcm_dispatch_open(&ctx, kat_cipher, sizeof(kat_cipher), tag,
+									GCM_DISPATCH_TAG_LEN, out) : GCM_DISPATCH_OPEN_FAILED;
+	if (expect_open)
+		ok = result == GCM_DISPATCH_OPENED && memcmp(out, kat_plain, sizeof(out)) == 0;
+	else
+	{
+		ok = result == GCM_DISPATCH_TAG_MISMATCH;
+		for (size_t i = 0; i < sizeof(out); i++)
+			ok = ok && out[i] == 0;
+	}
+	gcm_dispatch_free(&ctx);
+	return ok;
+}
+
+/*
+ * Does the table seal the vector to the expected bytes, open it back, and refuse it
+ * under a tag with one bit flipped?  (The faults of gcm_dispatch_inject_fault change
+ * what it expects, or leave the "flipped" tag intact, to show a mismatch is refused.)
+ */
+static bool
+passes_known_answer(const GcmDispatchTable *t)
+{
+	uint8_t		expect_cipher[sizeof(kat_cipher)];
+	uint8_t		expect_tag[GCM_DISPATCH_TAG_LEN];
+	uint8_t		flipped_tag[GCM_DISPATCH_TAG_LEN];
+
+	memcpy(expect_cipher, kat_cipher, sizeof(expect_cipher));
+	memcpy(expect_tag, kat_tag, sizeof(expect_tag));
+	memcpy(flipped_tag, kat_tag, sizeof(flipped_tag));
+	if (injected_fault == GCM_DISPATCH_FAULT_CIPHERTEXT)
+		expect_cipher[sizeof(expect_cipher) - 1] ^= 0x01;
+	if (injected_fault == GCM_DISPATCH_FAULT_TAG)
+		expect_tag[0] ^= 0x80;
+	if (injected_fault != GCM_DISPATCH_FAULT_TAG_NOT_FLIPPED)
+		flipped_tag[GCM_DISPATCH_TAG_LEN - 1] ^= 0x01;
+
+	return kat_seal(t, expect_cipher, expect_tag) &&
+		kat_open(t, kat_tag, true) &&
+		kat_open(t, flipped_tag, false);
 }

@@ -9,17 +9,28 @@
  * two GCM operations (test/bench/RESULTS.md).  OpenSSL 3.2+ trims much of this; on 3.0
  * this layer calls the same implementation without it.
  *
- * What it relies on: only the documented provider interface of provider-cipher(7).
- * The implementation is exactly the one EVP_CIPHER_fetch() chose for the EVP_CIPHER
- * the caller passes: its provider (EVP_CIPHER_get0_provider), the one algorithm of
- * that provider whose names include the cipher's name (EVP_CIPHER_get0_name), and that
- * provider's context (OSSL_PROVIDER_get0_provider_ctx).  The
+ * What it relies on: only the documented provider interface of provider-cipher(7),
+ * and only in OpenSSL's own providers, "default" and "fips" (OSSL_PROVIDER_get0_name):
+ * this layer drives the provider without EVP's checks, so it depends on what their
+ * AES-GCM (providers/implementations/ciphers/cipher_aes_gcm.c) does and another
+ * provider's need not: freectx is OPENSSL_clear_free of the whole context (key schedule
+ * and GHASH key cleansed), and update writes exactly its input's length, so the output
+ * buffers sized here are never overrun.  The implementation is exactly the one
+ * EVP_CIPHER_fetch() chose for the EVP_CIPHER the caller passes: its provider
+ * (EVP_CIPHER_get0_provider), the one algorithm of that provider whose names include
+ * the cipher's name (EVP_CIPHER_get0_name), and that provider's context
+ * (OSSL_PROVIDER_get0_provider_ctx).  Before the table is used, a known-answer
+ * self-test runs through it (a Wycheproof vector sealed to its ciphertext and tag,
+ * opened back, and refused, its output wiped, under a tag with one bit flipped): it
+ * shows that the name found AES-256-GCM and that the layer's checks hold on it.  The
  * EVP_CIPHER holds the provider loaded; this layer takes its own reference to it, so
  * the function pointers stay valid for the life of the process.
  *
- * When it is not used (the caller falls back to EVP): no algorithm, or more than one,
- * matches the fetched cipher in its provider; a function this layer calls is missing
- * from the table; or any set-up step (new context, first key) fails.
+ * When it is not used (the caller falls back to EVP): a provider other than OpenSSL's
+ * own; no algorithm, or more than one, matches the fetched cipher in its provider; a
+ * function this layer calls is missing from the table; the self-test fails; or any
+ * set-up step (new context, first key) fails.  The first three and the self-test
+ * decide for the whole process.
  *
  * Plain C, no PostgreSQL headers.  The look-up is done once per process, lazily, and
  * again in a child after fork() (a backend never trusts what its postmaster looked up).
@@ -100,5 +111,21 @@ extern GcmDispatchOpenResult gcm_dispatch_open(GcmDispatchCtx *ctx, const uint8_
 
 /* Free the provider context (AES-GCM's freectx cleanses it); `ctx` is zeroed. */
 extern void gcm_dispatch_free(GcmDispatchCtx *ctx);
+
+/*
+ * For tests only: a fault the process's look-up meets, to show that it then refuses
+ * the dispatch path for the process (the caller uses EVP).  It counts only when set
+ * before the process's first gcm_dispatch_new, which does the look-up.
+ */
+typedef enum GcmDispatchFault
+{
+	GCM_DISPATCH_FAULT_NONE,
+	GCM_DISPATCH_FAULT_FOREIGN_PROVIDER,	/* the provider reads as neither default nor fips */
+	GCM_DISPATCH_FAULT_CIPHERTEXT,	/* the self-test expects another ciphertext */
+	GCM_DISPATCH_FAULT_TAG,			/* the self-test expects another tag */
+	GCM_DISPATCH_FAULT_TAG_NOT_FLIPPED	/* the self-test's flipped tag is the right one */
+} GcmDispatchFault;
+
+extern void gcm_dispatch_inject_fault(GcmDispatchFault fault);
 
 #endif							/* PG_ENVELOPE_GCM_DISPATCH_H */

@@ -799,6 +799,68 @@ test_gcm_overlap(CipherGcmPath path)
 }
 
 /*
+ * In a child whose look-up meets `fault`: the dispatch path is refused (used, when there
+ * is no fault), and a key then seals and opens through EVP.  0 if all holds.
+ */
+static int
+child_after_fault(GcmDispatchFault fault)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	CipherGcmPath expect = fault == GCM_DISPATCH_FAULT_NONE ? CIPHER_GCM_DISPATCH : CIPHER_GCM_EVP;
+	uint8_t		raw[CIPHER_KEY_LEN] = {9}, nonce[CIPHER_NONCE_LEN] = {8};
+	uint8_t		msg[24] = "after the look-up's end", ct[24], pt[24], tag[CIPHER_TAG_LEN];
+	GcmDispatchCtx ctx;
+	CipherKey	key;
+	bool		dispatch_used, ok;
+
+	gcm_dispatch_inject_fault(fault);
+	dispatch_used = aes != NULL && gcm_dispatch_new(&ctx, aes, raw, sizeof(raw), true);
+	if (dispatch_used)
+		gcm_dispatch_free(&ctx);
+	ok = dispatch_used == (expect == CIPHER_GCM_DISPATCH) &&
+		cipher_key_init_gcm(&key, raw) == CIPHER_OK && key_uses_path(&key, expect) &&
+		cipher_gcm_seal(&key, nonce, NULL, 0, msg, sizeof(msg), ct, tag) == CIPHER_OK &&
+		cipher_gcm_open(&key, nonce, NULL, 0, ct, sizeof(ct), tag, pt) == CIPHER_OK &&
+		memcmp(pt, msg, sizeof(msg)) == 0;
+	return ok ? 0 : 1;
+}
+
+/*
+ * The look-up refuses the dispatch path for the whole process, the keys falling back
+ * to EVP, when the cipher's provider is not one of OpenSSL's own or when any step of
+ * the known-answer self-test does not come out as published.  Each case runs in a
+ * child forked before this process's own look-up (main calls this first): the look-up
+ * is done once per process image.
+ */
+static void
+test_dispatch_refusals(void)
+{
+	static const struct
+	{
+		GcmDispatchFault fault;
+		const char *what;
+	}			cases[] = {
+		{GCM_DISPATCH_FAULT_NONE, "no fault: the dispatch path is used"},
+		{GCM_DISPATCH_FAULT_FOREIGN_PROVIDER, "a provider other than default or fips is refused"},
+		{GCM_DISPATCH_FAULT_CIPHERTEXT, "a self-test ciphertext mismatch is refused"},
+		{GCM_DISPATCH_FAULT_TAG, "a self-test tag mismatch is refused"},
+		{GCM_DISPATCH_FAULT_TAG_NOT_FLIPPED, "a self-test flipped tag that opens is refused"},
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+	{
+		int			status = -1;
+		pid_t		pid = fork();
+
+		if (pid == 0)
+			_exit(child_after_fault(cases[i].fault));
+		CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+			  WEXITSTATUS(status) == 0, "dispatch look-up: %s (and EVP then works)",
+			  cases[i].what);
+	}
+}
+
+/*
  * The dispatch layer takes only pg_envelope's 12-byte IV and 16-byte tag: the provider
  * itself would take an 8-byte IV, hand out a truncated tag, and open a value against
  * the first 8 bytes of its tag alone.
@@ -923,6 +985,9 @@ int
 main(void)
 {
 	static const CipherGcmPath paths[] = {CIPHER_GCM_DISPATCH, CIPHER_GCM_EVP};
+
+	/* First: its children must each do the dispatch look-up themselves. */
+	test_dispatch_refusals();
 
 	for (size_t p = 0; p < sizeof(paths) / sizeof(paths[0]); p++)
 	{
