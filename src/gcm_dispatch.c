@@ -9,8 +9,6 @@
  */
 #include <string.h>
 #include <strings.h>
-#include <sys/types.h>
-#include <unistd.h>
 
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
@@ -35,14 +33,16 @@ struct GcmDispatchTable
 };
 
 /*
- * The process's look-up: for one cipher (cipher.c fetches AES-256-GCM once), done in
- * the process that first needs it.  `table` is only written when a look-up succeeds,
- * so contexts made before a fork keep valid functions whatever the child finds.
+ * The process's look-up, for one cipher (cipher.c fetches AES-256-GCM once), done once
+ * per process image by the first gcm_dispatch_new.  A forked child shares it without
+ * looking again: it runs the same image, so the provider's functions and context are
+ * at the same addresses, and a new look-up could only find what is already there.
+ * `table` is written once, before `usable` is set, and never after: contexts point at
+ * it for as long as the process lives.
  */
 static struct
 {
-	const EVP_CIPHER *cipher;	/* the cipher looked up; a reference is held on it */
-	pid_t		pid;			/* the process that looked it up */
+	const EVP_CIPHER *cipher;	/* the cipher looked up (a reference held); NULL before */
 	bool		usable;
 	GcmDispatchTable table;
 }			lookup;
@@ -169,31 +169,33 @@ find_implementation(const EVP_CIPHER *cipher, GcmDispatchTable *t)
 
 static bool passes_known_answer(const GcmDispatchTable *t);
 
+/* Look the table of `cipher` up, check it, and if it passes make it the process's. */
+static void
+look_up(const EVP_CIPHER *cipher)
+{
+	GcmDispatchTable found;
+
+	/* Hold the provider (through its cipher) for as long as the table is used. */
+	if (EVP_CIPHER_up_ref((EVP_CIPHER *) cipher) != 1)
+		return;					/* nothing decided: tried again next time */
+	lookup.cipher = cipher;
+	if (find_implementation(cipher, &found) && passes_known_answer(&found))
+	{
+		lookup.table = found;
+		lookup.usable = true;
+	}
+}
+
 /* The table for `cipher` in this process, or NULL. */
 static const GcmDispatchTable *
 table_for(const EVP_CIPHER *cipher)
 {
-	GcmDispatchTable found;
-
 	if (cipher == NULL)
 		return NULL;
-	if (lookup.cipher != NULL && lookup.cipher != cipher)
-		return NULL;			/* one cipher per process; any other goes through EVP */
-	if (lookup.cipher != NULL && lookup.pid == getpid())
-		return lookup.usable ? &lookup.table : NULL;
-
 	if (lookup.cipher == NULL)
-	{
-		/* Hold the provider (through its cipher) for as long as the table is used. */
-		if (EVP_CIPHER_up_ref((EVP_CIPHER *) cipher) != 1)
-			return NULL;
-		lookup.cipher = cipher;
-	}
-	lookup.pid = getpid();
-	lookup.usable = find_implementation(cipher, &found) && passes_known_answer(&found);
-	if (lookup.usable)
-		lookup.table = found;
-	return lookup.usable ? &lookup.table : NULL;
+		look_up(cipher);
+	/* One cipher per process; any other goes through EVP. */
+	return lookup.cipher == cipher && lookup.usable ? &lookup.table : NULL;
 }
 
 /* Key (or re-key) the provider context for one direction. */

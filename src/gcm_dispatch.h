@@ -32,9 +32,10 @@
  * set-up step (new context, first key) fails.  The first three and the self-test
  * decide for the whole process.
  *
- * Plain C, no PostgreSQL headers.  The look-up is done once per process, lazily, and
- * again in a child after fork() (a backend never trusts what its postmaster looked up).
- * Not thread-safe, like the rest of cipher.c's per-process state.
+ * Plain C, no PostgreSQL headers.  The look-up is done once per process image, lazily:
+ * a child of fork() keeps its parent's (same image, same addresses), and the table is
+ * never written again once usable.  Not thread-safe, like the rest of cipher.c's
+ * per-process state.
  */
 #ifndef PG_ENVELOPE_GCM_DISPATCH_H
 #define PG_ENVELOPE_GCM_DISPATCH_H
