@@ -51,6 +51,7 @@
  * provider accepts IVs of any length and tags of 1 to 16 bytes: a shorter tag given
  * to open would be checked on its bytes only, so anything else is refused here.
  */
+#define GCM_DISPATCH_KEY_LEN	32		/* AES-256: the only key the self-test accepts */
 #define GCM_DISPATCH_IV_LEN		12
 #define GCM_DISPATCH_TAG_LEN	16
 
@@ -73,7 +74,11 @@ typedef struct GcmDispatchCtx
 extern bool gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 							 const uint8_t *key, size_t key_len, bool encrypting);
 
-/* Re-key an existing context (its old key schedule is overwritten); as above on failure. */
+/*
+ * Re-key an existing context (its old key schedule is overwritten).  A key_len other
+ * than GCM_DISPATCH_KEY_LEN is refused without reaching the provider (so without an
+ * error queued).
+ */
 extern bool gcm_dispatch_rekey(GcmDispatchCtx *ctx, const uint8_t *key, size_t key_len,
 							   bool encrypting);
 
