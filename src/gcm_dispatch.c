@@ -234,7 +234,7 @@ gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 				 const uint8_t *key, size_t key_len, bool encrypting)
 {
 	const GcmDispatchTable *fns;
-	bool		ok = false;
+	bool		ok;
 
 	memset(ctx, 0, sizeof(*ctx));
 	ERR_set_mark();
