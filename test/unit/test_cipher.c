@@ -12,6 +12,13 @@
  * provider's dispatch functions, src/gcm_dispatch.c, and OpenSSL's EVP), and check that
  * the keys really use the one asked for: a dispatch path that quietly fell back to EVP
  * fails here rather than passing untested.
+ *
+ * 3. The dispatch layer's own guards: its process look-up refuses a provider other than
+ *    OpenSSL's own and a table that fails the known-answer self-test (faults injected in
+ *    children forked before the look-up), and a forked child keeps its parent's
+ *    look-up; only 12-byte IVs and 16-byte tags pass; a failed decryption says whether
+ *    the tag or something else failed, its output wiped; a failed set-up leaves
+ *    OpenSSL's error queue empty.
  */
 
 #include <json-c/json.h>
