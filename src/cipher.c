@@ -676,35 +676,48 @@ gcm_seal_body(GcmContext *ctx, const uint8_t *plain, size_t plain_len,
 	return CIPHER_OK;
 }
 
-static bool
+/* A failed update or tag set is an internal failure; only the final check is a mismatch. */
+static CipherStatus
 gcm_evp_open(EVP_CIPHER_CTX *ctx, const uint8_t *in, size_t in_len,
 			 const uint8_t *tag, uint8_t *out)
 {
 	int			outl = 0;
 	int			finl = 0;
 
-	return (in_len == 0 || EVP_DecryptUpdate(ctx, out, &outl, in, (int) in_len) == 1) &&
-		gcm_tag_param(ctx, true, (uint8_t *) tag) &&
-		EVP_DecryptFinal_ex(ctx, out + outl, &finl) == 1;
+	if ((in_len > 0 && EVP_DecryptUpdate(ctx, out, &outl, in, (int) in_len) != 1) ||
+		!gcm_tag_param(ctx, true, (uint8_t *) tag))
+		return CIPHER_ERR_INTERNAL;
+	return EVP_DecryptFinal_ex(ctx, out + outl, &finl) == 1 ? CIPHER_OK : CIPHER_ERR_AUTH;
 }
 
 static CipherStatus
 gcm_open_body(GcmContext *ctx, const uint8_t *in, size_t in_len,
 			  const uint8_t *tag, uint8_t *out)
 {
-	bool		ok;
+	CipherStatus status;
 
 	if (gcm_context_is_dispatch(ctx))
-		ok = gcm_dispatch_update(&ctx->dispatch, in, in_len, out) &&
-			gcm_dispatch_open_final(&ctx->dispatch, tag, CIPHER_TAG_LEN);
+	{
+		switch (gcm_dispatch_open(&ctx->dispatch, in, in_len, tag, CIPHER_TAG_LEN, out))
+		{
+			case GCM_DISPATCH_OPENED:
+				return CIPHER_OK;
+			case GCM_DISPATCH_TAG_MISMATCH:
+				status = CIPHER_ERR_AUTH;
+				break;
+			default:
+				status = CIPHER_ERR_INTERNAL;
+				break;
+		}
+	}
 	else
-		ok = gcm_evp_open(ctx->evp, in, in_len, tag, out);
-	if (ok)
+		status = gcm_evp_open(ctx->evp, in, in_len, tag, out);
+	if (status == CIPHER_OK)
 		return CIPHER_OK;
 
-	/* The tag did not verify: nothing decrypted may leave this function. */
+	/* Not authenticated: nothing decrypted may leave this function. */
 	cipher_wipe(out, in_len);
-	return CIPHER_ERR_AUTH;
+	return status;
 }
 
 CipherStatus

@@ -195,6 +195,6 @@ callgrind_annotate --inclusive=yes --threshold=100 --auto=no "$DIR/cg.out.4" 2>/
     /^ *[0-9,]+ +\(/ {
         n = $1; gsub(",", "", n); name = $0; sub(/^[^)]*\) +/, "", name); sub(/ \[.*/, "", name)
         sub(/.*:/, "", name)
-        if (name ~ /^(heap_update|XLogInsert|ExecScan|envelope_needs_reencryption|envelope_reencrypt_value|decrypt_into|cipher_decrypt|cipher_encrypt|encryption_counted_key|keycache_active_version|keycache_key_for_decrypt|keycache_key_for_encrypt|l1_tenant_entry|EVP_CipherInit_ex|EVP_CIPHER_CTX_get_iv_length|gcm_tag_param|gcm_start|gcm_seal_body|gcm_open_body|gcm_dispatch_aad|gcm_dispatch_update|gcm_dispatch_seal_final|gcm_dispatch_open_final|feed_envelope_aad|EVP_EncryptUpdate|EVP_DecryptUpdate|EVP_EncryptFinal_ex|EVP_DecryptFinal_ex|OSSL_PARAM_locate|__strcmp_avx2|MemoryContextReset)$/ && !seen[name]++)
+        if (name ~ /^(heap_update|XLogInsert|ExecScan|envelope_needs_reencryption|envelope_reencrypt_value|decrypt_into|cipher_decrypt|cipher_encrypt|encryption_counted_key|keycache_active_version|keycache_key_for_decrypt|keycache_key_for_encrypt|l1_tenant_entry|EVP_CipherInit_ex|EVP_CIPHER_CTX_get_iv_length|gcm_tag_param|gcm_start|gcm_seal_body|gcm_open_body|gcm_dispatch_aad|gcm_dispatch_update|gcm_dispatch_seal_final|gcm_dispatch_open|check_tag|feed_envelope_aad|EVP_EncryptUpdate|EVP_DecryptUpdate|EVP_EncryptFinal_ex|EVP_DecryptFinal_ex|OSSL_PARAM_locate|__strcmp_avx2|MemoryContextReset)$/ && !seen[name]++)
             printf "  %-32s %7.0f\n", name, n / r
     }'

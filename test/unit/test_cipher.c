@@ -12,6 +12,13 @@
  * provider's dispatch functions, src/gcm_dispatch.c, and OpenSSL's EVP), and check that
  * the keys really use the one asked for: a dispatch path that quietly fell back to EVP
  * fails here rather than passing untested.
+ *
+ * 3. The dispatch layer's own guards: its process look-up refuses a provider other than
+ *    OpenSSL's own and a table that fails the known-answer self-test (faults injected in
+ *    children forked before the look-up), and a forked child keeps its parent's
+ *    look-up; only 12-byte IVs and 16-byte tags pass; a failed decryption says whether
+ *    the tag or something else failed, its output wiped; a failed set-up leaves
+ *    OpenSSL's error queue empty.
  */
 
 #include <json-c/json.h>
@@ -19,15 +26,26 @@
 #include <unistd.h>
 
 #include "cipher.h"
+#include "gcm_dispatch.h"
 #include "unit.h"
 #include "format_vectors.h"
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 
 static const char *
 gcm_path_name(CipherGcmPath path)
 {
 	return path == CIPHER_GCM_DISPATCH ? "provider dispatch" : "EVP";
+}
+
+static bool
+all_zero(const uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i] != 0)
+			return false;
+	return true;
 }
 
 /* Both GCM contexts of `key` use `path` (the one the tests asked for). */
@@ -708,8 +726,10 @@ test_contexts_per_use(void)
 }
 
 /*
- * A child of fork() uses both the contexts it inherited and contexts it sets up itself
- * (the dispatch look-up is redone per process), on values its parent sealed.
+ * A child of fork() uses both the contexts it inherited and contexts it sets up itself,
+ * on values its parent sealed.  It keeps its parent's dispatch look-up: a fault
+ * injected in the child, which a new look-up would meet and refuse the path for, does
+ * not change the path of its new keys.
  */
 static void
 test_gcm_after_fork(CipherGcmPath path)
@@ -734,6 +754,7 @@ test_gcm_after_fork(CipherGcmPath path)
 		uint8_t		pt[64], ct2[64];
 		bool		ok;
 
+		gcm_dispatch_inject_fault(GCM_DISPATCH_FAULT_CIPHERTEXT);
 		ok = cipher_decrypt(&key, &acme, ct, len + CIPHER_OVERHEAD, pt) == CIPHER_OK &&
 			memcmp(pt, msg, len) == 0 &&
 			cipher_key_init(&fresh, raw) == CIPHER_OK && key_uses_path(&fresh, path) &&
@@ -771,9 +792,154 @@ test_gcm_overlap(CipherGcmPath path)
 		  "%s: in-place seal", gcm_path_name(path));
 	memcpy(buf, copy, sizeof(copy));
 	if (path == CIPHER_GCM_DISPATCH)
+	{
 		CHECK(cipher_gcm_seal(&key, nonce, NULL, 0, buf, 64, buf + 1, tag2) != CIPHER_OK,
 			  "%s: partly overlapping buffers accepted", gcm_path_name(path));
+		/* Decrypting into a shifted buffer is refused as an internal failure, not a bad tag. */
+		memcpy(buf, sealed, 64);
+		CHECK(cipher_gcm_open(&key, nonce, NULL, 0, buf, 64, tag, buf + 1) == CIPHER_ERR_INTERNAL &&
+			  all_zero(buf + 1, 64),
+			  "%s: partly overlapping decryption not an internal failure with its output wiped",
+			  gcm_path_name(path));
+	}
+	memcpy(buf, sealed, 64);
+	CHECK(cipher_gcm_open(&key, nonce, NULL, 0, buf, 64, tag, buf) == CIPHER_OK &&
+		  memcmp(buf, copy, 64) == 0, "%s: in-place open", gcm_path_name(path));
 	cipher_key_free(&key);
+}
+
+/*
+ * In a child whose look-up meets `fault`: the dispatch path is refused (used, when there
+ * is no fault), and a key then seals and opens through EVP.  0 if all holds.
+ */
+static int
+child_after_fault(GcmDispatchFault fault)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	CipherGcmPath expect = fault == GCM_DISPATCH_FAULT_NONE ? CIPHER_GCM_DISPATCH : CIPHER_GCM_EVP;
+	uint8_t		raw[CIPHER_KEY_LEN] = {9}, nonce[CIPHER_NONCE_LEN] = {8};
+	uint8_t		msg[24] = "after the look-up's end", ct[24], pt[24], tag[CIPHER_TAG_LEN];
+	GcmDispatchCtx ctx;
+	CipherKey	key;
+	bool		dispatch_used, ok;
+
+	gcm_dispatch_inject_fault(fault);
+	dispatch_used = aes != NULL && gcm_dispatch_new(&ctx, aes, raw, sizeof(raw), true);
+	if (dispatch_used)
+		gcm_dispatch_free(&ctx);
+	ok = dispatch_used == (expect == CIPHER_GCM_DISPATCH) &&
+		cipher_key_init_gcm(&key, raw) == CIPHER_OK && key_uses_path(&key, expect) &&
+		cipher_gcm_seal(&key, nonce, NULL, 0, msg, sizeof(msg), ct, tag) == CIPHER_OK &&
+		cipher_gcm_open(&key, nonce, NULL, 0, ct, sizeof(ct), tag, pt) == CIPHER_OK &&
+		memcmp(pt, msg, sizeof(msg)) == 0;
+	return ok ? 0 : 1;
+}
+
+/*
+ * The look-up refuses the dispatch path for the whole process, the keys falling back
+ * to EVP, when the cipher's provider is not one of OpenSSL's own or when any step of
+ * the known-answer self-test does not come out as published.  Each case runs in a
+ * child forked before this process's own look-up (main calls this first): the look-up
+ * is done once per process image.
+ */
+static void
+test_dispatch_refusals(void)
+{
+	static const struct
+	{
+		GcmDispatchFault fault;
+		const char *what;
+	}			cases[] = {
+		{GCM_DISPATCH_FAULT_NONE, "no fault: the dispatch path is used"},
+		{GCM_DISPATCH_FAULT_FOREIGN_PROVIDER, "a provider other than default or fips is refused"},
+		{GCM_DISPATCH_FAULT_CIPHERTEXT, "a self-test ciphertext mismatch is refused"},
+		{GCM_DISPATCH_FAULT_TAG, "a self-test tag mismatch is refused"},
+		{GCM_DISPATCH_FAULT_TAG_NOT_FLIPPED, "a self-test flipped tag that opens is refused"},
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+	{
+		int			status = -1;
+		pid_t		pid = fork();
+
+		if (pid == 0)
+			_exit(child_after_fault(cases[i].fault));
+		CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+			  WEXITSTATUS(status) == 0, "dispatch look-up: %s (and EVP then works)",
+			  cases[i].what);
+	}
+}
+
+/*
+ * The dispatch layer takes only pg_envelope's 12-byte IV and 16-byte tag: the provider
+ * itself would take an 8-byte IV, hand out a truncated tag, and open a value against
+ * the first 8 bytes of its tag alone.
+ */
+static void
+test_dispatch_lengths(void)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	uint8_t		key[32] = {3}, iv[GCM_DISPATCH_IV_LEN] = {4};
+	uint8_t		msg[20] = "twenty bytes of text", ct[20], pt[20], tag[GCM_DISPATCH_TAG_LEN];
+	GcmDispatchCtx enc, dec;
+
+	CHECK(aes != NULL && gcm_dispatch_new(&enc, aes, key, sizeof(key), true) &&
+		  gcm_dispatch_new(&dec, aes, key, sizeof(key), false), "dispatch contexts");
+	if (enc.algctx == NULL || dec.algctx == NULL)
+	{
+		EVP_CIPHER_free(aes);
+		return;
+	}
+	CHECK(!gcm_dispatch_start(&enc, iv, 8), "an 8-byte IV accepted");
+	CHECK(!gcm_dispatch_start(&enc, iv, 16), "a 16-byte IV accepted");
+	CHECK(gcm_dispatch_start(&enc, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&enc, msg, sizeof(msg), ct) &&
+		  !gcm_dispatch_seal_final(&enc, tag, 8), "an 8-byte tag handed out");
+	CHECK(gcm_dispatch_start(&enc, iv, sizeof(iv)) &&
+		  gcm_dispatch_update(&enc, msg, sizeof(msg), ct) &&
+		  gcm_dispatch_seal_final(&enc, tag, sizeof(tag)), "seal");
+	CHECK(gcm_dispatch_start(&dec, iv, sizeof(iv)) &&
+		  gcm_dispatch_open(&dec, ct, sizeof(ct), tag, 8, pt) == GCM_DISPATCH_OPEN_FAILED &&
+		  all_zero(pt, sizeof(pt)), "opened against 8 bytes of its tag (or not as a failure)");
+	CHECK(gcm_dispatch_start(&dec, iv, sizeof(iv)) &&
+		  gcm_dispatch_open(&dec, ct, sizeof(ct), tag, sizeof(tag), pt) == GCM_DISPATCH_OPENED &&
+		  memcmp(pt, msg, sizeof(msg)) == 0, "open");
+	tag[0] ^= 1;
+	CHECK(gcm_dispatch_start(&dec, iv, sizeof(iv)) &&
+		  gcm_dispatch_open(&dec, ct, sizeof(ct), tag, sizeof(tag), pt) == GCM_DISPATCH_TAG_MISMATCH &&
+		  all_zero(pt, sizeof(pt)), "a flipped tag is a mismatch, the output wiped");
+	gcm_dispatch_free(&enc);
+	gcm_dispatch_free(&dec);
+	EVP_CIPHER_free(aes);
+}
+
+/*
+ * A dispatch set-up that fails (here a 16-byte key for AES-256) leaves nothing on
+ * OpenSSL's error queue: the caller falls back to EVP, and a stale error would be read
+ * as the cause of whatever fails next.
+ */
+static void
+test_dispatch_error_queue(void)
+{
+	EVP_CIPHER *aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	uint8_t		key[32] = {5};
+	GcmDispatchCtx ctx;
+
+	ERR_clear_error();
+	CHECK(aes != NULL && !gcm_dispatch_new(&ctx, aes, key, 16, true) && ctx.algctx == NULL,
+		  "a 16-byte key accepted for AES-256-GCM");
+	CHECK(ERR_peek_error() == 0, "a failed dispatch set-up left an error on the queue");
+	CHECK(gcm_dispatch_new(&ctx, aes, key, sizeof(key), false), "dispatch context");
+	if (ctx.algctx == NULL)
+	{
+		EVP_CIPHER_free(aes);
+		return;
+	}
+	ERR_clear_error();
+	CHECK(!gcm_dispatch_rekey(&ctx, key, 16, false), "a re-key with a 16-byte key accepted");
+	CHECK(ERR_peek_error() == 0, "a failed dispatch re-key left an error on the queue");
+	gcm_dispatch_free(&ctx);
+	EVP_CIPHER_free(aes);
 }
 
 /*
@@ -835,6 +1001,9 @@ main(void)
 {
 	static const CipherGcmPath paths[] = {CIPHER_GCM_DISPATCH, CIPHER_GCM_EVP};
 
+	/* First: its children must each do the dispatch look-up themselves. */
+	test_dispatch_refusals();
+
 	for (size_t p = 0; p < sizeof(paths) / sizeof(paths[0]); p++)
 	{
 		cipher_gcm_set_path(paths[p]);
@@ -847,6 +1016,8 @@ main(void)
 	}
 	cipher_gcm_set_path(CIPHER_GCM_DISPATCH);
 	test_gcm_paths_cross();
+	test_dispatch_lengths();
+	test_dispatch_error_queue();
 
 	test_wycheproof_siv();
 	test_siv_reuse();
