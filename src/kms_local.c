@@ -239,9 +239,15 @@ unwrap_dek(const LocalMasterKey *mk, const KmsEncryptionContext *ec,
 						 wrapped + 1 + CIPHER_NONCE_LEN + KMS_DEK_LEN, dek);
 	cipher_key_free(&ck);
 	free(aad);
-	if (cs != CIPHER_OK)
+	/*
+	 * Only a tag that does not verify is a refusal of the wrapped key (the master key
+	 * recheck revokes on it); an OpenSSL failure is an internal error.
+	 */
+	if (cs == CIPHER_ERR_AUTH)
 		return kms_set_error(err, KMS_ERR_INVALID_CIPHERTEXT, NULL,
 							 "the wrapped data key does not unwrap for this tenant and version");
+	if (cs != CIPHER_OK)
+		return kms_set_error(err, KMS_ERR_INTERNAL, NULL, "AES-256-GCM failed");
 	return KMS_OK;
 }
 
