@@ -8,7 +8,6 @@
  * than EVP for provider ciphers, that input and output do not partly overlap.
  */
 #include <string.h>
-#include <strings.h>
 
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
@@ -47,7 +46,29 @@ static struct
 	GcmDispatchTable table;
 }			lookup;
 
-/* Is `name` one of the colon-separated names of an algorithm (case-insensitive)? */
+/* ASCII case-insensitive compare of n bytes, whatever the process's locale. */
+static bool
+ascii_names_equal(const char *a, const char *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+	{
+		unsigned char x = (unsigned char) a[i];
+		unsigned char y = (unsigned char) b[i];
+
+		if (x >= 'A' && x <= 'Z')
+			x += 'a' - 'A';
+		if (y >= 'A' && y <= 'Z')
+			y += 'a' - 'A';
+		if (x != y)
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Is `name` one of the colon-separated names of an algorithm?  Case-insensitive, as
+ * OpenSSL compares algorithm names.
+ */
 static bool
 names_include(const char *names, const char *name)
 {
@@ -58,7 +79,7 @@ names_include(const char *names, const char *name)
 		const char *end = strchr(p, ':');
 		size_t		n = end ? (size_t) (end - p) : strlen(p);
 
-		if (n == len && strncasecmp(p, name, len) == 0)
+		if (n == len && ascii_names_equal(p, name, len))
 			return true;
 		p = end ? end + 1 : NULL;
 	}
@@ -237,6 +258,8 @@ gcm_dispatch_new(GcmDispatchCtx *ctx, const EVP_CIPHER *cipher,
 	bool		ok;
 
 	memset(ctx, 0, sizeof(*ctx));
+	if (key_len != GCM_DISPATCH_KEY_LEN)
+		return false;			/* as gcm_dispatch_rekey: not handed to the provider */
 	ERR_set_mark();
 	fns = table_for(cipher);
 	ok = fns != NULL && new_context(ctx, fns, key, key_len, encrypting);

@@ -51,7 +51,7 @@
  * provider accepts IVs of any length and tags of 1 to 16 bytes: a shorter tag given
  * to open would be checked on its bytes only, so anything else is refused here.
  */
-#define GCM_DISPATCH_KEY_LEN	32		/* AES-256: the only key the self-test accepts */
+#define GCM_DISPATCH_KEY_LEN	32		/* AES-256: the only key length the layer takes */
 #define GCM_DISPATCH_IV_LEN		12
 #define GCM_DISPATCH_TAG_LEN	16
 
