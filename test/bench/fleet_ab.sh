@@ -46,32 +46,9 @@ STEPS="${FLEET_AB_STEPS:-scan_inter scan_clust scan_inter scan_clust inter clust
 BUILDS=()
 for so in "$@"; do BUILDS+=("$(readlink -f "$so")"); done
 
-PG_BINDIR="$(pg_config --bindir)"
-LIB="$(pg_config --pkglibdir)/pg_envelope.so"
-OUT="$ROOT/test/bench/out"
-mkdir -p "$OUT"
-DIR="$(mktemp -d /tmp/pg_envelope_fleet_ab.XXXXXX)"
-chmod 755 "$DIR"
-cp "$LIB" "$DIR/installed.so"
-if [ "$(id -u)" -eq 0 ]; then chown postgres: "$DIR"; AS_PG=(runuser -u postgres --); else AS_PG=(); fi
-pg() { (cd "$DIR" && "${AS_PG[@]}" env PATH="$PG_BINDIR:$PATH" "$@"); }
-stop() {
-    pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
-    cp "$DIR/installed.so" "$LIB"
-    rm -rf "$DIR"
-}
-trap stop EXIT
-PSQL=(psql -h "$DIR" -p "$PORT" -d postgres -X -q -v ON_ERROR_STOP=1)
-q() { pg "${PSQL[@]}" -At -c "$1"; }
-
-pg initdb -D "$DIR/data" -A trust >/dev/null
-pg bash -c "umask 077; openssl rand -hex 32 > '$DIR/master.key'"
+source "$ROOT/test/bench/ab_cluster.sh"
+ab_cluster_init fleet_ab "$PORT" "${BUILDS[@]}"
 cat >> "$DIR/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'pg_envelope'
-envelope.local_master_key_file = '$DIR/master.key'
 shared_buffers = 256MB
 envelope.cache_size = 4096
 max_wal_size = 4GB
@@ -81,8 +58,7 @@ jit = off
 max_parallel_workers_per_gather = 0
 client_min_messages = warning
 CONF
-cp "${BUILDS[0]}" "$LIB"
-pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+ab_cluster_use "${BUILDS[0]}"
 q "CREATE EXTENSION pg_envelope"
 q "SELECT count(envelope.create_tenant('tenant' || i)) FROM generate_series(1, 1000) i" >/dev/null
 pg "${PSQL[@]}" >/dev/null <<SQL
@@ -125,9 +101,7 @@ for round in $(seq 1 "$ROUNDS"); do
         order=(); for ((i = ${#BUILDS[@]} - 1; i >= 0; i--)); do order+=("${BUILDS[$i]}"); done
     fi
     for so in "${order[@]}"; do
-        pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null
-        cp "$so" "$LIB"
-        pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+        ab_cluster_use "$so"
         pg "${PSQL[@]}" -At -f "$DIR/round.sql" > "$DIR/round.out"
         python3 - "$DIR/round.out" "$(basename "$so")" "$round" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee -a "$OUT/fleet_ab.txt"
 import re, statistics, sys

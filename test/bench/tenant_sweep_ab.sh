@@ -34,44 +34,21 @@ for t in "${TENANTS[@]}"; do [ "$t" -le "$MAX_T" ] || MAX_T=$t; done
 BUILDS=()
 for so in "$@"; do BUILDS+=("$(readlink -f "$so")"); done
 
-PG_BINDIR="$(pg_config --bindir)"
-LIB="$(pg_config --pkglibdir)/pg_envelope.so"
-OUT="$ROOT/test/bench/out"
-mkdir -p "$OUT"
-DIR="$(mktemp -d /tmp/pg_envelope_sweep_ab.XXXXXX)"
-chmod 755 "$DIR"
-cp "$LIB" "$DIR/installed.so"
-chmod 644 "${BUILDS[@]}" 2>/dev/null || true
-if [ "$(id -u)" -eq 0 ]; then chown postgres: "$DIR"; AS_PG=(runuser -u postgres --); else AS_PG=(); fi
-pg() { (cd "$DIR" && "${AS_PG[@]}" env PATH="$PG_BINDIR:$PATH" "$@"); }
-stop() {
-    pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
-    cp "$DIR/installed.so" "$LIB"
-    rm -rf "$DIR"
-}
-trap stop EXIT
-PSQL=(psql -h "$DIR" -p "$PORT" -d postgres -X -q -v ON_ERROR_STOP=1)
-q() { pg "${PSQL[@]}" -At -c "$1"; }
-
-pg initdb -D "$DIR/data" -A trust >/dev/null
-pg bash -c "umask 077; openssl rand -hex 32 > '$DIR/master.key'"
+source "$ROOT/test/bench/ab_cluster.sh"
+ab_cluster_init sweep_ab "$PORT" "${BUILDS[@]}"
 cat >> "$DIR/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = ''
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'pg_envelope'
-envelope.local_master_key_file = '$DIR/master.key'
 envelope.cache_size = 131072
 shared_buffers = 1GB
 max_parallel_workers_per_gather = 0
 jit = off
 autovacuum = off
 CONF
-cp "${BUILDS[0]}" "$LIB"
-# Huge pages for the shared segment (AB_HUGE_PAGES=1), see huge_pages.sh.
+# Huge pages for the shared segment (AB_HUGE_PAGES=1), see huge_pages.sh; counted with
+# the first build in place, as the server will start with it.
+ab_cluster_install "${BUILDS[0]}"
 source "$ROOT/test/bench/huge_pages.sh"
 huge_pages_conf AB_HUGE_PAGES "${AB_HUGE_PAGES:-0}" "$DIR/data"
-pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+ab_cluster_use "${BUILDS[0]}"
 q "CREATE EXTENSION pg_envelope" >/dev/null
 for ((s = 0; s < MAX_T; s += 5000)); do
     q "SELECT count(envelope.create_tenant('t' || i)) FROM generate_series($s + 1, least($s + 5000, $MAX_T)) i" >/dev/null
@@ -109,9 +86,7 @@ done
 : > "$OUT/sweep_ab.txt"
 for round in $(seq 1 "$ROUNDS"); do
   for so in "${BUILDS[@]}"; do
-    pg pg_ctl -D "$DIR/data" -m fast stop >/dev/null
-    cp "$so" "$LIB"
-    pg pg_ctl -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+    ab_cluster_use "$so"
     : > "$DIR/scans.out"
     for T in "${TENANTS[@]}"; do
       pg "${PSQL[@]}" -At -f "$DIR/scans_$T.sql" >> "$DIR/scans.out"
