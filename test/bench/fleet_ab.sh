@@ -103,22 +103,11 @@ for round in $(seq 1 "$ROUNDS"); do
     for so in "${order[@]}"; do
         ab_cluster_use "$so"
         pg "${PSQL[@]}" -At -f "$DIR/round.sql" > "$DIR/round.out"
-        python3 - "$DIR/round.out" "$(basename "$so")" "$round" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee -a "$OUT/fleet_ab.txt"
-import re, statistics, sys
+        PYTHONPATH="$ROOT/test/bench" python3 - "$DIR/round.out" "$(basename "$so")" "$round" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee -a "$OUT/fleet_ab.txt"
+import statistics, sys
+from ab_cpu import step_cpu_ms
 path, label, rnd, load = sys.argv[1:5]
-cpu, start, step = {}, None, None
-for line in open(path):
-    m = re.match(r"CPU\|(\d+)", line)
-    if m:
-        if start is None:
-            start = int(m.group(1))
-        else:
-            cpu.setdefault(step, []).append((int(m.group(1)) - start) / 1e6)
-            start = None
-        continue
-    m = re.match(r"BENCH (\w+)", line)
-    if m:
-        step = m.group(1)
+cpu = step_cpu_ms(path)
 print("%s round %s (load %s): %s" % (label, rnd, load, "  ".join(
     "%s %.1f ms [%s]" % (s, statistics.median(v), " ".join("%.1f" % x for x in v))
     for s, v in cpu.items())))

@@ -91,22 +91,12 @@ for round in $(seq 1 "$ROUNDS"); do
     for T in "${TENANTS[@]}"; do
       pg "${PSQL[@]}" -At -f "$DIR/scans_$T.sql" >> "$DIR/scans.out"
     done
-    python3 - "$DIR/scans.out" "$ROWS" "$(basename "$so") round $round" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee -a "$OUT/sweep_ab.txt"
-import re, sys
+    PYTHONPATH="$ROOT/test/bench" python3 - "$DIR/scans.out" "$ROWS" "$(basename "$so") round $round" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee -a "$OUT/sweep_ab.txt"
+import sys
+from ab_cpu import step_cpu_ms
 path, rows, label, load = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-cpu, start, step = {}, None, None
-for line in open(path):
-    m = re.match(r"CPU\|(\d+)", line)
-    if m:
-        if start is None:
-            start = int(m.group(1))
-        else:
-            cpu.setdefault(step, []).append((int(m.group(1)) - start) / 1e6)
-            start = None
-        continue
-    m = re.match(r"BENCH (\d+) (\w+)", line)
-    if m:
-        step = (int(m.group(1)), m.group(2))
+# steps are "T kind": the tenant count and the scan
+cpu = {(int(k.split()[0]), k.split()[1]): v for k, v in step_cpu_ms(path).items()}
 base = None
 out = "%s (load %s):" % (label, load)
 for t in sorted({k[0] for k in cpu}):
